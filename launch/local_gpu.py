@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Run pf_jax's main.py on this machine's GPUs (single process, all visible GPUs).
+
+Standard library only.  `--dry_run` prints the exact shell lines (cd, exports,
+optional pip installs, main.py) that would run, so they can be pasted into a
+shell; otherwise they are run with subprocess and main.py's exit code is
+returned.
+"""
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+EXAMPLE = """\
+example:
+  python3 launch/local_gpu.py --gpus=0,1 --xla_mem_fraction=.9 \\
+      --config=configs/cifar10_resnet.py --workdir=/tmp/runs/sam01 \\
+      --data_dir=$HOME/tensorflow_datasets --override sam.rho=0.1 --dry_run
+
+  Add --install once to pip install requirements.txt, "jax[cuda12]" and the
+  repo (editable) into the python running this script (or --python).
+"""
+
+
+def override_to_flag(text):
+  """'sam.rho=0.1' (or 'config.sam.rho=0.1', '--config.sam.rho=0.1')."""
+  field, sep, value = text.partition("=")
+  field = field.strip()
+  for prefix in ("--config.", "config."):
+    if field.startswith(prefix):
+      field = field[len(prefix):]
+  if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", field):
+    raise argparse.ArgumentTypeError(
+        f"--override expects field=value (e.g. sam.rho=0.1), got {text!r}")
+  return f"--config.{field}={value}"
+
+
+def gpu_list(text):
+  text = text.replace(" ", "")
+  if not re.fullmatch(r"[\w-]+(,[\w-]+)*", text):
+    raise argparse.ArgumentTypeError(
+        f"--gpus expects a comma separated list like 0,1 got {text!r}")
+  return text
+
+
+def mem_fraction(text):
+  try:
+    v = float(text)
+  except ValueError:
+    v = -1.0
+  if not 0.0 < v <= 1.0:
+    raise argparse.ArgumentTypeError(
+        f"--xla_mem_fraction must be in (0, 1], got {text!r}")
+  return text
+
+
+def build_parser():
+  p = argparse.ArgumentParser(
+      prog="local_gpu.py",
+      description=("Run `main.py --config=... --workdir=...` on the local "
+                   "GPUs, optionally installing dependencies first."),
+      epilog=EXAMPLE,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True,
+                 help="Config file relative to the repo, e.g. configs/x.py.")
+  p.add_argument("--workdir", required=True,
+                 help="Checkpoint/log directory.")
+  p.add_argument("--gpus", type=gpu_list, default=None,
+                 help="GPU ids, e.g. 0,1 -> CUDA_VISIBLE_DEVICES=0,1 "
+                 "(default: inherit the environment, i.e. all GPUs).")
+  p.add_argument("--override", action="append", default=[],
+                 type=override_to_flag, metavar="FIELD=VALUE",
+                 help="Config override, repeatable: sam.rho=0.1 -> "
+                 "--config.sam.rho=0.1.")
+  p.add_argument("--data_dir", default=None,
+                 help="TFDS data dir, exported as TFDS_DATA_DIR.")
+  p.add_argument("--xla_mem_fraction", type=mem_fraction, default=None,
+                 help="Exported as XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. .9).")
+  p.add_argument("--install", action="store_true",
+                 help='First pip install -r requirements.txt "jax[cuda12]" '
+                 "and pip install -e .")
+  p.add_argument("--python", default=sys.executable,
+                 help="Python executable to use (default: the one running "
+                 "this script, %(default)s).")
+  p.add_argument("--dry_run", action="store_true",
+                 help="Print the env assignments and commands as shell lines "
+                 "and run nothing.")
+  return p
+
+
+def plan(args):
+  """Returns (env dict, list of argv lists)."""
+  env = {}
+  if args.gpus is not None:
+    env["CUDA_VISIBLE_DEVICES"] = args.gpus
+  if args.data_dir is not None:
+    env["TFDS_DATA_DIR"] = args.data_dir
+  if args.xla_mem_fraction is not None:
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = args.xla_mem_fraction
+  cmds = []
+  if args.install:
+    cmds.append([args.python, "-m", "pip", "install", "-r", "requirements.txt",
+                 "jax[cuda12]"])
+    cmds.append([args.python, "-m", "pip", "install", "-e", "."])
+  cmds.append([args.python, "main.py", f"--config={args.config}",
+               f"--workdir={args.workdir}", *args.override])
+  return env, cmds
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  env, cmds = plan(args)
+
+  if args.dry_run:
+    print(f"cd {shlex.quote(REPO_ROOT)}")
+    for k, v in env.items():
+      print(f"export {k}={shlex.quote(v)}")
+    for cmd in cmds:
+      print(shlex.join(cmd))
+    return 0
+
+  full_env = dict(os.environ, **env)
+  for k, v in env.items():
+    print(f"+ export {k}={shlex.quote(v)}", file=sys.stderr)
+  for cmd in cmds:
+    print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    try:
+      rc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env).returncode
+    except KeyboardInterrupt:  # the child got the SIGINT too
+      return 130
+    except OSError as e:
+      print(f"ERROR: cannot run {cmd[0]}: {e}", file=sys.stderr)
+      return 127
+    if rc != 0:
+      if cmd is not cmds[-1]:
+        print(f"ERROR: exit code {rc}: {shlex.join(cmd)}", file=sys.stderr)
+      # A child killed by a signal has rc < 0; report it like a shell does.
+      return rc if rc > 0 else 128 - rc
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,52 @@
+"""Task losses: softmax and sigmoid cross-entropy with label smoothing.
+
+Both take logits [B, C] and integer labels [B] and return a scalar: the mean over the
+batch of a per-example loss. Label smoothing s uses the target (1 - s) * onehot + s / C.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def smoothed_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """(1 - s) * onehot(labels) + s / C."""
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    onehot = (1.0 - label_smoothing) * onehot + label_smoothing / num_classes
+  return onehot
+
+
+def _check_smoothing(label_smoothing: float) -> None:
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """mean_b [ -sum_c t_bc log softmax(z_b)_c ]."""
+  _check_smoothing(label_smoothing)
+  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """The "BCE" of Beyer et al. (2020): mean_b sum_c BCE(sigmoid(z_bc), t_bc).
+
+  Summed (not averaged) over classes, so its scale matches softmax cross-entropy.
+  """
+  _check_smoothing(label_smoothing)
+  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
+  per_class = -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
+  return jnp.mean(jnp.sum(per_class, axis=-1))
+
+
+def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
+  """Loss by config name: 'softmax_xent' (the paper's CE) or 'sigmoid_xent' (BCE)."""
+  _check_smoothing(label_smoothing)
+  fns = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+  if name not in fns:
+    raise ValueError(f"loss must be one of {sorted(fns)}, got {name!r}")
+  fn = fns[name]
+  return lambda logits, labels: fn(logits, labels, label_smoothing)

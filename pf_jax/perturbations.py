@@ -1,0 +1,93 @@
+"""Perturbation objectives L^p: what SAM *ascends* to find its perturbation.
+
+An objective is a function `(logits, labels) -> scalar` whose gradient with respect to the
+parameters (through the logits) is the ascent direction g_p. Besides callables, the SAM
+transformation accepts two names:
+
+- ``"steepest"``: L^p is the task loss itself (standard SAM);
+- ``"random"``: g_p ~ N(0, I), independent of the data (Appendix B baseline).
+"""
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+ObjectiveFn = Callable[[jax.Array, jax.Array], jax.Array]
+Objective = Union[str, ObjectiveFn]
+OBJECTIVE_NAMES = ("steepest", "random")
+PREDICTIONS = ("softmax", "sigmoid")
+
+
+def obf_alpha(p_y: jax.Array, lam: float, gamma: float) -> jax.Array:
+  """Forgetting strength, paper Eq. 17: alpha = gamma * max((1 - lam / p_y) / (1 - lam), 0).
+
+  lam = 0 gives alpha = gamma exactly (also where p_y underflows to 0).
+  """
+  _check_unit("gamma", gamma, closed=True)
+  _check_unit("lam", lam, closed=False)
+  if lam == 0.0:
+    return jnp.full_like(p_y, gamma)
+  return gamma * jnp.maximum((1.0 - lam / p_y) / (1.0 - lam), 0.0)
+
+
+def obf(lam: float, gamma: float = 1.0, predictions: str = "softmax") -> ObjectiveFn:
+  """Output-bias forgetting objective (Eq. 15-17, Algorithm A.1), alpha from Eq. 17.
+
+  Per example, with p = softmax(z) or sigmoid(z) and alpha held constant,
+    dL^BF/dz = u - (alpha * p + (1 - alpha) * onehot(y)),   u = 1/C,
+  i.e. the gradient of (1 - alpha) CE(y, z) - CE(uniform, z) for softmax. Mean over examples.
+  `lam` is the paper's lambda in [0, 1) (1/C in the paper), `gamma` in [0, 1].
+  """
+  _check_unit("gamma", gamma, closed=True)
+  _check_unit("lam", lam, closed=False)
+  _check_predictions(predictions)
+
+  def alpha_fn(p, labels):
+    p_y = jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
+    return obf_alpha(p_y, lam, gamma)
+
+  return _obf_objective(alpha_fn, predictions)
+
+
+def obf_fixed_alpha(alpha: float, predictions: str = "softmax") -> ObjectiveFn:
+  """OBF with a constant forgetting strength alpha in [0, 1] (ablation of Table B.2)."""
+  _check_unit("alpha", alpha, closed=True)
+  _check_predictions(predictions)
+  return _obf_objective(lambda p, labels: jnp.full(labels.shape, alpha, p.dtype), predictions)
+
+
+def _obf_objective(alpha_fn, predictions: str) -> ObjectiveFn:
+  def objective(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    z = jax.lax.stop_gradient(logits)
+    p = jax.nn.softmax(z) if predictions == "softmax" else jax.nn.sigmoid(z)
+    alpha = alpha_fn(p, labels)[:, None]
+    num_classes = logits.shape[-1]
+    y = jax.nn.one_hot(labels, num_classes, dtype=p.dtype)
+    coef = 1.0 / num_classes - alpha * p - (1.0 - alpha) * y
+    # Linear in z with frozen coefficients: its z-gradient is exactly `coef`.
+    return jnp.mean(jnp.sum(jax.lax.stop_gradient(coef) * logits, axis=-1))
+
+  return objective
+
+
+def get_objective(name: str, *, lam: float = 0.0, gamma: float = 1.0, alpha=None,
+                  predictions: str = "softmax") -> Objective:
+  """Objective by config name: 'steepest', 'random', or 'obf' (fixed alpha if `alpha` is set)."""
+  if name in OBJECTIVE_NAMES:
+    return name
+  if name == "obf":
+    if alpha is not None:
+      return obf_fixed_alpha(alpha, predictions)
+    return obf(lam, gamma, predictions)
+  raise ValueError(f"perturbation must be one of {OBJECTIVE_NAMES + ('obf',)}, got {name!r}")
+
+
+def _check_unit(name: str, value: float, closed: bool) -> None:
+  ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
+  if not ok:
+    raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value}")
+
+
+def _check_predictions(predictions: str) -> None:
+  if predictions not in PREDICTIONS:
+    raise ValueError(f"predictions must be one of {PREDICTIONS}, got {predictions!r}")

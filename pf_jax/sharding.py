@@ -1,0 +1,39 @@
+"""Cross-device helpers for data parallelism over a named mesh/pmap axis."""
+from typing import Hashable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = Union[Hashable, Sequence[Hashable]]
+
+
+def axis_size(axis_name: AxisName) -> int:
+  """Static number of devices along `axis_name` (inside shard_map/pmap)."""
+  return int(lax.axis_size(axis_name))
+
+
+def group_mean(tree, axis_name: AxisName, group_size: int):
+  """Mean of `tree` over consecutive groups of `group_size` devices along `axis_name`.
+
+  Built from `ppermute` because `psum(axis_index_groups=...)` is unavailable under
+  shard_map. Power-of-two groups use a butterfly (log2 k exchanges, the same sum on every
+  member); other sizes a ring of k - 1 exchanges.
+  """
+  if group_size == 1:
+    return tree
+  n = axis_size(axis_name)
+  if n % group_size:
+    raise ValueError(f"m spans {group_size} devices, which does not divide the {n} devices of axis {axis_name!r}")
+  total = tree
+  if group_size & (group_size - 1) == 0:
+    for s in range(group_size.bit_length() - 1):
+      perm = [(i, i ^ (1 << s)) for i in range(n)]
+      total = jax.tree.map(jnp.add, total, lax.ppermute(total, axis_name, perm))
+  else:
+    perm = [(i, (i // group_size) * group_size + (i % group_size + 1) % group_size) for i in range(n)]
+    shifted = tree
+    for _ in range(group_size - 1):
+      shifted = lax.ppermute(shifted, axis_name, perm)
+      total = jax.tree.map(jnp.add, total, shifted)
+  return jax.tree.map(lambda x: x / group_size, total)
