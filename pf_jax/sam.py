@@ -167,7 +167,10 @@ def _sam_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, l
   n_chunks, group_size = _chunking(spec, local_batch)
   if spec.objective == "random" and rng is None:
     raise ValueError("objective='random' needs rng (a PRNG key)")
-  device = 0 if spec.axis_name is None else lax.axis_index(spec.axis_name)
+  device = 0
+  if spec.axis_name is not None:
+    device = lax.axis_index(spec.axis_name)
+    params = sharding.per_device(params, spec.axis_name)
   key = jax.random.PRNGKey(0) if rng is None else rng
   # One key per chunk of the global batch; devices of one group share their chunk's key.
   first_chunk = device * n_chunks // group_size

@@ -37,3 +37,20 @@ def group_mean(tree, axis_name: AxisName, group_size: int):
       shifted = lax.ppermute(shifted, axis_name, perm)
       total = jax.tree.map(jnp.add, total, shifted)
   return jax.tree.map(lambda x: x / group_size, total)
+
+
+def per_device(tree, axis_name: AxisName):
+  """Marks replicated leaves as varying over `axis_name`.
+
+  Under shard_map, the gradient with respect to a replicated (invariant) input is implicitly
+  summed over devices. SAM needs each device's own gradient (its own perturbation), so the
+  parameters are cast to device-varying before differentiating.
+  """
+  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+  def cast(x):
+    vma = getattr(jax.typeof(x), "vma", frozenset())
+    missing = tuple(a for a in axes if a not in vma)
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(cast, tree)

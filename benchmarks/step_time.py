@@ -1,0 +1,90 @@
+"""Step-time ratios of SAM-family steps over the base optimizer's step, measured in one run.
+
+  python benchmarks/step_time.py [--batch 256] [--steps 30] [--m 64]
+
+Prints median seconds per step and the ratio to the base AdamW step. Expect ~2x for SAM-like
+steps (two forward/backward passes); wall-clock on a shared CPU is noisy, so only ratios from
+the same run are meaningful.
+"""
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import pf_jax
+
+
+class SmallCNN(nn.Module):
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=2)(x))
+    x = x.mean(axis=(1, 2))
+    return nn.Dense(self.num_classes)(nn.relu(nn.Dense(128)(x)))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--m", type=int, default=64)
+  parser.add_argument("--image", type=int, default=16)
+  args = parser.parse_args()
+
+  model = SmallCNN()
+  x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.image, args.image, 3))
+  y = jnp.arange(args.batch) % 10
+  params = model.init(jax.random.PRNGKey(1), x[:1])["params"]
+  apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)
+  loss_fn = pf_jax.sigmoid_cross_entropy
+  base = optax.chain(optax.clip_by_global_norm(1.0), pf_jax.adamw(1e-3, weight_decay=0.3))
+
+  def base_step(p, s):
+    g = jax.grad(lambda q: loss_fn(apply_fn(q, x), y))(p)
+    u, s = base.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  variants = {
+      "base (AdamW)": (base, base_step),
+  }
+  common = dict(apply_fn=apply_fn, loss_fn=loss_fn, m=args.m)
+  for name, kw in {
+      "SAM-steep": dict(rho=0.6),
+      "OBF-SAM": dict(rho=0.6, objective=pf_jax.obf(0.1, 1.0, "sigmoid")),
+      "GSAM-steep": dict(rho=0.6, gsam_alpha=0.4),
+      "GSAM-OBF": dict(rho=0.6, gsam_alpha=0.4, objective=pf_jax.obf(0.1, 1.0, "sigmoid")),
+      "OBF-SAM scan": dict(rho=0.6, objective=pf_jax.obf(0.1, 1.0, "sigmoid"), chunk_mode="scan"),
+  }.items():
+    tx = pf_jax.sam(base, **kw, **common)
+    step = lambda p, s, tx=tx: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
+        tx.update(None, s, p, inputs=x, labels=y))
+    variants[name] = (tx, step)
+
+  times = {}
+  for name, (tx, step) in variants.items():
+    step = jax.jit(step)
+    p, s = params, tx.init(params)
+    p, s = step(p, s)
+    jax.block_until_ready(p)
+    samples = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      p, s = step(p, s)
+      jax.block_until_ready(p)
+      samples.append(time.perf_counter() - t0)
+    times[name] = statistics.median(samples)
+
+  print(f"backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}")
+  ref = times["base (AdamW)"]
+  for name, t in times.items():
+    print(f"{name:14s} {1e3 * t:8.2f} ms/step  ratio {t / ref:5.2f}")
+
+
+if __name__ == "__main__":
+  main()

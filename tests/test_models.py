@@ -1,0 +1,236 @@
+"""Tests for pf_jax.models: shapes, dtypes, head init, BatchNorm state, counts.
+
+Full-size models are only shape-traced with `jax.eval_shape` (no real init),
+so the whole file runs in seconds on a 2-core CPU.
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pf_jax.models import MODELS, build_model, has_batch_norm, model_names
+
+SMALL = {
+    # name: input shape (NHWC) it is meant for
+    "vit_ti4": (2, 32, 32, 3),
+    "vit_digits": (2, 8, 8, 1),
+    "resnet_tiny": (2, 8, 8, 1),
+}
+ALL_NAMES = ("vit_s32", "vit_s16", "vit_ti4", "vit_digits",
+             "resnet50", "resnet101", "resnet_tiny")
+NUM_CLASSES = 10
+# These tests check shapes/values, not speed: skip LLVM's expensive passes,
+# which roughly halves XLA:CPU compile time (the bulk of this file's runtime).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _build_and_run(name, shape, **kw):
+  """Init + eval apply (+ train apply with BN) in ONE jitted function: each XLA
+  compile costs seconds on a 2-core CPU, so compile once per model."""
+  model = build_model(name, num_classes=NUM_CLASSES, **kw)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32)
+
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def run(rng, x):
+    variables = model.init(rng, x, train=False)
+    out = {"variables": variables,
+           "eval_logits": model.apply(variables, x, train=False)}
+    if has_batch_norm(name):
+      out["train_logits"], out["train_state"] = model.apply(
+          variables, x, train=True, mutable=["batch_stats"])
+      _, out["eval_state"] = model.apply(
+          variables, x, train=False, mutable=["batch_stats"])
+    else:
+      out["train_logits"] = model.apply(variables, x, train=True)
+    return out
+
+  return model, x, run(jax.random.PRNGKey(0), x)
+
+
+@pytest.fixture(scope="module")
+def small_runs():
+  """Each small variant once in fp32 with head bias -10, shared by tests."""
+  return {n: _build_and_run(n, s, head_bias_init=-10.0)
+          for n, s in SMALL.items()}
+
+
+def test_registry_names_exact():
+  assert set(MODELS) == set(ALL_NAMES)
+  assert set(model_names()) == set(ALL_NAMES)
+
+
+def test_unknown_name_raises_value_error():
+  with pytest.raises(ValueError) as e:
+    build_model("vit_b16", num_classes=10)
+  msg = str(e.value)
+  assert "name" in msg and "vit_b16" in msg
+  for n in ALL_NAMES:
+    assert n in msg
+  with pytest.raises(ValueError):
+    has_batch_norm("nope")
+
+
+def test_has_batch_norm():
+  for n in ALL_NAMES:
+    assert has_batch_norm(n) == n.startswith("resnet"), n
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_logits_shape_dtype_and_head_bias(name, small_runs):
+  _, x, out = small_runs[name]
+  params = out["variables"]["params"]
+  bias = params["head"]["bias"]
+  assert bias.shape == (NUM_CLASSES,)
+  np.testing.assert_array_equal(np.asarray(bias), -10.0)
+  np.testing.assert_array_equal(np.asarray(params["head"]["kernel"]), 0.0)
+  for leaf in jax.tree.leaves(params):
+    assert leaf.dtype == jnp.float32
+  for key in ("eval_logits", "train_logits"):
+    logits = out[key]
+    assert logits.shape == (x.shape[0], NUM_CLASSES)
+    assert logits.dtype == jnp.float32
+    # Zero head kernel => every initial logit is exactly the head bias.
+    np.testing.assert_array_equal(np.asarray(logits), -10.0)
+
+
+def test_vit_digits_params_closed_form(small_runs):
+  _, _, out = small_runs["vit_digits"]
+  variables = out["variables"]
+  params = variables["params"]
+  assert set(variables) == {"params"}  # no batch_stats for ViT
+  # Hand count: 8x8x1 images, patch 2, width 64, depth 2, mlp 128, 10 classes.
+  p, c, d, depth, mlp, k = 2, 1, 64, 2, 128, NUM_CLASSES
+  tokens = (8 // p) * (8 // p)  # 16; no class token
+  embed = p * p * c * d + d
+  pos = tokens * d
+  ln = 2 * d
+  attn = 3 * (d * d + d) + (d * d + d)  # q, k, v, out projections
+  mlp_params = (d * mlp + mlp) + (mlp * d + d)
+  block = ln + attn + ln + mlp_params
+  head = d * k + k
+  expected = embed + pos + depth * block + ln + head
+  assert expected == 69066
+  assert _count(params) == expected
+  assert params["pos_embedding"].shape == (1, tokens, d)
+  assert not any("cls" in "/".join(path).lower()
+                 for path in flax.traverse_util.flatten_dict(params))
+
+
+def test_vit_pos_embedding_init_std(small_runs):
+  _, _, out = small_runs["vit_ti4"]
+  pos = np.asarray(out["variables"]["params"]["pos_embedding"])
+  assert pos.shape == (1, 64, 128)  # 32x32 / patch 4 = 64 tokens, no cls
+  assert 0.015 < pos.std() < 0.025  # normal(stddev=0.02)
+
+
+def test_resnet_tiny_batch_stats_train_vs_eval(small_runs):
+  _, _, out = small_runs["resnet_tiny"]
+  variables = out["variables"]
+  assert "batch_stats" in variables
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  assert any("BatchNorm" in k for k in flat)
+  # Zero-init residual: the last BN scale of each of the 2 blocks is zero.
+  zero_scales = [k for k, v in flat.items()
+                 if k.endswith("scale") and not np.any(np.asarray(v))]
+  assert len(zero_scales) == 2, zero_scales
+  old = variables["batch_stats"]
+
+  # Train mode updates running stats...
+  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       old, out["train_state"]["batch_stats"])
+  assert max(jax.tree.leaves(diffs)) > 1e-4
+  # ...eval mode leaves them untouched.
+  assert (jax.tree.structure(old)
+          == jax.tree.structure(out["eval_state"]["batch_stats"]))
+  for a, b in zip(jax.tree.leaves(old),
+                  jax.tree.leaves(out["eval_state"]["batch_stats"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bfloat16_compute_gives_float32_logits(name):
+  # Default head_bias_init (0.0) here, so this also covers the default.
+  model, x, out = _build_and_run(name, SMALL[name], dtype=jnp.bfloat16)
+  assert model.dtype == jnp.bfloat16
+  for leaf in jax.tree.leaves(out["variables"]):
+    assert leaf.dtype == jnp.float32  # params and batch_stats stay fp32
+  np.testing.assert_array_equal(
+      np.asarray(out["variables"]["params"]["head"]["bias"]), 0.0)
+  for key in ("eval_logits", "train_logits"):
+    assert out[key].dtype == jnp.float32
+    assert out[key].shape == (x.shape[0], NUM_CLASSES)
+    np.testing.assert_array_equal(np.asarray(out[key]), 0.0)
+
+
+# vit_ti4 is left out: same code path as vit_digits, and its compile is slow.
+@pytest.mark.parametrize("name", ["vit_digits", "resnet_tiny"])
+def test_small_models_learn(name, small_runs):
+  """A few Adam steps on one fixed batch must cut the loss (grads flow
+  through the zero-init head and the rest of the network)."""
+  model, _, out = small_runs[name]
+  variables = out["variables"]
+  shape = (16,) + SMALL[name][1:]
+  x = jax.random.normal(jax.random.PRNGKey(2), shape)
+  y = jax.random.randint(jax.random.PRNGKey(3), (16,), 0, NUM_CLASSES)
+  params = variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}
+  bn = has_batch_norm(name)
+
+  def loss_fn(params, extra):
+    v = {"params": params, **extra}
+    if bn:
+      logits, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    else:
+      logits, new = model.apply(v, x, train=True), extra
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new
+
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+  def step(params, extra, opt):
+    (loss, new), g = jax.value_and_grad(loss_fn, has_aux=True)(params, extra)
+    upd, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, upd), new, opt, loss
+
+  losses = []
+  for _ in range(15):
+    params, extra, opt, loss = step(params, extra, opt)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all()
+  # Without gradient flow the loss would stay at exactly log(10).
+  assert losses[-1] < 0.85 * losses[0], losses
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("vit_s16", 22_049_896),   # ~22.0M: GAP, no class token, 1000 classes
+    ("vit_s32", 22_878_184),
+    ("resnet50", 25_557_032),  # ~25.6M (torchvision resnet50: 25,557,032)
+    ("resnet101", 44_549_160),
+])
+def test_full_size_param_counts(name, expected):
+  model = build_model(name, num_classes=1000, head_bias_init=-10.0)
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  n = _count(shapes["params"])
+  assert abs(n - expected) <= 0.01 * expected, n
+  # Headline numbers from the papers, also within 1%.
+  headline = {"vit_s16": 22.0e6, "vit_s32": 22.9e6,
+              "resnet50": 25.6e6, "resnet101": 44.5e6}[name]
+  assert abs(n - headline) <= 0.01 * headline, n
+  assert ("batch_stats" in shapes) == has_batch_norm(name)
+  out = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False), shapes, x)
+  assert out.shape == (1, 1000) and out.dtype == jnp.float32
