@@ -5,7 +5,7 @@
 from pf_jax.losses import get_loss, sigmoid_cross_entropy, softmax_cross_entropy
 from pf_jax.optimizers import adamw, sgdw, shrink_and_perturb, weight_decay_mask
 from pf_jax.perturbations import get_objective, obf, obf_alpha, obf_fixed_alpha
-from pf_jax.sam import SamSpec, SamState, sam, sam_gradient
+from pf_jax.sam_family import SamSpec, SamState, sam, sam_gradient
 from pf_jax.schedules import lr_proportional_rho, warmup_linear_decay
 from pf_jax.sharding import group_mean
 

@@ -1,0 +1,105 @@
+"""Shared config pieces: the base ConfigDict (every field the trainer reads) and helpers.
+
+Paper configs (Table C.1 of the paper) are short files that start from `base_config()`, set
+the row's values, pick a method with `set_method`, and offer a `local` variant for CPU smoke
+runs: `--config=configs/vit_s32_imagenet.py:sam_obf,local`.
+"""
+import ml_collections
+
+# Perturbation settings shared by all configs; None means "not used".
+NO_SAM = dict(perturbation="none")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Data (pf_jax/input_pipeline.py). eval_datasets: evaluated on their default eval split.
+  c.dataset = "digits"
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS_DATA_DIR / ~/tensorflow_datasets
+  c.eval_datasets = ("digits",)
+  c.image_size = 8
+  c.crop_area_min = 0.08
+  c.shuffle_buffer = 50_000
+  # Model (pf_jax/models).
+  c.model = "vit_digits"
+  c.head_bias_init = 0.0
+  c.mixed_precision = False           # bfloat16 compute, float32 params and optimizer
+  # Loss (pf_jax/losses.py): softmax_xent (paper: CE) or sigmoid_xent (paper: BCE).
+  c.loss = "softmax_xent"
+  c.label_smoothing = 0.0
+  # Schedule: epochs are converted to steps with the training split's size;
+  # num_train_steps / warmup_steps > 0 override them.
+  c.global_batch_size = 128
+  c.grad_accum_steps = 1              # the global batch is split into this many sequential micro-batches
+  c.num_epochs = 10.0
+  c.warmup_epochs = 1.0
+  c.num_train_steps = -1
+  c.warmup_steps = -1
+  # Base optimizer (pf_jax/optimizers.py): adamw or sgdw; linear warmup then linear decay.
+  c.optimizer = "adamw"
+  c.lr_max = 1e-3
+  c.lr_min = 0.0
+  c.weight_decay = 0.0
+  c.momentum = 0.9                    # sgdw
+  c.b1 = 0.9                          # adamw
+  c.b2 = 0.999
+  c.clip_grad_norm = 0.0              # 0: no clipping; applied to the final (SAM) gradient
+  c.shrink_perturb = 0.0              # factor f of shrink-and-perturb; 0: off
+  # SAM family (pf_jax/sam.py).
+  c.sam = ml_collections.ConfigDict()
+  c.sam.perturbation = "none"         # none | steepest | obf | random
+  c.sam.rho_max = 0.0
+  c.sam.rho_min = -1.0                # < 0: constant rho = rho_max; else lr-proportional
+  c.sam.m = 64                        # perturbation batch size
+  c.sam.chunk_mode = "vmap"           # vmap | scan (memory of one chunk at a time)
+  c.sam.obf_lambda = 0.0
+  c.sam.obf_gamma = 1.0
+  c.sam.obf_alpha = -1.0              # >= 0: fixed alpha (Table B.2) instead of lambda/gamma
+  c.sam.gsam_alpha = 0.0              # GSAM's xi; 0: SAM
+  c.sam.gsam_normalized_backup = False
+  c.sam.asam = ""                     # "" | before | after | both
+  c.sam.asam_eta = 0.0
+  # Finetuning: workdir (or checkpoint directory) of another run; its head is replaced.
+  c.init_from = ""
+  # Loop (pf_jax/train.py).
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.profile = False                   # clu profiling hook: trace a few steps to workdir
+  c.eval_batch_size = 512
+  return c
+
+
+def set_method(c: ml_collections.ConfigDict, method: str, methods: dict) -> ml_collections.ConfigDict:
+  """Applies one row of a config's METHODS table: top-level fields and `sam.*` fields."""
+  if method not in methods:
+    raise ValueError(f"unknown method {method!r}; this config has {sorted(methods)}")
+  for key, value in methods[method].items():
+    target, name = (c.sam, key[4:]) if key.startswith("sam.") else (c, key)
+    target[name] = value
+  return c
+
+
+def parse_arg(arg, default_method: str):
+  """'method[,local]' -> (method, local)."""
+  parts = [p for p in (arg or "").split(",") if p]
+  local = "local" in parts
+  rest = [p for p in parts if p != "local"]
+  return (rest[0] if rest else default_method), local
+
+
+def make_local(c: ml_collections.ConfigDict, model: str, image_size: int = 32) -> ml_collections.ConfigDict:
+  """A tiny variant of the same run for CPU smoke tests: small model, images, batch, steps."""
+  c.model = model
+  c.image_size = image_size
+  c.global_batch_size = 16
+  c.eval_batch_size = 16
+  c.sam.m = 4
+  c.num_train_steps = 20
+  c.warmup_steps = 2
+  c.log_every_steps = 5
+  c.eval_every_steps = 10
+  c.checkpoint_every_steps = 10
+  c.shuffle_buffer = 1000
+  return c

@@ -1,0 +1,373 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+Data parallel over a 1-D device mesh ('data'): the train step runs under `jax.jit` +
+`jax.shard_map`, each device holding a shard of the global batch and a replica of the state.
+The SAM-family gradient comes from `pf_jax.sam_gradient` (per-device m-chunks, BatchNorm
+statistics from the unperturbed pass), then the base optimizer. Every random choice is a
+function of (config.seed, step) and the data order is step-addressable, so a run resumed from
+a checkpoint ends bit-identical to an uninterrupted one.
+"""
+import functools
+import os
+from typing import Any, Dict, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pf_jax import input_pipeline
+from pf_jax import losses
+from pf_jax import models
+from pf_jax import optimizers
+from pf_jax import perturbations
+from pf_jax import sam_family as sam_lib
+from pf_jax import schedules
+from pf_jax import sharding
+
+AXIS = "data"
+PERTURBATIONS = ("none", "steepest", "obf", "random")
+OPTIMIZERS = ("adamw", "sgdw")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f"config.{field}: {message}")
+
+
+def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = None,
+                    num_processes: Optional[int] = None) -> None:
+  """One-line ValueError naming the field for any bad value, before anything compiles."""
+  num_devices = num_devices or jax.device_count()
+  num_processes = num_processes or jax.process_count()
+  if c.dataset not in input_pipeline.DATASETS or input_pipeline.DATASETS[c.dataset].train_split is None:
+    _fail("dataset", f"must be a training dataset of {sorted(input_pipeline.DATASETS)}, got {c.dataset!r}")
+  for name in c.eval_datasets:
+    if name not in input_pipeline.DATASETS:
+      _fail("eval_datasets", f"unknown dataset {name!r}; known: {sorted(input_pipeline.DATASETS)}")
+  if c.model not in models.model_names():
+    _fail("model", f"must be one of {models.model_names()}, got {c.model!r}")
+  if c.loss not in ("softmax_xent", "sigmoid_xent"):
+    _fail("loss", f"must be softmax_xent or sigmoid_xent, got {c.loss!r}")
+  if not 0 <= c.label_smoothing < 1:
+    _fail("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
+  if c.optimizer not in OPTIMIZERS:
+    _fail("optimizer", f"must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+  for field in ("lr_max", "lr_min", "weight_decay", "clip_grad_norm"):
+    if c[field] < 0:
+      _fail(field, f"must be >= 0, got {c[field]}")
+  if c.lr_min > c.lr_max:
+    _fail("lr_min", f"must be <= lr_max={c.lr_max}, got {c.lr_min}")
+  if not 0 <= c.momentum < 1:
+    _fail("momentum", f"must be in [0, 1), got {c.momentum}")
+  if not 0 <= c.shrink_perturb <= 1:
+    _fail("shrink_perturb", f"must be in [0, 1], got {c.shrink_perturb}")
+  if c.grad_accum_steps < 1:
+    _fail("grad_accum_steps", f"must be >= 1, got {c.grad_accum_steps}")
+  if c.global_batch_size % (num_devices * c.grad_accum_steps):
+    _fail("global_batch_size", f"{c.global_batch_size} must be divisible by devices ({num_devices}) x "
+          f"grad_accum_steps ({c.grad_accum_steps})")
+  if c.eval_batch_size % num_devices or c.eval_batch_size % num_processes:
+    _fail("eval_batch_size", f"{c.eval_batch_size} must be divisible by the {num_devices} devices")
+  s = c.sam
+  if s.perturbation not in PERTURBATIONS:
+    _fail("sam.perturbation", f"must be one of {PERTURBATIONS}, got {s.perturbation!r}")
+  if s.perturbation != "none":
+    per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
+    m = s.m
+    if m < 1 or (per_device % m and (m % per_device or m // per_device > num_devices
+                                     or num_devices % (m // per_device))):
+      _fail("sam.m", f"{m} must divide the per-device micro-batch {per_device} or be a multiple of it "
+            f"spanning a divisor of the {num_devices} devices")
+    if s.rho_max < 0:
+      _fail("sam.rho_max", f"must be >= 0, got {s.rho_max}")
+    if s.rho_min >= 0 and c.lr_max == c.lr_min:
+      _fail("sam.rho_min", "an lr-proportional rho needs lr_max != lr_min (set rho_min < 0 for constant rho)")
+    try:
+      _objective(c)
+      sam_lib.SamSpec(rho=s.rho_max, objective="steepest", m=m, chunk_mode=s.chunk_mode,
+                      gsam_alpha=s.gsam_alpha, asam=s.asam or None, asam_eta=s.asam_eta)
+    except ValueError as e:
+      _fail("sam", str(e))
+  if c.init_from and not os.path.exists(os.path.join(c.init_from, "checkpoints")) \
+      and not os.path.exists(c.init_from):
+    _fail("init_from", f"no checkpoint directory at {c.init_from!r}")
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if c[field] < 1:
+      _fail(field, f"must be >= 1, got {c[field]}")
+
+
+def _objective(c):
+  s = c.sam
+  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
+  return perturbations.get_objective(
+      s.perturbation, lam=s.obf_lambda, gamma=s.obf_gamma,
+      alpha=s.obf_alpha if s.obf_alpha >= 0 else None, predictions=predictions)
+
+
+def train_schedule(c, num_train_examples: int):
+  """(total steps, warmup steps) from epochs unless given directly."""
+  steps_per_epoch = max(num_train_examples // c.global_batch_size, 1)
+  total = c.num_train_steps if c.num_train_steps > 0 else int(c.num_epochs * steps_per_epoch)
+  warmup = c.warmup_steps if c.warmup_steps >= 0 else int(c.warmup_epochs * steps_per_epoch)
+  return total, min(warmup, total)
+
+
+def create_optimizer(c, total_steps: int, warmup_steps: int):
+  """(base optax transformation, lr schedule, rho: float or schedule)."""
+  lr = schedules.warmup_linear_decay(c.lr_max, c.lr_min, warmup_steps, total_steps)
+  if c.optimizer == "adamw":
+    base = optimizers.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+  else:
+    base = optimizers.sgdw(lr, momentum=c.momentum, weight_decay=c.weight_decay)
+  parts = [optax.clip_by_global_norm(c.clip_grad_norm)] if c.clip_grad_norm else []
+  parts.append(base)
+  if c.shrink_perturb:
+    parts.append(optimizers.shrink_and_perturb(c.shrink_perturb, lr, lr_max=c.lr_max))
+  s = c.sam
+  rho = s.rho_max
+  if s.rho_min >= 0:
+    rho = schedules.lr_proportional_rho(lr, c.lr_max, c.lr_min, s.rho_max, s.rho_min)
+  return optax.chain(*parts), lr, rho
+
+
+def _model_apply(model, has_bn: bool):
+  """(params, batch_stats, images, train) -> (logits, new batch_stats)."""
+  def apply(params, batch_stats, images, train):
+    if not has_bn:
+      return model.apply({"params": params}, images, train=train), batch_stats
+    if not train:
+      return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False), batch_stats
+    logits, new = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                              mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+  return apply
+
+
+def make_train_step(c, model, tx, rho, mesh):
+  """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated."""
+  has_bn = models.has_batch_norm(c.model)
+  apply = _model_apply(model, has_bn)
+  loss_fn = losses.get_loss(c.loss, c.label_smoothing)
+  s = c.sam
+  objective = _objective(c) if s.perturbation != "none" else None
+  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+
+  def micro_grad(params, batch_stats, rho_t, images, labels, key):
+    apply_fn = lambda p, x: apply(p, batch_stats, x, True)
+    if objective is None:
+      def loss(p):
+        logits, new_stats = apply_fn(p, images)
+        return loss_fn(logits, labels), new_stats
+      (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(sharding.per_device(params, AXIS))
+      grads, new_stats, value = jax.lax.pmean((grads, new_stats, value), AXIS)
+      return grads, new_stats, {"loss": value}
+    return sam_lib.sam_gradient(
+        params, images, labels, apply_fn=apply_fn, loss_fn=loss_fn, rho=rho_t, objective=objective,
+        m=s.m, chunk_mode=s.chunk_mode, gsam_alpha=s.gsam_alpha,
+        gsam_normalized_backup=s.gsam_normalized_backup, asam=s.asam or None, asam_eta=s.asam_eta,
+        axis_name=AXIS, rng=key, has_aux=True)
+
+  def step(state: TrainState, batch):
+    images, labels = batch["image"].astype(dtype), batch["label"]
+    rho_t = rho(state.step) if callable(rho) else jnp.asarray(rho, jnp.float32)
+    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), state.step)
+    n = c.grad_accum_steps
+    if n == 1:
+      grads, new_stats, metrics = micro_grad(state.params, state.batch_stats, rho_t, images, labels, key)
+    else:
+      # Sequential micro-batches (accumulation); each is cut into its own m-chunks.
+      split = lambda a: a.reshape((n, -1) + a.shape[1:])
+      def body(acc, xs):
+        i, x, y = xs
+        out = micro_grad(state.params, state.batch_stats, rho_t, x, y, jax.random.fold_in(key, i))
+        return jax.tree.map(lambda a, b: a + b / n, acc, out), None
+      shapes = jax.eval_shape(micro_grad, state.params, state.batch_stats, rho_t, split(images)[0],
+                              split(labels)[0], key)
+      zeros = jax.tree.map(lambda sd: sharding.per_device(jnp.zeros(sd.shape, sd.dtype), AXIS), shapes)
+      (grads, new_stats, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), split(images), split(labels)))
+      grads, new_stats, metrics = jax.lax.pmean((grads, new_stats, metrics), AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), rho=rho_t)
+    return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                         opt_state=opt_state), metrics
+
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def make_eval_step(c, model, mesh, subset: Optional[np.ndarray]):
+  """jit(shard_map): (params, batch_stats, batch) -> summed counts over all devices."""
+  apply = _model_apply(model, models.has_batch_norm(c.model))
+  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+
+  def step(params, batch_stats, batch):
+    logits, _ = apply(params, batch_stats, batch["image"].astype(dtype), False)
+    if subset is not None:  # ImageNet-R: only its 200 classes' logits compete
+      logits = logits[:, jnp.asarray(subset)]
+    pred = jnp.argmax(logits, axis=-1)
+    mask = batch["mask"]
+    out = {"correct": jnp.sum((pred == batch["label"]) * mask), "count": jnp.sum(mask)}
+    if "real_label" in batch:  # ReaL: correct if the prediction is any of the real labels
+      valid = batch["real_valid"] * mask
+      hit = jnp.take_along_axis(batch["real_label"], pred[:, None], axis=-1)[:, 0]
+      out.update(real_correct=jnp.sum(hit * valid), real_count=jnp.sum(valid))
+    return jax.lax.psum(out, AXIS)
+
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P()))
+
+
+def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
+  results = {}
+  local_batch = c.eval_batch_size // jax.process_count()
+  for name, eval_step in eval_steps.items():
+    it = input_pipeline.eval_iterator(name, data_dir=c.data_dir, image_size=c.image_size,
+                                      local_batch_size=local_batch)
+    totals = None
+    for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
+      counts = eval_step(state.params, state.batch_stats, batch)
+      totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    totals = jax.device_get(totals)
+    results[f"eval/{name}/top1"] = float(totals["correct"] / max(totals["count"], 1))
+    if "real_count" in totals:
+      results[f"eval/{name}/real_top1"] = float(totals["real_correct"] / max(totals["real_count"], 1))
+  return results
+
+
+def _load_pretrained(path: str):
+  """Params and batch statistics of another run's latest checkpoint (raw arrays)."""
+  directory = os.path.join(path, "checkpoints")
+  directory = directory if os.path.isdir(directory) else path
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise ValueError(f"config.init_from: no checkpoint in {directory!r}")
+    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  return restored["params"], restored.get("batch_stats", {})
+
+
+def _merge_pretrained(fresh, pretrained, path=""):
+  """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
+  if isinstance(fresh, dict):
+    return {k: v if k == "head" else _merge_pretrained(v, pretrained[k], f"{path}/{k}")
+            for k, v in fresh.items()}
+  if tuple(fresh.shape) != tuple(np.shape(pretrained)):
+    raise ValueError(f"config.init_from: {path} has shape {np.shape(pretrained)}, model needs {fresh.shape}")
+  return jnp.asarray(pretrained, fresh.dtype)
+
+
+def create_state(c, model, tx, num_classes: int) -> TrainState:
+  dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
+  variables = model.init(jax.random.PRNGKey(c.seed), dummy, train=False)
+  params = flax.core.unfreeze(variables["params"])
+  batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
+  if c.init_from:
+    pre_params, pre_stats = _load_pretrained(c.init_from)
+    params = _merge_pretrained(params, pre_params)
+    batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
+  c = config
+  validate_config(c)
+  workdir = os.path.abspath(workdir)
+  num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
+  total_steps, warmup_steps = train_schedule(c, num_train)
+  model = models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init,
+                             dtype=jnp.bfloat16 if c.mixed_precision else jnp.float32)
+  tx, _, rho = create_optimizer(c, total_steps, warmup_steps)
+
+  mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(AXIS))
+
+  checkpoints = ocp.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True))
+  latest = checkpoints.latest_step()
+  if latest is None:
+    state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
+  else:
+    # Restore into the structure and shardings of a fresh state (no pretrained load needed).
+    init_free = c.copy_and_resolve_references()
+    with init_free.unlocked():
+      init_free.init_from = ""
+    target = jax.eval_shape(lambda: create_state(init_free, model, tx, num_classes))
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target)
+    state = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
+    logging.info("Resumed from step %d in %s", latest, workdir)
+  start_step = int(jax.device_get(state.step))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(c.to_dict()).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
+  if c.profile and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+
+  train_step = make_train_step(c, model, tx, rho, mesh)
+  eval_steps = {name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
+                for name in c.eval_datasets}
+  train_iter = input_pipeline.train_iterator(
+      c.dataset, data_dir=c.data_dir, image_size=c.image_size,
+      local_batch_size=c.global_batch_size // jax.process_count(), seed=c.seed, start_step=start_step,
+      shuffle_buffer=c.shuffle_buffer, crop_area_min=c.crop_area_min)
+  train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
+
+  logging.info("Training %s for %d steps (warmup %d) from step %d on %d devices", c.model, total_steps,
+               warmup_steps, start_step, jax.device_count())
+  pending, results = [], {}
+  for step in range(start_step + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, next(train_iter))
+    pending.append(metrics)  # device arrays; fetched only when logging (no per-step host sync)
+    for hook in hooks:
+      hook(step)
+    last = step == total_steps
+    if step % c.log_every_steps == 0 or last:
+      fetched = jax.device_get(pending)
+      summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      if not np.isfinite(summary["train/loss"]):
+        checkpoints.wait_until_finished()
+        raise FloatingPointError(f"train/loss is {summary['train/loss']} at step {step}; last checkpoint "
+                                 f"kept in {workdir}")
+      writer.write_scalars(step, summary)
+      pending = []
+    if step % c.eval_every_steps == 0 or last:
+      results = evaluate(c, state, eval_steps, batch_sharding)
+      writer.write_scalars(step, results)
+    if step % c.checkpoint_every_steps == 0 or last:
+      checkpoints.save(step, args=ocp.args.StandardSave(state))
+  checkpoints.wait_until_finished()
+  checkpoints.close()
+  writer.flush()
+  if not results and start_step >= total_steps:  # already finished: report the final evaluation
+    results = evaluate(c, state, eval_steps, batch_sharding)
+  return results
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out

@@ -1,0 +1,259 @@
+"""The paper's experiment configs (configs/*.py): they load, and their values match Table C.1."""
+import importlib.util
+import math
+import pathlib
+
+import pytest
+
+from configs import common
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+VIT_IMAGENET_METHODS = ["adamw", "sam_steep", "sam_obf", "gsam_steep", "gsam_obf", "asam_steep",
+                        "asam_obf", "random", "shrink_perturb", "label_smooth"]
+ALPHA_ABLATION = ["obf_alpha_0", "obf_alpha_1e-5", "obf_alpha_1e-4", "obf_alpha_1e-3",
+                  "obf_alpha_1e-2", "obf_alpha_1e-1", "obf_alpha_1", "obf_lam1e-3"]
+RESNET_IMAGENET_METHODS = ["sgd"] + VIT_IMAGENET_METHODS[1:]
+
+# (config file, the args before ",local"), every method of every config.
+ARGS = (
+    [("vit_s32_imagenet", m) for m in VIT_IMAGENET_METHODS + ALPHA_ABLATION]
+    + [("vit_s16_imagenet", m) for m in VIT_IMAGENET_METHODS]
+    + [("resnet50_imagenet", m) for m in RESNET_IMAGENET_METHODS]
+    + [("resnet101_imagenet", m) for m in RESNET_IMAGENET_METHODS]
+    + [("cifar_finetune", f"{model},{ds},{m}") for model in ("vit_s32", "resnet50")
+       for ds in ("cifar10", "cifar100") for m in ("none", "sam_steep", "sam_obf")]
+    + [("cifar10_msweep", f"{p},{2 ** k}") for p in ("steep", "obf", "obf_gamma0")
+       for k in range(10)]
+)
+
+
+def _keys(cfg, prefix=""):
+  out = set()
+  for k, v in cfg.items():
+    out.add(prefix + k)
+    if hasattr(v, "items"):
+      out |= _keys(v, prefix + k + ".")
+  return out
+
+
+def test_method_tables_match_the_test_list():
+  assert sorted(load("vit_s32_imagenet").METHODS) == sorted(VIT_IMAGENET_METHODS + ALPHA_ABLATION)
+  assert sorted(load("vit_s16_imagenet").METHODS) == sorted(VIT_IMAGENET_METHODS)
+  assert sorted(load("resnet50_imagenet").METHODS) == sorted(RESNET_IMAGENET_METHODS)
+  assert sorted(load("resnet101_imagenet").METHODS) == sorted(RESNET_IMAGENET_METHODS)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["full", "local"])
+@pytest.mark.parametrize("name,arg", ARGS)
+def test_loads(name, arg, local):
+  c = load(name).get_config(arg + (",local" if local else ""))
+  # No typo'd field: exactly the fields of the base config.
+  assert _keys(c) == _keys(common.base_config())
+  assert c.sam.perturbation in ("none", "steepest", "obf", "random")
+  assert c.sam.asam in ("", "before", "after", "both")
+  assert c.loss in ("softmax_xent", "sigmoid_xent")
+  assert c.optimizer in ("adamw", "sgdw")
+  assert c.global_batch_size % c.sam.m == 0
+  if c.sam.perturbation != "none":
+    assert c.sam.rho_max > 0
+  else:
+    assert c.sam.gsam_alpha == 0 and c.sam.asam == ""
+  if c.sam.rho_min >= 0:  # lr-proportional rho needs a decaying lr
+    assert c.lr_max > c.lr_min
+  if local:
+    assert c.model in ("vit_ti4", "resnet_tiny")
+    assert c.image_size == 32
+    assert c.global_batch_size == 16 and 16 % c.sam.m == 0
+    assert c.num_train_steps > 0
+    resnet = name.startswith("resnet") or arg.startswith("resnet")
+    assert c.model == ("resnet_tiny" if resnet else "vit_ti4")
+  else:
+    assert c.model in ("vit_s32", "vit_s16", "resnet50", "resnet101")
+    assert c.image_size == 224
+    assert c.num_train_steps == -1 and c.warmup_steps == -1
+
+
+def test_local_keeps_data_and_method():
+  full = load("vit_s32_imagenet").get_config("gsam_obf")
+  small = load("vit_s32_imagenet").get_config("gsam_obf,local")
+  assert small.dataset == full.dataset == "imagenet2012"
+  assert small.eval_datasets == full.eval_datasets
+  for k in ("perturbation", "rho_max", "rho_min", "obf_lambda", "obf_gamma", "gsam_alpha"):
+    assert small.sam[k] == full.sam[k]
+  assert small.loss == full.loss and small.head_bias_init == full.head_bias_init
+
+
+def test_default_args():
+  assert load("vit_s32_imagenet").get_config().sam.perturbation == "obf"
+  assert load("resnet50_imagenet").get_config(None).sam.perturbation == "obf"
+  c = load("cifar_finetune").get_config()
+  assert (c.model, c.dataset, c.sam.perturbation) == ("vit_s32", "cifar10", "obf")
+  c = load("cifar10_msweep").get_config()
+  assert (c.sam.perturbation, c.sam.m) == ("obf", 64)
+
+
+# ---- Table C.1 spot checks (hand-written expected values) ------------------------------------
+
+VIT_IMAGENET_EVAL = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r",
+                     "imagenet_sketch")
+
+
+@pytest.mark.parametrize("name,model", [("vit_s32_imagenet", "vit_s32"),
+                                        ("vit_s16_imagenet", "vit_s16")])
+def test_vit_imagenet_sam_obf(name, model):
+  c = load(name).get_config("sam_obf")
+  assert c.model == model and c.image_size == 224
+  assert c.dataset == "imagenet2012" and c.eval_datasets == VIT_IMAGENET_EVAL
+  assert c.global_batch_size == 4096 and c.num_epochs == 300 and c.warmup_epochs == 32
+  assert c.optimizer == "adamw" and c.loss == "sigmoid_xent"
+  assert c.weight_decay == 0.3
+  assert c.lr_max == 3e-3 and c.lr_min == 3e-5
+  assert c.clip_grad_norm == 1.0 and c.head_bias_init == -10
+  assert c.sam.perturbation == "obf" and c.sam.m == 64
+  assert c.sam.rho_max == 0.6 and c.sam.rho_min < 0          # constant rho
+  assert math.isclose(c.sam.obf_lambda, 1e-3) and c.sam.obf_gamma == 1
+  assert c.sam.obf_alpha < 0 and c.sam.gsam_alpha == 0 and c.sam.asam == ""
+  assert c.shrink_perturb == 0 and c.label_smoothing == 0 and c.init_from == ""
+
+
+def test_vit_s32_other_rows():
+  cfg = load("vit_s32_imagenet").get_config
+  c = cfg("adamw")
+  assert c.sam.perturbation == "none" and c.weight_decay == 0.3 and c.clip_grad_norm == 1.0
+  c = cfg("sam_steep")
+  assert (c.sam.perturbation, c.sam.rho_max, c.sam.rho_min) == ("steepest", 0.6, 0.0)
+  c = cfg("gsam_steep")
+  assert (c.sam.perturbation, c.sam.rho_max, c.sam.rho_min) == ("steepest", 0.6, 0.0)
+  assert c.sam.gsam_alpha == 0.4 and c.sam.gsam_normalized_backup is False
+  c = cfg("gsam_obf")
+  assert (c.sam.perturbation, c.sam.rho_max) == ("obf", 0.6) and c.sam.rho_min < 0
+  assert math.isclose(c.sam.obf_lambda, 1 / 1000) and c.sam.obf_gamma == 1
+  assert c.sam.gsam_alpha == 0.4 and c.sam.gsam_normalized_backup is False
+  c = cfg("asam_steep")
+  assert (c.sam.perturbation, c.sam.asam, c.sam.rho_max, c.sam.rho_min) == (
+      "steepest", "after", 0.6, 0.0)
+  c = cfg("asam_obf")
+  assert (c.sam.perturbation, c.sam.asam) == ("obf", "after") and c.sam.rho_min < 0
+  c = cfg("random")
+  assert (c.sam.perturbation, c.sam.rho_max, c.sam.rho_min) == ("random", 0.6, 0.0)
+  c = cfg("shrink_perturb")
+  assert c.sam.perturbation == "none" and c.shrink_perturb == 1e-5 and c.label_smoothing == 0
+  c = cfg("label_smooth")
+  assert c.sam.perturbation == "none" and c.label_smoothing == 0.1 and c.shrink_perturb == 0
+
+
+@pytest.mark.parametrize("method,alpha", [("obf_alpha_0", 0.0), ("obf_alpha_1e-5", 1e-5),
+                                          ("obf_alpha_1e-4", 1e-4), ("obf_alpha_1e-3", 1e-3),
+                                          ("obf_alpha_1e-2", 1e-2), ("obf_alpha_1e-1", 0.1),
+                                          ("obf_alpha_1", 1.0)])
+def test_vit_s32_fixed_alpha_ablation(method, alpha):
+  c = load("vit_s32_imagenet").get_config(method)
+  assert c.sam.perturbation == "obf" and c.sam.obf_alpha == alpha
+  assert c.sam.rho_max == 0.6 and c.sam.rho_min < 0
+
+
+def test_vit_s32_lambda_ablation_row():
+  c = load("vit_s32_imagenet").get_config("obf_lam1e-3")
+  assert c.sam.perturbation == "obf" and c.sam.obf_alpha < 0
+  assert c.sam.obf_lambda == 1e-3 and c.sam.obf_gamma == 1
+
+
+@pytest.mark.parametrize("name,model", [("resnet50_imagenet", "resnet50"),
+                                        ("resnet101_imagenet", "resnet101")])
+def test_resnet_imagenet_gsam_steep(name, model):
+  c = load(name).get_config("gsam_steep")
+  assert c.model == model and c.image_size == 224
+  assert c.dataset == "imagenet2012" and c.eval_datasets == VIT_IMAGENET_EVAL
+  assert c.global_batch_size == 4096 and c.num_epochs == 90 and c.warmup_epochs == 16
+  assert c.optimizer == "sgdw" and c.momentum == 0.9 and c.loss == "softmax_xent"
+  assert c.weight_decay == 1e-3 and c.lr_max == 1.6 and c.lr_min == 0.016
+  assert c.clip_grad_norm == 0 and c.head_bias_init == 0
+  assert c.sam.perturbation == "steepest" and c.sam.m == 64
+  assert c.sam.rho_max == 0.04 and c.sam.rho_min == 0.02
+  assert c.sam.gsam_alpha == 0.01 and c.sam.gsam_normalized_backup is True
+
+
+def test_resnet50_other_rows():
+  cfg = load("resnet50_imagenet").get_config
+  c = cfg("sgd")
+  assert c.sam.perturbation == "none" and c.optimizer == "sgdw"
+  c = cfg("sam_steep")
+  assert (c.sam.perturbation, c.sam.rho_max, c.sam.rho_min, c.sam.gsam_alpha) == (
+      "steepest", 0.04, 0.02, 0.0)
+  c = cfg("sam_obf")
+  assert (c.sam.perturbation, c.sam.rho_max) == ("obf", 0.04) and c.sam.rho_min < 0
+  assert math.isclose(c.sam.obf_lambda, 1e-3) and c.sam.obf_gamma == 1e-12
+  c = cfg("gsam_obf")
+  assert (c.sam.perturbation, c.sam.rho_max) == ("obf", 0.04) and c.sam.rho_min < 0
+  assert math.isclose(c.sam.obf_lambda, 1e-3) and c.sam.obf_gamma == 1e-12
+  assert c.sam.gsam_alpha == 0.01 and c.sam.gsam_normalized_backup is True
+  assert cfg("asam_steep").sam.asam == "before" and cfg("asam_obf").sam.asam == "before"
+  assert cfg("random").sam.perturbation == "random"
+  assert cfg("shrink_perturb").shrink_perturb == 1e-5
+  assert cfg("label_smooth").label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("model,loss,rho,gamma", [("vit_s32", "sigmoid_xent", 0.05, 1.0),
+                                                  ("resnet50", "softmax_xent", 0.1, 1e-12)])
+@pytest.mark.parametrize("dataset,num_classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_finetune(model, loss, rho, gamma, dataset, num_classes):
+  cfg = load("cifar_finetune").get_config
+  c = cfg(f"{model},{dataset},sam_obf")
+  assert c.model == model and c.dataset == dataset and c.eval_datasets == (dataset,)
+  assert c.image_size == 224 and c.loss == loss and c.head_bias_init == 0
+  assert c.global_batch_size == 512 and c.num_epochs == 100 and c.warmup_epochs == 5
+  assert c.optimizer == "sgdw" and c.momentum == 0.9
+  assert c.lr_max == 0.03 and c.lr_min == 0 and c.weight_decay == 0 and c.clip_grad_norm == 1.0
+  assert c.init_from == ""                       # to be set with --config.init_from
+  assert c.sam.perturbation == "obf" and c.sam.m == 64
+  assert c.sam.rho_max == rho and c.sam.rho_min < 0
+  assert math.isclose(c.sam.obf_lambda, 1 / num_classes) and c.sam.obf_gamma == gamma
+  c = cfg(f"{model},{dataset},sam_steep")
+  assert (c.sam.perturbation, c.sam.rho_max) == ("steepest", rho) and c.sam.rho_min < 0
+  assert cfg(f"{model},{dataset},none").sam.perturbation == "none"
+
+
+@pytest.mark.parametrize("k", range(10))
+def test_msweep(k):
+  cfg = load("cifar10_msweep").get_config
+  for p, perturbation, gamma in [("steep", "steepest", None), ("obf", "obf", 1.0),
+                                 ("obf_gamma0", "obf", 0.0)]:
+    c = cfg(f"{p},{2 ** k}")
+    assert c.sam.m == 2 ** k and c.sam.perturbation == perturbation
+    assert c.model == "vit_s32" and c.dataset == "cifar10" and c.eval_datasets == ("cifar10",)
+    assert c.image_size == 224 and c.global_batch_size == 512
+    assert c.num_epochs == 300 and c.warmup_epochs == 32
+    assert c.optimizer == "adamw" and c.loss == "sigmoid_xent" and c.weight_decay == 1.2
+    assert c.lr_max == c.lr_min == 3e-4          # without decay
+    assert c.clip_grad_norm == 1.0 and c.head_bias_init == -10
+    assert c.sam.rho_max == 0.2 and c.sam.rho_min < 0
+    if gamma is not None:
+      assert math.isclose(c.sam.obf_lambda, 1 / 3) and c.sam.obf_gamma == gamma
+    local = cfg(f"{p},{2 ** k},local")
+    assert local.sam.m == (2 ** k if 2 ** k <= 16 else 4)
+
+
+@pytest.mark.parametrize("name,arg,bad", [
+    ("vit_s32_imagenet", "sam_bogus", "sam_bogus"),
+    ("vit_s16_imagenet", "obf_alpha_1,local", "obf_alpha_1"),  # ablation is ViT-S/32 only
+    ("resnet50_imagenet", "adamw", "adamw"),
+    ("resnet101_imagenet", "nope", "nope"),
+    ("cifar_finetune", "vit_s32,cifar10,gsam_obf", "gsam_obf"),
+    ("cifar_finetune", "vit_s16,cifar10,sam_obf", "vit_s16"),
+    ("cifar_finetune", "resnet50,svhn,sam_obf", "svhn"),
+    ("cifar10_msweep", "asam,64", "asam"),
+    ("cifar10_msweep", "obf,3", "3"),
+    ("cifar10_msweep", "obf,1024", "1024"),
+])
+def test_unknown_raises(name, arg, bad):
+  with pytest.raises(ValueError, match=bad):
+    load(name).get_config(arg)
