@@ -6,10 +6,6 @@ runs: `--config=configs/vit_s32_imagenet.py:sam_obf,local`.
 """
 import ml_collections
 
-# Perturbation settings shared by all configs; None means "not used".
-NO_SAM = dict(perturbation="none")
-
-
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -45,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.b2 = 0.999
   c.clip_grad_norm = 0.0              # 0: no clipping; applied to the final (SAM) gradient
   c.shrink_perturb = 0.0              # factor f of shrink-and-perturb; 0: off
-  # SAM family (pf_jax/sam.py).
+  # SAM family (pf_jax/sam_family.py).
   c.sam = ml_collections.ConfigDict()
   c.sam.perturbation = "none"         # none | steepest | obf | random
   c.sam.rho_max = 0.0
@@ -77,6 +73,8 @@ def set_method(c: ml_collections.ConfigDict, method: str, methods: dict) -> ml_c
     raise ValueError(f"unknown method {method!r}; this config has {sorted(methods)}")
   for key, value in methods[method].items():
     target, name = (c.sam, key[4:]) if key.startswith("sam.") else (c, key)
+    if name not in target:
+      raise ValueError(f"method {method!r} sets unknown config field {key!r}")
     target[name] = value
   return c
 

@@ -92,6 +92,9 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = N
                                      or num_devices % (m // per_device))):
       _fail("sam.m", f"{m} must divide the per-device micro-batch {per_device} or be a multiple of it "
             f"spanning a divisor of the {num_devices} devices")
+    if models.has_batch_norm(c.model) and m > per_device:
+      logging.warning("config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
+                      "statistics (not the whole chunk's)", m, m // per_device)
     if s.rho_max < 0:
       _fail("sam.rho_max", f"must be >= 0, got {s.rho_max}")
     if s.rho_min >= 0 and c.lr_max == c.lr_min:

@@ -1,0 +1,164 @@
+"""Two JAX processes on localhost (jax.distributed + gloo CPU collectives) train in lockstep.
+
+`main.py --coordinator_address=localhost:PORT --num_processes=2 --process_id=I` is launched
+twice (each process with DEVICES_PER_PROCESS CPU devices, sharing one workdir, as a multi-host
+orbax checkpoint needs), next to a single-process reference run with the same total device
+count whose global batches are the two processes' local batches concatenated
+(tests/multiprocess_worker.py). The final states must agree: that shows both processes fed their
+own data shards into one global batch, and that the cross-process gradient all-reduce kept them
+in step. Only process 0 may write TensorBoard events and print the final metrics.
+"""
+import glob
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from pf_jax import input_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 1
+STEPS = 4
+TIMEOUT_S = 240  # whole launch; a healthy run takes well under a minute and a half on 2 cores
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(num_devices: int) -> dict:
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  # Optimization level 0: the tiny model compiles much faster; every run here uses the same flags.
+  env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={num_devices} "
+                      "--xla_backend_optimization_level=0").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"  # the default in jax >= 0.5; explicit for older ones
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def _config_flags(data_dir: str) -> list:
+  return [
+      f"--config={os.path.join(REPO, 'configs', 'default.py')}",
+      f"--config.data_dir={data_dir}",
+      f"--config.num_train_steps={STEPS}",
+      "--config.log_every_steps=1000",
+      "--config.eval_every_steps=1000",
+      "--config.checkpoint_every_steps=1000",  # the last step is always evaluated and checkpointed
+      "--config.eval_batch_size=64",
+      "--config.global_batch_size=128",
+      "--config.sam.m=32",  # per-device batch 128 / 2 = 64: two m-chunks per device
+  ]
+
+
+def _tail(path: str, n: int = 40) -> str:
+  with open(path, errors="replace") as f:
+    lines = [l for l in f.read().splitlines() if l.strip()]
+  return "\n".join(lines[-n:])
+
+
+def _run_all(jobs: dict, tmp_path):
+  """Starts every job {name: (argv, env)} at once, waits for all: ({name: stdout}, {name: pid}).
+
+  Fails (killing the others) as soon as one exits non-zero or on timeout, with every log's tail.
+  """
+  procs, logs = {}, {}
+  try:
+    for name, (argv, env) in jobs.items():
+      out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
+      logs[name] = (out.name, err.name)
+      with out, err:
+        procs[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
+    deadline = time.monotonic() + TIMEOUT_S
+    failed = None
+    while any(p.poll() is None for p in procs.values()):
+      bad = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+      if bad or time.monotonic() > deadline:
+        failed = f"{bad[0]} exited with {procs[bad[0]].returncode}" if bad else f"timeout after {TIMEOUT_S}s"
+        break
+      time.sleep(0.2)
+    if failed is None:
+      bad = [n for n, p in procs.items() if p.returncode != 0]
+      failed = f"{bad[0]} exited with {procs[bad[0]].returncode}" if bad else None
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  if failed:
+    report = [f"{failed}; return codes {({n: p.returncode for n, p in procs.items()})}"]
+    for name, (out, err) in logs.items():
+      report.append(f"----- {name} stdout -----\n{_tail(out, 10)}\n----- {name} stderr -----\n{_tail(err)}")
+    raise AssertionError("\n".join(report))
+  stdouts = {}
+  for name, (out, _) in logs.items():
+    with open(out) as f:
+      stdouts[name] = f.read()
+  return stdouts, {name: p.pid for name, p in procs.items()}
+
+
+def _restore_state(workdir: str):
+  """(step, state dict of numpy arrays) of the latest checkpoint, on this process's first device."""
+  directory = os.path.join(workdir, "checkpoints")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+  assert step is not None, f"no checkpoint in {directory}"
+  path = os.path.join(directory, str(step), "default")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(path).item_metadata.tree
+    # The multi-process checkpoint names devices this process does not have: restore onto ours.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    state = checkpointer.restore(path, target)
+  return step, jax.tree.map(np.asarray, state)
+
+
+def _top1(stdout: str) -> float:
+  found = re.findall(r"eval/digits/top1=([0-9.]+)", stdout)
+  assert len(found) == 1, stdout
+  return float(found[0])
+
+
+def test_two_processes_train_in_lockstep(tmp_path):
+  data_dir = str(tmp_path / "data")
+  input_pipeline.get_builder("digits", data_dir)  # prepared once here, not raced by the processes
+  shared, reference = str(tmp_path / "shared"), str(tmp_path / "reference")
+  port = _free_port()
+  config = _config_flags(data_dir)
+  jobs = {
+      f"process{i}": ([sys.executable, os.path.join(REPO, "main.py"), f"--workdir={shared}",
+                       f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
+                       f"--process_id={i}", *config], _env(DEVICES_PER_PROCESS))
+      for i in range(NUM_PROCESSES)}
+  jobs["reference"] = ([sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
+                        f"--emulate_processes={NUM_PROCESSES}", f"--workdir={reference}", *config],
+                       _env(NUM_PROCESSES * DEVICES_PER_PROCESS))
+  outputs, pids = _run_all(jobs, tmp_path)
+
+  # Only process 0 reports (stdout) and writes TensorBoard events into the shared workdir.
+  assert "top1=" not in outputs["process1"], outputs["process1"]
+  events = glob.glob(os.path.join(shared, "events.out.tfevents.*"))
+  assert len(events) == 1, events
+  assert f".{pids['process0']}." in os.path.basename(events[0]), (events, pids)
+
+  # One multi-host checkpoint of the last step, equal to the single-process run on the same batches.
+  step, state = _restore_state(shared)
+  ref_step, ref_state = _restore_state(reference)
+  assert step == ref_step == STEPS
+  assert int(state["step"]) == STEPS
+  assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ref_state["params"]))
+  assert _top1(outputs["process0"]) == _top1(outputs["reference"])

@@ -1,0 +1,157 @@
+"""The training system: device-count invariance, exact resume, config validation, CLI."""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import default as default_config
+from pf_jax import models
+from pf_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small_config(model, perturbation, **sam):
+  c = default_config.get_config()
+  c.model = model
+  c.global_batch_size = 16
+  c.grad_accum_steps = 1
+  c.sam.perturbation = perturbation
+  c.sam.m = 2
+  c.sam.rho_max = 0.2
+  # SGD: Adam's normalization turns float round-off in near-zero gradients into full-size steps,
+  # which would make a device-count comparison meaningless.
+  c.optimizer = "sgdw"
+  c.lr_max = 0.5
+  c.weight_decay = 1e-3
+  for k, v in sam.items():
+    c.sam[k] = v
+  return c
+
+
+def _run_steps(c, n_devices, batches):
+  mesh = Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
+  model = models.build_model(c.model, num_classes=10, head_bias_init=c.head_bias_init)
+  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
+  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
+  step = train.make_train_step(c, model, tx, rho, mesh)
+  for batch in batches:
+    state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("model,perturbation,extra", [
+    ("vit_digits", "obf", dict(obf_lambda=0.1, gsam_alpha=0.2, m=4)),  # m spans 2 of the 8 devices
+    ("resnet_tiny", "steepest", dict(asam="before", m=2)),              # BatchNorm; m = per-device batch
+])
+def test_train_step_same_on_1_and_8_devices(model, perturbation, extra):
+  c = _small_config(model, perturbation, **extra)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+              "label": rng.integers(0, 10, size=16).astype(np.int32)} for _ in range(3)]
+  one, m1 = _run_steps(c, 1, batches)
+  eight, m8 = _run_steps(c, 8, batches)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.params, eight.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.batch_stats,
+               eight.batch_stats)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  assert int(eight.step) == 3
+  start = train.create_state(c, models.build_model(c.model, num_classes=10, head_bias_init=c.head_bias_init),
+                             train.create_optimizer(c, 10, 2)[0], 10)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(one.params)))
+
+
+def test_gradient_accumulation_matches_one_big_step_with_same_chunks():
+  """accum=2 with m=2 equals accum=1 with m=2: the mean over the same 8 chunks."""
+  rng = np.random.default_rng(1)
+  batch = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, size=16).astype(np.int32)}]
+  c1 = _small_config("vit_digits", "steepest")
+  c2 = _small_config("vit_digits", "steepest")
+  c2.grad_accum_steps = 2
+  # On 2 devices: accum=1 has device shards [0:8], [8:16]; accum=2 has micro-batches [0:8] (split
+  # over devices [0:4], [4:8]) then [8:16]. Same 8 chunks of 2 in total, only summed in another order.
+  a, _ = _run_steps(c1, 2, batch)
+  b, _ = _run_steps(c2, 2, batch)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params)
+
+
+def _quick(workdir_config_overrides=None):
+  c = default_config.get_config()
+  c.num_train_steps = 6
+  c.warmup_steps = 2
+  c.checkpoint_every_steps = 3
+  c.eval_every_steps = 6
+  c.log_every_steps = 2
+  c.keep_checkpoints = 5
+  c.global_batch_size = 64
+  c.eval_batch_size = 64
+  return c
+
+
+def _final_params(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+    return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
+
+
+def test_resume_is_bit_identical_and_writes_events(tmp_path):
+  data_dir = str(tmp_path / "data")
+  c = _quick()
+  c.data_dir = data_dir
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  res_a = train.train_and_evaluate(c, a)
+  train.train_and_evaluate(c, b)
+  # "Kill" run b after its step-3 checkpoint: drop everything later and start it again.
+  shutil.rmtree(os.path.join(b, "checkpoints", "6"))
+  res_b = train.train_and_evaluate(c, b)
+  pa, pb = _final_params(a, 6), _final_params(b, 6)
+  jax.tree.map(np.testing.assert_array_equal, pa, pb)
+  assert res_a == res_b
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(a))
+  # A finished run restarted does not train again.
+  assert train.train_and_evaluate(c, a) == res_a
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sam.m", 3, "config.sam.m"),
+    ("sam.rho_max", -1.0, "config.sam.rho_max"),
+    ("sam.obf_gamma", 2.0, "gamma"),
+    ("sam.obf_lambda", 1.0, "lam"),
+    ("sam.asam", "sideways", "asam"),
+    ("sam.gsam_alpha", -0.1, "gsam_alpha"),
+    ("sam.perturbation", "sharpest", "config.sam.perturbation"),
+    ("model", "vit_huge", "config.model"),
+    ("dataset", "mnist", "config.dataset"),
+    ("global_batch_size", 100, "config.global_batch_size"),
+    ("lr_min", 1.0, "config.lr_min"),
+    ("loss", "hinge", "config.loss"),
+])
+def test_invalid_config_is_a_one_line_error(field, value, match):
+  c = default_config.get_config()
+  target, name = (c.sam, field[4:]) if field.startswith("sam.") else (c, field)
+  target[name] = value
+  with pytest.raises(ValueError, match=match) as err:
+    train.validate_config(c, num_devices=8, num_processes=1)
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_default_run_from_the_command_line(tmp_path):
+  """The README's first command: >= 90% test accuracy on digits, then a resume, not a restart."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, "main.py", f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path / 'data'}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  top1 = float(out.stdout.strip().split("eval/digits/top1=")[1].split()[0])
+  assert top1 >= 0.90
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run"))
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0
+  assert "Resumed from step" in again.stderr
