@@ -305,7 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       os.path.join(workdir, "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True))
   latest = checkpoints.latest_step()
-  if latest is None:
+  if latest is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
+    state = jax.jit(functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated)()
+  elif latest is None:  # finetuning reads the other run's checkpoint on the host
     state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
   else:
     # Restore into the structure and shardings of a fresh state (no pretrained load needed).

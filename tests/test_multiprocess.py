@@ -150,7 +150,7 @@ def test_two_processes_train_in_lockstep(tmp_path):
   assert "top1=" not in outputs["process1"], outputs["process1"]
   events = glob.glob(os.path.join(shared, "events.out.tfevents.*"))
   assert len(events) == 1, events
-  assert f".{pids['process0']}." in os.path.basename(events[0]), (events, pids)
+  assert os.path.basename(events[0]).split(".")[-3] == str(pids["process0"]), (events, pids)  # ...<pid>.<n>.v2
 
   # One multi-host checkpoint of the last step, equal to the single-process run on the same batches.
   step, state = _restore_state(shared)
@@ -161,4 +161,5 @@ def test_two_processes_train_in_lockstep(tmp_path):
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref_state)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ref_state["params"]))
-  assert _top1(outputs["process0"]) == _top1(outputs["reference"])
+  # Same weights, other eval batching: at most one of the 359 test digits may flip.
+  assert abs(_top1(outputs["process0"]) - _top1(outputs["reference"])) < 0.003
