@@ -2,9 +2,11 @@
 
   python benchmarks/step_time.py [--batch 256] [--steps 30] [--m 64]
 
-Prints median seconds per step and the ratio to the base AdamW step. Expect ~2x for SAM-like
-steps (two forward/backward passes); wall-clock on a shared CPU is noisy, so only ratios from
-the same run are meaningful.
+Prints median seconds per step and the ratio to the base AdamW step, for m = the whole batch
+(one perturbation: two forward/backward passes, ideally ~2x) and for m = --m (batch / m
+perturbations: the perturbed weights differ per chunk, so vmap turns convolutions into grouped
+ones and scan runs chunks one after another). Wall-clock on a shared CPU is noisy: only ratios
+from the same run are meaningful.
 """
 import argparse
 import statistics
@@ -53,15 +55,18 @@ def main():
   variants = {
       "base (AdamW)": (base, base_step),
   }
-  common = dict(apply_fn=apply_fn, loss_fn=loss_fn, m=args.m)
+  obf = pf_jax.obf(0.1, 1.0, "sigmoid")
+  m_all, m = args.batch, args.m
   for name, kw in {
-      "SAM-steep": dict(rho=0.6),
-      "OBF-SAM": dict(rho=0.6, objective=pf_jax.obf(0.1, 1.0, "sigmoid")),
-      "GSAM-steep": dict(rho=0.6, gsam_alpha=0.4),
-      "GSAM-OBF": dict(rho=0.6, gsam_alpha=0.4, objective=pf_jax.obf(0.1, 1.0, "sigmoid")),
-      "OBF-SAM scan": dict(rho=0.6, objective=pf_jax.obf(0.1, 1.0, "sigmoid"), chunk_mode="scan"),
+      f"SAM-steep m={m_all}": dict(rho=0.6, m=m_all),
+      f"OBF-SAM m={m_all}": dict(rho=0.6, objective=obf, m=m_all),
+      f"GSAM-steep m={m_all}": dict(rho=0.6, gsam_alpha=0.4, m=m_all),
+      f"GSAM-OBF m={m_all}": dict(rho=0.6, gsam_alpha=0.4, objective=obf, m=m_all),
+      f"OBF-SAM m={m} vmap": dict(rho=0.6, objective=obf, m=m),
+      f"GSAM-steep m={m} vmap": dict(rho=0.6, gsam_alpha=0.4, m=m),
+      f"OBF-SAM m={m} scan": dict(rho=0.6, objective=obf, m=m, chunk_mode="scan"),
   }.items():
-    tx = pf_jax.sam(base, **kw, **common)
+    tx = pf_jax.sam(base, **kw, apply_fn=apply_fn, loss_fn=loss_fn)
     step = lambda p, s, tx=tx: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
         tx.update(None, s, p, inputs=x, labels=y))
     variants[name] = (tx, step)
@@ -83,7 +88,7 @@ def main():
   print(f"backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}")
   ref = times["base (AdamW)"]
   for name, t in times.items():
-    print(f"{name:14s} {1e3 * t:8.2f} ms/step  ratio {t / ref:5.2f}")
+    print(f"{name:24s} {1e3 * t:8.2f} ms/step  ratio {t / ref:5.2f}")
 
 
 if __name__ == "__main__":

@@ -358,8 +358,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if step % c.eval_every_steps == 0 or last:
       results = evaluate(c, state, eval_steps, batch_sharding)
       writer.write_scalars(step, results)
-    if step % c.checkpoint_every_steps == 0 or last:
-      checkpoints.save(step, args=ocp.args.StandardSave(state))
+    preempted = checkpoints.reached_preemption(step)  # TPU/cluster preemption notice (multi-host sync)
+    if step % c.checkpoint_every_steps == 0 or last or preempted:
+      checkpoints.save(step, args=ocp.args.StandardSave(state), force=preempted)
+    if preempted:
+      logging.warning("Preemption notice at step %d: checkpoint saved, stopping", step)
+      break
   checkpoints.wait_until_finished()
   checkpoints.close()
   writer.flush()
