@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import pf_jax
+from pf_jax import models
 
 
 class SmallCNN(nn.Module):
@@ -37,9 +38,11 @@ def main():
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--m", type=int, default=64)
   parser.add_argument("--image", type=int, default=16)
+  parser.add_argument("--model", default="cnn", help="cnn (a 2-layer CNN) or a pf_jax.models name without "
+                      "BatchNorm, e.g. vit_ti4")
   args = parser.parse_args()
 
-  model = SmallCNN()
+  model = SmallCNN() if args.model == "cnn" else models.build_model(args.model, num_classes=10)
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.image, args.image, 3))
   y = jnp.arange(args.batch) % 10
   params = model.init(jax.random.PRNGKey(1), x[:1])["params"]
@@ -85,7 +88,7 @@ def main():
       samples.append(time.perf_counter() - t0)
     times[name] = statistics.median(samples)
 
-  print(f"backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}")
+  print(f"model={args.model} backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}")
   ref = times["base (AdamW)"]
   for name, t in times.items():
     print(f"{name:24s} {1e3 * t:8.2f} ms/step  ratio {t / ref:5.2f}")
