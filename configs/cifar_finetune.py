@@ -23,11 +23,6 @@ from configs import common
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}  # "C" in Table C.1's lambda = 1/C
 
 
-def _sam(perturbation, rho_max, rho_min=-1.0, **sam_fields):
-  """One SAM row: perturbation type, rho (rho_min < 0: constant), and other `sam.*` fields."""
-  row = {"sam.perturbation": perturbation, "sam.rho_max": rho_max, "sam.rho_min": rho_min}
-  row.update({f"sam.{k}": v for k, v in sam_fields.items()})
-  return row
 
 
 def methods(model: str, num_classes: int) -> dict:
@@ -35,15 +30,15 @@ def methods(model: str, num_classes: int) -> dict:
   if model == "vit_s32":
     #   PERTURB        rho     OBF lambda, gamma
     return {
-        "none":      _sam("none", 0.0),
-        "sam_steep": _sam("steepest", 0.05),
-        "sam_obf":   _sam("obf", 0.05, obf_lambda=1 / num_classes, obf_gamma=1.0),
+        "none":      common.sam_row("none", 0.0),
+        "sam_steep": common.sam_row("steepest", 0.05),
+        "sam_obf":   common.sam_row("obf", 0.05, obf_lambda=1 / num_classes, obf_gamma=1.0),
     }
   if model == "resnet50":
     return {
-        "none":      _sam("none", 0.0),
-        "sam_steep": _sam("steepest", 0.1),
-        "sam_obf":   _sam("obf", 0.1, obf_lambda=1 / num_classes, obf_gamma=1e-12),
+        "none":      common.sam_row("none", 0.0),
+        "sam_steep": common.sam_row("steepest", 0.1),
+        "sam_obf":   common.sam_row("obf", 0.1, obf_lambda=1 / num_classes, obf_gamma=1e-12),
     }
   raise ValueError(f"unknown model {model!r}; this config has ['resnet50', 'vit_s32']")
 

@@ -67,6 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+IMAGENET_EVALS = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r", "imagenet_sketch")
+
+
+def sam_row(perturbation: str, rho_max: float, rho_min: float = -1.0, **sam_fields) -> dict:
+  """One METHODS row: perturbation type, rho (rho_min < 0: constant) and other `sam.*` fields."""
+  row = {"sam.perturbation": perturbation, "sam.rho_max": rho_max, "sam.rho_min": rho_min}
+  row.update({f"sam.{k}": v for k, v in sam_fields.items()})
+  return row
+
+
 def set_method(c: ml_collections.ConfigDict, method: str, methods: dict) -> ml_collections.ConfigDict:
   """Applies one row of a config's METHODS table: top-level fields and `sam.*` fields."""
   if method not in methods:

@@ -1,73 +1,16 @@
 """ResNet-101 trained from scratch on ImageNet (paper Table C.1, rows "ResNet-101, IMAGENET TRAIN").
 
+Table C.1's ResNet-101 rows equal its ResNet-50 rows except for the model, so this config is
+configs/resnet50_imagenet.py with model resnet101 (see there for every value). Table B.1 reports
+the ASAM and baseline rows for ResNet-50 only; they are offered here with ResNet-50's values.
+
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf,local   # CPU smoke run
-
-Methods: see METHODS below (default: sam_obf). Table B.1 reports the ASAM and baseline rows for
-ResNet-50 only; they are offered here with ResNet-50's values.
-
-Notes on values that are not readable in our copy of Table C.1:
-  * ASAM rows and the random-perturbation row: their rho values are cut off in the table; SAM's
-    rho (0.04 -> 0.02 for steepest ascent / random, 0.04 constant for OBF) is used for them.
 """
-from configs import common
+from configs import resnet50_imagenet
 
-NUM_CLASSES = 1000  # "C" in Table C.1's lambda = 1/C
-
-
-def _sam(perturbation, rho_max, rho_min=-1.0, **sam_fields):
-  """One SAM row: perturbation type, rho (rho_min < 0: constant), and other `sam.*` fields."""
-  row = {"sam.perturbation": perturbation, "sam.rho_max": rho_max, "sam.rho_min": rho_min}
-  row.update({f"sam.{k}": v for k, v in sam_fields.items()})
-  return row
-
-
-# Table C.1 (ResNet-101, IMAGENET TRAIN) and the ASAM / baseline rows of Table B.1.
-#   ALGO / PERTURB      rho max, min          OBF lambda, gamma               GSAM xi, norm backup / ASAM
-METHODS = {
-    "sgd":            _sam("none", 0.0),
-    "sam_steep":      _sam("steepest", 0.04, 0.02),
-    "sam_obf":        _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12),
-    "gsam_steep":     _sam("steepest", 0.04, 0.02,
-                           gsam_alpha=0.01, gsam_normalized_backup=True),
-    "gsam_obf":       _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
-                           gsam_alpha=0.01, gsam_normalized_backup=True),
-    # ASAM: for ResNet the operator is applied before normalizing, so the perturbation keeps the
-    # fixed norm rho (Appendix C). rho not readable in Table C.1: SAM's is used.
-    "asam_steep":     _sam("steepest", 0.04, 0.02, asam="before"),
-    "asam_obf":       _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
-                           asam="before"),
-    # Baselines of Appendix B. random: rho not readable, SAM steep's is used.
-    "random":         _sam("random", 0.04, 0.02),
-    "shrink_perturb": {**_sam("none", 0.0), "shrink_perturb": 1e-5},
-    "label_smooth":   {**_sam("none", 0.0), "label_smoothing": 0.1},
-}
+METHODS = resnet50_imagenet.METHODS
 
 
 def get_config(arg=None):
-  method, local = common.parse_arg(arg, default_method="sam_obf")
-  c = common.base_config()
-  c.dataset = "imagenet2012"
-  c.eval_datasets = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r",
-                     "imagenet_sketch")
-  c.image_size = 224
-  c.model = "resnet101"
-  c.head_bias_init = 0.0
-  c.loss = "softmax_xent"             # Table C.1: CE
-  c.global_batch_size = 4096
-  c.num_epochs = 90.0
-  c.warmup_epochs = 16.0
-  c.optimizer = "sgdw"                # Table C.1: SGD, momentum 0.9, decoupled weight decay
-  c.momentum = 0.9
-  c.lr_max = 1.6
-  c.lr_min = 0.016
-  c.weight_decay = 1e-3
-  c.clip_grad_norm = 0.0              # Table C.1: N/A (no clipping)
-  c.sam.m = 64
-  c.log_every_steps = 100
-  c.eval_every_steps = 3130           # ~10 epochs of 4096
-  c.checkpoint_every_steps = 1000
-  common.set_method(c, method, METHODS)
-  if local:
-    common.make_local(c, "resnet_tiny", image_size=32)
-  return c
+  return resnet50_imagenet.get_config(arg, model="resnet101")

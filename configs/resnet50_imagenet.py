@@ -14,43 +14,39 @@ from configs import common
 NUM_CLASSES = 1000  # "C" in Table C.1's lambda = 1/C
 
 
-def _sam(perturbation, rho_max, rho_min=-1.0, **sam_fields):
-  """One SAM row: perturbation type, rho (rho_min < 0: constant), and other `sam.*` fields."""
-  row = {"sam.perturbation": perturbation, "sam.rho_max": rho_max, "sam.rho_min": rho_min}
-  row.update({f"sam.{k}": v for k, v in sam_fields.items()})
-  return row
 
 
 # Table C.1 (ResNet-50, IMAGENET TRAIN) and the ASAM / baseline rows of Table B.1.
 #   ALGO / PERTURB      rho max, min          OBF lambda, gamma               GSAM xi, norm backup / ASAM
 METHODS = {
-    "sgd":            _sam("none", 0.0),
-    "sam_steep":      _sam("steepest", 0.04, 0.02),
-    "sam_obf":        _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12),
-    "gsam_steep":     _sam("steepest", 0.04, 0.02,
+    "sgd":            common.sam_row("none", 0.0),
+    "sam_steep":      common.sam_row("steepest", 0.04, 0.02),
+    "sam_obf":        common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12),
+    "gsam_steep":     common.sam_row("steepest", 0.04, 0.02,
                            gsam_alpha=0.01, gsam_normalized_backup=True),
-    "gsam_obf":       _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
+    "gsam_obf":       common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
                            gsam_alpha=0.01, gsam_normalized_backup=True),
     # ASAM: for ResNet the operator is applied before normalizing, so the perturbation keeps the
     # fixed norm rho (Appendix C). rho not readable in Table C.1: SAM's is used.
-    "asam_steep":     _sam("steepest", 0.04, 0.02, asam="before"),
-    "asam_obf":       _sam("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
+    "asam_steep":     common.sam_row("steepest", 0.04, 0.02, asam="before"),
+    "asam_obf":       common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
                            asam="before"),
     # Baselines of Appendix B. random: rho not readable, SAM steep's is used.
-    "random":         _sam("random", 0.04, 0.02),
-    "shrink_perturb": {**_sam("none", 0.0), "shrink_perturb": 1e-5},
-    "label_smooth":   {**_sam("none", 0.0), "label_smoothing": 0.1},
+    "random":         common.sam_row("random", 0.04, 0.02),
+    "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
+    "label_smooth":   {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
 }
 
 
-def get_config(arg=None):
+def get_config(arg=None, *, model="resnet50", methods=None):
+  """`model` / `methods` let sibling rows of Table C.1 (resnet101) reuse this one."""
   method, local = common.parse_arg(arg, default_method="sam_obf")
+  methods = METHODS if methods is None else methods
   c = common.base_config()
   c.dataset = "imagenet2012"
-  c.eval_datasets = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r",
-                     "imagenet_sketch")
+  c.eval_datasets = common.IMAGENET_EVALS
   c.image_size = 224
-  c.model = "resnet50"
+  c.model = model
   c.head_bias_init = 0.0
   c.loss = "softmax_xent"             # Table C.1: CE
   c.global_batch_size = 4096
@@ -66,7 +62,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = 3130           # ~10 epochs of 4096
   c.checkpoint_every_steps = 1000
-  common.set_method(c, method, METHODS)
+  common.set_method(c, method, methods)
   if local:
     common.make_local(c, "resnet_tiny", image_size=32)
   return c

@@ -18,52 +18,48 @@ from configs import common
 NUM_CLASSES = 1000  # "C" in Table C.1's lambda = 1/C
 
 
-def _sam(perturbation, rho_max, rho_min=-1.0, **sam_fields):
-  """One SAM row: perturbation type, rho (rho_min < 0: constant), and other `sam.*` fields."""
-  row = {"sam.perturbation": perturbation, "sam.rho_max": rho_max, "sam.rho_min": rho_min}
-  row.update({f"sam.{k}": v for k, v in sam_fields.items()})
-  return row
 
 
 # Table C.1 (ViT-S/32, IMAGENET TRAIN), Table B.1 (ASAM / baselines), Table B.2 (fixed alpha).
 #   ALGO / PERTURB      rho max, min        OBF lambda, gamma             GSAM xi, norm backup / ASAM
 METHODS = {
-    "adamw":          _sam("none", 0.0),
-    "sam_steep":      _sam("steepest", 0.6, 0.0),
-    "sam_obf":        _sam("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0),
-    "gsam_steep":     _sam("steepest", 0.6, 0.0,
+    "adamw":          common.sam_row("none", 0.0),
+    "sam_steep":      common.sam_row("steepest", 0.6, 0.0),
+    "sam_obf":        common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0),
+    "gsam_steep":     common.sam_row("steepest", 0.6, 0.0,
                            gsam_alpha=0.4, gsam_normalized_backup=False),
-    "gsam_obf":       _sam("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0,
+    "gsam_obf":       common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0,
                            gsam_alpha=0.4, gsam_normalized_backup=False),
     # ASAM (Table B.1): for ViT the operator is applied after normalizing (Appendix C).
     # rho not readable in Table C.1: SAM's is used.
-    "asam_steep":     _sam("steepest", 0.6, 0.0, asam="after"),
-    "asam_obf":       _sam("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0, asam="after"),
+    "asam_steep":     common.sam_row("steepest", 0.6, 0.0, asam="after"),
+    "asam_obf":       common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0, asam="after"),
     # Baselines of Appendix B (Table B.1). random: rho not readable, SAM steep's is used.
-    "random":         _sam("random", 0.6, 0.0),
-    "shrink_perturb": {**_sam("none", 0.0), "shrink_perturb": 1e-5},
-    "label_smooth":   {**_sam("none", 0.0), "label_smoothing": 0.1},
+    "random":         common.sam_row("random", 0.6, 0.0),
+    "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
+    "label_smooth":   {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
     # Table B.2: fixed alpha instead of the lambda/gamma formula (rho as SAM-OBF: 0.6 constant).
-    "obf_alpha_0":    _sam("obf", 0.6, obf_alpha=0.0),
-    "obf_alpha_1e-5": _sam("obf", 0.6, obf_alpha=1e-5),
-    "obf_alpha_1e-4": _sam("obf", 0.6, obf_alpha=1e-4),
-    "obf_alpha_1e-3": _sam("obf", 0.6, obf_alpha=1e-3),
-    "obf_alpha_1e-2": _sam("obf", 0.6, obf_alpha=1e-2),
-    "obf_alpha_1e-1": _sam("obf", 0.6, obf_alpha=1e-1),
-    "obf_alpha_1":    _sam("obf", 0.6, obf_alpha=1.0),
+    "obf_alpha_0":    common.sam_row("obf", 0.6, obf_alpha=0.0),
+    "obf_alpha_1e-5": common.sam_row("obf", 0.6, obf_alpha=1e-5),
+    "obf_alpha_1e-4": common.sam_row("obf", 0.6, obf_alpha=1e-4),
+    "obf_alpha_1e-3": common.sam_row("obf", 0.6, obf_alpha=1e-3),
+    "obf_alpha_1e-2": common.sam_row("obf", 0.6, obf_alpha=1e-2),
+    "obf_alpha_1e-1": common.sam_row("obf", 0.6, obf_alpha=1e-1),
+    "obf_alpha_1":    common.sam_row("obf", 0.6, obf_alpha=1.0),
     # Table B.2's last row: gamma = 1, lambda = 1e-3 (= 1/C, i.e. the sam_obf setting, own run).
-    "obf_lam1e-3":    _sam("obf", 0.6, obf_lambda=1e-3, obf_gamma=1.0),
+    "obf_lam1e-3":    common.sam_row("obf", 0.6, obf_lambda=1e-3, obf_gamma=1.0),
 }
 
 
-def get_config(arg=None):
+def get_config(arg=None, *, model="vit_s32", methods=None):
+  """`model` / `methods` let sibling rows of Table C.1 (vit_s16) reuse this one."""
   method, local = common.parse_arg(arg, default_method="sam_obf")
+  methods = METHODS if methods is None else methods
   c = common.base_config()
   c.dataset = "imagenet2012"
-  c.eval_datasets = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r",
-                     "imagenet_sketch")
+  c.eval_datasets = common.IMAGENET_EVALS
   c.image_size = 224
-  c.model = "vit_s32"
+  c.model = model
   c.head_bias_init = -10.0
   c.loss = "sigmoid_xent"             # Table C.1: BCE
   c.global_batch_size = 4096
@@ -78,7 +74,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = 3130           # ~10 epochs of 4096
   c.checkpoint_every_steps = 1000
-  common.set_method(c, method, METHODS)
+  common.set_method(c, method, methods)
   if local:
     common.make_local(c, "vit_ti4", image_size=32)
   return c
