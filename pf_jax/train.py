@@ -147,6 +147,16 @@ def create_optimizer(c, total_steps: int, warmup_steps: int):
   return optax.chain(*parts), lr, rho
 
 
+def compute_dtype(c):
+  """bfloat16 activations with config.mixed_precision; parameters always stay float32."""
+  return jnp.bfloat16 if c.mixed_precision else jnp.float32
+
+
+def build_model(c, num_classes: int):
+  return models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init,
+                            dtype=compute_dtype(c))
+
+
 def _model_apply(model, has_bn: bool):
   """(params, batch_stats, images, train) -> (logits, new batch_stats)."""
   def apply(params, batch_stats, images, train):
@@ -167,7 +177,7 @@ def make_train_step(c, model, tx, rho, mesh):
   loss_fn = losses.get_loss(c.loss, c.label_smoothing)
   s = c.sam
   objective = _objective(c) if s.perturbation != "none" else None
-  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+  dtype = compute_dtype(c)
 
   def micro_grad(params, batch_stats, rho_t, images, labels, key):
     apply_fn = lambda p, x: apply(p, batch_stats, x, True)
@@ -216,7 +226,7 @@ def make_train_step(c, model, tx, rho, mesh):
 def make_eval_step(c, model, mesh, subset: Optional[np.ndarray]):
   """jit(shard_map): (params, batch_stats, batch) -> summed counts over all devices."""
   apply = _model_apply(model, models.has_batch_norm(c.model))
-  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+  dtype = compute_dtype(c)
 
   def step(params, batch_stats, batch):
     logits, _ = apply(params, batch_stats, batch["image"].astype(dtype), False)
@@ -293,8 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   workdir = os.path.abspath(workdir)
   num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
   total_steps, warmup_steps = train_schedule(c, num_train)
-  model = models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init,
-                             dtype=jnp.bfloat16 if c.mixed_precision else jnp.float32)
+  model = build_model(c, num_classes)
   tx, _, rho = create_optimizer(c, total_steps, warmup_steps)
 
   mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
