@@ -14,6 +14,8 @@ import shlex
 import subprocess
 import sys
 
+from common import override_to_flag  # launch/common.py (script dir is on sys.path)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXAMPLE = """\
@@ -27,17 +29,6 @@ example:
 """
 
 
-def override_to_flag(text):
-  """'sam.rho=0.1' (or 'config.sam.rho=0.1', '--config.sam.rho=0.1')."""
-  field, sep, value = text.partition("=")
-  field = field.strip()
-  for prefix in ("--config.", "config."):
-    if field.startswith(prefix):
-      field = field[len(prefix):]
-  if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", field):
-    raise argparse.ArgumentTypeError(
-        f"--override expects field=value (e.g. sam.rho=0.1), got {text!r}")
-  return f"--config.{field}={value}"
 
 
 def gpu_list(text):

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+from common import override_to_flag  # launch/common.py (script dir is on sys.path)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 REMOTE_TARBALL = "pf_jax_src.tar.gz"  # relative to the remote home directory
@@ -70,17 +72,6 @@ def shell_assignment(kv):
   return f"{key}={shlex.quote(value)}"
 
 
-def override_to_flag(text):
-  """'sam.rho=0.1' (or 'config.sam.rho=0.1', '--config.sam.rho=0.1')."""
-  field, sep, value = text.partition("=")
-  field = field.strip()
-  for prefix in ("--config.", "config."):
-    if field.startswith(prefix):
-      field = field[len(prefix):]
-  if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", field):
-    raise argparse.ArgumentTypeError(
-        f"--override expects field=value (e.g. sam.rho=0.1), got {text!r}")
-  return f"--config.{field}={value}"
 
 
 def env_assignment(text):

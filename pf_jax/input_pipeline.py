@@ -538,23 +538,8 @@ def _load_in_memory(builder, spec: DatasetSpec, split):
   return images.astype(np.uint8), np.concatenate(labels).astype(np.int64)
 
 
-def train_iterator(
-    dataset: str,
-    *,
-    data_dir: Optional[str],
-    split: Optional[str] = None,
-    image_size: int,
-    local_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-    shuffle_buffer: int = 50_000,
-    crop_area_min: float = 0.08,
-    flip: Optional[bool] = None,
-    in_memory: Optional[bool] = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite iterator of training batches, starting at batch `start_step`.
+def train_iterator(dataset: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy batches of `train_dataset(dataset, **kwargs)` (same arguments).
 
   Yields {'image': float32 [local_batch_size, image_size, image_size, 3] in
   [-1, 1], 'label': int32 [local_batch_size]}. Batch k is a pure function of
@@ -569,13 +554,7 @@ def train_iterator(
   `crop_area_min` is the Inception crop's minimum area fraction (1.0 = no
   crop, just resize).
   """
-  ds = train_dataset(
-      dataset, data_dir=data_dir, split=split, image_size=image_size,
-      local_batch_size=local_batch_size, seed=seed, start_step=start_step,
-      process_index=process_index, process_count=process_count,
-      shuffle_buffer=shuffle_buffer, crop_area_min=crop_area_min, flip=flip,
-      in_memory=in_memory)
-  return iter(ds.as_numpy_iterator())
+  return iter(train_dataset(dataset, **kwargs).as_numpy_iterator())
 
 
 # ----------------------------------------------------------------------------
@@ -643,17 +622,10 @@ def eval_dataset(
   return _with_options(ds)
 
 
-def eval_iterator(
-    dataset: str,
-    *,
-    data_dir: Optional[str],
-    split: Optional[str] = None,
-    image_size: int,
-    local_batch_size: int,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over an eval split, in fixed order, padded to full batches.
+def eval_iterator(dataset: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """Numpy batches of `eval_dataset(dataset, **kwargs)` (same arguments).
+
+  One pass over an eval split, in fixed order, padded to full batches.
 
   Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'mask': float32
   [B] (1 real example, 0 padding)} and, for imagenet2012_real,
@@ -663,11 +635,7 @@ def eval_iterator(
   ceil(ceil(num_examples / process_count) / B) batches. For imagenet_r,
   `label` indexes `imagenet_r_class_indices()` (see there).
   """
-  ds = eval_dataset(
-      dataset, data_dir=data_dir, split=split, image_size=image_size,
-      local_batch_size=local_batch_size, process_index=process_index,
-      process_count=process_count)
-  return iter(ds.as_numpy_iterator())
+  return iter(eval_dataset(dataset, **kwargs).as_numpy_iterator())
 
 
 # ----------------------------------------------------------------------------
