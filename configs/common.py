@@ -55,6 +55,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.sam.gsam_normalized_backup = False
   c.sam.asam = ""                     # "" | before | after | both
   c.sam.asam_eta = 0.0
+  # Analysis (pf_jax/analysis): Section 6.1 output collection and sharpness.
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.collect_every_steps = 0  # record outputs at theta and theta^p every N steps; 0: off
+  c.analysis.dataset = ""             # forgetting split's dataset (its eval split); "": eval_datasets[0]
+  c.analysis.max_raw_values = 1_000_000  # also store raw likelihoods when examples x classes <= this
+  c.analysis.sharpness_examples = 2048   # training examples for the Hessian's top eigenvalue
+  c.analysis.sharpness_batch_size = 256
+  c.analysis.sharpness_iters = 100
+  c.analysis.sharpness_tol = 1e-4
   # Finetuning: workdir (or checkpoint directory) of another run; its head is replaced.
   c.init_from = ""
   # Loop (pf_jax/train.py).

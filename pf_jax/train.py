@@ -31,6 +31,7 @@ from pf_jax import perturbations
 from pf_jax import sam_family as sam_lib
 from pf_jax import schedules
 from pf_jax import sharding
+from pf_jax import workdir as workdir_lib
 
 AXIS = "data"
 PERTURBATIONS = ("none", "steepest", "obf", "random")
@@ -328,6 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
     logging.info("Resumed from step %d in %s", latest, workdir)
   start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir, c)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -378,6 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer.flush()
   if not results and start_step >= total_steps:  # already finished: report the final evaluation
     results = evaluate(c, state, eval_steps, batch_sharding)
+  if results and jax.process_index() == 0 and int(jax.device_get(state.step)) == total_steps:
+    workdir_lib.save_results(workdir, total_steps, results)
   return results
 
 
