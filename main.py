@@ -3,6 +3,7 @@
 Without --config it trains the default (OBF-SAM ViT on scikit-learn's digits, no download).
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -10,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pf_jax import checkpointing
 from pf_jax import train
 
 FLAGS = flags.FLAGS
@@ -17,6 +19,8 @@ config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.a
                                                        "default.py"), "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.", required=True)
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue the run in --workdir although its config differs from the stored one.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): 'auto' does it when a multi-host environment is "
                   "detected (TPU pod, SLURM) or --coordinator_address is given.")
@@ -42,7 +46,12 @@ def main(argv):
   _init_distributed()
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                       allow_config_change=FLAGS.allow_config_change)
+  except checkpointing.Preempted as e:  # a distinct exit code: schedulers and launchers requeue
+    logging.warning("%s", e)
+    sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
   logging.info("Final evaluation: %s", results)
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))

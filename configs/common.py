@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  c.max_consecutive_nonfinite = 10   # non-finite steps are skipped; this many in a row stop the run
   c.profile = False                   # clu profiling hook: trace a few steps to workdir
   c.eval_batch_size = 512
   return c

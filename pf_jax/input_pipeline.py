@@ -175,7 +175,7 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 
 def _prepare_instructions(dataset: str, data_dir: Optional[str]) -> str:
-  d = data_dir if data_dir is not None else '~/tensorflow_datasets'
+  d = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
   name = DATASETS[dataset].tfds_name
   if dataset == 'imagenet2012':
     return (
@@ -221,7 +221,8 @@ def get_builder(dataset: str, data_dir: Optional[str]):
   except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
     raise DatasetNotPreparedError(
         f'Dataset {dataset!r} (TFDS {spec.tfds_name!r}) is not prepared in '
-        f'data_dir={data_dir!r}. How to prepare it: '
+        f'data_dir={str(builder.data_dir_root)!r} (searched {str(builder.data_dir)}). '
+        f'How to prepare it: '
         f'{_prepare_instructions(dataset, data_dir)}') from e
   return builder
 

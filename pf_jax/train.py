@@ -8,12 +8,12 @@ function of (config.seed, step) and the data order is step-addressable, so a run
 a checkpoint ends bit-identical to an uninterrupted one.
 """
 import functools
-import os
 from typing import Any, Dict, Optional
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pf_jax import checkpointing
 from pf_jax import input_pipeline
 from pf_jax import losses
 from pf_jax import models
@@ -106,10 +107,10 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = N
                       gsam_alpha=s.gsam_alpha, asam=s.asam or None, asam_eta=s.asam_eta)
     except ValueError as e:
       _fail("sam", str(e))
-  if c.init_from and not os.path.exists(os.path.join(c.init_from, "checkpoints")) \
-      and not os.path.exists(c.init_from):
+  if c.init_from and not epath.Path(c.init_from).exists():
     _fail("init_from", f"no checkpoint directory at {c.init_from!r}")
-  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "max_consecutive_nonfinite"):
     if c[field] < 1:
       _fail(field, f"must be >= 1, got {c[field]}")
 
@@ -216,9 +217,14 @@ def make_train_step(c, model, tx, rho, mesh):
       grads, new_stats, metrics = jax.lax.pmean((grads, new_stats, metrics), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), rho=rho_t)
-    return state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                         opt_state=opt_state), metrics
+    new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    # A non-finite loss, gradient or result skips the step (decided here, no host sync): the state
+    # stays finite, so no checkpoint can hold a NaN. (Values are replicated: all devices agree.)
+    finite = checkpointing.all_finite((metrics["loss"], grads, params, new_stats, opt_state))
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), rho=rho_t,
+                   nonfinite=1 - finite.astype(jnp.float32))
+    return new, metrics
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
@@ -263,14 +269,9 @@ def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
 
 
 def _load_pretrained(path: str):
-  """Params and batch statistics of another run's latest checkpoint (raw arrays)."""
-  directory = os.path.join(path, "checkpoints")
-  directory = directory if os.path.isdir(directory) else path
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      raise ValueError(f"config.init_from: no checkpoint in {directory!r}")
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  """Params and batch statistics of another run's latest checkpoint (raw arrays, any device count)."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored = checkpointing.restore_arrays(path, sharding)
   return restored["params"], restored.get("batch_stats", {})
 
 
@@ -297,12 +298,26 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> Dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
+
+  Raises checkpointing.Preempted once the current step is saved after SIGTERM/SIGINT or a
+  preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
+  (unless `allow_config_change`), checkpointing.NonFiniteError after
+  `config.max_consecutive_nonfinite` skipped non-finite steps.
+  """
   c = config
   validate_config(c)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpointing.as_path(workdir)
+  checkpoint_dir = workdir / "checkpoints"
+  checkpointing.tidy(checkpoint_dir)
+  has_run = checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir())
+  workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_config_change)
+  # Every dataset the run will read is checked before anything compiles.
   num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
+  for name in c.eval_datasets:
+    input_pipeline.get_builder(name, c.data_dir)
   total_steps, warmup_steps = train_schedule(c, num_train)
   model = build_model(c, num_classes)
   tx, _, rho = create_optimizer(c, total_steps, warmup_steps)
@@ -312,32 +327,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   batch_sharding = NamedSharding(mesh, P(AXIS))
 
   checkpoints = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True))
-  latest = checkpoints.latest_step()
-  if latest is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
-    state = jax.jit(functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated)()
-  elif latest is None:  # finetuning reads the other run's checkpoint on the host
-    state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
-  else:
+      checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True))
+  state = None
+  if has_run:
     # Restore into the structure and shardings of a fresh state (no pretrained load needed).
     init_free = c.copy_and_resolve_references()
     with init_free.unlocked():
       init_free.init_from = ""
     target = jax.eval_shape(lambda: create_state(init_free, model, tx, num_classes))
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target)
-    state = checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
-    logging.info("Resumed from step %d in %s", latest, workdir)
+    latest, state = checkpointing.restore_latest(checkpoints, target)
+    if state is not None:
+      logging.info("Resumed from step %d in %s", latest, workdir)
+  if state is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
+    state = jax.jit(functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated)()
+  elif state is None:  # finetuning reads the other run's checkpoint on the host
+    state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     workdir_lib.save_config(workdir, c)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flatten(c.to_dict()).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
   if c.profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=workdir))
+    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
   train_step = make_train_step(c, model, tx, rho, mesh)
   eval_steps = {name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
@@ -350,40 +365,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   logging.info("Training %s for %d steps (warmup %d) from step %d on %d devices", c.model, total_steps,
                warmup_steps, start_step, jax.device_count())
-  pending, results = [], {}
-  for step in range(start_step + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = train_step(state, next(train_iter))
-    pending.append(metrics)  # device arrays; fetched only when logging (no per-step host sync)
-    for hook in hooks:
-      hook(step)
-    last = step == total_steps
-    if step % c.log_every_steps == 0 or last:
-      fetched = jax.device_get(pending)
-      summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      if not np.isfinite(summary["train/loss"]):
+  pending, fetched, results, streak = [], [], {}, 0
+  with checkpointing.SignalCatcher() as signals:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, next(train_iter))
+      pending.append(metrics)  # device arrays; fetched only when logging or saving (no per-step sync)
+      for hook in hooks:
+        hook(step)
+      last = step == total_steps
+      # SIGTERM/SIGINT (this process) or a TPU/cluster preemption notice (multi-host sync).
+      preempted = signals.received is not None or checkpoints.reached_preemption(step)
+      save = step % c.checkpoint_every_steps == 0 or last or preempted
+      if step % c.log_every_steps == 0 or last or save:
+        for i, m in enumerate(jax.device_get(pending)):  # skipped steps were decided in the step
+          streak = streak + 1 if m["nonfinite"] else 0
+          if streak >= c.max_consecutive_nonfinite:
+            writer.flush()
+            raise checkpointing.NonFiniteError(
+                f"{streak} consecutive steps with a non-finite loss or gradient (skipped), the last at "
+                f"step {step - len(pending) + 1 + i}: stopping; last good checkpoint: "
+                f"{checkpointing.last_good(checkpoints)}")
+          fetched.append(m)
+        pending = []
+      if step % c.log_every_steps == 0 or last:
+        writer.write_scalars(step, _summarize(fetched))
+        fetched = []
+      if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
+        results = evaluate(c, state, eval_steps, batch_sharding)
+        writer.write_scalars(step, results)
+      if save:
+        checkpointing.save(checkpoints, step, state, force=preempted)
+      if preempted:
         checkpoints.wait_until_finished()
-        raise FloatingPointError(f"train/loss is {summary['train/loss']} at step {step}; last checkpoint "
-                                 f"kept in {workdir}")
-      writer.write_scalars(step, summary)
-      pending = []
-    if step % c.eval_every_steps == 0 or last:
-      results = evaluate(c, state, eval_steps, batch_sharding)
-      writer.write_scalars(step, results)
-    preempted = checkpoints.reached_preemption(step)  # TPU/cluster preemption notice (multi-host sync)
-    if step % c.checkpoint_every_steps == 0 or last or preempted:
-      checkpoints.save(step, args=ocp.args.StandardSave(state), force=preempted)
-    if preempted:
-      logging.warning("Preemption notice at step %d: checkpoint saved, stopping", step)
-      break
+        checkpoints.close()
+        writer.flush()
+        logging.warning("Preempted at step %d: checkpoint saved in %s, stopping", step, checkpoint_dir)
+        raise checkpointing.Preempted(step, checkpoint_dir)
   checkpoints.wait_until_finished()
   checkpoints.close()
-  writer.flush()
   if not results and start_step >= total_steps:  # already finished: report the final evaluation
     results = evaluate(c, state, eval_steps, batch_sharding)
+    writer.write_scalars(total_steps, results)
+  writer.flush()
   if results and jax.process_index() == 0 and int(jax.device_get(state.step)) == total_steps:
     workdir_lib.save_results(workdir, total_steps, results)
   return results
+
+
+def _summarize(fetched) -> Dict[str, float]:
+  """Means over the finite steps since the last log, and the number of skipped (non-finite) ones."""
+  finite = [m for m in fetched if not m["nonfinite"]]
+  out = {f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
+         for k in fetched[0] if k != "nonfinite"}
+  out["train/nonfinite_steps"] = float(sum(m["nonfinite"] for m in fetched))
+  return out
 
 
 def _flatten(d, prefix=""):

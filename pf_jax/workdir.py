@@ -3,15 +3,25 @@
 - `config.json`: the resolved config of the run (written at its start);
 - `results.json`: the final evaluation of a finished run (`{"step": N, "eval/<set>/top1": ...}`).
 
+One run per workdir: `check_config` refuses to continue a run with a config that differs in
+anything but `SAFE_TO_CHANGE`.
+
 Paths go through `etils.epath`, so `gs://` workdirs work like local ones.
 """
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List
+
+from absl import logging
 
 from etils import epath
 import ml_collections
 
 CONFIG_FILE = "config.json"
+# Fields that change neither the training trajectory nor the meaning of the results: a run may be
+# continued with new values (README "Runs are safe").
+SAFE_TO_CHANGE = ("data_dir", "eval_datasets", "eval_batch_size", "log_every_steps", "eval_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints", "profile", "max_consecutive_nonfinite")
+OVERRIDE_FLAG = "--allow_config_change"
 RESULTS_FILE = "results.json"
 
 
@@ -19,7 +29,7 @@ def _write_json(path: epath.Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  tmp.rename(path)  # a reader never sees half a file
+  tmp.replace(path)  # a reader never sees half a file (replace: overwrites an existing one)
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:
@@ -43,3 +53,53 @@ def load_results(workdir) -> Dict[str, float]:
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: has the run in {workdir!r} finished?")
   return json.loads(path.read_text())
+
+
+class ConfigMismatchError(ValueError):
+  """A workdir holds a run whose config differs from the new one."""
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(stored: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> List[str]:
+  """One line per field outside SAFE_TO_CHANGE that differs: 'config.f: OLD in this workdir, NEW now'."""
+  old = _flatten(json.loads(stored.to_json_best_effort()))
+  now = _flatten(json.loads(new.to_json_best_effort()))  # JSON round trip: tuples == lists
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+  return [f"config.{k}: {show(old, k)} in this workdir, {show(now, k)} now"
+          for k in sorted(set(old) | set(now))
+          if k not in SAFE_TO_CHANGE and old.get(k, ...) != now.get(k, ...)]
+
+
+def check_config(workdir, config: ml_collections.ConfigDict, *, has_run: bool,
+                 allow_change: bool = False) -> None:
+  """Refuses (ConfigMismatchError) to continue the run in `workdir` with a different config.
+
+  `has_run`: the workdir holds training progress (a checkpoint); without one nothing can be mixed
+  and the stored config is simply replaced. With `allow_change` the differences are logged and the
+  old config is kept as config.<N>.json (N = 1, 2, ...).
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not has_run or not path.exists():
+    return
+  diffs = config_differences(load_config(workdir), config)
+  if not diffs:
+    return
+  if not allow_change:
+    raise ConfigMismatchError("\n".join(diffs + [
+        f"{workdir} holds a run with another config: use a new --workdir, or pass {OVERRIDE_FLAG} to "
+        f"continue it with the new values (safe to change: {', '.join(SAFE_TO_CHANGE)})"]))
+  i = 1
+  while (epath.Path(workdir) / f"config.{i}.json").exists():
+    i += 1
+  path.rename(epath.Path(workdir) / f"config.{i}.json")
+  for line in diffs:
+    logging.warning("Continuing with a changed config (%s): %s", OVERRIDE_FLAG, line)

@@ -1,0 +1,211 @@
+"""Checkpoints that survive preemption, corruption and divergence.
+
+- Preemption: SIGTERM/SIGINT (single-process runs) or the JAX/orbax preemption notice
+  (multi-process runs, all processes agree on the step) save the current step, then training
+  raises `Preempted`; main.py exits with `PREEMPTED_EXIT_CODE` so schedulers requeue the run.
+- Finiteness: a state with a non-finite value is never saved (`save` checks every time).
+- Fallback: a latest checkpoint that cannot be restored is moved aside (never deleted) into
+  `<workdir>/checkpoints.broken/` and the newest one that restores is used.
+
+Paths are `etils.epath` paths: `gs://` works like a local directory.
+"""
+import signal
+import threading
+from typing import Any, Optional
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
+BROKEN_DIR = "checkpoints.broken"
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption signal after checkpointing `step`."""
+
+  def __init__(self, step: int, directory):
+    super().__init__(f"preempted: checkpoint of step {step} saved in {directory}; restart the same "
+                     f"command to continue (exit code {PREEMPTED_EXIT_CODE})")
+    self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+class CheckpointError(ValueError):
+  """No checkpoint in a directory can be restored."""
+
+
+def as_path(path) -> epath.Path:
+  """An absolute epath.Path; URLs such as gs://bucket/run are kept as they are."""
+  p = epath.Path(path)
+  return p if "://" in str(path) else p.expanduser().resolve()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+class SignalCatcher:
+  """Turns SIGTERM/SIGINT into a flag read once per step (no work inside the handler).
+
+  Only in single-process runs: with several processes JAX's preemption notifier owns SIGTERM and
+  orbax's `reached_preemption` makes all processes stop at the same step. A second signal acts as
+  it would without this catcher (the previous handler is restored on the first one).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+    signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
+    logging.warning("Received %s: checkpointing after the current step, then stopping "
+                    "(send it again to stop at once)", signal.Signals(signum).name)
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True iff every floating-point leaf is finite (pure: usable inside the train step)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def last_good(mngr: ocp.CheckpointManager) -> str:
+  """'step N in DIR' of the newest saved checkpoint, for messages."""
+  mngr.wait_until_finished()
+  step = mngr.latest_step()
+  return f"step {step} in {mngr.directory}" if step is not None else f"none in {mngr.directory}"
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> None:
+  """Saves `state` unless it holds a non-finite value (then raises NonFiniteError)."""
+  if not bool(jax.device_get(all_finite(state))):
+    raise NonFiniteError(f"the training state at step {step} holds a non-finite value: not saved; "
+                         f"last good checkpoint: {last_good(mngr)}")
+  mngr.save(step, args=ocp.args.StandardSave(state), force=force,
+            custom_metadata={"num_devices": jax.device_count()})
+
+
+def _move_aside(directory: epath.Path, name: str) -> epath.Path:
+  broken = directory.parent / BROKEN_DIR
+  if jax.process_index() == 0:
+    broken.mkdir(parents=True, exist_ok=True)
+  dst, i = broken / name, 1
+  while dst.exists():
+    dst, i = broken / f"{name}.{i}", i + 1
+  if jax.process_index() == 0:
+    (directory / name).rename(dst)
+  return dst
+
+
+def tidy(directory) -> None:
+  """Warns about stray entries of a checkpoint directory and moves empty step folders aside.
+
+  An empty step folder (not written by orbax, which renames a finished temporary folder) would
+  otherwise count as the latest checkpoint.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return
+  moved = False
+  for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+    if entry.name.isdigit():
+      if entry.is_dir() and not any(entry.iterdir()):
+        dst = _move_aside(directory, entry.name)
+        logging.warning("Ignoring empty checkpoint folder %s (not a checkpoint): moved to %s", entry, dst)
+        moved = True
+    elif ".orbax-checkpoint-tmp" not in entry.name:
+      logging.warning("Ignoring %s: not a checkpoint (checkpoint folders are named by their step)", entry)
+  if moved:
+    _sync("pf_jax_tidy_checkpoints")
+
+
+def _reason(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target: Any):
+  """(step, state) of the newest checkpoint that restores into `target`, or (None, None).
+
+  Newer checkpoints that fail are moved aside with a one-line warning each. If none restores,
+  nothing is moved (a code or config change, not corruption, is the likely cause) and
+  CheckpointError says why the newest one failed.
+  """
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      failed.append((step, _reason(e)))
+      continue
+    for bad, reason in failed:
+      dst = _move_aside(epath.Path(mngr.directory), str(bad))
+      logging.warning("Checkpoint of step %d in %s cannot be restored (%s): moved to %s; resuming from "
+                      "step %d", bad, mngr.directory, reason, dst, step)
+    if failed:
+      _sync("pf_jax_checkpoint_fallback")
+      mngr.reload()
+    _warn_device_count(mngr, step)
+    return step, state
+  if failed:
+    step, reason = failed[0]
+    raise CheckpointError(f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
+                          f"fails with {reason}")
+  return None, None
+
+
+def _warn_device_count(mngr: ocp.CheckpointManager, step: int) -> None:
+  try:
+    saved = (mngr.metadata(step).custom_metadata or {}).get("num_devices")
+  except Exception:  # pylint: disable=broad-except  (metadata is optional)
+    saved = None
+  if saved and saved != jax.device_count():
+    logging.warning("Resuming a run saved on %d devices on %d devices: results will differ from an "
+                    "uninterrupted run at float-rounding level", saved, jax.device_count())
+
+
+def find_checkpoints(path) -> epath.Path:
+  """The checkpoint directory of a workdir (its `checkpoints/`) or the directory itself."""
+  path = as_path(path)
+  return path / "checkpoints" if (path / "checkpoints").exists() else path
+
+
+def restore_arrays(path, sharding) -> Any:
+  """The latest checkpoint under `path` as a raw tree, every array placed with `sharding`.
+
+  The target comes from the checkpoint's metadata (shapes and dtypes only), so a checkpoint saved
+  on any device count restores onto the current devices.
+  """
+  directory = find_checkpoints(path)
+  with ocp.CheckpointManager(directory) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      raise CheckpointError(f"config.init_from: no checkpoint in {str(directory)!r}")
+    meta = mngr.item_metadata(step)
+    meta = getattr(meta, "tree", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
