@@ -46,12 +46,15 @@ def main(argv):
   _init_distributed()
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  preempted = None
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                        allow_config_change=FLAGS.allow_config_change)
-  except checkpointing.Preempted as e:  # a distinct exit code: schedulers and launchers requeue
-    logging.warning("%s", e)
-    sys.exit(checkpointing.PREEMPTED_EXIT_CODE)
+  except checkpointing.Preempted as e:
+    preempted = str(e)
+  if preempted:  # outside `except`: the run's arrays are freed now, not in a slow interpreter teardown
+    logging.warning("%s", preempted)
+    sys.exit(checkpointing.PREEMPTED_EXIT_CODE)  # a distinct code: schedulers and launchers requeue
   logging.info("Final evaluation: %s", results)
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))

@@ -9,6 +9,8 @@
 
 Paths are `etils.epath` paths: `gs://` works like a local directory.
 """
+import gc
+import logging as py_logging
 import signal
 import threading
 from typing import Any, Optional
@@ -161,6 +163,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
       state = mngr.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
       failed.append((step, _reason(e)))
+      _drop_failed_reads()
       continue
     for bad, reason in failed:
       dst = _move_aside(epath.Path(mngr.directory), str(bad))
@@ -176,6 +179,16 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
     raise CheckpointError(f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
                           f"fails with {reason}")
   return None, None
+
+
+def _drop_failed_reads() -> None:
+  """Collects orbax's failed read tasks now, without asyncio's traceback per array in the log."""
+  asyncio_logger = py_logging.getLogger("asyncio")
+  disabled, asyncio_logger.disabled = asyncio_logger.disabled, True
+  try:
+    gc.collect()
+  finally:
+    asyncio_logger.disabled = disabled
 
 
 def _warn_device_count(mngr: ocp.CheckpointManager, step: int) -> None:

@@ -1,0 +1,392 @@
+"""Runs are safe: preemption, non-finite steps, checkpoint fallback, one run per workdir, paths.
+
+Most tests share one finished 6-step run (8 simulated devices, checkpoints at steps 3 and 6) and
+work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import default as default_config
+from pf_jax import checkpointing
+from pf_jax import input_pipeline
+from pf_jax import train
+from pf_jax import workdir as workdir_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, **overrides):
+  c = default_config.get_config()
+  c.data_dir = str(data_dir)
+  c.num_train_steps = 6
+  c.warmup_steps = 2
+  c.checkpoint_every_steps = 3
+  c.eval_every_steps = 6
+  c.log_every_steps = 2
+  c.keep_checkpoints = 10
+  c.global_batch_size = 64
+  c.eval_batch_size = 64
+  c.sam.m = 16
+  for k, v in overrides.items():
+    target, name = (c.sam, k[4:]) if k.startswith("sam.") else (c, k)
+    target[name] = v
+  return c
+
+
+def _restore(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+    return mngr.restore(step, args=ocp.args.StandardRestore())
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """(workdir, data_dir, results) of a finished 6-step run with checkpoints at steps 3 and 6."""
+  base = tmp_path_factory.mktemp("finished")
+  data_dir, workdir = base / "data", str(base / "run")
+  results = train.train_and_evaluate(_config(data_dir), workdir)
+  assert _steps(workdir) == [3, 6]
+  return workdir, data_dir, results
+
+
+def _copy(finished, tmp_path):
+  dst = str(tmp_path / "run")
+  shutil.copytree(finished[0], dst)
+  return dst
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Makes building the train step an error: for checks that must fail before compiling."""
+  def fail(*args, **kwargs):
+    raise AssertionError("the train step was built")
+  monkeypatch.setattr(train, "make_train_step", fail)
+
+
+# --- Preemption ---------------------------------------------------------------------------------
+
+def _env():
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def _cmd(workdir, data_dir, steps):
+  return [sys.executable, "main.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+          f"--config.num_train_steps={steps}", "--config.warmup_steps=5", "--config.log_every_steps=1",
+          "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000",
+          "--config.global_batch_size=32", "--config.eval_batch_size=64", "--config.sam.m=16"]
+
+
+def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
+  steps = 150
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))  # prepared once, before the runs
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  out = subprocess.run(_cmd(ref, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  seed = random.randrange(10**6)
+  k = random.Random(seed).randint(2, 40)
+  proc = subprocess.Popen(_cmd(run, data_dir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  try:
+    for line in proc.stderr:  # the logging writer prints "[step] train/..." every step
+      lines.append(line)
+      if re.search(rf"\[{k}\] .*train/loss", line):
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        break
+    else:
+      pytest.fail(f"step {k} never logged (seed {seed}):\n" + "".join(lines[-30:]))
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    exit_s = time.monotonic() - sent
+  finally:
+    proc.kill()
+  log = "".join(lines) + rest
+  assert proc.returncode == checkpointing.PREEMPTED_EXIT_CODE == 75, log[-3000:]
+  stopped = int(re.search(r"Preempted at step (\d+): checkpoint saved", log).group(1))
+  assert k <= stopped < steps, (k, stopped, seed)
+  assert _steps(run) == [stopped]  # the only checkpoint (the interval is far beyond the run)
+  assert int(_restore(run, stopped)["step"]) == stopped
+  assert exit_s < 60, exit_s
+  print(f"SIGTERM after step {k} (seed {seed}): checkpoint of step {stopped}, exit after {exit_s:.2f} s")
+
+  again = subprocess.run(_cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"Resumed from step {stopped}" in again.stderr
+  a, b = _restore(ref, steps), _restore(run, steps)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
+  assert out.stdout == again.stdout  # the same final evaluation line
+
+
+# --- Non-finite steps ---------------------------------------------------------------------------
+
+def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
+  """A NaN batch: parameters, optimizer state and BatchNorm statistics stay, the step counts."""
+  c = default_config.get_config()
+  c.model, c.global_batch_size, c.sam.perturbation, c.sam.m = "resnet_tiny", 16, "steepest", 2
+  c.optimizer, c.lr_max = "sgdw", 0.5
+  mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
+  model = train.build_model(c, num_classes=10)
+  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=0)
+  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
+  step = train.make_train_step(c, model, tx, rho, mesh)
+  rng = np.random.default_rng(0)
+  batch = lambda: {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+                   "label": rng.integers(0, 10, size=16).astype(np.int32)}
+  put = lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))
+  state, m = step(state, put(batch()))
+  assert float(m["nonfinite"]) == 0
+  before = jax.device_get(state)
+  bad = batch()
+  bad["image"][3, 2, 2, 0] = np.nan  # one pixel of one example
+  state, m = step(state, put(bad))
+  after = jax.device_get(state)
+  assert float(m["nonfinite"]) == 1
+  assert int(after.step) == int(before.step) + 1
+  for part in ("params", "batch_stats", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(before, part), getattr(after, part))
+  state, m = step(state, put(batch()))  # and training goes on
+  assert float(m["nonfinite"]) == 0
+  assert not np.array_equal(jax.tree.leaves(jax.device_get(state.params))[0],
+                            jax.tree.leaves(after.params)[0])
+
+
+def _nan_iterator(monkeypatch, bad_steps):
+  """Training batches whose images are NaN at the given (1-based) steps."""
+  original = input_pipeline.train_iterator
+
+  def nan_iterator(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(original(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step in bad_steps:
+        batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      yield batch
+  monkeypatch.setattr(input_pipeline, "train_iterator", nan_iterator)
+
+
+def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path, monkeypatch):
+  _nan_iterator(monkeypatch, {2})
+  summaries = {}
+  summarize = train._summarize
+  monkeypatch.setattr(train, "_summarize", lambda f: summaries.setdefault(len(summaries), summarize(f)))
+  c = _config(tmp_path / "data", checkpoint_every_steps=1, log_every_steps=4)  # saves between logs
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(c, workdir)
+  assert results["eval/digits/top1"] > 0.1
+  assert _steps(workdir) == [1, 2, 3, 4, 5, 6]
+  ckpts = {s: _restore(workdir, s) for s in _steps(workdir)}
+  for s, ck in ckpts.items():
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ck)), s
+  # Step 2 was skipped: its state is step 1's but for the step counter; step 3 trained again.
+  for part in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, ckpts[1][part], ckpts[2][part])
+  assert int(ckpts[2]["step"]) == 2
+  assert not np.array_equal(jax.tree.leaves(ckpts[2]["params"]), jax.tree.leaves(ckpts[3]["params"]))
+  assert summaries[0]["train/nonfinite_steps"] == 1 and np.isfinite(summaries[0]["train/loss"])
+  assert summaries[1]["train/nonfinite_steps"] == 0
+
+
+def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_checkpoint(
+    tmp_path, monkeypatch):
+  _nan_iterator(monkeypatch, set(range(4, 100)))
+  c = _config(tmp_path / "data", num_train_steps=12, checkpoint_every_steps=2, log_every_steps=5,
+              max_consecutive_nonfinite=3)
+  workdir = tmp_path / "run"
+  with pytest.raises(checkpointing.NonFiniteError) as err:
+    train.train_and_evaluate(c, str(workdir))
+  message = str(err.value)
+  assert "\n" not in message
+  assert "3 consecutive steps" in message and "the last at step 6" in message
+  assert f"last good checkpoint: step 4 in {workdir / 'checkpoints'}" in message
+  assert _steps(workdir) == [2, 4]
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_restore(workdir, 4)))
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  with ocp.CheckpointManager(tmp_path / "ck", options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+    checkpointing.save(mngr, 1, {"w": jnp.ones(3)})
+    with pytest.raises(checkpointing.NonFiniteError, match="step 2 .* last good checkpoint: step 1"):
+      checkpointing.save(mngr, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])})
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1]
+
+
+# --- Checkpoint fallback ------------------------------------------------------------------------
+
+def _truncate_largest_data_file(step_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if os.sep + "d" + os.sep in
+           os.path.join(d, f)]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove_manifests(step_dir):
+  found = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if f == "manifest.ocdbt"]
+  assert found
+  for path in found:
+    os.remove(path)
+
+
+@pytest.mark.parametrize("damage", [_truncate_largest_data_file, _remove_manifests])
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
+    finished, tmp_path, damage, caplog):
+  workdir = _copy(finished, tmp_path)
+  damage(os.path.join(workdir, "checkpoints", "6"))
+  results = train.train_and_evaluate(_config(finished[1]), workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "6", "default"))  # kept, not deleted
+  warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert "step 6" in warnings[0] and "resuming from step 3" in warnings[0]
+  # Steps 4-6 were trained again from step 3: the same result as the undamaged run, bit for bit.
+  assert results == finished[2]
+  jax.tree.map(np.testing.assert_array_equal, _restore(finished[0], 6)["params"],
+               _restore(workdir, 6)["params"])
+
+
+def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(finished, tmp_path,
+                                                                                  caplog):
+  workdir = _copy(finished, tmp_path)
+  os.makedirs(os.path.join(workdir, "checkpoints", "999"))
+  with open(os.path.join(workdir, "checkpoints", "notes.txt"), "w") as f:
+    f.write("mine")
+  results = train.train_and_evaluate(_config(finished[1]), workdir)  # finished: evaluates step 6
+  assert results == finished[2]
+  assert _steps(workdir) == [3, 6]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "999"))
+  messages = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+  assert "empty checkpoint folder" in messages and "notes.txt" in messages
+
+
+def test_no_restorable_checkpoint_stops_without_moving_anything(finished, tmp_path, no_compile):
+  workdir = _copy(finished, tmp_path)
+  for step in (3, 6):
+    _remove_manifests(os.path.join(workdir, "checkpoints", str(step)))
+  with pytest.raises(checkpointing.CheckpointError, match="the latest, step 6, fails with"):
+    train.train_and_evaluate(_config(finished[1]), workdir)
+  assert _steps(workdir) == [3, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.broken"))
+
+
+# --- One run per workdir ------------------------------------------------------------------------
+
+def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(finished, tmp_path, no_compile):
+  workdir = _copy(finished, tmp_path)
+  with pytest.raises(workdir_lib.ConfigMismatchError) as err:
+    train.train_and_evaluate(_config(finished[1], **{"sam.m": 8, "seed": 3}), workdir)
+  lines = str(err.value).splitlines()
+  assert lines[0] == "config.sam.m: 16 in this workdir, 8 now"
+  assert lines[1] == "config.seed: 0 in this workdir, 3 now"
+  assert len(lines) == 3 and "--allow_config_change" in lines[2]
+  assert json.loads(open(os.path.join(workdir, "config.json")).read())["sam"]["m"] == 16
+
+
+def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finished, tmp_path):
+  workdir = _copy(finished, tmp_path)
+  c = _config(finished[1], log_every_steps=1, checkpoint_every_steps=5, eval_every_steps=2)
+  assert train.train_and_evaluate(c, workdir) == finished[2]
+  assert workdir_lib.load_config(workdir).log_every_steps == 1
+  c = _config(finished[1], **{"sam.m": 8})
+  train.train_and_evaluate(c, workdir, allow_config_change=True)
+  assert workdir_lib.load_config(workdir).sam.m == 8
+  assert json.loads(open(os.path.join(workdir, "config.1.json")).read())["sam"]["m"] == 16
+
+
+def test_a_workdir_without_checkpoints_takes_the_new_config(tmp_path):
+  workdir = tmp_path / "run"
+  workdir_lib.save_config(workdir, _config(tmp_path / "data"))
+  workdir_lib.check_config(workdir, _config(tmp_path / "data", seed=5), has_run=False)  # no error
+
+
+# --- Paths and devices --------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """gs://... paths served from tmp_path/gcs through a fake epath backend (no network)."""
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)  # else gs:// goes to tf.io.gfile
+  root = tmp_path / "gcs"
+  root.mkdir()
+  local = lambda p: str(root / str(p)[len("gs://"):]) if str(p).startswith("gs://") else str(p)
+
+  def one(fn, path, *args, **kwargs):
+    return fn(local(path), *args, **kwargs)
+
+  def two(fn, src, dst, *args, **kwargs):
+    return fn(local(src), local(dst), *args, **kwargs)
+  names = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")
+  with epath_testing.mock_epath(**{n: one for n in names}, rename=two, replace=two, copy=two):
+    yield root
+
+
+def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpointing.as_path("gs://bucket/run")) == "gs://bucket/run"
+  assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run"
+  c = _config("gs://bucket/data")
+  workdir_lib.save_config("gs://bucket/run", c)
+  assert (fake_gcs / "bucket" / "run" / "config.json").exists()
+  assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run"
+  (fake_gcs / "bucket" / "run" / "checkpoints" / "7").mkdir(parents=True)
+  assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="config.sam.m: 16 in this workdir, 4 now"):
+    workdir_lib.check_config("gs://bucket/run", _config("gs://bucket/data", **{"sam.m": 4}), has_run=True)
+  checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
+  assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
+  assert not (tmp_path / "gs:").exists()
+  train.validate_config(_config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8,
+                        num_processes=1)
+
+
+def test_init_from_an_8_device_checkpoint_on_1_device(finished, tmp_path):
+  out = tmp_path / "pretrained.npz"
+  script = ("import sys, jax, numpy as np; from pf_jax import train; assert jax.device_count() == 1; "
+            "p, _ = train._load_pretrained(sys.argv[1]); "
+            "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
+            "jax.tree_util.tree_flatten_with_path(p)[0]})")
+  run = subprocess.run([sys.executable, "-c", script, finished[0], str(out)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  loaded = np.load(out)
+  expected = jax.tree_util.tree_flatten_with_path(_restore(finished[0], 6)["params"])[0]
+  assert len(loaded.files) == len(expected)
+  for k, v in expected:
+    np.testing.assert_array_equal(loaded["/".join(map(str, k))], v)
+
+
+def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile):
+  c = _config(tmp_path / "data")
+  c.eval_datasets = ("digits", "cifar10")
+  with pytest.raises(input_pipeline.DatasetNotPreparedError) as err:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  message = str(err.value)
+  assert "'cifar10'" in message and str(tmp_path / "data" / "cifar10") in message
+  assert "tfds build cifar10" in message
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
