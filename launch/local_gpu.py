@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -103,6 +104,23 @@ def plan(args):
   return env, cmds
 
 
+def _run_passing_on_signals(cmd, env) -> int:
+  """Runs `cmd` and waits for it, also when we get SIGTERM (passed on) or SIGINT (ignored here).
+
+  main.py checkpoints on SIGTERM/SIGINT and exits with 75 (preempted: requeue); killing it
+  instead would lose the steps since its last checkpoint. Ctrl-C reaches the child directly (same
+  process group), so SIGINT is not passed on (a second one would make it stop without saving).
+  """
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
+  previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+              signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+  try:
+    return proc.wait()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
   env, cmds = plan(args)
@@ -121,9 +139,7 @@ def main(argv=None):
   for cmd in cmds:
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     try:
-      rc = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env).returncode
-    except KeyboardInterrupt:  # the child got the SIGINT too
-      return 130
+      rc = _run_passing_on_signals(cmd, full_env)
     except OSError as e:
       print(f"ERROR: cannot run {cmd[0]}: {e}", file=sys.stderr)
       return 127

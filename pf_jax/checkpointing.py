@@ -214,7 +214,7 @@ def restore_arrays(path, sharding) -> Any:
   on any device count restores onto the current devices.
   """
   directory = find_checkpoints(path)
-  with ocp.CheckpointManager(directory) as mngr:
+  with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
     step = mngr.latest_step()
     if step is None:
       raise CheckpointError(f"config.init_from: no checkpoint in {str(directory)!r}")

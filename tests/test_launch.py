@@ -7,9 +7,11 @@ executables in tmp_path that record their argv.
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -370,3 +372,29 @@ def test_gpu_bad_values(fakebin, bad):
   r = run(GPU, GPU_BASE + [bad, "--dry_run"], env=env)
   assert r.returncode != 0
   assert bad.split("=")[0] in r.stderr
+
+
+def test_gpu_sigterm_reaches_main_and_its_preemption_code_comes_back(tmp_path):
+  """SIGTERM to the launcher is passed on; it waits for the checkpoint and returns main.py's 75."""
+  py = tmp_path / "python"
+  py.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import pathlib, signal, sys, time
+      d = pathlib.Path({str(tmp_path)!r})
+      def preempted(*_):
+        time.sleep(1.0)  # saving a checkpoint
+        (d / "saved").write_text("yes")
+        sys.exit(75)
+      signal.signal(signal.SIGTERM, preempted)
+      (d / "ready").write_text("yes")
+      time.sleep(60)
+      """))
+  py.chmod(0o755)
+  proc = subprocess.Popen([sys.executable, GPU, *GPU_BASE, f"--python={py}"], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 30
+  while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == 75
+  assert (tmp_path / "saved").read_text() == "yes"
