@@ -369,15 +369,21 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
                         num_processes=1)
 
 
-def test_init_from_an_8_device_checkpoint_on_1_device(finished, tmp_path):
-  out = tmp_path / "pretrained.npz"
-  script = ("import sys, jax, numpy as np; from pf_jax import train; assert jax.device_count() == 1; "
+def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
+  out, workdir = tmp_path / "pretrained.npz", _copy(finished, tmp_path)
+  script = ("import json, sys, jax, numpy as np; from pf_jax import train, workdir; "
+            "assert jax.device_count() == 1; "
             "p, _ = train._load_pretrained(sys.argv[1]); "
             "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
-            "jax.tree_util.tree_flatten_with_path(p)[0]})")
-  run = subprocess.run([sys.executable, "-c", script, finished[0], str(out)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300)
+            "jax.tree_util.tree_flatten_with_path(p)[0]}); "
+            "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))")
+  run = subprocess.run([sys.executable, "-c", script, finished[0], str(out), workdir], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
+  assert "Resuming a run saved on 8 devices on 1 devices" in run.stderr
+  resumed = json.loads(run.stdout.strip().splitlines()[-1])  # the finished run, evaluated again
+  assert resumed.keys() == finished[2].keys()
+  np.testing.assert_allclose(resumed["eval/digits/top1"], finished[2]["eval/digits/top1"], atol=0.01)
   loaded = np.load(out)
   expected = jax.tree_util.tree_flatten_with_path(_restore(finished[0], 6)["params"])[0]
   assert len(loaded.files) == len(expected)
