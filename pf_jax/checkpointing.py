@@ -208,7 +208,7 @@ def find_checkpoints(path) -> epath.Path:
 
 
 def restore_arrays(path, sharding) -> Any:
-  """The latest checkpoint under `path` as a raw tree, every array placed with `sharding`.
+  """(tree, step) of the latest checkpoint under `path`, every array placed with `sharding`.
 
   The target comes from the checkpoint's metadata (shapes and dtypes only), so a checkpoint saved
   on any device count restores onto the current devices.
@@ -217,8 +217,8 @@ def restore_arrays(path, sharding) -> Any:
   with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
     step = mngr.latest_step()
     if step is None:
-      raise CheckpointError(f"config.init_from: no checkpoint in {str(directory)!r}")
+      raise CheckpointError(f"no checkpoint in {str(directory)!r}")
     meta = mngr.item_metadata(step)
     meta = getattr(meta, "tree", meta)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+    return mngr.restore(step, args=ocp.args.StandardRestore(target)), step

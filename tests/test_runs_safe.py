@@ -373,7 +373,7 @@ def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tm
   out, workdir = tmp_path / "pretrained.npz", _copy(finished, tmp_path)
   script = ("import json, sys, jax, numpy as np; from pf_jax import train, workdir; "
             "assert jax.device_count() == 1; "
-            "p, _ = train._load_pretrained(sys.argv[1]); "
+            "p, _, _ = train.load_variables(sys.argv[1]); "
             "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
             "jax.tree_util.tree_flatten_with_path(p)[0]}); "
             "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))")
