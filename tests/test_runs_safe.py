@@ -1,6 +1,6 @@
 """Runs are safe: preemption, non-finite steps, checkpoint fallback, one run per workdir, paths.
 
-Most tests share one finished 6-step run (8 simulated devices, checkpoints at steps 3 and 6) and
+Most tests share one finished 6-step run (8 simulated devices, checkpoints at steps 2, 4, 6) and
 work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
 """
 import json
@@ -36,7 +36,7 @@ def _config(data_dir, **overrides):
   c.data_dir = str(data_dir)
   c.num_train_steps = 6
   c.warmup_steps = 2
-  c.checkpoint_every_steps = 3
+  c.checkpoint_every_steps = 2
   c.eval_every_steps = 6
   c.log_every_steps = 2
   c.keep_checkpoints = 10
@@ -61,11 +61,11 @@ def _steps(workdir):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-  """(workdir, data_dir, results) of a finished 6-step run with checkpoints at steps 3 and 6."""
+  """(workdir, data_dir, results) of a finished 6-step run with checkpoints at steps 2, 4 and 6."""
   base = tmp_path_factory.mktemp("finished")
   data_dir, workdir = base / "data", str(base / "run")
   results = train.train_and_evaluate(_config(data_dir), workdir)
-  assert _steps(workdir) == [3, 6]
+  assert _steps(workdir) == [2, 4, 6]
   return workdir, data_dir, results
 
 
@@ -222,7 +222,7 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path
 def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_checkpoint(
     tmp_path, monkeypatch):
   _nan_iterator(monkeypatch, set(range(4, 100)))
-  c = _config(tmp_path / "data", num_train_steps=12, checkpoint_every_steps=2, log_every_steps=5,
+  c = _config(tmp_path / "data", num_train_steps=8, checkpoint_every_steps=2, log_every_steps=5,
               max_consecutive_nonfinite=3)
   workdir = tmp_path / "run"
   with pytest.raises(checkpointing.NonFiniteError) as err:
@@ -261,17 +261,20 @@ def _remove_manifests(step_dir):
     os.remove(path)
 
 
-@pytest.mark.parametrize("damage", [_truncate_largest_data_file, _remove_manifests])
-def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
-    finished, tmp_path, damage, caplog):
+def test_damaged_latest_checkpoints_are_moved_aside_and_the_newest_good_one_resumed(
+    finished, tmp_path, caplog):
   workdir = _copy(finished, tmp_path)
-  damage(os.path.join(workdir, "checkpoints", "6"))
+  _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "6"))
+  _remove_manifests(os.path.join(workdir, "checkpoints", "4"))
   results = train.train_and_evaluate(_config(finished[1]), workdir)
-  assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "6", "default"))  # kept, not deleted
+  for step in (4, 6):  # kept, not deleted
+    assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", str(step), "default"))
   warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
-  assert len(warnings) == 1 and "\n" not in warnings[0]
-  assert "step 6" in warnings[0] and "resuming from step 3" in warnings[0]
-  # Steps 4-6 were trained again from step 3: the same result as the undamaged run, bit for bit.
+  assert len(warnings) == 2 and not any("\n" in w for w in warnings)
+  assert "step 6" in warnings[0] and "step 4" in warnings[1]
+  assert all("resuming from step 2" in w for w in warnings)
+  # Steps 3-6 were trained again from step 2: the same result as the undamaged run, bit for bit.
+  assert _steps(workdir) == [2, 4, 6]
   assert results == finished[2]
   jax.tree.map(np.testing.assert_array_equal, _restore(finished[0], 6)["params"],
                _restore(workdir, 6)["params"])
@@ -285,7 +288,7 @@ def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(
     f.write("mine")
   results = train.train_and_evaluate(_config(finished[1]), workdir)  # finished: evaluates step 6
   assert results == finished[2]
-  assert _steps(workdir) == [3, 6]
+  assert _steps(workdir) == [2, 4, 6]
   assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "999"))
   messages = " | ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
   assert "empty checkpoint folder" in messages and "notes.txt" in messages
@@ -293,11 +296,11 @@ def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(
 
 def test_no_restorable_checkpoint_stops_without_moving_anything(finished, tmp_path, no_compile):
   workdir = _copy(finished, tmp_path)
-  for step in (3, 6):
+  for step in (2, 4, 6):
     _remove_manifests(os.path.join(workdir, "checkpoints", str(step)))
   with pytest.raises(checkpointing.CheckpointError, match="the latest, step 6, fails with"):
     train.train_and_evaluate(_config(finished[1]), workdir)
-  assert _steps(workdir) == [3, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.broken"))
+  assert _steps(workdir) == [2, 4, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.broken"))
 
 
 # --- One run per workdir ------------------------------------------------------------------------
@@ -315,9 +318,16 @@ def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(finished, 
 
 def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
+  before = set(os.listdir(workdir))
   c = _config(finished[1], log_every_steps=1, checkpoint_every_steps=5, eval_every_steps=2)
   assert train.train_and_evaluate(c, workdir) == finished[2]
   assert workdir_lib.load_config(workdir).log_every_steps == 1
+  # The finished run's re-evaluation went to the events (not an empty extra events file).
+  (new,) = [f for f in set(os.listdir(workdir)) - before if f.startswith("events.out.tfevents")]
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = {(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(os.path.join(workdir, new))
+          for v in e.summary.value}
+  assert (6, "eval/digits/top1") in tags
   c = _config(finished[1], **{"sam.m": 8})
   train.train_and_evaluate(c, workdir, allow_config_change=True)
   assert workdir_lib.load_config(workdir).sam.m == 8
