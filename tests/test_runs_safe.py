@@ -410,3 +410,10 @@ def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile)
   assert "'cifar10'" in message and str(tmp_path / "data" / "cifar10") in message
   assert "tfds build cifar10" in message
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_consecutive_nonfinite_must_be_positive(value):
+  c = _config("/tmp", max_consecutive_nonfinite=value)
+  with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
+    train.validate_config(c, num_devices=8, num_processes=1)
