@@ -109,7 +109,7 @@ def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
   path = directory / f"step_{int(record['step']):09d}.npz"
   tmp = directory / (path.name + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # a re-collected point (after a resume) replaces the earlier one
 
 
 def load_points(workdir) -> List[Dict[str, np.ndarray]]:
