@@ -29,7 +29,7 @@ def _write_json(path: epath.Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)  # a reader never sees half a file (replace: overwrites an existing one)
+  tmp.replace(path)  # a reader never sees half a file; replaces an earlier one
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:

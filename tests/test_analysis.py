@@ -284,47 +284,101 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
   assert abs(float(last["epoch"]) - 6 * 64 / 1437) < 1e-3
 
 
+def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forget=None):
+  """A finished run's files written by hand: config, results, sharpness and collection points
+  whose perturbed information curves are the unperturbed ones scaled by (1 - forget)."""
+  from configs import digits_msweep  # pylint: disable=g-import-not-at-top
+  from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+  c = digits_msweep.get_config(f"{perturbation},{m}")
+  c.seed = seed
+  workdir_lib.save_config(workdir, c)
+  workdir_lib.save_results(workdir, 660, {"eval/digits/top1": accuracy})
+  if sharpness is not None:
+    with open(os.path.join(workdir, "sharpness.json"), "w") as f:
+      json.dump({"sharpness": sharpness}, f)
+  r = information.THRESHOLD_EXPONENTS
+  for step, peak in ((110, -2.0), (220, -5.0)):
+    cond, rel = _bump(r, peak, 1.5), 0.5 * _bump(r, peak - 1, 1.0)
+    collect.save_point(workdir, {"step": np.int64(step), "threshold_exponents": r, "cond": cond,
+                                 "rel": rel, "cond_p": (1 - forget) * cond, "rel_p": (1 + forget) * rel})
+
+
+def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
+  from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+  workdirs = []
+  for i, m in enumerate((1, 2, 4, 8, 16, 32)):
+    for perturbation in ("steep", "obf"):
+      workdirs.append(str(tmp_path / f"{perturbation}-{m}"))
+      # Accuracy rises with forgetting (tau +1) and with the task-information loss (so tau -1
+      # with the change rel_theta - rel_theta^p < 0), and falls with sharpness (tau -1).
+      _fake_run(workdirs[-1], perturbation=perturbation, m=m, seed=0, accuracy=0.5 + 0.05 * i,
+                sharpness=10.0 - i, forget=0.1 * (i + 1))
+  results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=999)
+  assert sorted(results) == ["SAM OBF lambda=0.1 gamma=1", "SAM STEEP"]
+  for r in results.values():
+    inner = slice(0, -1)  # at a = 1 the curves are 0 for every run: tau undefined
+    np.testing.assert_allclose(r["tau_forgetting"][inner], 1.0)
+    np.testing.assert_allclose(r["tau_task_information"][inner], -1.0)
+    np.testing.assert_allclose(r["tau_sharpness"], -1.0)
+    # 6 runs: the exact two-sided p of a perfect ranking is 2/720; +1-corrected estimate.
+    assert np.all(r["p_forgetting"][inner] < 0.02)
+    assert np.isnan(r["tau_forgetting"][-1])
+  rows = open(str(tmp_path / "out" / "forgetting.csv")).read().splitlines()
+  assert len(rows) == 1 + 2 * 101
+  assert os.path.getsize(str(tmp_path / "out" / "figure2.png")) > 10_000
+
+
+def test_report_groups_runs_that_differ_only_in_seed(tmp_path):
+  from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
+  runs = [("steep", 8, 0, 0.90, 12.0), ("steep", 8, 1, 0.94, 14.0), ("steep", 8, 2, 0.95, None),
+          ("obf", 8, 0, 0.97, 20.0), ("steep", 64, 0, 0.91, 30.0)]
+  workdirs = []
+  for p, m, seed, acc, sharp in runs:
+    workdirs.append(str(tmp_path / f"{p}-{m}-{seed}"))
+    _fake_run(workdirs[-1], perturbation=p, m=m, seed=seed, accuracy=acc, sharpness=sharp,
+              forget=0.0)
+  table = report.report(workdirs, str(tmp_path / "out")).splitlines()
+  assert table[0] == "| MODEL | ALGO | PERTURB | m | DIGITS | SHARPNESS | RUNS |"
+  # mean and sample std by hand: (90, 94, 95) -> 93.00 +- 2.65; sharpness (12, 14) -> 13.0 +- 1.4.
+  assert "| vit_digits | SAM | STEEP | 8 | 93.00 ± 2.65 | 13.0 ± 1.4 | 3 |" in table
+  assert "| vit_digits | SAM | STEEP | 64 | 91.00 | 30.0 | 1 |" in table
+  assert "| vit_digits | SAM | OBF lambda=0.1 gamma=1 | 8 | 97.00 | 20.0 | 1 |" in table
+  assert len(table) == 2 + 3
+  csv_rows = open(str(tmp_path / "out" / "results.csv")).read().splitlines()
+  assert len(csv_rows) == 1 + 3 and "0 1 2" in csv_rows[2]
+
+
 @pytest.mark.slow
-def test_sharpness_cli_figure2_and_report_on_a_tiny_pool(tmp_path):
+def test_pool_runner_end_to_end_reduced(tmp_path):
+  """launch/forgetting_pool.py on 4 short runs: training with collection, sharpness, Figure 2,
+  table; then a rerun skips everything finished; then the sharpness CLI's output and errors."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from pf_jax import train  # pylint: disable=g-import-not-at-top
-  from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  data_dir = str(tmp_path / "data")
-  workdirs = []
-  for perturbation, m, seed in (("steepest", 4, 0), ("steepest", 64, 0), ("steepest", 64, 1),
-                                ("obf", 4, 0), ("obf", 64, 0), ("none", 64, 0)):
-    c = _tiny_digits_config("steepest" if perturbation == "none" else perturbation, m, seed)
-    c.sam.perturbation = perturbation
-    c.data_dir = data_dir
-    workdir = str(tmp_path / f"{perturbation}-{m}-{seed}")
-    train.train_and_evaluate(c, workdir)
-    workdirs.append(workdir)
-  base = collect.load_points(workdirs[-1])[-1]  # no perturbation: outputs at theta only
-  assert "probs" in base and "probs_p" not in base and "cond_p" not in base
+  pool_root = str(tmp_path / "pool")
+  cmd = [sys.executable, "launch/forgetting_pool.py", f"--root={pool_root}", "--m=4,64",
+         "--perturbations=steep,obf", "--num_permutations=99"] + [
+             f"--override={o}" for o in ("num_train_steps=6", "warmup_steps=1",
+                                         "analysis.collect_every_steps=3",
+                                         "analysis.sharpness_examples=128", "eval_every_steps=6",
+                                         f"data_dir={tmp_path / 'data'}")]
   env = dict(os.environ, PYTHONPATH=root)
-  run = lambda *args: subprocess.run([sys.executable, "-m", "pf_jax.analysis", *args], cwd=root,
-                                     env=env, capture_output=True, text=True, check=True)
-  out = run("sharpness", f"--workdir={workdirs[0]}").stdout
-  value = json.load(open(os.path.join(workdirs[0], "sharpness.json")))["sharpness"]
-  assert out.strip() == f"sharpness={value:.6g}" and value > 0
-  for w in workdirs[1:]:
-    run("sharpness", f"--workdir={w}", "--num_iters=20")
-  out_dir = str(tmp_path / "out")
-  run("forgetting", "--out", out_dir, "--num_permutations=99", "--workdirs", *workdirs)
-  rows = open(os.path.join(out_dir, "forgetting.csv")).read().splitlines()
-  assert rows[0].startswith("panel,adjusted_threshold")
-  assert len(rows) == 1 + 2 * 101  # two panels (steepest, OBF) x 101 adjusted thresholds
-  assert os.path.getsize(os.path.join(out_dir, "figure2.png")) > 10_000
-  assert "NONE" not in open(os.path.join(out_dir, "forgetting.csv")).read()  # no theta^p: no panel
-  table = run("report", "--out", out_dir, "--workdirs", *workdirs).stdout
-  assert "| ADAMW | NONE |" in table
-  accs = [json.load(open(os.path.join(w, "results.json")))["eval/digits/top1"] for w in workdirs[1:3]]
-  mean, std = 100 * np.mean(accs), 100 * np.std(accs, ddof=1)
-  line = [l for l in table.splitlines() if "| STEEP | 64 |" in l]
-  assert len(line) == 1 and f"{mean:.2f} ± {std:.2f}" in line[0] and line[0].endswith("| 2 |")
-  # Errors are one line, not a traceback.
-  bad = subprocess.run([sys.executable, "-m", "pf_jax.analysis", "sharpness", "--workdir",
-                        str(tmp_path / "nope")], cwd=root, env=env, capture_output=True, text=True)
-  assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.splitlines()) == 1
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+  assert out.count("main.py") == 4 and out.count("pf_jax.analysis sharpness") == 4
+  analysis_dir = os.path.join(pool_root, "analysis")
+  assert len(open(os.path.join(analysis_dir, "forgetting.csv")).read().splitlines()) == 1 + 2 * 101
+  assert os.path.getsize(os.path.join(analysis_dir, "figure2.png")) > 10_000
+  table = open(os.path.join(analysis_dir, "results.md")).read()
+  assert table.count("| vit_digits | SAM |") == 4
+  again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+  assert "main.py" not in again and "pf_jax.analysis sharpness" not in again  # restartable
+  workdir = os.path.join(pool_root, "steep-4")
+  value = json.load(open(os.path.join(workdir, "sharpness.json")))["sharpness"]
+  assert value > 0
+  run = lambda *a: subprocess.run([sys.executable, "-m", "pf_jax.analysis", *a], cwd=root,
+                                  env=env, capture_output=True, text=True)
+  assert run("sharpness", f"--workdir={workdir}").stdout.strip() == f"sharpness={value:.6g}"
+  bad = run("sharpness", f"--workdir={tmp_path / 'nope'}")
+  assert bad.returncode == 2 and bad.stderr.splitlines() == [
+      f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"]

@@ -24,7 +24,6 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from pf_jax import input_pipeline
 from pf_jax.analysis import information
 
 DIRNAME = "forgetting"
@@ -52,6 +51,7 @@ def _wrap_around(batches: Iterator[Dict[str, np.ndarray]]) -> Iterator[Dict[str,
 
 def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) -> Dict[str, np.ndarray]:
   """Likelihoods on the whole forgetting split (every process gets all of them)."""
+  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
   it = input_pipeline.eval_iterator(forgetting_dataset(c), data_dir=c.data_dir,
                                     image_size=c.image_size, local_batch_size=local_batch_size)
   outputs, labels, masks = [], [], []
@@ -109,7 +109,7 @@ def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
   path = directory / f"step_{int(record['step']):09d}.npz"
   tmp = directory / (path.name + ".tmp")
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # a re-collected point (after a resume) replaces the earlier one
 
 
 def load_points(workdir) -> List[Dict[str, np.ndarray]]:

@@ -27,6 +27,13 @@ def _fmt(mean: float, std: float, digits: int) -> str:
   return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _sharpness_decimals(value: float) -> int:
+  """1 decimal like the paper's 165.6 for values >= 10, else 3 significant digits."""
+  if not np.isfinite(value) or value == 0:
+    return 1
+  return max(1, 2 - int(np.floor(np.log10(abs(value)))))
+
+
 def table(runs: List[pool.Run]):
   """(rows, eval metric names): one row per experiment, values as (mean, std)."""
   groups: Dict[str, List[pool.Run]] = {}
@@ -55,7 +62,8 @@ def report(workdirs: List[str], out: str) -> str:
            " | SHARPNESS | RUNS |", "|" + "---|" * (len(metrics) + 6)]
   for r in rows:
     cells = [r["model"], r["algo"], r["perturb"], str(r["m"])]
-    cells += [_fmt(*r[k], 2) for k in metrics] + [_fmt(*r["sharpness"], 1), str(r["runs"])]
+    cells += [_fmt(*r[k], 2) for k in metrics]
+    cells += [_fmt(*r["sharpness"], _sharpness_decimals(r["sharpness"][0])), str(r["runs"])]
     lines.append("| " + " | ".join(cells) + " |")
   text = "\n".join(lines) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:

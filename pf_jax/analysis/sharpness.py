@@ -16,10 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pf_jax import input_pipeline
 from pf_jax import losses
 from pf_jax import models
-from pf_jax import train
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import hessian
 
@@ -28,6 +26,7 @@ RESULT_FILE = "sharpness.json"
 
 def training_batches(c, num_examples: int, batch_size: int) -> Dict[str, np.ndarray]:
   """The first num_examples // batch_size full batches of the training split, stacked."""
+  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
   split = input_pipeline.DATASETS[c.dataset].train_split
   it = input_pipeline.eval_iterator(c.dataset, data_dir=c.data_dir, split=split,
                                     image_size=c.image_size, local_batch_size=batch_size,
@@ -48,6 +47,7 @@ def checkpoint_sharpness(workdir, *, num_examples: Optional[int] = None,
                          tol: Optional[float] = None, seed: int = 0) -> Dict[str, float]:
   """Sharpness of the run in `workdir` (module doc); also written to `<workdir>/sharpness.json`."""
   c = workdir_lib.load_config(workdir)
+  from pf_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top  (TensorFlow)
   a = c.analysis
   num_examples = num_examples or a.sharpness_examples
   batch_size = min(batch_size or a.sharpness_batch_size, num_examples)
