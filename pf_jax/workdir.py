@@ -19,7 +19,7 @@ def _write_json(path: epath.Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-  tmp.rename(path)  # a reader never sees half a file
+  tmp.replace(path)  # a reader never sees half a file; replaces an earlier one
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:
