@@ -1,8 +1,12 @@
 """Shared config pieces: the base ConfigDict (every field the trainer reads) and helpers.
 
 Paper configs (Table C.1 of the paper) are short files that start from `base_config()`, set
-the row's values, pick a method with `set_method`, and offer a `local` variant for CPU smoke
-runs: `--config=configs/vit_s32_imagenet.py:sam_obf,local`.
+the row's values, pick a method with `set_method`, and offer a `local` variant that runs offline
+on a laptop: `--config=configs/vit_s32_imagenet.py:sam_obf,local` (same method, tiny model, the
+embedded digits resized). Each states its valid args in `ARGS` (shown by `main.py --help`).
+
+The meaning and allowed values of every field: pf_jax/config_validation.py (FIELDS), also
+printed by `python main.py --help`.
 """
 import ml_collections
 
@@ -98,16 +102,21 @@ def set_method(c: ml_collections.ConfigDict, method: str, methods: dict) -> ml_c
   return c
 
 
-def parse_arg(arg, default_method: str):
+def parse_arg(arg, default_method: str, methods: dict):
   """'method[,local]' -> (method, local)."""
   parts = [p for p in (arg or "").split(",") if p]
   local = "local" in parts
   rest = [p for p in parts if p != "local"]
+  if len(rest) > 1:
+    raise ValueError(f"expected 'method[,local]' with method in {sorted(methods)}, got {arg!r}")
   return (rest[0] if rest else default_method), local
 
 
 def make_local(c: ml_collections.ConfigDict, model: str, image_size: int = 32) -> ml_collections.ConfigDict:
-  """A tiny variant of the same run for CPU smoke tests: small model, images, batch, steps."""
+  """A tiny variant of the same run (method, loss, optimizer) that needs no download: small
+  model, images, batch and steps, on scikit-learn's digits (built offline) resized to the model."""
+  c.dataset = "digits"
+  c.eval_datasets = ("digits",)
   c.model = model
   c.image_size = image_size
   c.global_batch_size = 16
