@@ -40,8 +40,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import io
 import math
-import sys
 from typing import Any, Iterator, Optional
 
 from absl import logging
@@ -168,7 +168,7 @@ def get_builder(dataset: str, data_dir: Optional[str]):
     return builder
   if spec.auto_prepare:
     logging.info('Preparing %s in %s (offline, once).', dataset, data_dir)
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints there; stdout is for results
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints the line above; stdout is for results
       builder.download_and_prepare()
     return builder
   # Not found on disk. Probing `as_dataset` (instead of failing right away)
