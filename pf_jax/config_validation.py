@@ -252,8 +252,8 @@ def _check_schedule(c):
                       f"{per_epoch} steps of {c.global_batch_size}")
   if warmup > total:
     field = "warmup_steps" if c.warmup_steps >= 0 else "warmup_epochs"
-    raise ConfigError(field, _get(c, field), f"at most the run's length ({total} steps), got "
-                      f"{warmup} warmup steps")
+    raise ConfigError(field, _get(c, field), f"at most the run's length: {warmup} warmup steps > "
+                      f"{total} steps" + ("" if c.warmup_steps >= 0 else " (or set warmup_steps)"))
   if c.lr_min > c.lr_max:
     raise ConfigError("lr_min", c.lr_min, f"at most lr_max={c.lr_max}")
 
