@@ -46,6 +46,7 @@ flags.DEFINE_integer("num_devices", None, "With --check_only: the device count t
                      "and sam.m against (default: this machine's).")
 
 _CONFIG = None  # the parsed config (set by parse_flags)
+DASH_ALLOWED = f"{config_validation.DASH} a directory for checkpoints and events (--workdir=DIR)"
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
@@ -59,8 +60,9 @@ def fail(message: str, code: int = 2):
 
 
 def _flags_help() -> str:
-  return "\n".join("  " + line if line else line
-                   for line in FLAGS.module_help(sys.modules[__name__]).splitlines()[1:])
+  """main.py's own flags (absl's help lists every library's too)."""
+  lines = FLAGS.module_help(sys.modules[__name__]).splitlines()
+  return "\n".join("  " + l if l else l for l in lines if l.strip() and not l.rstrip().endswith(":"))
 
 
 def parse_flags(argv):
@@ -91,9 +93,6 @@ def parse_flags(argv):
   except (cli.UsageError, config_validation.ConfigError) as e:
     fail(str(e))
   return rest
-
-
-DASH_ALLOWED = f"{config_validation.DASH} a directory for checkpoints and events (--workdir=DIR)"
 
 
 def _init_distributed():

@@ -165,6 +165,6 @@ def help_text(spec: Optional[str], flags_help: str) -> str:
   ]
   for name in PAPER_CONFIGS:
     module = _load_module(os.path.join(REPO, "configs", f"{name}.py"))
-    doc = (module.__doc__ or "").strip().splitlines()[0]
+    doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
     lines += [f"  configs/{name}.py: {doc}", f"      ARG: {module.ARGS}"]
   return "\n".join(lines) + "\n"
