@@ -236,17 +236,17 @@ def suggest(name: str, names: Sequence[str]) -> str:
 # -- Rules across fields. ------------------------------------------------------------------------
 
 
-def train_steps(c) -> Tuple[int, int, int]:
-  """(total, warmup, steps per epoch), counted with the catalog's training-set size."""
-  examples = dataset_catalog.DATASETS[c.dataset].train_examples
-  per_epoch = max(examples // c.global_batch_size, 1)
+def schedule(c, num_train_examples: int) -> Tuple[int, int, int]:
+  """(total, warmup, steps per epoch): epochs become steps unless steps are given directly."""
+  per_epoch = max(num_train_examples // c.global_batch_size, 1)
   total = c.num_train_steps if c.num_train_steps > 0 else int(c.num_epochs * per_epoch)
   warmup = c.warmup_steps if c.warmup_steps >= 0 else int(c.warmup_epochs * per_epoch)
   return total, warmup, per_epoch
 
 
 def _check_schedule(c):
-  total, warmup, per_epoch = train_steps(c)
+  # Counted with the catalog's training-set size: no data is read before the checks.
+  total, warmup, per_epoch = schedule(c, dataset_catalog.DATASETS[c.dataset].train_examples)
   if total < 1:
     raise ConfigError("num_epochs", c.num_epochs, f"at least one step: 1 epoch of {c.dataset} is "
                       f"{per_epoch} steps of {c.global_batch_size}")

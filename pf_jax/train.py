@@ -59,9 +59,7 @@ def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = N
 
 def train_schedule(c, num_train_examples: int):
   """(total steps, warmup steps) from epochs unless given directly."""
-  steps_per_epoch = max(num_train_examples // c.global_batch_size, 1)
-  total = c.num_train_steps if c.num_train_steps > 0 else int(c.num_epochs * steps_per_epoch)
-  warmup = c.warmup_steps if c.warmup_steps >= 0 else int(c.warmup_epochs * steps_per_epoch)
+  total, warmup, _ = config_validation.schedule(c, num_train_examples)
   return total, min(warmup, total)
 
 
