@@ -23,6 +23,7 @@ PREFIX = "--config."
 # The paper's configs, in the order --help lists them.
 PAPER_CONFIGS = ("vit_s32_imagenet", "vit_s16_imagenet", "resnet50_imagenet", "resnet101_imagenet",
                  "cifar_finetune", "cifar10_msweep")
+OTHER_CONFIGS = ("digits_msweep",)  # laptop-scale experiments (already local)
 
 
 class UsageError(ValueError):
@@ -54,7 +55,7 @@ def _load_module(path: str):
 
 
 def _config_files() -> str:
-  return ", ".join(f"configs/{n}.py" for n in ("default",) + PAPER_CONFIGS)
+  return ", ".join(f"configs/{n}.py" for n in ("default",) + PAPER_CONFIGS + OTHER_CONFIGS)
 
 
 def load_config(spec: Optional[str]) -> ml_collections.ConfigDict:
@@ -163,7 +164,9 @@ def help_text(spec: Optional[str], flags_help: str) -> str:
       "",
       "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
   ]
-  for name in PAPER_CONFIGS:
+  for name in PAPER_CONFIGS + OTHER_CONFIGS:
+    if name == OTHER_CONFIGS[0]:
+      lines += ["", "other configs:"]
     module = _load_module(os.path.join(REPO, "configs", f"{name}.py"))
     doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
     lines += [f"  configs/{name}.py: {doc}", f"      ARG: {module.ARGS}"]

@@ -572,9 +572,12 @@ def eval_dataset(
       out['real_valid'] = tf.cast(tf.size(real) > 0, tf.float32)
     return out
 
+  # No autocache: each pass builds a new dataset, and a pass may stop early (sharpness reads
+  # the first batches of a training split), which a cached dataset warns about.
   ds = builder.as_dataset(
       split=_process_split(split, process_index, process_count),
-      shuffle_files=False, decoders=_skip_decoding(spec))
+      shuffle_files=False, decoders=_skip_decoding(spec),
+      read_config=tfds.ReadConfig(try_autocache=False))
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors(
       tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),

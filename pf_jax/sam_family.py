@@ -2,9 +2,10 @@
 
 `sam_gradient` is the computation (gradient out, for users writing their own step, e.g. with
 BatchNorm state); `sam` wraps it and any base optax optimizer into an
-`optax.GradientTransformationExtraArgs`. Both share `SamSpec` and `_sam_gradient`.
+`optax.GradientTransformationExtraArgs`. Both share `SamSpec` and `spec_gradient`;
+`perturbed_logits` (the forgetting analysis) shares `_perturb`, the one computation of theta^p.
 
-Per m-sized chunk S (see ../shared/design/sam-family.md):
+Per m-sized chunk S (see docs/sam-family.md):
   g_p = grad L^p(theta; S)                  (task loss, OBF objective, or N(0, I))
   g_p <- w * g_p                            (ASAM "before"/"both", w = |theta| + eta)
   d   = g_p / (||g_p|| + eps);  d <- w * d  (ASAM "after"/"both")
@@ -95,12 +96,6 @@ def _scale(tree, c):
   return jax.tree.map(lambda x: (c * x).astype(x.dtype), tree)
 
 
-def _random_like(key, tree):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
 def _chunking(spec: SamSpec, local_batch: int) -> Tuple[int, int]:
   """(chunks per device, devices per chunk) for this per-device batch, or a ValueError."""
   m = spec.m or local_batch
@@ -115,9 +110,13 @@ def _chunking(spec: SamSpec, local_batch: int) -> Tuple[int, int]:
   return 1, m // local_batch
 
 
-def _chunk_gradient(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key,
-                    group_size):
-  """Steps 1-6 of the design page on one chunk; returns (g, aux of the first pass, metrics)."""
+def _perturb(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size):
+  """Steps 1-4 of the design page on one chunk: the perturbed parameters theta^p.
+
+  The one place theta^p is computed: training (`_chunk_gradient`) and the forgetting analysis
+  (`perturbed_logits`) both call it. Returns (theta^p, g_p, d, logits at theta, aux at theta,
+  task loss at theta, ||g_p||), with g_p after ASAM "before" scaling and d after "after" scaling.
+  """
   group = lambda t: sharding.group_mean(t, spec.axis_name, group_size)
 
   def forward(p, objective):
@@ -126,13 +125,13 @@ def _chunk_gradient(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inpu
     return objective(logits, labels), (logits, aux)
 
   if spec.objective == "random":
-    loss, (_, aux) = forward(params, loss_fn)  # for the metric and BatchNorm statistics only
-    g_p = _random_like(key, params)            # same key within a device group
+    _, (logits, aux) = forward(params, loss_fn)  # for the metric and BatchNorm statistics only
+    g_p = optax.tree.random_like(key, params, jax.random.normal)  # same key within a device group
   else:
     objective = loss_fn if spec.objective == "steepest" else spec.objective
     (_, (logits, aux)), g_p = jax.value_and_grad(forward, has_aux=True)(params, objective)
-    loss = loss_fn(logits, labels)
     g_p = group(g_p)
+  loss = loss_fn(logits, labels)
 
   w = None
   if spec.asam is not None:
@@ -143,12 +142,24 @@ def _chunk_gradient(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inpu
   d = _scale(g_p, 1.0 / (ascent_norm + EPS))
   if spec.asam in ("after", "both"):
     d = jax.tree.map(jnp.multiply, w, d)
-
   perturbed = jax.tree.map(lambda x, e: x + (rho * e).astype(x.dtype), params, d)
-  (perturbed_loss, _), g = jax.value_and_grad(forward, has_aux=True)(perturbed, loss_fn)
+  return perturbed, g_p, d, logits, aux, loss, ascent_norm
+
+
+def _chunk_gradient(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key,
+                    group_size):
+  """Steps 1-6 of the design page on one chunk; returns (g, aux of the first pass, metrics)."""
+  perturbed, g_p, d, _, aux, loss, ascent_norm = _perturb(
+      spec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size)
+
+  def task_loss(p):
+    out = apply_fn(p, inputs)
+    return loss_fn(out[0] if has_aux else out, labels)
+
+  perturbed_loss, g = jax.value_and_grad(task_loss)(perturbed)
 
   if spec.gsam_alpha:
-    g = group(g)
+    g = sharding.group_mean(g, spec.axis_name, group_size)
     b = d if spec.gsam_normalized_backup else g_p
     u = _scale(g, 1.0 / (_norm(g) + EPS))
     b_dot_u = _dot(b, u)
@@ -162,20 +173,24 @@ def _mean0(tree):
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
 
 
-def _sam_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn,
+def _chunk_keys(spec: SamSpec, rng, n_chunks: int, group_size: int):
+  """One key per chunk of the global batch; devices of one group share their chunk's key."""
+  device = 0 if spec.axis_name is None else lax.axis_index(spec.axis_name)
+  key = jax.random.PRNGKey(0) if rng is None else rng
+  first_chunk = device * n_chunks // group_size
+  return jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
+
+
+def spec_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn,
                   rho, rng=None, has_aux: bool = False):
+  """`sam_gradient` for a validated `SamSpec` and this step's rho: (grads, aux, metrics)."""
   local_batch = jax.tree.leaves(labels)[0].shape[0]
   n_chunks, group_size = _chunking(spec, local_batch)
   if spec.objective == "random" and rng is None:
     raise ValueError("objective='random' needs rng (a PRNG key)")
-  device = 0
+  keys = _chunk_keys(spec, rng, n_chunks, group_size)
   if spec.axis_name is not None:
-    device = lax.axis_index(spec.axis_name)
     params = sharding.per_device(params, spec.axis_name)
-  key = jax.random.PRNGKey(0) if rng is None else rng
-  # One key per chunk of the global batch; devices of one group share their chunk's key.
-  first_chunk = device * n_chunks // group_size
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
 
   def one(x, y, k):
     return _chunk_gradient(spec, apply_fn, loss_fn, has_aux, params, rho, x, y, k, group_size)
@@ -183,8 +198,7 @@ def _sam_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, l
   if n_chunks == 1:
     g, aux, metrics = one(inputs, labels, keys[0])
   else:
-    split = lambda t: jax.tree.map(lambda a: a.reshape((n_chunks, -1) + a.shape[1:]), t)
-    xs, ys = split(inputs), split(labels)
+    xs, ys = _split_chunks((inputs, labels), n_chunks)
     if spec.chunk_mode == "vmap":
       g, aux, metrics = _mean0(jax.vmap(one)(xs, ys, keys))
     else:
@@ -197,6 +211,41 @@ def _sam_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, l
   if spec.axis_name is not None:
     g, aux, metrics = lax.pmean((g, aux, metrics), spec.axis_name)
   return g, aux, metrics
+
+
+def _split_chunks(tree, n_chunks: int):
+  return jax.tree.map(lambda a: a.reshape((n_chunks, -1) + a.shape[1:]), tree)
+
+
+def perturbed_logits(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn,
+                     rho, rng=None):
+  """Logits at theta and at the perturbed parameters theta^p of each example's own m-chunk.
+
+  theta^p is what a training step with `spec` on this batch would perturb to (steps 1-4 of the
+  module docstring, computed by the same `_perturb` as training; GSAM only changes the update
+  gradient, not theta^p). For the forgetting analysis (pf_jax.analysis, paper Section 6.1).
+  `apply_fn` returns logits only (e.g. a model in inference mode). Chunks are processed one
+  after another (`lax.map`), so memory is that of one chunk whatever `spec.chunk_mode` says.
+
+  Returns:
+    (logits at theta, logits at theta^p), each [local batch, ...] in the order of `inputs`.
+  """
+  local_batch = jax.tree.leaves(labels)[0].shape[0]
+  n_chunks, group_size = _chunking(spec, local_batch)
+  keys = _chunk_keys(spec, rng, n_chunks, group_size)
+  if spec.axis_name is not None:
+    params = sharding.per_device(params, spec.axis_name)
+
+  def one(chunk):
+    x, y, k = chunk
+    perturbed, _, _, logits, _, _, _ = _perturb(spec, apply_fn, loss_fn, False, params, rho, x, y, k,
+                                                group_size)
+    return logits, apply_fn(perturbed, x)
+
+  xs, ys = _split_chunks((inputs, labels), n_chunks)
+  clean, perturbed = lax.map(one, (xs, ys, keys))
+  merge = lambda a: a.reshape((local_batch,) + a.shape[2:])
+  return merge(clean), merge(perturbed)
 
 
 def sam_gradient(params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, rho: float,
@@ -228,7 +277,7 @@ def sam_gradient(params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, 
   spec = SamSpec(rho=rho, objective=objective, m=m, chunk_mode=chunk_mode, gsam_alpha=gsam_alpha,
                  gsam_normalized_backup=gsam_normalized_backup, asam=asam, asam_eta=asam_eta,
                  axis_name=axis_name)
-  return _sam_gradient(spec, params, inputs, labels, apply_fn=apply_fn, loss_fn=loss_fn,
+  return spec_gradient(spec, params, inputs, labels, apply_fn=apply_fn, loss_fn=loss_fn,
                        rho=spec.rho_at(0), rng=rng, has_aux=has_aux)
 
 
@@ -266,7 +315,7 @@ def sam(base: optax.GradientTransformation, rho: ScalarOrSchedule, *, apply_fn: 
     del updates
     if params is None or inputs is None or labels is None:
       raise ValueError("sam's update needs params, inputs= and labels=")
-    grads, _, metrics = _sam_gradient(
+    grads, _, metrics = spec_gradient(
         spec, params, inputs, labels, apply_fn=apply_fn, loss_fn=loss_fn,
         rho=spec.rho_at(state.count), rng=jax.random.fold_in(state.key, state.count))
     new_updates, base_state = base.update(grads, state.base_state, params, **extra)

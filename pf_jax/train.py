@@ -34,6 +34,7 @@ from pf_jax import sam_family as sam_lib
 from pf_jax import schedules
 from pf_jax import sharding
 from pf_jax import workdir as workdir_lib
+from pf_jax.analysis import collect as collect_lib
 
 AXIS = "data"
 
@@ -104,34 +105,50 @@ def _model_apply(model, has_bn: bool):
   return apply
 
 
+def sam_spec(c) -> Optional[sam_lib.SamSpec]:
+  """The run's SAM-family member (rho is given per step); None without a perturbation."""
+  s = c.sam
+  if s.perturbation == "none":
+    return None
+  return sam_lib.SamSpec(
+      rho=s.rho_max, objective=config_validation.objective(c), m=s.m, chunk_mode=s.chunk_mode,
+      gsam_alpha=s.gsam_alpha, gsam_normalized_backup=s.gsam_normalized_backup,
+      asam=s.asam or None, asam_eta=s.asam_eta, axis_name=AXIS)
+
+
+def rho_at(rho, step) -> jax.Array:
+  return rho(step) if callable(rho) else jnp.asarray(rho, jnp.float32)
+
+
+def step_key(c, step) -> jax.Array:
+  """PRNG key of training step `step + 1` (random perturbations); the analysis reuses it."""
+  return jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
+
+
 def make_train_step(c, model, tx, rho, mesh):
   """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated."""
   has_bn = models.has_batch_norm(c.model)
   apply = _model_apply(model, has_bn)
   loss_fn = losses.get_loss(c.loss, c.label_smoothing)
-  s = c.sam
-  objective = config_validation.objective(c) if s.perturbation != "none" else None
+  spec = sam_spec(c)
   dtype = compute_dtype(c)
 
   def micro_grad(params, batch_stats, rho_t, images, labels, key):
     apply_fn = lambda p, x: apply(p, batch_stats, x, True)
-    if objective is None:
+    if spec is None:
       def loss(p):
         logits, new_stats = apply_fn(p, images)
         return loss_fn(logits, labels), new_stats
       (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(sharding.per_device(params, AXIS))
       grads, new_stats, value = jax.lax.pmean((grads, new_stats, value), AXIS)
       return grads, new_stats, {"loss": value}
-    return sam_lib.sam_gradient(
-        params, images, labels, apply_fn=apply_fn, loss_fn=loss_fn, rho=rho_t, objective=objective,
-        m=s.m, chunk_mode=s.chunk_mode, gsam_alpha=s.gsam_alpha,
-        gsam_normalized_backup=s.gsam_normalized_backup, asam=s.asam or None, asam_eta=s.asam_eta,
-        axis_name=AXIS, rng=key, has_aux=True)
+    return sam_lib.spec_gradient(spec, params, images, labels, apply_fn=apply_fn, loss_fn=loss_fn,
+                                 rho=rho_t, rng=key, has_aux=True)
 
   def step(state: TrainState, batch):
     images, labels = batch["image"].astype(dtype), batch["label"]
-    rho_t = rho(state.step) if callable(rho) else jnp.asarray(rho, jnp.float32)
-    key = jax.random.fold_in(jax.random.PRNGKey(c.seed), state.step)
+    rho_t = rho_at(rho, state.step)
+    key = step_key(c, state.step)
     n = c.grad_accum_steps
     if n == 1:
       grads, new_stats, metrics = micro_grad(state.params, state.batch_stats, rho_t, images, labels, key)
@@ -178,6 +195,32 @@ def make_eval_step(c, model, mesh, subset: Optional[np.ndarray]):
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P()))
 
 
+def make_collect_step(c, model, mesh, rho):
+  """jit(shard_map): (params, batch_stats, step, batch) -> likelihoods at theta (and theta^p).
+
+  For the forgetting analysis (pf_jax/analysis/collect.py): the model in inference mode; theta^p
+  per m-chunk of the batch from `sam_family.perturbed_logits` with the run's own `SamSpec`, the
+  rho and PRNG key of the next training step. Sigmoid likelihoods for sigmoid_xent, else softmax.
+  """
+  apply = _model_apply(model, models.has_batch_norm(c.model))
+  loss_fn = losses.get_loss(c.loss, c.label_smoothing)
+  predict = jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax
+  spec = sam_spec(c)
+  dtype = compute_dtype(c)
+
+  def step(params, batch_stats, step, batch):
+    images, labels = batch["image"].astype(dtype), batch["label"]
+    apply_fn = lambda p, x: apply(p, batch_stats, x, False)[0].astype(jnp.float32)
+    if spec is None:
+      return {"probs": predict(apply_fn(params, images))}
+    clean, perturbed = sam_lib.perturbed_logits(spec, params, images, labels, apply_fn=apply_fn,
+                                                loss_fn=loss_fn, rho=rho_at(rho, step),
+                                                rng=step_key(c, step))
+    return {"probs": predict(clean), "probs_p": predict(perturbed)}
+
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P(AXIS)))
+
+
 def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
   results = {}
   local_batch = c.eval_batch_size // jax.process_count()
@@ -195,16 +238,16 @@ def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
   return results
 
 
-def _load_pretrained(path: str):
-  """Params and batch statistics of another run's latest checkpoint (raw arrays)."""
+def load_variables(path: str):
+  """(params, batch_stats, step) of the latest checkpoint of a workdir (or checkpoint directory)."""
   directory = os.path.join(path, "checkpoints")
   directory = directory if os.path.isdir(directory) else path
   with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
     step = mngr.latest_step()
     if step is None:
-      raise ValueError(f"config.init_from: no checkpoint in {directory!r}")
+      raise ValueError(f"no checkpoint in {directory!r}")
     restored = mngr.restore(step, args=ocp.args.StandardRestore())
-  return restored["params"], restored.get("batch_stats", {})
+  return restored["params"], restored.get("batch_stats", {}), step
 
 
 def _merge_pretrained(fresh, pretrained, path=""):
@@ -223,7 +266,10 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
   params = flax.core.unfreeze(variables["params"])
   batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
   if c.init_from:
-    pre_params, pre_stats = _load_pretrained(c.init_from)
+    try:
+      pre_params, pre_stats, _ = load_variables(c.init_from)
+    except ValueError as e:
+      raise ValueError(f"config.init_from: {e}") from None
     params = _merge_pretrained(params, pre_params)
     batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -277,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   train_step = make_train_step(c, model, tx, rho, mesh)
   eval_steps = {name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
                 for name in c.eval_datasets}
+  collect_every = c.analysis.collect_every_steps
+  collect_step = make_collect_step(c, model, mesh, rho) if collect_every else None
   train_iter = input_pipeline.train_iterator(
       c.dataset, data_dir=c.data_dir, image_size=c.image_size,
       local_batch_size=c.global_batch_size // jax.process_count(), seed=c.seed, start_step=start_step,
@@ -309,6 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       results = evaluate(c, state, eval_steps, batch_sharding)
       writer.write_scalars(step, results)
       report.eval(step, results, time.time() - eval_start)
+    if collect_every and step % collect_every == 0:  # outputs at theta and theta^p (Section 6.1)
+      writer.write_scalars(step, collect_lib.collect_point(
+          c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train))
     preempted = checkpoints.reached_preemption(step)  # TPU/cluster preemption notice (multi-host sync)
     if step % c.checkpoint_every_steps == 0 or last or preempted:
       checkpoints.save(step, args=ocp.args.StandardSave(state), force=preempted)

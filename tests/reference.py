@@ -66,8 +66,8 @@ def tnorm(a):
   return np.sqrt(tdot(a, a))
 
 
-def chunk_grad(p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backup=False,
-               asam=None, eta=0.0):
+def perturb(p, x, y, *, loss, rho, objective, obf_kw=None, asam=None, eta=0.0):
+  """Steps 1-4 on one chunk: (theta^p, g_p, d)."""
   z, _ = forward(p, x)
   dz = loss_dz(loss, z, y) if objective == "steepest" else obf_dz(z, y, **obf_kw)
   gp = backprop(p, x, dz)
@@ -78,7 +78,13 @@ def chunk_grad(p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backu
   d = {k: gp[k] / (n + EPS) for k in KEYS}
   if asam in ("after", "both"):
     d = {k: w[k] * d[k] for k in KEYS}
-  pt = {k: p[k] + rho * d[k] for k in KEYS}
+  return {k: p[k] + rho * d[k] for k in KEYS}, gp, d
+
+
+def chunk_grad(p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backup=False,
+               asam=None, eta=0.0):
+  pt, gp, d = perturb(p, x, y, loss=loss, rho=rho, objective=objective, obf_kw=obf_kw, asam=asam,
+                      eta=eta)
   zt, _ = forward(pt, x)
   g = backprop(pt, x, loss_dz(loss, zt, y))
   if xi:

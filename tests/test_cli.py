@@ -174,7 +174,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def test_check_only_accepts_every_paper_config():
-  for spec in ["configs/default.py"] + [f"configs/{n}.py" for n in cli.PAPER_CONFIGS]:
+  for spec in ["configs/default.py"] + [f"configs/{n}.py" for n in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS]:
     r = _main(["--check_only", f"--config={spec}"])
     assert r.returncode == 0 and r.stdout.strip() == "config OK", (spec, r.stderr)
 
@@ -186,7 +186,7 @@ def test_help_lists_fields_defaults_and_paper_configs():
     assert f"--config.{name}=" in r.stdout and meaning in r.stdout, name
   assert "--config.global_batch_size=128" in r.stdout  # configs/default.py's value
   assert "--config.sam.perturbation='obf'" in r.stdout
-  for name in cli.PAPER_CONFIGS:
+  for name in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS:
     assert f"configs/{name}.py" in r.stdout
   for method in ("gsam_obf", "asam_steep", "obf_alpha_1e-2", "shrink_perturb", "obf_gamma0"):
     assert method in r.stdout

@@ -1,0 +1,57 @@
+"""python -m pf_jax.analysis {sharpness,forgetting,report} ...: see each command's --help."""
+import argparse
+import os
+import sys
+
+
+def _quiet():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m pf_jax.analysis", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("sharpness", help="dominant Hessian eigenvalue of a run's training loss "
+                     "at its latest checkpoint; prints sharpness=<value>, writes W/sharpness.json")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--num_examples", type=int, help="default: config.analysis.sharpness_examples")
+  p.add_argument("--batch_size", type=int, help="default: config.analysis.sharpness_batch_size")
+  p.add_argument("--num_iters", type=int, help="default: config.analysis.sharpness_iters")
+  p.add_argument("--tol", type=float, help="default: config.analysis.sharpness_tol")
+  p.add_argument("--seed", type=int, default=0, help="seed of the power iteration's start vector")
+  p = sub.add_parser("forgetting", help="Figure 2: DIR/forgetting.csv and DIR/figure2.png")
+  p.add_argument("--workdirs", nargs="+", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--num_permutations", type=int, default=10_000)
+  p.add_argument("--seed", type=int, default=0)
+  p = sub.add_parser("report", help="Table 1 layout: DIR/results.md and DIR/results.csv")
+  p.add_argument("--workdirs", nargs="+", required=True)
+  p.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  _quiet()
+  try:
+    if args.command == "sharpness":
+      from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
+      result = sharpness.checkpoint_sharpness(
+          args.workdir, num_examples=args.num_examples, batch_size=args.batch_size,
+          num_iters=args.num_iters, tol=args.tol, seed=args.seed)
+      print(f"sharpness={result['sharpness']:.6g}")
+    elif args.command == "forgetting":
+      from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+      figure2.figure2(args.workdirs, args.out, num_permutations=args.num_permutations,
+                      seed=args.seed)
+      print(f"wrote {os.path.join(args.out, 'forgetting.csv')} and "
+            f"{os.path.join(args.out, 'figure2.png')}")
+    else:
+      from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
+      print(report.report(args.workdirs, args.out), end="")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

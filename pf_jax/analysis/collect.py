@@ -1,0 +1,124 @@
+"""Collecting outputs during training for the forgetting analysis (paper Section 6.1).
+
+Every `config.analysis.collect_every_steps` steps the trainer runs the forgetting split (the
+eval split of `config.analysis.dataset`, default the first of `config.eval_datasets`) through
+`train.make_collect_step`: likelihoods at theta and at theta^p, where each m-chunk of the split
+gets the perturbation the run's next training step would compute from that chunk and its labels
+(same objective, rho_t, ASAM, m and PRNG key; `sam_family.perturbed_logits`). The split is cut
+into batches of the training micro-batch size, so m chunks it exactly as in training; the last
+batch is completed with examples from the start of the split (wrap-around), which take part in
+its chunks' perturbations but are not recorded twice. Models run in inference mode (BatchNorm
+with running statistics) for both theta and theta^p.
+
+Each point is stored as `<workdir>/forgetting/step_<step>.npz` (process 0): step, epoch,
+num_examples, accuracy at theta (and theta^p), the binned-information curves `cond`, `rel`
+(and `cond_p`, `rel_p`) at `information.THRESHOLD_EXPONENTS`, and the raw likelihoods and labels
+when examples x classes <= `config.analysis.max_raw_values` (ImageNet's 50 000 x 1000 outputs
+keep only the curves: a few kB per point).
+"""
+import io
+from typing import Dict, Iterator, List
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from pf_jax.analysis import information
+
+DIRNAME = "forgetting"
+
+
+def forgetting_dataset(c) -> str:
+  return c.analysis.dataset or c.eval_datasets[0]
+
+
+def _wrap_around(batches: Iterator[Dict[str, np.ndarray]]) -> Iterator[Dict[str, np.ndarray]]:
+  """Fills padding (mask 0) with real examples from the first batch, cyclically."""
+  pool = None
+  for batch in batches:
+    real = batch["mask"] > 0
+    if pool is None:
+      pool = {k: v[real] for k, v in batch.items()}
+    if not real.all():
+      holes = np.flatnonzero(~real)
+      take = np.arange(len(holes)) % len(pool["mask"])
+      batch = {k: v.copy() for k, v in batch.items()}
+      for k in ("image", "label"):
+        batch[k][holes] = pool[k][take]
+    yield batch
+
+
+def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) -> Dict[str, np.ndarray]:
+  """Likelihoods on the whole forgetting split (every process gets all of them)."""
+  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
+  it = input_pipeline.eval_iterator(forgetting_dataset(c), data_dir=c.data_dir,
+                                    image_size=c.image_size, local_batch_size=local_batch_size)
+  outputs, labels, masks = [], [], []
+  for batch in _wrap_around(it):
+    labels.append(batch["label"])
+    masks.append(batch["mask"])
+    device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+                    for k in ("image", "label")}
+    outputs.append(collect_step(state.params, state.batch_stats, state.step, device_batch))
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  outputs = {k: np.concatenate([gather(o[k]) for o in outputs]) for k in outputs[0]}
+  keep = np.concatenate([gather(np.asarray(m)) for m in masks]) > 0
+  labels = np.concatenate([gather(np.asarray(y)) for y in labels])
+  return dict({k: v[keep] for k, v in outputs.items()}, labels=labels[keep])
+
+
+def summarize(outputs: Dict[str, np.ndarray], *, step: int, epoch: float,
+              max_raw_values: int) -> Dict[str, np.ndarray]:
+  """The stored record of one collection point (module doc)."""
+  labels = outputs["labels"]
+  t = information.thresholds()
+  record = {"step": np.int64(step), "epoch": np.float64(epoch),
+            "num_examples": np.int64(labels.shape[0]),
+            "threshold_exponents": information.THRESHOLD_EXPONENTS}
+  for suffix in ("", "_p"):
+    if "probs" + suffix not in outputs:
+      continue
+    probs = outputs["probs" + suffix]
+    record["accuracy" + suffix] = np.float64(np.mean(np.argmax(probs, axis=-1) == labels))
+    record["cond" + suffix], record["rel" + suffix] = information.binned_information(probs, labels, t)
+    if probs.size <= max_raw_values:
+      record["probs" + suffix] = probs
+  if outputs["probs"].size <= max_raw_values:
+    record["labels"] = labels
+  return record
+
+
+def collect_point(c, state, collect_step, batch_sharding, workdir, *, step: int,
+                  num_train_examples: int) -> Dict[str, float]:
+  """Collects, stores (process 0) and returns the accuracies of one point, for the logs."""
+  local_batch = c.global_batch_size // c.grad_accum_steps // jax.process_count()
+  outputs = collect(c, state, collect_step, batch_sharding, local_batch_size=local_batch)
+  record = summarize(outputs, step=step, epoch=step * c.global_batch_size / num_train_examples,
+                     max_raw_values=c.analysis.max_raw_values)
+  if jax.process_index() == 0:
+    save_point(workdir, record)
+  return {f"forgetting/{k}": float(record[k]) for k in ("accuracy", "accuracy_p") if k in record}
+
+
+def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
+  directory = epath.Path(workdir) / DIRNAME
+  directory.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  np.savez(buffer, **record)
+  path = directory / f"step_{int(record['step']):09d}.npz"
+  tmp = directory / (path.name + ".tmp")
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(path)  # a re-collected point (after a resume) replaces the earlier one
+
+
+def load_points(workdir) -> List[Dict[str, np.ndarray]]:
+  """A run's collection points, by step."""
+  directory = epath.Path(workdir) / DIRNAME
+  if not directory.exists():
+    return []
+  points = []
+  for path in sorted(directory.glob("step_*.npz")):
+    with np.load(io.BytesIO(path.read_bytes())) as data:
+      points.append({k: data[k] for k in data.files})
+  return points

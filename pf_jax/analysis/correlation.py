@@ -1,0 +1,50 @@
+"""Rank correlation of a measure with accuracy across a pool of runs (Section 6.1, Figure 2)."""
+import numpy as np
+
+
+def _pair_signs(v: np.ndarray) -> np.ndarray:
+  """sign(v_i - v_j) for i < j, along the last axis."""
+  i, j = np.triu_indices(v.shape[-1], k=1)
+  return np.sign(v[..., i] - v[..., j])
+
+
+def kendall_tau(x, y) -> float:
+  """Kendall's tau-b (ties corrected), equal to `scipy.stats.kendalltau(x, y).statistic`.
+
+  tau_b = sum_{i<j} s_ij t_ij / sqrt(sum s_ij^2 * sum t_ij^2), s = sign(x_i - x_j),
+  t = sign(y_i - y_j); NaN when either variable is constant (or there are < 2 points).
+  """
+  x, y = _check(x, y)
+  s, t = _pair_signs(x), _pair_signs(y)
+  denom = np.sqrt(np.sum(s * s) * np.sum(t * t))
+  return float(np.sum(s * t) / denom) if denom > 0 else float("nan")
+
+
+def permutation_pvalue(x, y, *, num_permutations: int = 10_000, seed: int = 0) -> float:
+  """Two-sided permutation p-value of Kendall's tau: P(|tau(x, perm(y))| >= |tau(x, y)|).
+
+  Estimated as (1 + #{permutations at least as extreme}) / (1 + num_permutations), which is a
+  valid p-value (never 0). NaN when tau is undefined.
+  """
+  x, y = _check(x, y)
+  observed = kendall_tau(x, y)
+  if np.isnan(observed):
+    return float("nan")
+  rng = np.random.default_rng(seed)
+  s = _pair_signs(x)
+  norm = np.sqrt(np.sum(s * s) * np.sum(_pair_signs(y) ** 2))  # permutation-invariant
+  extreme = 0
+  for start in range(0, num_permutations, 1000):
+    n = min(1000, num_permutations - start)
+    perms = np.argsort(rng.random((n, y.shape[0])), axis=1)
+    taus = (_pair_signs(y[perms]) @ s) / norm
+    extreme += int(np.sum(np.abs(taus) >= abs(observed) - 1e-12))
+  return (1 + extreme) / (1 + num_permutations)
+
+
+def _check(x, y):
+  x = np.asarray(x, np.float64).reshape(-1)
+  y = np.asarray(y, np.float64).reshape(-1)
+  if x.shape != y.shape:
+    raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
+  return x, y

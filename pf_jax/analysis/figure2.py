@@ -1,0 +1,111 @@
+"""Figure 2: Kendall's tau of final accuracy with forgetting, task-information change and sharpness.
+
+`python -m pf_jax.analysis forgetting --workdirs W1 W2 ... --out DIR` writes
+- `DIR/forgetting.csv`: one row per (panel, adjusted threshold): tau and permutation p-value of
+  accuracy with the run-averaged forgetting I(X;Y^|Y) - I(X;Y^p|Y), with the task-information
+  change I(Y^;Y) - I(Y^p;Y), and (constant over thresholds) with sharpness;
+- `DIR/figure2.png`: tau against adjusted threshold, one panel per perturbation type (runs are
+  grouped by SAM framework and perturbation, so each panel is an m sweep), solid lines where
+  p <= 0.05 and dotted elsewhere, sharpness as a horizontal line, and a hatch where forgetting's
+  correlation is significant and larger than the magnitude of sharpness's (our reading of "where
+  forgetting correlates with generalization more strongly than flatness").
+"""
+import csv
+import os
+from typing import Dict, List
+
+import numpy as np
+
+from pf_jax.analysis import correlation
+from pf_jax.analysis import forgetting
+from pf_jax.analysis import pool
+
+SIGNIFICANT = 0.05
+COLUMNS = ("panel", "adjusted_threshold", "runs", "tau_forgetting", "p_forgetting",
+           "tau_task_information", "p_task_information", "tau_sharpness", "p_sharpness")
+
+
+def panels(runs: List[pool.Run]) -> Dict[str, List[pool.Run]]:
+  out: Dict[str, List[pool.Run]] = {}
+  for run in runs:
+    out.setdefault(f"{run.algo} {run.perturbation}", []).append(run)
+  return out
+
+
+def correlations(runs: List[pool.Run], *, num_permutations: int, seed: int) -> Dict[str, np.ndarray]:
+  """tau and p of accuracy with each measure at each adjusted threshold, for one panel."""
+  accuracy = np.array([r.test_accuracy for r in runs])
+  measures = [pool.run_forgetting(r) for r in runs]
+  out = {}
+  for name, index in (("forgetting", 0), ("task_information", 1)):
+    values = np.stack([m[index] for m in measures])  # [runs, adjusted thresholds]
+    out["tau_" + name] = np.array([correlation.kendall_tau(accuracy, v) for v in values.T])
+    out["p_" + name] = np.array([
+        correlation.permutation_pvalue(accuracy, v, num_permutations=num_permutations, seed=seed)
+        for v in values.T])
+  sharp = np.array([np.nan if r.sharpness is None else r.sharpness for r in runs])
+  known = ~np.isnan(sharp)
+  tau_s = correlation.kendall_tau(accuracy[known], sharp[known]) if known.sum() > 1 else np.nan
+  p_s = (correlation.permutation_pvalue(accuracy[known], sharp[known],
+                                        num_permutations=num_permutations, seed=seed)
+         if known.sum() > 1 else np.nan)
+  out["tau_sharpness"] = np.full(forgetting.NUM_ADJUSTED, tau_s)
+  out["p_sharpness"] = np.full(forgetting.NUM_ADJUSTED, p_s)
+  return out
+
+
+def write_csv(path: str, results: Dict[str, Dict[str, np.ndarray]], sizes: Dict[str, int]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    for panel, r in results.items():
+      for i, a in enumerate(forgetting.ADJUSTED_THRESHOLDS):
+        writer.writerow([panel, f"{a:.2f}", sizes[panel]] +
+                        [f"{r[k][i]:.6g}" for k in COLUMNS[3:]])
+
+
+def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], sizes: Dict[str, int]) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  x = forgetting.ADJUSTED_THRESHOLDS
+  fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False,
+                           sharey=True)
+  for ax, (panel, r) in zip(axes[0], results.items()):
+    for name, color, label in (("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
+                               ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)")):
+      tau, sig = r["tau_" + name], r["p_" + name] <= SIGNIFICANT
+      ax.plot(x, tau, color=color, linestyle=":", linewidth=1)
+      ax.plot(x, np.where(sig, tau, np.nan), color=color, linewidth=2, label=label)
+    tau_s = r["tau_sharpness"][0]
+    ax.axhline(tau_s, color="tab:blue", linewidth=2 if r["p_sharpness"][0] <= SIGNIFICANT else 1,
+               linestyle="-" if r["p_sharpness"][0] <= SIGNIFICANT else ":", label="sharpness")
+    beats = (r["tau_forgetting"] > abs(tau_s)) & (r["p_forgetting"] <= SIGNIFICANT)
+    if np.isfinite(tau_s):
+      ax.fill_between(x, abs(tau_s), r["tau_forgetting"], where=beats, facecolor="none",
+                      edgecolor="tab:green", hatch="//", linewidth=0)
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_title(f"{panel} ({sizes[panel]} runs)", fontsize=9)
+    ax.set_xlabel("adjusted threshold")
+    ax.set_ylim(-1.05, 1.05)
+  axes[0][0].set_ylabel("Kendall's τ with test accuracy")
+  axes[0][0].legend(fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def figure2(workdirs: List[str], out: str, *, num_permutations: int = 10_000, seed: int = 0):
+  runs = pool.load_runs(workdirs)
+  runs = [r for r in runs if r.config["sam"]["perturbation"] != "none"]
+  if not runs:
+    raise ValueError("figure 2 needs runs with a SAM-family perturbation")
+  groups = panels(runs)
+  sizes = {k: len(v) for k, v in groups.items()}
+  results = {k: correlations(v, num_permutations=num_permutations, seed=seed)
+             for k, v in groups.items()}
+  os.makedirs(out, exist_ok=True)
+  write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
+  plot(os.path.join(out, "figure2.png"), results, sizes)
+  return results

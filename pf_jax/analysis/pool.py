@@ -1,0 +1,90 @@
+"""A pool of finished runs: their labels, accuracies and measures (Figure 2, Tables 1 and B.1).
+
+A run is a workdir with `config.json`, `results.json` (a finished run), optionally
+`sharpness.json` and `forgetting/step_*.npz`. Runs that differ only in their seed (and in fields
+that do not change training: logging, checkpointing, analysis, data_dir) form one group.
+"""
+import dataclasses
+import json
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from pf_jax import workdir as workdir_lib
+from pf_jax.analysis import collect
+from pf_jax.analysis import forgetting
+from pf_jax.analysis import sharpness as sharpness_lib
+
+# Fields ignored when deciding whether two runs are the same experiment.
+NOT_EXPERIMENT = ("seed", "data_dir", "log_every_steps", "eval_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints", "profile", "eval_batch_size",
+                  "analysis")
+
+
+@dataclasses.dataclass
+class Run:
+  workdir: str
+  config: dict
+  results: Dict[str, float]
+  sharpness: Optional[float]
+
+  @property
+  def model(self) -> str:
+    return self.config["model"]
+
+  @property
+  def algo(self) -> str:
+    """Table B.1's ALGO: the base optimizer, a non-SAM baseline, or the SAM framework."""
+    c, s = self.config, self.config["sam"]
+    if s["perturbation"] == "none":
+      if c["shrink_perturb"]:
+        return "SHRINKPERTURB"
+      if c["label_smoothing"]:
+        return "LABELSMOOTH"
+      return {"adamw": "ADAMW", "sgdw": "SGD"}[c["optimizer"]]
+    parts = (["GSAM"] if s["gsam_alpha"] else []) + (["ASAM"] if s["asam"] else [])
+    return "+".join(parts) or "SAM"
+
+  @property
+  def perturbation(self) -> str:
+    """PERTURB, with OBF's hyperparameters (lambda, gamma, or a fixed alpha)."""
+    s = self.config["sam"]
+    p = s["perturbation"]
+    if p == "obf":
+      if s["obf_alpha"] >= 0:
+        return f"OBF alpha={s['obf_alpha']:g}"
+      return f"OBF lambda={s['obf_lambda']:.3g} gamma={s['obf_gamma']:g}"
+    return {"none": "NONE", "steepest": "STEEP", "random": "RANDOM"}[p]
+
+  @property
+  def m(self) -> Optional[int]:
+    return None if self.config["sam"]["perturbation"] == "none" else self.config["sam"]["m"]
+
+  @property
+  def test_accuracy(self) -> float:
+    """Final top-1 on the first eval set: the accuracy Figure 2 correlates with."""
+    return self.results[f"eval/{self.config['eval_datasets'][0]}/top1"]
+
+  @property
+  def experiment(self) -> str:
+    return json.dumps({k: v for k, v in self.config.items() if k not in NOT_EXPERIMENT},
+                      sort_keys=True)
+
+
+def load_run(workdir: str) -> Run:
+  return Run(workdir, workdir_lib.load_config(workdir).to_dict(), workdir_lib.load_results(workdir),
+             sharpness_lib.load(workdir))
+
+
+def load_runs(workdirs: List[str]) -> List[Run]:
+  return [load_run(w) for w in workdirs]
+
+
+def run_forgetting(run: Run) -> Tuple[np.ndarray, np.ndarray]:
+  """The run's (forgetting, task-information change) at each adjusted threshold."""
+  points = [p for p in collect.load_points(run.workdir) if "cond_p" in p]
+  if not points:
+    raise ValueError(f"{run.workdir}: no collected outputs at theta^p (set "
+                     "config.analysis.collect_every_steps > 0 on a run with a perturbation)")
+  exponents = points[0]["threshold_exponents"]
+  return forgetting.run_measures(points, exponents)
