@@ -362,7 +362,8 @@ def check_workdir(workdir: str) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be created and written ({e.strerror})") from None
+    raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be created and written "
+                       f"({e.strerror})") from None
 
 
 class WorkdirError(ValueError):
