@@ -326,6 +326,20 @@ def _check_init_from(c):
     raise ConfigError("init_from", path, "a workdir or checkpoint directory that exists")
 
 
+def _check_analysis(c):
+  """The forgetting split must share the training labels: OBF and its accuracy read them."""
+  if not c.analysis.collect_every_steps:
+    return
+  from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+  name = collect.forgetting_dataset(c)
+  want = dataset_catalog.DATASETS[c.dataset].num_classes
+  if dataset_catalog.DATASETS[name].num_classes != want:
+    field = "analysis.dataset" if c.analysis.dataset else "eval_datasets"
+    raise ConfigError(field, _get(c, field), f"a forgetting split with the {want} classes of "
+                      f"{c.dataset} ({name} has {dataset_catalog.DATASETS[name].num_classes}); "
+                      "set analysis.dataset")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError for the first field that is not allowed (unknown fields included)."""
   names = field_names(c)
@@ -342,6 +356,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _check_batches(c, num_devices, num_processes)
   _check_sam(c, num_devices)
   _check_init_from(c)
+  _check_analysis(c)
 
 
 def check_workdir(workdir: str) -> None:

@@ -58,6 +58,9 @@ INVALID = [
     (["--config.shuffle_buffer=0"], "config.shuffle_buffer"),
     (["--config.grad_accum_steps=0"], "config.grad_accum_steps"),
     (["--config.analysis.dataset=mnist"], "config.analysis.dataset"),
+    (["--config.analysis.collect_every_steps=10", "--config.analysis.dataset=cifar100"],
+     "config.analysis.dataset"),                                        # 100 classes, digits 10
+    (["--config.analysis.sharpness_tol=0"], "config.analysis.sharpness_tol"),
     # Names.
     (["--config.model=vit_huge"], "config.model"),
     (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
