@@ -1,32 +1,100 @@
 """Entry point: python main.py --config=configs/<name>.py[:arg] --workdir=<dir> [--config.x=v].
 
 Without --config it trains the default (OBF-SAM ViT on scikit-learn's digits, no download).
+`python main.py --help` lists every config field and the paper configs.
+
+Order: command line and config -> validation (one-line errors, exit 2) -> TensorFlow, data and
+compilation. A bad value therefore stops the run in about a second, before anything compiles.
 """
+import contextlib
+import difflib
 import os
 import sys
+import traceback
 
-from absl import app
+# Library C++ logs (TensorFlow, XLA) are silenced unless asked for; this must precede their import.
+_VERBOSE = any(a in ("--verbose", "--verbose=true", "--verbose=True") or a.startswith(("--verbosity", "-v="))
+               for a in sys.argv[1:]) or os.environ.get("PF_JAX_VERBOSE", "") not in ("", "0")
+if not _VERBOSE:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
-from pf_jax import checkpointing
-from pf_jax import train
+from pf_jax import cli
+from pf_jax import config_validation
+from pf_jax import reporting
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                                       "default.py"), "Training configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard events.", required=True)
-flags.DEFINE_bool("allow_config_change", False,
-                  "Continue the run in --workdir although its config differs from the stored one.")
+flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/<name>.py[:arg] "
+                    "(default: configs/default.py). Override fields with --config.<field>=<value>.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, config.json and "
+                    "results.json (created; a run there is resumed).")
+flags.DEFINE_bool("verbose", False, "Full tracebacks for errors and every library's log messages "
+                  "(also: PF_JAX_VERBOSE=1; --verbosity=0 keeps the library logs only).")
+flags.DEFINE_bool("allow_config_change", False, "Continue the run in --workdir although its config "
+                  "differs from the stored config.json (the old one is kept as config.<N>.json).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize(): 'auto' does it when a multi-host environment is "
                   "detected (TPU pod, SLURM) or --coordinator_address is given.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without auto-detection).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_bool("check_only", False, "Validate the command line and config (against --num_devices) "
+                  "and exit: what the launchers' --dry_run does.")
+flags.DEFINE_integer("num_devices", None, "With --check_only: the device count to check batch sizes "
+                     "and sam.m against (default: this machine's).")
+
+_CONFIG = None  # the parsed config (set by parse_flags)
+DASH_ALLOWED = f"{config_validation.DASH} a directory for checkpoints and events (--workdir=DIR)"
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def fail(message: str, code: int = 2):
+  """Exits with `error: <message>` as the only line on stderr (the traceback with --verbose)."""
+  if _VERBOSE and sys.exc_info()[0] is not None:
+    traceback.print_exc()
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def _flags_help() -> str:
+  """main.py's own flags (absl's help lists every library's too)."""
+  lines = FLAGS.module_help(sys.modules[__name__]).splitlines()
+  return "\n".join("  " + l if l else l for l in lines if l.strip() and not l.rstrip().endswith(":"))
+
+
+def parse_flags(argv):
+  """absl flags plus the config (cli.py); every problem is one `error:` line and exit 2."""
+  global _CONFIG
+  try:
+    rest, overrides = cli.split_overrides(argv)
+  except cli.UsageError as e:
+    fail(str(e))
+  if any(a in _HELP for a in rest[1:]):
+    spec = next((a.split("=", 1)[1] for a in rest if a.startswith("--config=")), None)
+    sys.stdout.write(cli.help_text(spec, _flags_help()))
+    sys.exit(0)
+  try:
+    rest = FLAGS(rest)
+  except flags.UnrecognizedFlagError as e:
+    close = difflib.get_close_matches(e.flagname, list(FLAGS), n=1)
+    hint = f"; did you mean --{close[0]}?" if close else ""
+    fail(f"--{e.flagname}: unknown flag{hint} (python main.py --help lists them)")
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  if len(rest) > 1:
+    fail(f"{rest[1]!r}: unexpected argument (flags are written --name=value)")
+  if FLAGS.workdir is None and not FLAGS.check_only:
+    fail("--workdir: missing " + DASH_ALLOWED)
+  try:
+    _CONFIG = cli.build_config(FLAGS.config, overrides)
+  except (cli.UsageError, config_validation.ConfigError) as e:
+    fail(str(e))
+  return rest
 
 
 def _init_distributed():
@@ -41,24 +109,46 @@ def _init_distributed():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  del argv  # parse_flags has checked it
+  if not (_VERBOSE or FLAGS.verbose or FLAGS["verbosity"].present):
+    reporting.quiet_library_logs()
+  if FLAGS.check_only:
+    try:
+      config_validation.validate(_CONFIG, FLAGS.num_devices or jax.device_count(), 1)
+      if FLAGS.workdir:
+        config_validation.check_workdir(FLAGS.workdir)
+    except ValueError as e:
+      fail(str(e))
+    print("config OK")
+    return
   _init_distributed()
-  logging.info("JAX process %d / %d, local devices %s", jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  try:
+    config_validation.validate(_CONFIG, jax.device_count(), jax.process_count())
+    config_validation.check_workdir(FLAGS.workdir)
+  except ValueError as e:
+    fail(str(e))
+  with (contextlib.nullcontext() if _VERBOSE or FLAGS.verbose else reporting.quiet_native_stderr()):
+    from pf_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top  (TensorFlow: after the checks)
+    from pf_jax import checkpointing, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not (_VERBOSE or FLAGS.verbose):
+    input_pipeline.tfds.disable_progress_bar()
   preempted = None
   try:
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                       allow_config_change=FLAGS.allow_config_change)
+    results = train.train_and_evaluate(_CONFIG, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+  except input_pipeline.DatasetNotPreparedError as e:
+    fail(f"config.data_dir: {_CONFIG.data_dir!r} {config_validation.DASH} " + str(e).replace("\n", " "))
+  except workdir_lib.ConfigMismatchError as e:  # one line per changed field
+    fail(str(e))
+  except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
+    fail(str(e), code=1)
   except checkpointing.Preempted as e:
     preempted = str(e)
   if preempted:  # outside `except`: the run's arrays are freed now, not in a slow interpreter teardown
     logging.warning("%s", preempted)
     sys.exit(checkpointing.PREEMPTED_EXIT_CODE)  # a distinct code: schedulers and launchers requeue
-  logging.info("Final evaluation: %s", results)
   if jax.process_index() == 0:
     print(" ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,7 +5,7 @@ Arg "perturbation,m[,local]": perturbation in {steep, obf, obf_gamma0}, m = 2^k 
 
   for p in steep obf obf_gamma0; do for m in 1 2 4 8 16 32 64 128 256 512; do
     python main.py --workdir=.../$p-$m --config=configs/cifar10_msweep.py:$p,$m; done; done
-  python main.py --workdir=... --config=configs/cifar10_msweep.py:obf,64,local   # CPU smoke run
+  python main.py --workdir=... --config=configs/cifar10_msweep.py:obf,64,local   # offline: tiny model on digits
 
 All runs share the learning rate (3e-4 after warmup, "without decay": lr_max = lr_min), the
 weight decay and rho, as in Section 6.1. OBF uses lambda = 1/3 (Section 6.1; Table C.1's
@@ -32,12 +32,16 @@ M_VALUES = tuple(2 ** k for k in range(10))  # 1 .. 512
 LOCAL_BATCH = 16                              # common.make_local's global batch
 
 
+ARGS = (f"PERTURBATION,M[,local] with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
+        f"{', '.join(map(str, M_VALUES))} (default obf,64)")
+
+
 def _parse(arg):
   parts = [p for p in (arg or "obf,64").split(",") if p]
   local = "local" in parts
   rest = [p for p in parts if p != "local"]
   if len(rest) != 2:
-    raise ValueError(f"cifar10_msweep expects 'perturbation,m[,local]', got {arg!r}")
+    raise ValueError(f"expected {ARGS}, got {arg!r}")
   perturbation, m = rest
   try:
     m = int(m)

@@ -7,7 +7,8 @@ method in {none, sam_steep, sam_obf}. The ImageNet run to start from must be giv
       --config.init_from=/path/to/imagenet/workdir
   python main.py --workdir=... --config=configs/cifar_finetune.py:resnet50,cifar100,sam_obf,local
 
-`init_from` is left "" here (the local variant then trains its tiny model from scratch). The
+`init_from` is left "" here. The local variant trains its tiny model from scratch on digits
+(offline) unless given an init_from of the same tiny model. The
 ImageNet run should use the same model (configs/vit_s32_imagenet.py, configs/resnet50_imagenet.py);
 its head is replaced by a new C-way head (bias init 0).
 
@@ -50,12 +51,17 @@ MODELS = {
 }
 
 
+ARGS = (f"MODEL,DATASET,METHOD[,local] with MODEL in {', '.join(MODELS)}, DATASET in "
+        f"{', '.join(NUM_CLASSES)}, METHOD in {', '.join(methods('vit_s32', 10))} "
+        "(default vit_s32,cifar10,sam_obf)")
+
+
 def _parse(arg):
   parts = [p for p in (arg or "vit_s32,cifar10,sam_obf").split(",") if p]
   local = "local" in parts
   rest = [p for p in parts if p != "local"]
   if len(rest) != 3:
-    raise ValueError(f"cifar_finetune expects 'model,dataset,method[,local]', got {arg!r}")
+    raise ValueError(f"expected {ARGS}, got {arg!r}")
   return (*rest, local)
 
 

@@ -1,8 +1,12 @@
 """Shared config pieces: the base ConfigDict (every field the trainer reads) and helpers.
 
 Paper configs (Table C.1 of the paper) are short files that start from `base_config()`, set
-the row's values, pick a method with `set_method`, and offer a `local` variant for CPU smoke
-runs: `--config=configs/vit_s32_imagenet.py:sam_obf,local`.
+the row's values, pick a method with `set_method`, and offer a `local` variant that runs offline
+on a laptop: `--config=configs/vit_s32_imagenet.py:sam_obf,local` (same method, tiny model, the
+embedded digits resized). Each states its valid args in `ARGS` (shown by `main.py --help`).
+
+The meaning and allowed values of every field: pf_jax/config_validation.py (FIELDS), also
+printed by `python main.py --help`.
 """
 import ml_collections
 
@@ -20,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = "vit_digits"
   c.head_bias_init = 0.0
   c.mixed_precision = False           # bfloat16 compute, float32 params and optimizer
-  # Loss (pf_jax/losses.py): softmax_xent (paper: CE) or sigmoid_xent (paper: BCE).
+  # Loss (pf_jax/losses.py).
   c.loss = "softmax_xent"
   c.label_smoothing = 0.0
   # Schedule: epochs are converted to steps with the training split's size;
@@ -31,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 1.0
   c.num_train_steps = -1
   c.warmup_steps = -1
-  # Base optimizer (pf_jax/optimizers.py): adamw or sgdw; linear warmup then linear decay.
+  # Base optimizer (pf_jax/optimizers.py); linear warmup then linear decay.
   c.optimizer = "adamw"
   c.lr_max = 1e-3
   c.lr_min = 0.0
@@ -43,17 +47,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.shrink_perturb = 0.0              # factor f of shrink-and-perturb; 0: off
   # SAM family (pf_jax/sam_family.py).
   c.sam = ml_collections.ConfigDict()
-  c.sam.perturbation = "none"         # none | steepest | obf | random
+  c.sam.perturbation = "none"
   c.sam.rho_max = 0.0
   c.sam.rho_min = -1.0                # < 0: constant rho = rho_max; else lr-proportional
   c.sam.m = 64                        # perturbation batch size
-  c.sam.chunk_mode = "vmap"           # vmap | scan (memory of one chunk at a time)
+  c.sam.chunk_mode = "vmap"
   c.sam.obf_lambda = 0.0
   c.sam.obf_gamma = 1.0
   c.sam.obf_alpha = -1.0              # >= 0: fixed alpha (Table B.2) instead of lambda/gamma
   c.sam.gsam_alpha = 0.0              # GSAM's xi; 0: SAM
   c.sam.gsam_normalized_backup = False
-  c.sam.asam = ""                     # "" | before | after | both
+  c.sam.asam = ""                     # "": off
   c.sam.asam_eta = 0.0
   # Analysis (pf_jax/analysis): Section 6.1 output collection and sharpness.
   c.analysis = ml_collections.ConfigDict()
@@ -99,16 +103,21 @@ def set_method(c: ml_collections.ConfigDict, method: str, methods: dict) -> ml_c
   return c
 
 
-def parse_arg(arg, default_method: str):
+def parse_arg(arg, default_method: str, methods: dict):
   """'method[,local]' -> (method, local)."""
   parts = [p for p in (arg or "").split(",") if p]
   local = "local" in parts
   rest = [p for p in parts if p != "local"]
+  if len(rest) > 1:
+    raise ValueError(f"expected 'method[,local]' with method in {sorted(methods)}, got {arg!r}")
   return (rest[0] if rest else default_method), local
 
 
 def make_local(c: ml_collections.ConfigDict, model: str, image_size: int = 32) -> ml_collections.ConfigDict:
-  """A tiny variant of the same run for CPU smoke tests: small model, images, batch, steps."""
+  """A tiny variant of the same run (method, loss, optimizer) that needs no download: small
+  model, images, batch and steps, on scikit-learn's digits (built offline) resized to the model."""
+  c.dataset = "digits"
+  c.eval_datasets = ("digits",)
   c.model = model
   c.image_size = image_size
   c.global_batch_size = 16

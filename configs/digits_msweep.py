@@ -19,6 +19,9 @@ PERTURBATIONS = {
     "obf_gamma0": common.sam_row("obf", 0.1, obf_lambda=1 / 10, obf_gamma=0.0),
 }
 
+ARGS = (f"PERTURBATION,M with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
+        f"{', '.join(map(str, M_VALUES))} (default obf,8)")
+
 
 def _parse(arg):
   parts = [p for p in (arg or "obf,8").split(",") if p]

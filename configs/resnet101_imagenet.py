@@ -5,11 +5,12 @@ configs/resnet50_imagenet.py with model resnet101 (see there for every value). T
 the ASAM and baseline rows for ResNet-50 only; they are offered here with ResNet-50's values.
 
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf
-  python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf,local   # CPU smoke run
+  python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf,local   # offline: tiny model on digits
 """
 from configs import resnet50_imagenet
 
 METHODS = resnet50_imagenet.METHODS
+ARGS = resnet50_imagenet.ARGS
 
 
 def get_config(arg=None):

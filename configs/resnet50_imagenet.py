@@ -1,7 +1,7 @@
 """ResNet-50 trained from scratch on ImageNet (paper Table C.1, rows "ResNet-50, IMAGENET TRAIN").
 
   python main.py --workdir=... --config=configs/resnet50_imagenet.py:sam_obf
-  python main.py --workdir=... --config=configs/resnet50_imagenet.py:sam_obf,local   # CPU smoke run
+  python main.py --workdir=... --config=configs/resnet50_imagenet.py:sam_obf,local   # offline: tiny model on digits
 
 Methods: see METHODS below (default: sam_obf); the ASAM and baseline rows are Table B.1's.
 
@@ -37,11 +37,13 @@ METHODS = {
     "label_smooth":   {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
 }
 
+ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
+
 
 def get_config(arg=None, *, model="resnet50", methods=None):
   """`model` / `methods` let sibling rows of Table C.1 (resnet101) reuse this one."""
-  method, local = common.parse_arg(arg, default_method="sam_obf")
   methods = METHODS if methods is None else methods
+  method, local = common.parse_arg(arg, "sam_obf", methods)
   c = common.base_config()
   c.dataset = "imagenet2012"
   c.eval_datasets = common.IMAGENET_EVALS

@@ -5,11 +5,12 @@ configs/vit_s32_imagenet.py with model vit_s16 (see there for every value and th
 our copy of the table does not show). The fixed-alpha ablation (Table B.2) is ViT-S/32 only.
 
   python main.py --workdir=... --config=configs/vit_s16_imagenet.py:sam_obf
-  python main.py --workdir=... --config=configs/vit_s16_imagenet.py:sam_obf,local   # CPU smoke run
+  python main.py --workdir=... --config=configs/vit_s16_imagenet.py:sam_obf,local   # offline: tiny model on digits
 """
 from configs import vit_s32_imagenet
 
 METHODS = {k: v for k, v in vit_s32_imagenet.METHODS.items() if not k.startswith("obf_")}
+ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@
 One run per method of Table 1 / Table B.1, plus the fixed-alpha ablation of Table B.2:
 
   python main.py --workdir=... --config=configs/vit_s32_imagenet.py:sam_obf
-  python main.py --workdir=... --config=configs/vit_s32_imagenet.py:sam_obf,local   # CPU smoke run
+  python main.py --workdir=... --config=configs/vit_s32_imagenet.py:sam_obf,local   # offline: tiny model on digits
 
 Methods: see METHODS below (default: sam_obf).
 
@@ -50,11 +50,13 @@ METHODS = {
     "obf_lam1e-3":    common.sam_row("obf", 0.6, obf_lambda=1e-3, obf_gamma=1.0),
 }
 
+ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
+
 
 def get_config(arg=None, *, model="vit_s32", methods=None):
   """`model` / `methods` let sibling rows of Table C.1 (vit_s16) reuse this one."""
-  method, local = common.parse_arg(arg, default_method="sam_obf")
   methods = METHODS if methods is None else methods
+  method, local = common.parse_arg(arg, "sam_obf", methods)
   c = common.base_config()
   c.dataset = "imagenet2012"
   c.eval_datasets = common.IMAGENET_EVALS

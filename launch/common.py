@@ -1,10 +1,15 @@
 """Pieces shared by the launchers (stdlib only; imported from the scripts' directory)."""
 import argparse
+import os
 import re
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def override_to_flag(text):
-  """'sam.rho=0.1' (or 'config.sam.rho=0.1', '--config.sam.rho=0.1')."""
+  """'sam.rho_max=0.1' (or 'config.sam.rho_max=0.1', '--config.sam.rho_max=0.1')."""
   field, sep, value = text.partition("=")
   field = field.strip()
   for prefix in ("--config.", "config."):
@@ -12,5 +17,38 @@ def override_to_flag(text):
       field = field[len(prefix):]
   if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", field):
     raise argparse.ArgumentTypeError(
-        f"--override expects field=value (e.g. sam.rho=0.1), got {text!r}")
+        f"--override expects field=value (e.g. sam.rho_max=0.1), got {text!r}")
   return f"--config.{field}={value}"
+
+
+def add_check_flag(parser):
+  parser.add_argument("--no_check", action="store_true",
+                      help="Do not check the config with `main.py --check_only` first "
+                      "(needs pf_jax's requirements in the Python running this script).")
+
+
+def check_config(config, override_flags, num_devices=None):
+  """Checks the config as main.py will (`main.py --check_only`, this Python, on the CPU).
+
+  Returns 0 if it is valid or cannot be checked here (a warning says why), else main.py's
+  exit code after printing its one-line error.
+  """
+  cmd = [sys.executable, os.path.join(REPO_ROOT, "main.py"), "--check_only",
+         f"--config={config}", *override_flags]
+  if num_devices:
+    cmd.append(f"--num_devices={num_devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  try:
+    r = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    print(f"WARNING: config not checked: {e}", file=sys.stderr)
+    return 0
+  if r.returncode == 0:
+    return 0
+  last = (r.stderr.strip().splitlines() or [""])[-1]
+  if last.startswith("error: "):
+    print(last, file=sys.stderr)
+    return r.returncode
+  print(f"WARNING: config not checked ({sys.executable} cannot run main.py: {last}); "
+        "install requirements.txt here, or pass --no_check", file=sys.stderr)
+  return 0

@@ -15,15 +15,19 @@ import signal
 import subprocess
 import sys
 
-from common import override_to_flag  # launch/common.py (script dir is on sys.path)
+from common import add_check_flag, check_config, override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXAMPLE = """\
 example:
   python3 launch/local_gpu.py --gpus=0,1 --xla_mem_fraction=.9 \\
-      --config=configs/cifar10_resnet.py --workdir=/tmp/runs/sam01 \\
-      --data_dir=$HOME/tensorflow_datasets --override sam.rho=0.1 --dry_run
+      --config=configs/resnet50_imagenet.py:sam_obf --workdir=/tmp/runs/sam01 \\
+      --data_dir=$HOME/tensorflow_datasets --override sam.rho_max=0.05 --dry_run
+
+  Every run (and --dry_run) first checks the config with `main.py --check_only`
+  (the same one-line errors as main.py; --no_check skips it).  Try the tiny
+  offline variant first: --config=configs/resnet50_imagenet.py:sam_obf,local
 
   Add --install once to pip install requirements.txt, "jax[cuda12]" and the
   repo (editable) into the python running this script (or --python).
@@ -59,7 +63,8 @@ def build_parser():
       epilog=EXAMPLE,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True,
-                 help="Config file relative to the repo, e.g. configs/x.py.")
+                 help="Config file relative to the repo, with its arg, e.g. "
+                 "configs/resnet50_imagenet.py:sam_obf (main.py --help lists them).")
   p.add_argument("--workdir", required=True,
                  help="Checkpoint/log directory.")
   p.add_argument("--gpus", type=gpu_list, default=None,
@@ -67,8 +72,8 @@ def build_parser():
                  "(default: inherit the environment, i.e. all GPUs).")
   p.add_argument("--override", action="append", default=[],
                  type=override_to_flag, metavar="FIELD=VALUE",
-                 help="Config override, repeatable: sam.rho=0.1 -> "
-                 "--config.sam.rho=0.1.")
+                 help="Config override, repeatable: sam.rho_max=0.1 -> "
+                 "--config.sam.rho_max=0.1.")
   p.add_argument("--data_dir", default=None,
                  help="TFDS data dir, exported as TFDS_DATA_DIR.")
   p.add_argument("--xla_mem_fraction", type=mem_fraction, default=None,
@@ -80,8 +85,9 @@ def build_parser():
                  help="Python executable to use (default: the one running "
                  "this script, %(default)s).")
   p.add_argument("--dry_run", action="store_true",
-                 help="Print the env assignments and commands as shell lines "
-                 "and run nothing.")
+                 help="Check the config, print the env assignments and commands "
+                 "as shell lines and run nothing.")
+  add_check_flag(p)
   return p
 
 
@@ -123,6 +129,11 @@ def _run_passing_on_signals(cmd, env) -> int:
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
+  if not args.no_check:
+    gpus = len(args.gpus.split(",")) if args.gpus else None
+    rc = check_config(args.config, args.override, num_devices=gpus)
+    if rc:
+      return rc
   env, cmds = plan(args)
 
   if args.dry_run:

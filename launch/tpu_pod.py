@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import override_to_flag  # launch/common.py (script dir is on sys.path)
+from common import add_check_flag, check_config, override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
@@ -39,9 +39,13 @@ EXAMPLE = """\
 example:
   python3 launch/tpu_pod.py --name=pf-v3-32 --zone=europe-west4-a \\
       --accelerator_type=v3-32 --spot \\
-      --config=configs/cifar10_resnet.py --workdir=gs://my-bucket/runs/sam01 \\
+      --config=configs/vit_s32_imagenet.py:sam_obf --workdir=gs://my-bucket/runs/sam01 \\
       --data_dir=gs://my-bucket/tensorflow_datasets \\
-      --override sam.rho=0.1 --override num_epochs=200 --dry_run
+      --override sam.rho_max=0.3 --override num_epochs=200 --dry_run
+
+  Every run (and --dry_run) first checks the config with `main.py --check_only`
+  against the slice's device count (the same one-line errors as main.py;
+  --no_check skips it).
 
   Drop --dry_run to actually run it.  Follow the logs with
   gcloud compute tpus tpu-vm ssh pf-v3-32 --zone=europe-west4-a --worker=0 \\
@@ -89,6 +93,16 @@ def tpu_name(text):
   return text
 
 
+def num_devices(accelerator_type):
+  """JAX devices of a slice: v2/v3 count cores (1 device each), v4/v5p count
+  TensorCores (2 per device), v5e/v6e count chips; None if unknown."""
+  m = re.fullmatch(r"(v\d+[a-z]*?)(litepod)?-(\d+)", accelerator_type)
+  if not m:
+    return None
+  n = int(m.group(3))
+  return n // 2 if m.group(1) in ("v4", "v5p") else n
+
+
 def is_multi_host(accelerator_type):
   """v2/v3/v4/v5p/v5e/v6e: more than 8 cores/chips means more than one host."""
   m = re.search(r"-(\d+)$", accelerator_type)
@@ -122,15 +136,16 @@ def build_parser():
 
   run = p.add_argument_group("run")
   run.add_argument("--config", required=True,
-                   help="Config file relative to the repo, e.g. configs/x.py.")
+                   help="Config file relative to the repo, with its arg, e.g. "
+                   "configs/vit_s32_imagenet.py:sam_obf (main.py --help lists them).")
   run.add_argument("--workdir", required=True,
                    help="Checkpoints/logs dir; use gs://... on a pod.")
   run.add_argument("--data_dir", default=None,
                    help="TFDS data dir (gs://...), exported as TFDS_DATA_DIR.")
   run.add_argument("--override", action="append", default=[],
                    type=override_to_flag, metavar="FIELD=VALUE",
-                   help="Config override, repeatable: sam.rho=0.1 -> "
-                   "--config.sam.rho=0.1.")
+                   help="Config override, repeatable: sam.rho_max=0.1 -> "
+                   "--config.sam.rho_max=0.1.")
   run.add_argument("--env", action="append", default=[], type=env_assignment,
                    metavar="KEY=VALUE",
                    help="Extra environment variable for main.py (repeatable).")
@@ -153,7 +168,9 @@ def build_parser():
   rem.add_argument("--skip_install", action="store_true",
                    help="Do not re-run pip install.")
   p.add_argument("--dry_run", action="store_true",
-                 help="Print every command, one per line, and run nothing.")
+                 help="Check the config, print every command, one per line, "
+                 "and run nothing.")
+  add_check_flag(p)
   return p
 
 
@@ -265,6 +282,11 @@ def validate(args):
 def main(argv=None):
   args = build_parser().parse_args(argv)
   validate(args)
+  if not args.no_check:
+    rc = check_config(args.config, args.override,
+                      num_devices=num_devices(args.accelerator_type))
+    if rc:
+      return rc
   c = Commands(args)
 
   if args.dry_run:

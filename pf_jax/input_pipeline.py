@@ -1,6 +1,6 @@
 """tf.data / TFDS input pipeline of pf_jax (TensorFlow runs on the CPU only).
 
-Datasets: see `DATASETS` (the one table with splits, class counts and feature
+Datasets: see `DATASETS` (pf_jax/dataset_catalog.py, the one table with splits, class counts and feature
 keys). `digits` (pf_jax.datasets.digits) is prepared automatically and offline;
 every other dataset must already be prepared in `data_dir` (a clear error says
 how otherwise).
@@ -38,8 +38,9 @@ for 8x8 digits and 32x32 CIFAR.
 from __future__ import annotations
 
 import collections
-import dataclasses
+import contextlib
 import functools
+import io
 import math
 from typing import Any, Iterator, Optional
 
@@ -49,6 +50,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import pf_jax.datasets  # noqa: F401  (registers the `digits` TFDS builder)
+from pf_jax.dataset_catalog import DATASETS, DatasetSpec  # noqa: F401  (re-exported)
 
 # TensorFlow is only the CPU input pipeline: never let it take accelerators.
 try:
@@ -124,52 +126,6 @@ _IMAGENET_R_CLASS_INDICES_CONST = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """How to read one dataset.
-
-  Attributes:
-    tfds_name: TFDS builder name.
-    train_split: default training split (None: evaluation-only dataset).
-    eval_splits: evaluation split(s); the first one is the default.
-    num_classes: size of the label space of the batches (imagenet_r: 200,
-      labels are positions in `imagenet_r_class_indices()`).
-    image_key / label_key: TFDS feature names.
-    real_label_key: multi-label feature (ImageNet-ReaL) or None.
-    in_memory: training decodes the split once and keeps it in RAM (small,
-      fixed-size images) instead of streaming it.
-    auto_prepare: prepared automatically (offline) when missing.
-    flip: default of `train_iterator(flip=None)` (digits are never flipped).
-  """
-  tfds_name: str
-  train_split: Optional[str]
-  eval_splits: tuple[str, ...]
-  num_classes: int
-  image_key: str = 'image'
-  label_key: str = 'label'
-  real_label_key: Optional[str] = None
-  in_memory: bool = False
-  auto_prepare: bool = False
-  flip: bool = True
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    'imagenet2012': DatasetSpec('imagenet2012', 'train', ('validation',), 1000),
-    # ImageNet val with ReaL labels; `label` is the original label.
-    'imagenet2012_real': DatasetSpec(
-        'imagenet2012_real', None, ('validation',), 1000,
-        label_key='original_label', real_label_key='real_label'),
-    'imagenet_v2': DatasetSpec('imagenet_v2', None, ('test',), 1000),
-    'imagenet_r': DatasetSpec('imagenet_r', None, ('test',), 200),
-    'imagenet_sketch': DatasetSpec('imagenet_sketch', None, ('test',), 1000),
-    'cifar10': DatasetSpec('cifar10', 'train', ('test',), 10, in_memory=True),
-    'cifar100': DatasetSpec('cifar100', 'train', ('test',), 100,
-                            in_memory=True),
-    'digits': DatasetSpec('digits', 'train', ('test',), 10, in_memory=True,
-                          auto_prepare=True, flip=False),
-}
-
-
 class DatasetNotPreparedError(FileNotFoundError):
   """A supported dataset is not prepared in `data_dir`."""
 
@@ -211,8 +167,9 @@ def get_builder(dataset: str, data_dir: Optional[str]):
   if builder.is_prepared():
     return builder
   if spec.auto_prepare:
-    logging.info('Preparing %s in %s (offline).', dataset, data_dir)
-    builder.download_and_prepare()
+    logging.info('Preparing %s in %s (offline, once).', dataset, data_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints the line above; stdout is for results
+      builder.download_and_prepare()
     return builder
   # Not found on disk. Probing `as_dataset` (instead of failing right away)
   # keeps `tfds.testing.mock_data` working.
@@ -251,6 +208,12 @@ def dataset_info(dataset: str, *, data_dir: Optional[str] = None
   if spec.train_split is None:
     return spec.num_classes, 0
   return spec.num_classes, _num_examples(builder, spec.train_split)
+
+
+def eval_size(dataset: str, *, data_dir: Optional[str] = None) -> int:
+  """Examples in the default evaluation split of `dataset`."""
+  spec = _spec(dataset)
+  return _num_examples(get_builder(dataset, data_dir), spec.eval_splits[0])
 
 
 @functools.lru_cache(maxsize=None)

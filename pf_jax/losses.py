@@ -42,11 +42,14 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
   return jnp.mean(jnp.sum(per_class, axis=-1))
 
 
+# Config names of the losses.
+LOSSES = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+
+
 def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
   """Loss by config name: 'softmax_xent' (the paper's CE) or 'sigmoid_xent' (BCE)."""
   _check_smoothing(label_smoothing)
-  fns = {"softmax_xent": softmax_cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
-  if name not in fns:
-    raise ValueError(f"loss must be one of {sorted(fns)}, got {name!r}")
-  fn = fns[name]
+  if name not in LOSSES:
+    raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
+  fn = LOSSES[name]
   return lambda logits, labels: fn(logits, labels, label_smoothing)

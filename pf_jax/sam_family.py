@@ -5,7 +5,7 @@ BatchNorm state); `sam` wraps it and any base optax optimizer into an
 `optax.GradientTransformationExtraArgs`. Both share `SamSpec` and `spec_gradient`;
 `perturbed_logits` (the forgetting analysis) shares `_perturb`, the one computation of theta^p.
 
-Per m-sized chunk S (see ../shared/design/sam-family.md):
+Per m-sized chunk S (see docs/sam-family.md):
   g_p = grad L^p(theta; S)                  (task loss, OBF objective, or N(0, I))
   g_p <- w * g_p                            (ASAM "before"/"both", w = |theta| + eta)
   d   = g_p / (||g_p|| + eps);  d <- w * d  (ASAM "after"/"both")

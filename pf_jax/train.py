@@ -8,12 +8,12 @@ function of (config.seed, step) and the data order is step-addressable, so a run
 a checkpoint ends bit-identical to an uninterrupted one.
 """
 import functools
+import time
 from typing import Any, Dict, Optional
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 import flax
 import jax
 import jax.numpy as jnp
@@ -24,11 +24,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pf_jax import checkpointing
+from pf_jax import config_validation
 from pf_jax import input_pipeline
 from pf_jax import losses
 from pf_jax import models
 from pf_jax import optimizers
-from pf_jax import perturbations
+from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import schedules
 from pf_jax import sharding
@@ -36,8 +37,6 @@ from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect as collect_lib
 
 AXIS = "data"
-PERTURBATIONS = ("none", "steepest", "obf", "random")
-OPTIMIZERS = ("adamw", "sgdw")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -47,88 +46,21 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def _fail(field: str, message: str):
-  raise ValueError(f"config.{field}: {message}")
-
-
 def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = None,
                     num_processes: Optional[int] = None) -> None:
-  """One-line ValueError naming the field for any bad value, before anything compiles."""
+  """`config_validation.validate` against this job's devices and processes (ConfigError)."""
   num_devices = num_devices or jax.device_count()
   num_processes = num_processes or jax.process_count()
-  if c.dataset not in input_pipeline.DATASETS or input_pipeline.DATASETS[c.dataset].train_split is None:
-    _fail("dataset", f"must be a training dataset of {sorted(input_pipeline.DATASETS)}, got {c.dataset!r}")
-  for name in c.eval_datasets:
-    if name not in input_pipeline.DATASETS:
-      _fail("eval_datasets", f"unknown dataset {name!r}; known: {sorted(input_pipeline.DATASETS)}")
-  if c.model not in models.model_names():
-    _fail("model", f"must be one of {models.model_names()}, got {c.model!r}")
-  if c.loss not in ("softmax_xent", "sigmoid_xent"):
-    _fail("loss", f"must be softmax_xent or sigmoid_xent, got {c.loss!r}")
-  if not 0 <= c.label_smoothing < 1:
-    _fail("label_smoothing", f"must be in [0, 1), got {c.label_smoothing}")
-  if c.optimizer not in OPTIMIZERS:
-    _fail("optimizer", f"must be one of {OPTIMIZERS}, got {c.optimizer!r}")
-  for field in ("lr_max", "lr_min", "weight_decay", "clip_grad_norm"):
-    if c[field] < 0:
-      _fail(field, f"must be >= 0, got {c[field]}")
-  if c.lr_min > c.lr_max:
-    _fail("lr_min", f"must be <= lr_max={c.lr_max}, got {c.lr_min}")
-  if not 0 <= c.momentum < 1:
-    _fail("momentum", f"must be in [0, 1), got {c.momentum}")
-  if not 0 <= c.shrink_perturb <= 1:
-    _fail("shrink_perturb", f"must be in [0, 1], got {c.shrink_perturb}")
-  if c.grad_accum_steps < 1:
-    _fail("grad_accum_steps", f"must be >= 1, got {c.grad_accum_steps}")
-  if c.global_batch_size % (num_devices * c.grad_accum_steps):
-    _fail("global_batch_size", f"{c.global_batch_size} must be divisible by devices ({num_devices}) x "
-          f"grad_accum_steps ({c.grad_accum_steps})")
-  if c.eval_batch_size % num_devices or c.eval_batch_size % num_processes:
-    _fail("eval_batch_size", f"{c.eval_batch_size} must be divisible by the {num_devices} devices")
-  s = c.sam
-  if s.perturbation not in PERTURBATIONS:
-    _fail("sam.perturbation", f"must be one of {PERTURBATIONS}, got {s.perturbation!r}")
-  if s.perturbation != "none":
-    per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
-    m = s.m
-    if m < 1 or (per_device % m and (m % per_device or m // per_device > num_devices
-                                     or num_devices % (m // per_device))):
-      _fail("sam.m", f"{m} must divide the per-device micro-batch {per_device} or be a multiple of it "
-            f"spanning a divisor of the {num_devices} devices")
-    if models.has_batch_norm(c.model) and m > per_device:
-      logging.warning("config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
-                      "statistics (not the whole chunk's)", m, m // per_device)
-    if s.rho_max < 0:
-      _fail("sam.rho_max", f"must be >= 0, got {s.rho_max}")
-    if s.rho_min >= 0 and c.lr_max == c.lr_min:
-      _fail("sam.rho_min", "an lr-proportional rho needs lr_max != lr_min (set rho_min < 0 for constant rho)")
-    try:
-      _objective(c)
-      sam_lib.SamSpec(rho=s.rho_max, objective="steepest", m=m, chunk_mode=s.chunk_mode,
-                      gsam_alpha=s.gsam_alpha, asam=s.asam or None, asam_eta=s.asam_eta)
-    except ValueError as e:
-      _fail("sam", str(e))
-  if c.init_from and not epath.Path(c.init_from).exists():
-    _fail("init_from", f"no checkpoint directory at {c.init_from!r}")
-  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "max_consecutive_nonfinite"):
-    if c[field] < 1:
-      _fail(field, f"must be >= 1, got {c[field]}")
-
-
-def _objective(c):
-  s = c.sam
-  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
-  return perturbations.get_objective(
-      s.perturbation, lam=s.obf_lambda, gamma=s.obf_gamma,
-      alpha=s.obf_alpha if s.obf_alpha >= 0 else None, predictions=predictions)
+  config_validation.validate(c, num_devices, num_processes)
+  per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
+  if c.sam.perturbation != "none" and models.has_batch_norm(c.model) and c.sam.m > per_device:
+    logging.warning("config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
+                    "statistics (not the whole chunk's)", c.sam.m, c.sam.m // per_device)
 
 
 def train_schedule(c, num_train_examples: int):
   """(total steps, warmup steps) from epochs unless given directly."""
-  steps_per_epoch = max(num_train_examples // c.global_batch_size, 1)
-  total = c.num_train_steps if c.num_train_steps > 0 else int(c.num_epochs * steps_per_epoch)
-  warmup = c.warmup_steps if c.warmup_steps >= 0 else int(c.warmup_epochs * steps_per_epoch)
+  total, warmup, _ = config_validation.schedule(c, num_train_examples)
   return total, min(warmup, total)
 
 
@@ -179,7 +111,7 @@ def sam_spec(c) -> Optional[sam_lib.SamSpec]:
   if s.perturbation == "none":
     return None
   return sam_lib.SamSpec(
-      rho=s.rho_max, objective=_objective(c), m=s.m, chunk_mode=s.chunk_mode,
+      rho=s.rho_max, objective=config_validation.objective(c), m=s.m, chunk_mode=s.chunk_mode,
       gsam_alpha=s.gsam_alpha, gsam_normalized_backup=s.gsam_normalized_backup,
       asam=s.asam or None, asam_eta=s.asam_eta, axis_name=AXIS)
 
@@ -365,12 +297,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_config_change)
   # Every dataset the run will read is checked before anything compiles.
   num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
-  for name in list(c.eval_datasets) + ([collect_lib.forgetting_dataset(c)]
-                                       if c.analysis.collect_every_steps else []):
-    input_pipeline.get_builder(name, c.data_dir)
+  # Every dataset the run will read must be readable now, not after hours of training.
+  eval_sizes = {name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets}
+  if c.analysis.collect_every_steps:
+    input_pipeline.get_builder(collect_lib.forgetting_dataset(c), c.data_dir)
   total_steps, warmup_steps = train_schedule(c, num_train)
   model = build_model(c, num_classes)
-  tx, _, rho = create_optimizer(c, total_steps, warmup_steps)
+  tx, lr_schedule, rho = create_optimizer(c, total_steps, warmup_steps)
 
   mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
   replicated = NamedSharding(mesh, P())
@@ -415,8 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       shuffle_buffer=c.shuffle_buffer, crop_area_min=c.crop_area_min)
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
-  logging.info("Training %s for %d steps (warmup %d) from step %d on %d devices", c.model, total_steps,
-               warmup_steps, start_step, jax.device_count())
+  report = reporting.Reporter(total_steps, start_step, enabled=jax.process_index() == 0)
+  report.start(c.model, sum(x.size for x in jax.tree.leaves(state.params)), c.dataset, num_train, eval_sizes,
+               warmup_steps, jax.device_count(), jax.process_count(), workdir)
   pending, fetched, results, streak = [], [], {}, 0
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
@@ -441,16 +375,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           fetched.append(m)
         pending = []
       if step % c.log_every_steps == 0 or last:
-        writer.write_scalars(step, _summarize(fetched))
+        summary = _summarize(fetched)
+        writer.write_scalars(step, summary)
+        report.train(step, summary, float(lr_schedule(step)))
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
+        eval_start = time.time()
         results = evaluate(c, state, eval_steps, batch_sharding)
         writer.write_scalars(step, results)
+        report.eval(step, results, time.time() - eval_start)
       if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
         writer.write_scalars(step, collect_lib.collect_point(
             c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train))
       if save:
         checkpointing.save(checkpoints, step, state, force=preempted)
+        report.checkpoint(step, checkpoints.directory)
       if preempted:
         checkpoints.wait_until_finished()
         checkpoints.close()
@@ -463,8 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     results = evaluate(c, state, eval_steps, batch_sharding)
     writer.write_scalars(total_steps, results)
   writer.flush()
-  if results and jax.process_index() == 0 and int(jax.device_get(state.step)) == total_steps:
+  final_step = int(jax.device_get(state.step))
+  if results and jax.process_index() == 0 and final_step == total_steps:
     workdir_lib.save_results(workdir, total_steps, results)
+  report.summary(final_step, results, workdir, note=None if final_step == total_steps else "stopped early")
   return results
 
 

@@ -70,6 +70,7 @@ def test_loads(name, arg, local):
   if c.sam.rho_min >= 0:  # lr-proportional rho needs a decaying lr
     assert c.lr_max > c.lr_min
   if local:
+    assert c.dataset == "digits" and c.eval_datasets == ("digits",)
     assert c.model in ("vit_ti4", "resnet_tiny")
     assert c.image_size == 32
     assert c.global_batch_size == 16 and 16 % c.sam.m == 0
@@ -82,11 +83,12 @@ def test_loads(name, arg, local):
     assert c.num_train_steps == -1 and c.warmup_steps == -1
 
 
-def test_local_keeps_data_and_method():
+def test_local_keeps_method_and_runs_offline():
   full = load("vit_s32_imagenet").get_config("gsam_obf")
   small = load("vit_s32_imagenet").get_config("gsam_obf,local")
-  assert small.dataset == full.dataset == "imagenet2012"
-  assert small.eval_datasets == full.eval_datasets
+  assert full.dataset == "imagenet2012"
+  # The embedded digits (built offline), resized to the tiny model's 32x32.
+  assert small.dataset == "digits" and small.eval_datasets == ("digits",)
   for k in ("perturbation", "rho_max", "rho_min", "obf_lambda", "obf_gamma", "gsam_alpha"):
     assert small.sam[k] == full.sam[k]
   assert small.loss == full.loss and small.head_bias_init == full.head_bias_init
@@ -253,6 +255,8 @@ def test_msweep(k):
     ("cifar10_msweep", "asam,64", "asam"),
     ("cifar10_msweep", "obf,3", "3"),
     ("cifar10_msweep", "obf,1024", "1024"),
+    ("vit_s32_imagenet", "sam_obf,lcoal", "lcoal"),       # a typo is not silently dropped
+    ("resnet50_imagenet", "sam_obf,sam_steep", "sam_steep"),
 ])
 def test_unknown_raises(name, arg, bad):
   with pytest.raises(ValueError, match=bad):

@@ -21,10 +21,10 @@ GPU = os.path.join(REPO, "launch", "local_gpu.py")
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
 TPU_BASE = ["--name=pf-v3-32", "--zone=europe-west4-a",
-            "--accelerator_type=v3-32", "--config=configs/cifar10.py",
-            "--workdir=gs://bucket/runs/a", "--override", "sam.rho=0.1"]
-GPU_BASE = ["--config=configs/cifar10.py", "--workdir=/tmp/runs/a",
-            "--override", "sam.rho=0.1"]
+            "--accelerator_type=v3-32", "--config=configs/cifar10_msweep.py:obf,64",
+            "--workdir=gs://bucket/runs/a", "--override", "sam.rho_max=0.1"]
+GPU_BASE = ["--config=configs/cifar10_msweep.py:obf,64", "--workdir=/tmp/runs/a",
+            "--override", "sam.rho_max=0.1"]
 WEIRD = "it's a \"quoted\" value; $(touch pwned) & x"
 
 
@@ -140,8 +140,8 @@ def test_tpu_dry_run_commands(fakebin):
   assert install[-5:] == ["-m", "pip", "install", "-e", "."]
 
   remote = remote_command(shlex.join(ssh[2]))
-  assert ("python3 main.py --config=configs/cifar10.py "
-          "--workdir=gs://bucket/runs/a --config.sam.rho=0.1") in remote
+  assert ("python3 main.py --config=configs/cifar10_msweep.py:obf,64 "
+          "--workdir=gs://bucket/runs/a --config.sam.rho_max=0.1") in remote
   assert "TFDS_DATA_DIR=gs://bucket/tfds" in remote
   assert "nohup" in remote and "pf_jax.log" in remote
   # Dry run executes nothing: not gcloud, not git.
@@ -151,14 +151,14 @@ def test_tpu_dry_run_commands(fakebin):
 def test_tpu_dry_run_quotes_values(fakebin):
   tmp, env = fakebin
   r = run(TPU, ["--name=pf", "--zone=us-central2-b", "--accelerator_type=v4-8",
-                "--config=configs/cifar10.py", f"--workdir=gs://b/{WEIRD}",
-                f"--data_dir=gs://b/{WEIRD}", "--override", f"name={WEIRD}",
+                "--config=configs/cifar10_msweep.py:obf,64", f"--workdir=gs://b/{WEIRD}",
+                f"--data_dir=gs://b/{WEIRD}", "--override", f"data_dir={WEIRD}",
                 "--repo_dir=/opt/my code", "--dry_run"], env=env)
   assert r.returncode == 0, r.stderr
   run_line = lines(r.stdout)[-1]
   remote = shlex.split(remote_command(run_line))
   assert f"--workdir=gs://b/{WEIRD}" in remote
-  assert f"--config.name={WEIRD}" in remote
+  assert f"--config.data_dir={WEIRD}" in remote
   assert f"TFDS_DATA_DIR=gs://b/{WEIRD}" in remote
   assert remote[:2] == ["cd", "/opt/my code"]
   # The assignment prefix must stay an assignment (KEY=..., not 'KEY=...').
@@ -175,8 +175,8 @@ def test_tpu_remote_command_runs_safely_in_a_shell(tmp_path):
   home = tmp_path / "home"
   (home / "pf_jax").mkdir(parents=True)
   r = run(TPU, ["--name=pf", "--zone=z", "--accelerator_type=v3-8",
-                "--config=configs/cifar10.py", f"--workdir={WEIRD}",
-                f"--data_dir={WEIRD}", "--override", f"name={WEIRD}",
+                "--config=configs/cifar10_msweep.py:obf,64", f"--workdir={WEIRD}",
+                f"--data_dir={WEIRD}", "--override", f"data_dir={WEIRD}",
                 "--skip_copy", "--skip_install", "--foreground", "--dry_run"])
   assert r.returncode == 0, r.stderr
   remote = remote_command(lines(r.stdout)[-1])
@@ -185,8 +185,8 @@ def test_tpu_remote_command_runs_safely_in_a_shell(tmp_path):
   subprocess.run(["bash", "-c", remote], check=True, env=env, cwd=tmp_path,
                  timeout=30)
   (call,) = calls(tmp_path)
-  assert call["argv"] == ["python3", "main.py", "--config=configs/cifar10.py",
-                          f"--workdir={WEIRD}", f"--config.name={WEIRD}"]
+  assert call["argv"] == ["python3", "main.py", "--config=configs/cifar10_msweep.py:obf,64",
+                          f"--workdir={WEIRD}", f"--config.data_dir={WEIRD}"]
   assert call["env"]["TFDS_DATA_DIR"] == WEIRD
   assert call["cwd"] == str(home / "pf_jax")
   assert not (tmp_path / "pwned").exists()
@@ -235,11 +235,11 @@ def test_tpu_warns_on_local_workdir_for_pod(fakebin):
 
 def test_tpu_override_prefixes(fakebin):
   tmp, env = fakebin
-  r = run(TPU, TPU_BASE + ["--override=--config.a.b=1", "--override",
-                           "config.c=2", "--dry_run"], env=env)
+  r = run(TPU, TPU_BASE + ["--override=--config.sam.m=32", "--override",
+                           "config.seed=2", "--dry_run"], env=env)
   assert r.returncode == 0, r.stderr
   remote = shlex.split(remote_command(lines(r.stdout)[-1]))
-  assert "--config.a.b=1" in remote and "--config.c=2" in remote
+  assert "--config.sam.m=32" in remote and "--config.seed=2" in remote
 
 
 def test_tpu_real_run_matches_dry_run(fakebin):
@@ -303,9 +303,9 @@ def test_gpu_dry_run(fakebin):
   assert shlex.join([py, "-m", "pip", "install", "-r", "requirements.txt",
                      "jax[cuda12]"]) in out
   assert shlex.join([py, "-m", "pip", "install", "-e", "."]) in out
-  assert out[-1] == shlex.join([py, "main.py", "--config=configs/cifar10.py",
+  assert out[-1] == shlex.join([py, "main.py", "--config=configs/cifar10_msweep.py:obf,64",
                                 "--workdir=/tmp/runs/a",
-                                "--config.sam.rho=0.1"])
+                                "--config.sam.rho_max=0.1"])
   assert calls(tmp) == []
 
 
@@ -313,16 +313,16 @@ def test_gpu_dry_run_is_pasteable(fakebin):
   """Pasting the printed lines into bash runs exactly the intended argv."""
   tmp, env = fakebin
   py = str(tmp / "bin" / "python")
-  r = run(GPU, ["--config=configs/cifar10.py", f"--workdir={WEIRD}",
-                "--override", f"name={WEIRD}", f"--data_dir={WEIRD}",
+  r = run(GPU, ["--config=configs/cifar10_msweep.py:obf,64", f"--workdir={WEIRD}",
+                "--override", f"data_dir={WEIRD}", f"--data_dir={WEIRD}",
                 "--gpus=1", f"--python={py}", "--dry_run"], env=env)
   assert r.returncode == 0, r.stderr
   assert calls(tmp) == []
   subprocess.run(["bash", "-c", r.stdout], check=True, env=env, timeout=30,
                  cwd=tmp)
   (call,) = calls(tmp)
-  assert call["argv"] == ["python", "main.py", "--config=configs/cifar10.py",
-                          f"--workdir={WEIRD}", f"--config.name={WEIRD}"]
+  assert call["argv"] == ["python", "main.py", "--config=configs/cifar10_msweep.py:obf,64",
+                          f"--workdir={WEIRD}", f"--config.data_dir={WEIRD}"]
   assert call["env"]["TFDS_DATA_DIR"] == WEIRD
   assert call["env"]["CUDA_VISIBLE_DEVICES"] == "1"
   assert call["cwd"] == REPO
@@ -340,7 +340,7 @@ def test_gpu_real_run_propagates_exit_code(tmp_path):
   assert r.returncode == 3, r.stderr
   cs = calls(tmp_path)
   assert [c["argv"][1:3] for c in cs] == [["-m", "pip"], ["-m", "pip"],
-                                          ["main.py", "--config=configs/cifar10.py"]]
+                                          ["main.py", "--config=configs/cifar10_msweep.py:obf,64"]]
   assert cs[-1]["env"] == {"CUDA_VISIBLE_DEVICES": "0,1", "TFDS_DATA_DIR": "/d",
                            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
   assert cs[-1]["cwd"] == REPO
@@ -372,6 +372,61 @@ def test_gpu_bad_values(fakebin, bad):
   r = run(GPU, GPU_BASE + [bad, "--dry_run"], env=env)
   assert r.returncode != 0
   assert bad.split("=")[0] in r.stderr
+
+
+# ------------------------------------------------------- config check, examples
+
+
+def _help_example(script):
+  """The first command of the --help epilog, joined and split like a shell (no $HOME)."""
+  out = run(script, ["--help"]).stdout
+  text = out.split("example:", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
+  argv = shlex.split(text.replace("$HOME", "/home/user"))
+  assert argv[0] == "python3" and argv[1].startswith("launch/")
+  return argv[2:]
+
+
+@pytest.mark.parametrize("script", [TPU, GPU])
+def test_help_example_works(fakebin, script):
+  """The example in --help names a config and fields that exist, and its dry run succeeds."""
+  tmp, env = fakebin
+  args = _help_example(script)
+  assert "--dry_run" in args
+  r = run(script, args, env=env)
+  assert r.returncode == 0, r.stderr
+  config = [a for a in args if a.startswith("--config=")][0].split("=", 1)[1]
+  assert os.path.exists(os.path.join(REPO, config.split(":")[0]))
+  assert lines(r.stdout)[-1].count("main.py") == 1
+  assert calls(tmp) == []
+
+
+@pytest.mark.parametrize("script,base", [(TPU, TPU_BASE), (GPU, GPU_BASE)])
+@pytest.mark.parametrize("bad,field", [
+    (["--override", "sam.rho=0.1"], "config.sam.rho"),                     # unknown field
+    (["--override", "sam.obf_gamma=2"], "config.sam.obf_gamma"),
+    (["--config=configs/cifar10_resnet.py"], "--config"),                   # no such file
+    (["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
+])
+def test_dry_run_checks_the_config_like_main(fakebin, script, base, bad, field):
+  tmp, env = fakebin
+  args = [a for a in base if not (bad[0].startswith("--config=") and a.startswith("--config="))]
+  r = run(script, args + bad + ["--dry_run"], env=env)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1].startswith(f"error: {field}:"), r.stderr
+  assert "main.py" not in r.stdout and calls(tmp) == []
+
+
+def test_dry_run_checks_against_the_target_devices(fakebin):
+  """512 examples: fine on v3-32 (32 devices), not on 3 GPUs; m=1024 would span 16 of v2-8's 8 devices."""
+  tmp, env = fakebin
+  assert run(TPU, TPU_BASE + ["--dry_run"], env=env).returncode == 0
+  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--dry_run"], env=env)
+  assert r.returncode == 2 and "error: config.global_batch_size: 512" in r.stderr
+  r = run(TPU, [a if a != "--accelerator_type=v3-32" else "--accelerator_type=v2-8" for a in TPU_BASE]
+          + ["--override", "sam.m=1024", "--dry_run"], env=env)
+  assert r.returncode == 2 and "error: config.sam.m: 1024" in r.stderr
+  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--no_check", "--dry_run"], env=env)
+  assert r.returncode == 0
 
 
 def test_gpu_sigterm_reaches_main_and_its_preemption_code_comes_back(tmp_path):

@@ -53,6 +53,7 @@ def _config_flags(data_dir: str) -> list:
       f"--config={os.path.join(REPO, 'configs', 'default.py')}",
       f"--config.data_dir={data_dir}",
       f"--config.num_train_steps={STEPS}",
+      "--config.warmup_steps=1",  # within the run (warmup_epochs would be longer than it)
       "--config.log_every_steps=1000",
       "--config.eval_every_steps=1000",
       "--config.checkpoint_every_steps=1000",  # the last step is always evaluated and checkpointed

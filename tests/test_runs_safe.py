@@ -118,9 +118,9 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
                           stderr=subprocess.PIPE, text=True)
   lines = []
   try:
-    for line in proc.stderr:  # the logging writer prints "[step] train/..." every step
+    for line in proc.stderr:  # a "train step k/N: loss ..." line every step
       lines.append(line)
-      if re.search(rf"\[{k}\] .*train/loss", line):
+      if re.search(rf"train step {k}/", line):
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         break

@@ -121,10 +121,10 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("sam.m", 3, "config.sam.m"),
     ("sam.rho_max", -1.0, "config.sam.rho_max"),
-    ("sam.obf_gamma", 2.0, "gamma"),
-    ("sam.obf_lambda", 1.0, "lam"),
-    ("sam.asam", "sideways", "asam"),
-    ("sam.gsam_alpha", -0.1, "gsam_alpha"),
+    ("sam.obf_gamma", 2.0, "config.sam.obf_gamma"),
+    ("sam.obf_lambda", 1.0, "config.sam.obf_lambda"),
+    ("sam.asam", "sideways", "config.sam.asam"),
+    ("sam.gsam_alpha", -0.1, "config.sam.gsam_alpha"),
     ("sam.perturbation", "sharpest", "config.sam.perturbation"),
     ("model", "vit_huge", "config.model"),
     ("dataset", "mnist", "config.dataset"),
@@ -138,7 +138,7 @@ def test_invalid_config_is_a_one_line_error(field, value, match):
   target[name] = value
   with pytest.raises(ValueError, match=match) as err:
     train.validate_config(c, num_devices=8, num_processes=1)
-  assert "\n" not in str(err.value)
+  assert "\n" not in str(err.value) and str(err.value).startswith(match + ":")
 
 
 @pytest.mark.slow

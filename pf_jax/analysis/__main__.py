@@ -5,9 +5,13 @@ import sys
 
 
 def _quiet():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  """Only warnings and errors from libraries, as in main.py (pf_jax/reporting.py)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  with reporting.quiet_native_stderr():  # TensorFlow's import announces oneDNN on fd 2
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  tensorflow.config.set_visible_devices([], "GPU")  # the analysis' TF reads data only
 
 
 def main(argv=None) -> int:
@@ -30,9 +34,11 @@ def main(argv=None) -> int:
   p.add_argument("--workdirs", nargs="+", required=True)
   p.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  _quiet()
   try:
     if args.command == "sharpness":
+      from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+      workdir_lib.load_config(args.workdir)  # a wrong workdir is reported before TF starts
+      _quiet()
       from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
       result = sharpness.checkpoint_sharpness(
           args.workdir, num_examples=args.num_examples, batch_size=args.batch_size,

@@ -18,7 +18,7 @@ from pf_jax.models.resnet import (BasicBlock, BottleneckBlock, ResNet,
 from pf_jax.models.vit import ViT
 
 __all__ = [
-    "MODELS", "build_model", "has_batch_norm", "model_names",
+    "MODELS", "build_model", "has_batch_norm", "input_multiple", "model_names",
     "ViT", "ResNet", "ResNet50", "ResNet101", "ResNetTiny",
     "BasicBlock", "BottleneckBlock",
 ]
@@ -64,6 +64,12 @@ def build_model(name: str, *, num_classes: int, head_bias_init: float = 0.0,
   _check_name(name)
   return MODELS[name](num_classes=num_classes,
                       head_bias_init=float(head_bias_init), dtype=dtype)
+
+
+def input_multiple(name: str) -> int:
+  """Image sides must be a multiple of this (a ViT's patch size; 1 for ResNets)."""
+  _check_name(name)
+  return getattr(MODELS[name], "keywords", {}).get("patch_size", 1)
 
 
 def has_batch_norm(name: str) -> bool:

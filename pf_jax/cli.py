@@ -1,0 +1,173 @@
+"""The command line of main.py: config files, `--config.<field>=<value>` overrides, help, errors.
+
+Config loading is done here rather than by `ml_collections.config_flags`, which reports a typo'd
+field or a bad `:arg` as a multi-line traceback (sometimes when main.py is imported). Every
+problem becomes a `UsageError` whose message is the one line main.py prints:
+`config.<field>: <value> — <what is allowed>` (or `--<flag>: ...`).
+
+No TensorFlow here: errors and --help come before it is imported.
+"""
+import ast
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import ml_collections
+
+from pf_jax import config_validation
+
+DASH = config_validation.DASH
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
+PREFIX = "--config."
+# The paper's configs, in the order --help lists them.
+PAPER_CONFIGS = ("vit_s32_imagenet", "vit_s16_imagenet", "resnet50_imagenet", "resnet101_imagenet",
+                 "cifar_finetune", "cifar10_msweep")
+OTHER_CONFIGS = ("digits_msweep",)  # laptop-scale experiments (already local)
+
+
+class UsageError(ValueError):
+  """A bad command line or config; its message is one line."""
+
+
+def split_overrides(argv: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+  """argv without the `--config.<field>=<value>` arguments, and those as (field, value)."""
+  rest, overrides = [], []
+  args = iter(argv)
+  for a in args:
+    if a.startswith(PREFIX):
+      field, sep, value = a[len(PREFIX):].partition("=")
+      if not sep:  # "--config.x value"
+        value = next(args, None)
+        if value is None:
+          raise UsageError(f"config.{field}: no value {DASH} write --config.{field}=<value>")
+      overrides.append((field, value))
+    else:
+      rest.append(a)
+  return rest, overrides
+
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location(f"_pf_jax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config_files() -> str:
+  return ", ".join(f"configs/{n}.py" for n in ("default",) + PAPER_CONFIGS + OTHER_CONFIGS)
+
+
+def load_config(spec: Optional[str]) -> ml_collections.ConfigDict:
+  """`path[:arg]` -> the file's `get_config([arg])`; UsageError for a missing file or bad arg."""
+  spec = spec or DEFAULT_CONFIG
+  path, sep, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UsageError(f"--config: {path!r} {DASH} a config file; no such file (the configs: "
+                     f"{_config_files()})")
+  try:
+    module = _load_module(path)
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
+    raise UsageError(f"--config: {path!r} {DASH} a config file that imports; "
+                     f"{type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise UsageError(f"--config: {path!r} {DASH} a config file with get_config()")
+  try:
+    config = module.get_config(arg) if sep else module.get_config()
+  except TypeError as e:
+    if sep and not hasattr(module, "ARGS"):
+      raise UsageError(f"--config: {spec!r} {DASH} {path} takes no ':arg'") from e
+    raise
+  except ValueError as e:  # the paper configs' messages list the valid args
+    raise UsageError(f"--config: {spec!r} {DASH} {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UsageError(f"--config: {path!r} {DASH} get_config() must return a ConfigDict")
+  return config
+
+
+def _parse_value(config, field: str, text: str):
+  """The override `text` as the type of the field's current value."""
+  *parents, leaf = field.split(".")
+  holder = config
+  for p in parents:
+    holder = holder[p]
+  current = holder[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise config_validation.ConfigError(field, text, f"a group of fields; set config.{field}.<field>")
+  kind = holder.get_type(leaf)
+  if current is None and text == "None":
+    return holder, leaf, None
+  if kind is bool:
+    low = text.lower()
+    if low not in ("true", "false", "1", "0"):
+      raise config_validation.ConfigError(field, text, "True or False")
+    return holder, leaf, low in ("true", "1")
+  if kind is int:
+    try:
+      return holder, leaf, int(text)
+    except ValueError:
+      raise config_validation.ConfigError(field, text, "an integer") from None
+  if kind is float:
+    try:
+      return holder, leaf, float(text)
+    except ValueError:
+      raise config_validation.ConfigError(field, text, "a number") from None
+  if kind in (tuple, list):
+    if text.strip()[:1] in "([":
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        raise config_validation.ConfigError(field, text, "a tuple, e.g. a,b or \"('a', 'b')\"") from None
+    else:
+      value = [t.strip() for t in text.split(",") if t.strip()]
+    return holder, leaf, kind(value if isinstance(value, (tuple, list)) else (value,))
+  return holder, leaf, text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
+  """Sets each (field, text) in `config`; ConfigError for an unknown field or a bad value."""
+  known = config_validation.field_names(config)
+  groups = {n.rsplit(".", 1)[0] for n in known if "." in n}
+  for field, text in overrides:
+    if field not in known and field not in groups:
+      raise config_validation.ConfigError(field, text, "unknown field"
+                                          + config_validation.suggest(field, known))
+    holder, leaf, value = _parse_value(config, field, text)
+    holder[leaf] = value
+
+
+def build_config(spec: Optional[str], overrides) -> ml_collections.ConfigDict:
+  """The config file with the overrides applied, checked field by field (not yet device rules)."""
+  config = load_config(spec)
+  apply_overrides(config, overrides)
+  config.lock()
+  return config
+
+
+def help_text(spec: Optional[str], flags_help: str) -> str:
+  """--help: main.py's flags, every config field (defaults of `spec`) and the paper configs."""
+  try:
+    config = load_config(spec)
+    source = spec or "configs/default.py"
+  except UsageError:
+    config, source = load_config(None), "configs/default.py"
+  lines = [
+      "usage: python main.py --workdir=DIR [--config=FILE[:ARG]] [--config.FIELD=VALUE ...]",
+      "",
+      "Trains and evaluates one config; resumes from the workdir's latest checkpoint.",
+      "",
+      "flags:",
+      flags_help,
+      "",
+      f"config fields (defaults of {source}; override with --config.FIELD=VALUE):",
+      config_validation.help_text(config),
+      "",
+      "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
+  ]
+  for name in PAPER_CONFIGS + OTHER_CONFIGS:
+    if name == OTHER_CONFIGS[0]:
+      lines += ["", "other configs:"]
+    module = _load_module(os.path.join(REPO, "configs", f"{name}.py"))
+    doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+    lines += [f"  configs/{name}.py: {doc}", f"      ARG: {module.ARGS}"]
+  return "\n".join(lines) + "\n"
