@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pf_jax import input_pipeline
+from pf_jax.analysis import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
@@ -60,6 +61,7 @@ def _config_flags(data_dir: str) -> list:
       "--config.eval_batch_size=64",
       "--config.global_batch_size=128",
       "--config.sam.m=32",  # per-device batch 128 / 2 = 64: two m-chunks per device
+      "--config.analysis.collect_every_steps=4",  # outputs at theta and theta^p at the last step
   ]
 
 
@@ -164,3 +166,13 @@ def test_two_processes_train_in_lockstep(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ref_state["params"]))
   # Same weights, other eval batching: at most one of the 359 test digits may flip.
   assert abs(_top1(outputs["process0"]) - _top1(outputs["reference"])) < 0.003
+
+  # Collected outputs: gathered from both processes into the split's order by process 0. Each
+  # process reads its half of the 359 test digits in batches of 64 (one per device), so the
+  # m-chunks of the first 160 examples are the reference's (batches of 128, 64 per device).
+  got, want = (collect.load_points(w)[-1] for w in (shared, reference))
+  assert int(got["step"]) == STEPS and int(got["num_examples"]) == 359
+  np.testing.assert_array_equal(got["labels"], want["labels"])
+  np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-5)
+  np.testing.assert_allclose(got["probs_p"][:160], want["probs_p"][:160], atol=1e-5)
+  assert np.abs(got["probs_p"] - got["probs"]).max() > 1e-3

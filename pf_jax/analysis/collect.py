@@ -50,7 +50,7 @@ def _wrap_around(batches: Iterator[Dict[str, np.ndarray]]) -> Iterator[Dict[str,
 
 
 def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) -> Dict[str, np.ndarray]:
-  """Likelihoods on the whole forgetting split (every process gets all of them)."""
+  """Likelihoods on the whole forgetting split, in its order (every process gets all of them)."""
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
   it = input_pipeline.eval_iterator(forgetting_dataset(c), data_dir=c.data_dir,
                                     image_size=c.image_size, local_batch_size=local_batch_size)
@@ -61,11 +61,18 @@ def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) ->
     device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
                     for k in ("image", "label")}
     outputs.append(collect_step(state.params, state.batch_stats, state.step, device_batch))
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  outputs = {k: np.concatenate([gather(o[k]) for o in outputs]) for k in outputs[0]}
-  keep = np.concatenate([gather(np.asarray(m)) for m in masks]) > 0
-  labels = np.concatenate([gather(np.asarray(y)) for y in labels])
-  return dict({k: v[keep] for k, v in outputs.items()}, labels=labels[keep])
+  num_processes = jax.process_count()
+
+  def in_split_order(blocks):
+    # Each gathered batch is [process 0's part, process 1's part, ...]; every process reads a
+    # contiguous range of the split, so putting each process's batches together restores it.
+    x = np.stack([np.asarray(multihost_utils.process_allgather(b, tiled=True)) for b in blocks])
+    x = x.reshape((x.shape[0], num_processes, -1) + x.shape[2:]).swapaxes(0, 1)
+    return x.reshape((-1,) + x.shape[3:])
+
+  keep = in_split_order(masks) > 0
+  return dict({k: in_split_order([o[k] for o in outputs])[keep] for k in outputs[0]},
+              labels=in_split_order(labels)[keep])
 
 
 def summarize(outputs: Dict[str, np.ndarray], *, step: int, epoch: float,
