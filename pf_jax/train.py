@@ -332,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flatten(c.to_dict()).items()})
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                          for k, v in workdir_lib.flatten(c.to_dict()).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
@@ -342,6 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 for name in c.eval_datasets}
   collect_every = c.analysis.collect_every_steps
   collect_step = make_collect_step(c, model, mesh, rho) if collect_every else None
+  if (collect_every and start_step and start_step % collect_every == 0
+      and not collect_lib.has_point(workdir, start_step)):  # preempted right at a collection step
+    writer.write_scalars(start_step, collect_lib.collect_point(
+        c, state, collect_step, batch_sharding, workdir, step=start_step, num_train_examples=num_train))
   train_iter = input_pipeline.train_iterator(
       c.dataset, data_dir=c.data_dir, image_size=c.image_size,
       local_batch_size=c.global_batch_size // jax.process_count(), seed=c.seed, start_step=start_step,
@@ -415,14 +420,4 @@ def _summarize(fetched) -> Dict[str, float]:
   out = {f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
          for k in fetched[0] if k != "nonfinite"}
   out["train/nonfinite_steps"] = float(sum(m["nonfinite"] for m in fetched))
-  return out
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
   return out

@@ -19,8 +19,12 @@ import ml_collections
 CONFIG_FILE = "config.json"
 # Fields that change neither the training trajectory nor the meaning of the results: a run may be
 # continued with new values (README "Runs are safe").
+# Fields that do not change what is trained (the analysis only reads the run).
 SAFE_TO_CHANGE = ("data_dir", "eval_datasets", "eval_batch_size", "log_every_steps", "eval_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints", "profile", "max_consecutive_nonfinite")
+                  "checkpoint_every_steps", "keep_checkpoints", "profile", "max_consecutive_nonfinite",
+                  "analysis.collect_every_steps", "analysis.dataset", "analysis.max_raw_values",
+                  "analysis.sharpness_examples", "analysis.sharpness_batch_size",
+                  "analysis.sharpness_iters", "analysis.sharpness_tol")
 OVERRIDE_FLAG = "--allow_config_change"
 RESULTS_FILE = "results.json"
 
@@ -59,11 +63,12 @@ class ConfigMismatchError(ValueError):
   """A workdir holds a run whose config differs from the new one."""
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}: a nested config dict keyed by dotted field names."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -71,8 +76,8 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(stored: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> List[str]:
   """One line per field outside SAFE_TO_CHANGE that differs: 'config.f: OLD in this workdir, NEW now'."""
-  old = _flatten(json.loads(stored.to_json_best_effort()))
-  now = _flatten(json.loads(new.to_json_best_effort()))  # JSON round trip: tuples == lists
+  old = flatten(json.loads(stored.to_json_best_effort()))
+  now = flatten(json.loads(new.to_json_best_effort()))  # JSON round trip: tuples == lists
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
   return [f"config.{k}: {show(old, k)} in this workdir, {show(now, k)} now"
           for k in sorted(set(old) | set(now))

@@ -270,6 +270,7 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
   c = _tiny_digits_config("obf", 4)
   c.data_dir = str(tmp_path / "data")
+  c.checkpoint_every_steps = 3
   results = train.train_and_evaluate(c, str(tmp_path / "run"))
   points = collect.load_points(str(tmp_path / "run"))
   assert [int(p["step"]) for p in points] == [3, 6]
@@ -282,6 +283,21 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
       last["probs"], last["labels"], analysis.thresholds())[0])
   assert not np.allclose(last["probs"], last["probs_p"])
   assert abs(float(last["epoch"]) - 6 * 64 / 1437) < 1e-3
+
+  # A run stopped right after its step-3 checkpoint, before collecting (e.g. preempted there),
+  # collects step 3 when it resumes; every point is what the uninterrupted run recorded.
+  import shutil  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  shutil.rmtree(run / "checkpoints" / "6")
+  for step in (3, 6):
+    os.remove(run / "forgetting" / f"step_{step:09d}.npz")
+  os.remove(run / "results.json")
+  train.train_and_evaluate(c, str(run))
+  again = collect.load_points(str(run))
+  assert [int(p["step"]) for p in again] == [3, 6]
+  for a, b in zip(points, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forget=None):

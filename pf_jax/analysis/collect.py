@@ -108,12 +108,20 @@ def collect_point(c, state, collect_step, batch_sharding, workdir, *, step: int,
   return {f"forgetting/{k}": float(record[k]) for k in ("accuracy", "accuracy_p") if k in record}
 
 
+def _point_path(workdir, step: int) -> epath.Path:
+  return epath.Path(workdir) / DIRNAME / f"step_{int(step):09d}.npz"
+
+
+def has_point(workdir, step: int) -> bool:
+  return _point_path(workdir, step).exists()
+
+
 def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
-  directory = epath.Path(workdir) / DIRNAME
+  path = _point_path(workdir, record["step"])
+  directory = path.parent
   directory.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
   np.savez(buffer, **record)
-  path = directory / f"step_{int(record['step']):09d}.npz"
   tmp = directory / (path.name + ".tmp")
   tmp.write_bytes(buffer.getvalue())
   tmp.replace(path)  # a re-collected point (after a resume) replaces the earlier one

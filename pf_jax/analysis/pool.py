@@ -2,7 +2,7 @@
 
 A run is a workdir with `config.json`, `results.json` (a finished run), optionally
 `sharpness.json` and `forgetting/step_*.npz`. Runs that differ only in their seed (and in fields
-that do not change training: logging, checkpointing, analysis, data_dir) form one group.
+that do not change training, `workdir.SAFE_TO_CHANGE`) form one group.
 """
 import dataclasses
 import json
@@ -16,9 +16,7 @@ from pf_jax.analysis import forgetting
 from pf_jax.analysis import sharpness as sharpness_lib
 
 # Fields ignored when deciding whether two runs are the same experiment.
-NOT_EXPERIMENT = ("seed", "data_dir", "log_every_steps", "eval_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints", "profile", "eval_batch_size",
-                  "analysis")
+NOT_EXPERIMENT = ("seed",) + workdir_lib.SAFE_TO_CHANGE
 
 
 @dataclasses.dataclass
@@ -67,8 +65,8 @@ class Run:
 
   @property
   def experiment(self) -> str:
-    return json.dumps({k: v for k, v in self.config.items() if k not in NOT_EXPERIMENT},
-                      sort_keys=True)
+    return json.dumps({k: v for k, v in workdir_lib.flatten(self.config).items()
+                       if k not in NOT_EXPERIMENT}, sort_keys=True)
 
 
 def load_run(workdir: str) -> Run:
