@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from pf_jax import input_pipeline
 from pf_jax.analysis import collect
@@ -133,6 +134,7 @@ def _top1(stdout: str) -> float:
   return float(found[0])
 
 
+@pytest.mark.slow  # ~50 s of three subprocesses; CI runs it (`-m slow`)
 def test_two_processes_train_in_lockstep(tmp_path):
   data_dir = str(tmp_path / "data")
   input_pipeline.get_builder("digits", data_dir)  # prepared once here, not raced by the processes
