@@ -40,7 +40,11 @@ def main(argv=None) -> int:
 
   def run(cmd):
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO_ROOT, check=True)
+    code = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+    if code:
+      print(f"error: the command above failed (exit code {code}); run this again to resume",
+            file=sys.stderr)
+      sys.exit(code)
 
   start = time.time()
   workdirs = []

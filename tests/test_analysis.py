@@ -44,7 +44,9 @@ def test_power_iteration_matches_full_hessian(num_devices):
         loss(unravel(f), jax.tree.map(lambda a: a[i], batches)) for i in range(3)]))
     eigs = np.linalg.eigh(np.asarray(jax.hessian(mean_loss)(flat)))[0]
     want = eigs[np.argmax(np.abs(eigs))]
-    got = analysis.hessian_top_eigenvalue(loss, jax.tree.map(jnp.asarray, params), batches,
+    # Parameters committed to one device, as restored from a checkpoint.
+    committed = jax.device_put(jax.tree.map(jnp.asarray, params), jax.devices()[0])
+    got = analysis.hessian_top_eigenvalue(loss, committed, batches,
                                           num_iters=2000, tol=1e-9, rng=jax.random.PRNGKey(0),
                                           devices=jax.devices()[:num_devices])
   assert abs(got - want) <= 1e-3 * abs(want)

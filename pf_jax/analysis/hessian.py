@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pf_jax import sharding
 
@@ -83,4 +83,8 @@ def hessian_top_eigenvalue(loss_fn: Callable[[Any, Any], jax.Array], params, bat
     _, eig, _, _ = lax.while_loop(not_done, step, (jnp.zeros((), jnp.int32), zero, zero, v))
     return eig
 
-  return float(power_iteration(params, batches, weights, rng))
+  # Explicit placement: params may arrive committed to one device (e.g. restored from a checkpoint).
+  replicated, dealt = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+  params = jax.device_put(params, replicated)
+  batches, weights = jax.device_put((batches, weights), dealt)
+  return float(power_iteration(params, batches, weights, jax.device_put(rng, replicated)))
