@@ -6,6 +6,7 @@ Without --config it trains the default (OBF-SAM ViT on scikit-learn's digits, no
 Order: command line and config -> validation (one-line errors, exit 2) -> TensorFlow, data and
 compilation. A bad value therefore stops the run in about a second, before anything compiles.
 """
+
 import contextlib
 import difflib
 import os
@@ -13,39 +14,71 @@ import sys
 import traceback
 
 # Library C++ logs (TensorFlow, XLA) are silenced unless asked for; this must precede their import.
-_VERBOSE = any(a in ("--verbose", "--verbose=true", "--verbose=True") or a.startswith(("--verbosity", "-v="))
-               for a in sys.argv[1:]) or os.environ.get("PF_JAX_VERBOSE", "") not in ("", "0")
+_VERBOSE = any(
+  a in ("--verbose", "--verbose=true", "--verbose=True") or a.startswith(("--verbosity", "-v="))
+  for a in sys.argv[1:]
+) or os.environ.get("PF_JAX_VERBOSE", "") not in ("", "0")
 if not _VERBOSE:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-import jax
 
 from pf_jax import cli
 from pf_jax import config_validation
 from pf_jax import reporting
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Config file, optionally with its argument: configs/<name>.py[:arg] "
-                    "(default: configs/default.py). Override fields with --config.<field>=<value>.")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, config.json and "
-                    "results.json (created; a run there is resumed).")
-flags.DEFINE_bool("verbose", False, "Full tracebacks for errors and every library's log messages "
-                  "(also: PF_JAX_VERBOSE=1; --verbosity=0 keeps the library logs only).")
-flags.DEFINE_bool("allow_config_change", False, "Continue the run in --workdir although its config "
-                  "differs from the stored config.json (the old one is kept as config.<N>.json).")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize(): 'auto' does it when a multi-host environment is "
-                  "detected (TPU pod, SLURM) or --coordinator_address is given.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process without auto-detection).")
+flags.DEFINE_string(
+  "config",
+  None,
+  "Config file, optionally with its argument: configs/<name>.py[:arg] "
+  "(default: configs/default.py). Override fields with --config.<field>=<value>.",
+)
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "Directory for checkpoints, TensorBoard events, config.json and "
+  "results.json (created; a run there is resumed).",
+)
+flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Full tracebacks for errors and every library's log messages "
+  "(also: PF_JAX_VERBOSE=1; --verbosity=0 keeps the library logs only).",
+)
+flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Continue the run in --workdir although its config "
+  "differs from the stored config.json (the old one is kept as config.<N>.json).",
+)
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "jax.distributed.initialize(): 'auto' does it when a multi-host environment is "
+  "detected (TPU pod, SLURM) or --coordinator_address is given.",
+)
+flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (multi-process without auto-detection)."
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.DEFINE_bool("check_only", False, "Validate the command line and config (against --num_devices) "
-                  "and exit: what the launchers' --dry_run does.")
-flags.DEFINE_integer("num_devices", None, "With --check_only: the device count to check batch sizes "
-                     "and sam.m against (default: this machine's).")
+flags.DEFINE_bool(
+  "check_only",
+  False,
+  "Validate the command line and config (against --num_devices) "
+  "and exit: what the launchers' --dry_run does.",
+)
+flags.DEFINE_integer(
+  "num_devices",
+  None,
+  "With --check_only: the device count to check batch sizes "
+  "and sam.m against (default: this machine's).",
+)
 
 _CONFIG = None  # the parsed config (set by parse_flags)
 DASH_ALLOWED = f"{config_validation.DASH} a directory for checkpoints and events (--workdir=DIR)"
@@ -64,7 +97,9 @@ def fail(message: str, code: int = 2):
 def _flags_help() -> str:
   """main.py's own flags (absl's help lists every library's too)."""
   lines = FLAGS.module_help(sys.modules[__name__]).splitlines()
-  return "\n".join("  " + l if l else l for l in lines if l.strip() and not l.rstrip().endswith(":"))
+  return "\n".join(
+    "  " + l if l else l for l in lines if l.strip() and not l.rstrip().endswith(":")
+  )
 
 
 def parse_flags(argv):
@@ -98,9 +133,13 @@ def parse_flags(argv):
 
 
 def _init_distributed():
-  multihost_env = any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if FLAGS.distributed == "off" or (FLAGS.distributed == "auto" and not multihost_env
-                                     and not FLAGS.coordinator_address):
+  multihost_env = any(
+    k in os.environ
+    for k in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "MEGASCALE_COORDINATOR_ADDRESS")
+  )
+  if FLAGS.distributed == "off" or (
+    FLAGS.distributed == "auto" and not multihost_env and not FLAGS.coordinator_address
+  ):
     return
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -127,23 +166,31 @@ def main(argv):
     config_validation.check_workdir(FLAGS.workdir)
   except ValueError as e:
     fail(str(e))
-  with (contextlib.nullcontext() if _VERBOSE or FLAGS.verbose else reporting.quiet_native_stderr()):
-    from pf_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top  (TensorFlow: after the checks)
-    from pf_jax import checkpointing, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with contextlib.nullcontext() if _VERBOSE or FLAGS.verbose else reporting.quiet_native_stderr():
+    from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: after the checks)
+    from pf_jax import train  # pylint: disable=g-import-not-at-top  (TensorFlow: after the checks)
+    from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if not (_VERBOSE or FLAGS.verbose):
     input_pipeline.tfds.disable_progress_bar()
   preempted = None
   try:
-    results = train.train_and_evaluate(_CONFIG, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+    results = train.train_and_evaluate(
+      _CONFIG, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+    )
   except input_pipeline.DatasetNotPreparedError as e:
-    fail(f"config.data_dir: {_CONFIG.data_dir!r} {config_validation.DASH} " + str(e).replace("\n", " "))
+    fail(
+      f"config.data_dir: {_CONFIG.data_dir!r} {config_validation.DASH} " + str(e).replace("\n", " ")
+    )
   except workdir_lib.ConfigMismatchError as e:  # one line per changed field
     fail(str(e))
   except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
     fail(str(e), code=1)
   except checkpointing.Preempted as e:
     preempted = str(e)
-  if preempted:  # outside `except`: the run's arrays are freed now, not in a slow interpreter teardown
+  if (
+    preempted
+  ):  # outside `except`: the run's arrays are freed now, not in a slow interpreter teardown
     logging.warning("%s", preempted)
     sys.exit(checkpointing.PREEMPTED_EXIT_CODE)  # a distinct code: schedulers and launchers requeue
   if jax.process_index() == 0:

@@ -8,6 +8,7 @@ perturbations: the perturbed weights differ per chunk, so vmap turns convolution
 ones and scan runs chunks one after another). Wall-clock on a shared CPU is noisy: only ratios
 from the same run are meaningful.
 """
+
 import argparse
 import statistics
 import time
@@ -33,13 +34,18 @@ class SmallCNN(nn.Module):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--m", type=int, default=64)
   parser.add_argument("--image", type=int, default=16)
-  parser.add_argument("--model", default="cnn", help="cnn (a 2-layer CNN) or a pf_jax.models name without "
-                      "BatchNorm, e.g. vit_ti4")
+  parser.add_argument(
+    "--model",
+    default="cnn",
+    help="cnn (a 2-layer CNN) or a pf_jax.models name without BatchNorm, e.g. vit_ti4",
+  )
   args = parser.parse_args()
 
   model = SmallCNN() if args.model == "cnn" else models.build_model(args.model, num_classes=10)
@@ -56,22 +62,23 @@ def main():
     return optax.apply_updates(p, u), s
 
   variants = {
-      "base (AdamW)": (base, base_step),
+    "base (AdamW)": (base, base_step),
   }
   obf = pf_jax.obf(0.1, 1.0, "sigmoid")
   m_all, m = args.batch, args.m
   for name, kw in {
-      f"SAM-steep m={m_all}": dict(rho=0.6, m=m_all),
-      f"OBF-SAM m={m_all}": dict(rho=0.6, objective=obf, m=m_all),
-      f"GSAM-steep m={m_all}": dict(rho=0.6, gsam_alpha=0.4, m=m_all),
-      f"GSAM-OBF m={m_all}": dict(rho=0.6, gsam_alpha=0.4, objective=obf, m=m_all),
-      f"OBF-SAM m={m} vmap": dict(rho=0.6, objective=obf, m=m),
-      f"GSAM-steep m={m} vmap": dict(rho=0.6, gsam_alpha=0.4, m=m),
-      f"OBF-SAM m={m} scan": dict(rho=0.6, objective=obf, m=m, chunk_mode="scan"),
+    f"SAM-steep m={m_all}": dict(rho=0.6, m=m_all),
+    f"OBF-SAM m={m_all}": dict(rho=0.6, objective=obf, m=m_all),
+    f"GSAM-steep m={m_all}": dict(rho=0.6, gsam_alpha=0.4, m=m_all),
+    f"GSAM-OBF m={m_all}": dict(rho=0.6, gsam_alpha=0.4, objective=obf, m=m_all),
+    f"OBF-SAM m={m} vmap": dict(rho=0.6, objective=obf, m=m),
+    f"GSAM-steep m={m} vmap": dict(rho=0.6, gsam_alpha=0.4, m=m),
+    f"OBF-SAM m={m} scan": dict(rho=0.6, objective=obf, m=m, chunk_mode="scan"),
   }.items():
     tx = pf_jax.sam(base, **kw, apply_fn=apply_fn, loss_fn=loss_fn)
     step = lambda p, s, tx=tx: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
-        tx.update(None, s, p, inputs=x, labels=y))
+      tx.update(None, s, p, inputs=x, labels=y)
+    )
     variants[name] = (tx, step)
 
   times = {}
@@ -88,7 +95,9 @@ def main():
       samples.append(time.perf_counter() - t0)
     times[name] = statistics.median(samples)
 
-  print(f"model={args.model} backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}")
+  print(
+    f"model={args.model} backend={jax.default_backend()} batch={args.batch} m={args.m} image={args.image} steps={args.steps}"
+  )
   ref = times["base (AdamW)"]
   for name, t in times.items():
     print(f"{name:24s} {1e3 * t:8.2f} ms/step  ratio {t / ref:5.2f}")

@@ -17,23 +17,36 @@ choice, is used.
 Local variant: the tiny run has a global batch of 16, so m is kept only if it divides 16 (1, 2, 4,
 8, 16); any larger m becomes 4 (make_local's default).
 """
+
 from configs import common
 
 # Table C.1 (ViT-S/32, CIFAR FORGET VS. ACC): rho 0.2 constant in every row.
 #   PERTURB        rho      OBF lambda, gamma
 PERTURBATIONS = {
-    "steep":      {"sam.perturbation": "steepest", "sam.rho_max": 0.2, "sam.rho_min": -1.0},
-    "obf":        {"sam.perturbation": "obf", "sam.rho_max": 0.2, "sam.rho_min": -1.0,
-                   "sam.obf_lambda": 1 / 3, "sam.obf_gamma": 1.0},
-    "obf_gamma0": {"sam.perturbation": "obf", "sam.rho_max": 0.2, "sam.rho_min": -1.0,
-                   "sam.obf_lambda": 1 / 3, "sam.obf_gamma": 0.0},
+  "steep": {"sam.perturbation": "steepest", "sam.rho_max": 0.2, "sam.rho_min": -1.0},
+  "obf": {
+    "sam.perturbation": "obf",
+    "sam.rho_max": 0.2,
+    "sam.rho_min": -1.0,
+    "sam.obf_lambda": 1 / 3,
+    "sam.obf_gamma": 1.0,
+  },
+  "obf_gamma0": {
+    "sam.perturbation": "obf",
+    "sam.rho_max": 0.2,
+    "sam.rho_min": -1.0,
+    "sam.obf_lambda": 1 / 3,
+    "sam.obf_gamma": 0.0,
+  },
 }
-M_VALUES = tuple(2 ** k for k in range(10))  # 1 .. 512
-LOCAL_BATCH = 16                              # common.make_local's global batch
+M_VALUES = tuple(2**k for k in range(10))  # 1 .. 512
+LOCAL_BATCH = 16  # common.make_local's global batch
 
 
-ARGS = (f"PERTURBATION,M[,local] with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
-        f"{', '.join(map(str, M_VALUES))} (default obf,64)")
+ARGS = (
+  f"PERTURBATION,M[,local] with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
+  f"{', '.join(map(str, M_VALUES))} (default obf,64)"
+)
 
 
 def _parse(arg):
@@ -60,17 +73,17 @@ def get_config(arg=None):
   c.image_size = 224
   c.model = "vit_s32"
   c.head_bias_init = -10.0
-  c.loss = "sigmoid_xent"             # Table C.1: BCE
+  c.loss = "sigmoid_xent"  # Table C.1: BCE
   c.global_batch_size = 512
   c.num_epochs = 300.0
   c.warmup_epochs = 32.0
   c.optimizer = "adamw"
   c.lr_max = 3e-4
-  c.lr_min = 3e-4                     # Section 6.1: "without decay"
+  c.lr_min = 3e-4  # Section 6.1: "without decay"
   c.weight_decay = 1.2
   c.clip_grad_norm = 1.0
   c.log_every_steps = 50
-  c.eval_every_steps = 980            # ~10 epochs of 512 on CIFAR-10's 50k
+  c.eval_every_steps = 980  # ~10 epochs of 512 on CIFAR-10's 50k
   c.checkpoint_every_steps = 980
   common.set_method(c, perturbation, PERTURBATIONS)
   c.sam.m = m

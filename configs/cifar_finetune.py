@@ -19,11 +19,10 @@ Notes on values that are not readable in our copy of Table C.1:
   * Augmentation is not given in the paper: the default Inception crop (crop_area_min 0.08) and
     flip at 224x224, as in big_vision's CIFAR finetuning configs.
 """
+
 from configs import common
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}  # "C" in Table C.1's lambda = 1/C
-
-
 
 
 def methods(model: str, num_classes: int) -> dict:
@@ -31,29 +30,31 @@ def methods(model: str, num_classes: int) -> dict:
   if model == "vit_s32":
     #   PERTURB        rho     OBF lambda, gamma
     return {
-        "none":      common.sam_row("none", 0.0),
-        "sam_steep": common.sam_row("steepest", 0.05),
-        "sam_obf":   common.sam_row("obf", 0.05, obf_lambda=1 / num_classes, obf_gamma=1.0),
+      "none": common.sam_row("none", 0.0),
+      "sam_steep": common.sam_row("steepest", 0.05),
+      "sam_obf": common.sam_row("obf", 0.05, obf_lambda=1 / num_classes, obf_gamma=1.0),
     }
   if model == "resnet50":
     return {
-        "none":      common.sam_row("none", 0.0),
-        "sam_steep": common.sam_row("steepest", 0.1),
-        "sam_obf":   common.sam_row("obf", 0.1, obf_lambda=1 / num_classes, obf_gamma=1e-12),
+      "none": common.sam_row("none", 0.0),
+      "sam_steep": common.sam_row("steepest", 0.1),
+      "sam_obf": common.sam_row("obf", 0.1, obf_lambda=1 / num_classes, obf_gamma=1e-12),
     }
   raise ValueError(f"unknown model {model!r}; this config has ['resnet50', 'vit_s32']")
 
 
 # Per model: loss (Table C.1) and the tiny model of the local variant.
 MODELS = {
-    "vit_s32":  dict(loss="sigmoid_xent", local_model="vit_ti4"),     # BCE
-    "resnet50": dict(loss="softmax_xent", local_model="resnet_tiny"),  # CE
+  "vit_s32": dict(loss="sigmoid_xent", local_model="vit_ti4"),  # BCE
+  "resnet50": dict(loss="softmax_xent", local_model="resnet_tiny"),  # CE
 }
 
 
-ARGS = (f"MODEL,DATASET,METHOD[,local] with MODEL in {', '.join(MODELS)}, DATASET in "
-        f"{', '.join(NUM_CLASSES)}, METHOD in {', '.join(methods('vit_s32', 10))} "
-        "(default vit_s32,cifar10,sam_obf)")
+ARGS = (
+  f"MODEL,DATASET,METHOD[,local] with MODEL in {', '.join(MODELS)}, DATASET in "
+  f"{', '.join(NUM_CLASSES)}, METHOD in {', '.join(methods('vit_s32', 10))} "
+  "(default vit_s32,cifar10,sam_obf)"
+)
 
 
 def _parse(arg):
@@ -81,16 +82,16 @@ def get_config(arg=None):
   c.global_batch_size = 512
   c.num_epochs = 100.0
   c.warmup_epochs = 5.0
-  c.optimizer = "sgdw"                # Table C.1: SGD, momentum 0.9
+  c.optimizer = "sgdw"  # Table C.1: SGD, momentum 0.9
   c.momentum = 0.9
-  c.lr_max = 0.03                     # not readable in Table C.1, see the module docstring
+  c.lr_max = 0.03  # not readable in Table C.1, see the module docstring
   c.lr_min = 0.0
   c.weight_decay = 0.0
   c.clip_grad_norm = 1.0
   c.sam.m = 64
-  c.init_from = ""                    # set with --config.init_from=/path/to/imagenet/workdir
+  c.init_from = ""  # set with --config.init_from=/path/to/imagenet/workdir
   c.log_every_steps = 50
-  c.eval_every_steps = 980            # ~10 epochs of 512 on CIFAR's 50k
+  c.eval_every_steps = 980  # ~10 epochs of 512 on CIFAR's 50k
   c.checkpoint_every_steps = 980
   common.set_method(c, method, methods(model, NUM_CLASSES[dataset]))
   if local:

@@ -1,7 +1,8 @@
 """Default: a small ViT with OBF-SAM on scikit-learn's 8x8 digits (no download, CPU minutes).
 
-  python main.py --workdir=/tmp/pf
+python main.py --workdir=/tmp/pf
 """
+
 from configs import common
 
 
@@ -10,10 +11,10 @@ def get_config():
   c.dataset = "digits"
   c.eval_datasets = ("digits",)
   c.image_size = 8
-  c.crop_area_min = 0.5               # 8x8 digits: mild crops only
+  c.crop_area_min = 0.5  # 8x8 digits: mild crops only
   c.model = "vit_digits"
   c.loss = "sigmoid_xent"
-  c.head_bias_init = -2.3             # ~ log(1/9): sigmoid outputs start near 1/C
+  c.head_bias_init = -2.3  # ~ log(1/9): sigmoid outputs start near 1/C
   c.global_batch_size = 128
   c.num_epochs = 40.0
   c.warmup_epochs = 2.0

@@ -8,26 +8,31 @@ decay and rho, and collects outputs at theta and theta^p on the digits test spli
 
   python launch/forgetting_pool.py --root=/tmp/pool
 """
+
 from configs import common
 
 GLOBAL_BATCH = 64
-M_VALUES = tuple(2 ** k for k in range(GLOBAL_BATCH.bit_length()))  # 1 .. 64
+M_VALUES = tuple(2**k for k in range(GLOBAL_BATCH.bit_length()))  # 1 .. 64
 #   PERTURB        rho, OBF lambda (1/C), gamma
 PERTURBATIONS = {
-    "steep": common.sam_row("steepest", 0.1),
-    "obf": common.sam_row("obf", 0.1, obf_lambda=1 / 10, obf_gamma=1.0),
-    "obf_gamma0": common.sam_row("obf", 0.1, obf_lambda=1 / 10, obf_gamma=0.0),
+  "steep": common.sam_row("steepest", 0.1),
+  "obf": common.sam_row("obf", 0.1, obf_lambda=1 / 10, obf_gamma=1.0),
+  "obf_gamma0": common.sam_row("obf", 0.1, obf_lambda=1 / 10, obf_gamma=0.0),
 }
 
-ARGS = (f"PERTURBATION,M with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
-        f"{', '.join(map(str, M_VALUES))} (default obf,8)")
+ARGS = (
+  f"PERTURBATION,M with PERTURBATION in {', '.join(PERTURBATIONS)}, M in "
+  f"{', '.join(map(str, M_VALUES))} (default obf,8)"
+)
 
 
 def _parse(arg):
   parts = [p for p in (arg or "obf,8").split(",") if p]
   if len(parts) != 2 or parts[0] not in PERTURBATIONS:
-    raise ValueError(f"digits_msweep expects 'perturbation,m' with perturbation in "
-                     f"{sorted(PERTURBATIONS)}, got {arg!r}")
+    raise ValueError(
+      f"digits_msweep expects 'perturbation,m' with perturbation in "
+      f"{sorted(PERTURBATIONS)}, got {arg!r}"
+    )
   try:
     m = int(parts[1])
   except ValueError:
@@ -46,13 +51,13 @@ def get_config(arg=None):
   c.crop_area_min = 0.5
   c.model = "vit_digits"
   c.loss = "sigmoid_xent"
-  c.head_bias_init = -2.3             # ~ log(1/9): sigmoid outputs start near 1/C
+  c.head_bias_init = -2.3  # ~ log(1/9): sigmoid outputs start near 1/C
   c.global_batch_size = GLOBAL_BATCH
   c.num_epochs = 30.0
   c.warmup_epochs = 2.0
   c.optimizer = "adamw"
   c.lr_max = 1e-3
-  c.lr_min = 1e-3                     # constant after warmup
+  c.lr_min = 1e-3  # constant after warmup
   c.weight_decay = 0.05
   c.clip_grad_norm = 1.0
   common.set_method(c, perturbation, PERTURBATIONS)

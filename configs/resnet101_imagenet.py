@@ -7,6 +7,7 @@ the ASAM and baseline rows for ResNet-50 only; they are offered here with ResNet
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf,local   # offline: tiny model on digits
 """
+
 from configs import resnet50_imagenet
 
 METHODS = resnet50_imagenet.METHODS

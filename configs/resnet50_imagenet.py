@@ -9,32 +9,39 @@ Notes on values that are not readable in our copy of Table C.1:
   * ASAM rows and the random-perturbation row: their rho values are cut off in the table; SAM's
     rho (0.04 -> 0.02 for steepest ascent / random, 0.04 constant for OBF) is used for them.
 """
+
 from configs import common
 
 NUM_CLASSES = 1000  # "C" in Table C.1's lambda = 1/C
 
 
-
-
 # Table C.1 (ResNet-50, IMAGENET TRAIN) and the ASAM / baseline rows of Table B.1.
 #   ALGO / PERTURB      rho max, min          OBF lambda, gamma               GSAM xi, norm backup / ASAM
 METHODS = {
-    "sgd":            common.sam_row("none", 0.0),
-    "sam_steep":      common.sam_row("steepest", 0.04, 0.02),
-    "sam_obf":        common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12),
-    "gsam_steep":     common.sam_row("steepest", 0.04, 0.02,
-                           gsam_alpha=0.01, gsam_normalized_backup=True),
-    "gsam_obf":       common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
-                           gsam_alpha=0.01, gsam_normalized_backup=True),
-    # ASAM: for ResNet the operator is applied before normalizing, so the perturbation keeps the
-    # fixed norm rho (Appendix C). rho not readable in Table C.1: SAM's is used.
-    "asam_steep":     common.sam_row("steepest", 0.04, 0.02, asam="before"),
-    "asam_obf":       common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12,
-                           asam="before"),
-    # Baselines of Appendix B. random: rho not readable, SAM steep's is used.
-    "random":         common.sam_row("random", 0.04, 0.02),
-    "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
-    "label_smooth":   {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
+  "sgd": common.sam_row("none", 0.0),
+  "sam_steep": common.sam_row("steepest", 0.04, 0.02),
+  "sam_obf": common.sam_row("obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12),
+  "gsam_steep": common.sam_row(
+    "steepest", 0.04, 0.02, gsam_alpha=0.01, gsam_normalized_backup=True
+  ),
+  "gsam_obf": common.sam_row(
+    "obf",
+    0.04,
+    obf_lambda=1 / NUM_CLASSES,
+    obf_gamma=1e-12,
+    gsam_alpha=0.01,
+    gsam_normalized_backup=True,
+  ),
+  # ASAM: for ResNet the operator is applied before normalizing, so the perturbation keeps the
+  # fixed norm rho (Appendix C). rho not readable in Table C.1: SAM's is used.
+  "asam_steep": common.sam_row("steepest", 0.04, 0.02, asam="before"),
+  "asam_obf": common.sam_row(
+    "obf", 0.04, obf_lambda=1 / NUM_CLASSES, obf_gamma=1e-12, asam="before"
+  ),
+  # Baselines of Appendix B. random: rho not readable, SAM steep's is used.
+  "random": common.sam_row("random", 0.04, 0.02),
+  "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
+  "label_smooth": {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
 }
 
 ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
@@ -50,19 +57,19 @@ def get_config(arg=None, *, model="resnet50", methods=None):
   c.image_size = 224
   c.model = model
   c.head_bias_init = 0.0
-  c.loss = "softmax_xent"             # Table C.1: CE
+  c.loss = "softmax_xent"  # Table C.1: CE
   c.global_batch_size = 4096
   c.num_epochs = 90.0
   c.warmup_epochs = 16.0
-  c.optimizer = "sgdw"                # Table C.1: SGD, momentum 0.9, decoupled weight decay
+  c.optimizer = "sgdw"  # Table C.1: SGD, momentum 0.9, decoupled weight decay
   c.momentum = 0.9
   c.lr_max = 1.6
   c.lr_min = 0.016
   c.weight_decay = 1e-3
-  c.clip_grad_norm = 0.0              # Table C.1: N/A (no clipping)
+  c.clip_grad_norm = 0.0  # Table C.1: N/A (no clipping)
   c.sam.m = 64
   c.log_every_steps = 100
-  c.eval_every_steps = 3130           # ~10 epochs of 4096
+  c.eval_every_steps = 3130  # ~10 epochs of 4096
   c.checkpoint_every_steps = 1000
   common.set_method(c, method, methods)
   if local:

@@ -7,6 +7,7 @@ our copy of the table does not show). The fixed-alpha ablation (Table B.2) is Vi
   python main.py --workdir=... --config=configs/vit_s16_imagenet.py:sam_obf
   python main.py --workdir=... --config=configs/vit_s16_imagenet.py:sam_obf,local   # offline: tiny model on digits
 """
+
 from configs import vit_s32_imagenet
 
 METHODS = {k: v for k, v in vit_s32_imagenet.METHODS.items() if not k.startswith("obf_")}

@@ -13,41 +13,45 @@ Notes on values that are not readable in our copy of Table C.1:
   * ASAM rows (Table B.1) and the random-perturbation row: their rho values are cut off in the
     table; SAM's rho (0.6 -> 0, lr-proportional) is used for them.
 """
+
 from configs import common
 
 NUM_CLASSES = 1000  # "C" in Table C.1's lambda = 1/C
 
 
-
-
 # Table C.1 (ViT-S/32, IMAGENET TRAIN), Table B.1 (ASAM / baselines), Table B.2 (fixed alpha).
 #   ALGO / PERTURB      rho max, min        OBF lambda, gamma             GSAM xi, norm backup / ASAM
 METHODS = {
-    "adamw":          common.sam_row("none", 0.0),
-    "sam_steep":      common.sam_row("steepest", 0.6, 0.0),
-    "sam_obf":        common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0),
-    "gsam_steep":     common.sam_row("steepest", 0.6, 0.0,
-                           gsam_alpha=0.4, gsam_normalized_backup=False),
-    "gsam_obf":       common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0,
-                           gsam_alpha=0.4, gsam_normalized_backup=False),
-    # ASAM (Table B.1): for ViT the operator is applied after normalizing (Appendix C).
-    # rho not readable in Table C.1: SAM's is used.
-    "asam_steep":     common.sam_row("steepest", 0.6, 0.0, asam="after"),
-    "asam_obf":       common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0, asam="after"),
-    # Baselines of Appendix B (Table B.1). random: rho not readable, SAM steep's is used.
-    "random":         common.sam_row("random", 0.6, 0.0),
-    "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
-    "label_smooth":   {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
-    # Table B.2: fixed alpha instead of the lambda/gamma formula (rho as SAM-OBF: 0.6 constant).
-    "obf_alpha_0":    common.sam_row("obf", 0.6, obf_alpha=0.0),
-    "obf_alpha_1e-5": common.sam_row("obf", 0.6, obf_alpha=1e-5),
-    "obf_alpha_1e-4": common.sam_row("obf", 0.6, obf_alpha=1e-4),
-    "obf_alpha_1e-3": common.sam_row("obf", 0.6, obf_alpha=1e-3),
-    "obf_alpha_1e-2": common.sam_row("obf", 0.6, obf_alpha=1e-2),
-    "obf_alpha_1e-1": common.sam_row("obf", 0.6, obf_alpha=1e-1),
-    "obf_alpha_1":    common.sam_row("obf", 0.6, obf_alpha=1.0),
-    # Table B.2's last row: gamma = 1, lambda = 1e-3 (= 1/C, i.e. the sam_obf setting, own run).
-    "obf_lam1e-3":    common.sam_row("obf", 0.6, obf_lambda=1e-3, obf_gamma=1.0),
+  "adamw": common.sam_row("none", 0.0),
+  "sam_steep": common.sam_row("steepest", 0.6, 0.0),
+  "sam_obf": common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0),
+  "gsam_steep": common.sam_row("steepest", 0.6, 0.0, gsam_alpha=0.4, gsam_normalized_backup=False),
+  "gsam_obf": common.sam_row(
+    "obf",
+    0.6,
+    obf_lambda=1 / NUM_CLASSES,
+    obf_gamma=1.0,
+    gsam_alpha=0.4,
+    gsam_normalized_backup=False,
+  ),
+  # ASAM (Table B.1): for ViT the operator is applied after normalizing (Appendix C).
+  # rho not readable in Table C.1: SAM's is used.
+  "asam_steep": common.sam_row("steepest", 0.6, 0.0, asam="after"),
+  "asam_obf": common.sam_row("obf", 0.6, obf_lambda=1 / NUM_CLASSES, obf_gamma=1.0, asam="after"),
+  # Baselines of Appendix B (Table B.1). random: rho not readable, SAM steep's is used.
+  "random": common.sam_row("random", 0.6, 0.0),
+  "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-5},
+  "label_smooth": {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
+  # Table B.2: fixed alpha instead of the lambda/gamma formula (rho as SAM-OBF: 0.6 constant).
+  "obf_alpha_0": common.sam_row("obf", 0.6, obf_alpha=0.0),
+  "obf_alpha_1e-5": common.sam_row("obf", 0.6, obf_alpha=1e-5),
+  "obf_alpha_1e-4": common.sam_row("obf", 0.6, obf_alpha=1e-4),
+  "obf_alpha_1e-3": common.sam_row("obf", 0.6, obf_alpha=1e-3),
+  "obf_alpha_1e-2": common.sam_row("obf", 0.6, obf_alpha=1e-2),
+  "obf_alpha_1e-1": common.sam_row("obf", 0.6, obf_alpha=1e-1),
+  "obf_alpha_1": common.sam_row("obf", 0.6, obf_alpha=1.0),
+  # Table B.2's last row: gamma = 1, lambda = 1e-3 (= 1/C, i.e. the sam_obf setting, own run).
+  "obf_lam1e-3": common.sam_row("obf", 0.6, obf_lambda=1e-3, obf_gamma=1.0),
 }
 
 ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
@@ -63,18 +67,18 @@ def get_config(arg=None, *, model="vit_s32", methods=None):
   c.image_size = 224
   c.model = model
   c.head_bias_init = -10.0
-  c.loss = "sigmoid_xent"             # Table C.1: BCE
+  c.loss = "sigmoid_xent"  # Table C.1: BCE
   c.global_batch_size = 4096
   c.num_epochs = 300.0
   c.warmup_epochs = 32.0
   c.optimizer = "adamw"
-  c.lr_max = 3e-3                     # not readable in Table C.1, see the module docstring
+  c.lr_max = 3e-3  # not readable in Table C.1, see the module docstring
   c.lr_min = 3e-5
   c.weight_decay = 0.3
   c.clip_grad_norm = 1.0
   c.sam.m = 64
   c.log_every_steps = 100
-  c.eval_every_steps = 3130           # ~10 epochs of 4096
+  c.eval_every_steps = 3130  # ~10 epochs of 4096
   c.checkpoint_every_steps = 1000
   common.set_method(c, method, methods)
   if local:

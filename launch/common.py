@@ -1,4 +1,5 @@
 """Pieces shared by the launchers (stdlib only; imported from the scripts' directory)."""
+
 import argparse
 import os
 import re
@@ -14,17 +15,21 @@ def override_to_flag(text):
   field = field.strip()
   for prefix in ("--config.", "config."):
     if field.startswith(prefix):
-      field = field[len(prefix):]
+      field = field[len(prefix) :]
   if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", field):
     raise argparse.ArgumentTypeError(
-        f"--override expects field=value (e.g. sam.rho_max=0.1), got {text!r}")
+      f"--override expects field=value (e.g. sam.rho_max=0.1), got {text!r}"
+    )
   return f"--config.{field}={value}"
 
 
 def add_check_flag(parser):
-  parser.add_argument("--no_check", action="store_true",
-                      help="Do not check the config with `main.py --check_only` first "
-                      "(needs pf_jax's requirements in the Python running this script).")
+  parser.add_argument(
+    "--no_check",
+    action="store_true",
+    help="Do not check the config with `main.py --check_only` first "
+    "(needs pf_jax's requirements in the Python running this script).",
+  )
 
 
 def check_config(config, override_flags, num_devices=None):
@@ -33,8 +38,13 @@ def check_config(config, override_flags, num_devices=None):
   Returns 0 if it is valid or cannot be checked here (a warning says why), else main.py's
   exit code after printing its one-line error.
   """
-  cmd = [sys.executable, os.path.join(REPO_ROOT, "main.py"), "--check_only",
-         f"--config={config}", *override_flags]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO_ROOT, "main.py"),
+    "--check_only",
+    f"--config={config}",
+    *override_flags,
+  ]
   if num_devices:
     cmd.append(f"--num_devices={num_devices}")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -49,6 +59,9 @@ def check_config(config, override_flags, num_devices=None):
   if last.startswith("error: "):
     print(last, file=sys.stderr)
     return r.returncode
-  print(f"WARNING: config not checked ({sys.executable} cannot run main.py: {last}); "
-        "install requirements.txt here, or pass --no_check", file=sys.stderr)
+  print(
+    f"WARNING: config not checked ({sys.executable} cannot run main.py: {last}); "
+    "install requirements.txt here, or pass --no_check",
+    file=sys.stderr,
+  )
   return 0

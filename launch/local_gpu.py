@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 
-from common import add_check_flag, check_config, override_to_flag  # launch/common.py (script dir is on sys.path)
+from common import add_check_flag  # launch/common.py (script dir is on sys.path)
+from common import check_config  # launch/common.py (script dir is on sys.path)
+from common import override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,13 +36,10 @@ example:
 """
 
 
-
-
 def gpu_list(text):
   text = text.replace(" ", "")
   if not re.fullmatch(r"[\w-]+(,[\w-]+)*", text):
-    raise argparse.ArgumentTypeError(
-        f"--gpus expects a comma separated list like 0,1 got {text!r}")
+    raise argparse.ArgumentTypeError(f"--gpus expects a comma separated list like 0,1 got {text!r}")
   return text
 
 
@@ -50,43 +49,64 @@ def mem_fraction(text):
   except ValueError:
     v = -1.0
   if not 0.0 < v <= 1.0:
-    raise argparse.ArgumentTypeError(
-        f"--xla_mem_fraction must be in (0, 1], got {text!r}")
+    raise argparse.ArgumentTypeError(f"--xla_mem_fraction must be in (0, 1], got {text!r}")
   return text
 
 
 def build_parser():
   p = argparse.ArgumentParser(
-      prog="local_gpu.py",
-      description=("Run `main.py --config=... --workdir=...` on the local "
-                   "GPUs, optionally installing dependencies first."),
-      epilog=EXAMPLE,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True,
-                 help="Config file relative to the repo, with its arg, e.g. "
-                 "configs/resnet50_imagenet.py:sam_obf (main.py --help lists them).")
-  p.add_argument("--workdir", required=True,
-                 help="Checkpoint/log directory.")
-  p.add_argument("--gpus", type=gpu_list, default=None,
-                 help="GPU ids, e.g. 0,1 -> CUDA_VISIBLE_DEVICES=0,1 "
-                 "(default: inherit the environment, i.e. all GPUs).")
-  p.add_argument("--override", action="append", default=[],
-                 type=override_to_flag, metavar="FIELD=VALUE",
-                 help="Config override, repeatable: sam.rho_max=0.1 -> "
-                 "--config.sam.rho_max=0.1.")
-  p.add_argument("--data_dir", default=None,
-                 help="TFDS data dir, exported as TFDS_DATA_DIR.")
-  p.add_argument("--xla_mem_fraction", type=mem_fraction, default=None,
-                 help="Exported as XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. .9).")
-  p.add_argument("--install", action="store_true",
-                 help='First pip install -r requirements.txt "jax[cuda12]" '
-                 "and pip install -e .")
-  p.add_argument("--python", default=sys.executable,
-                 help="Python executable to use (default: the one running "
-                 "this script, %(default)s).")
-  p.add_argument("--dry_run", action="store_true",
-                 help="Check the config, print the env assignments and commands "
-                 "as shell lines and run nothing.")
+    prog="local_gpu.py",
+    description=(
+      "Run `main.py --config=... --workdir=...` on the local "
+      "GPUs, optionally installing dependencies first."
+    ),
+    epilog=EXAMPLE,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--config",
+    required=True,
+    help="Config file relative to the repo, with its arg, e.g. "
+    "configs/resnet50_imagenet.py:sam_obf (main.py --help lists them).",
+  )
+  p.add_argument("--workdir", required=True, help="Checkpoint/log directory.")
+  p.add_argument(
+    "--gpus",
+    type=gpu_list,
+    default=None,
+    help="GPU ids, e.g. 0,1 -> CUDA_VISIBLE_DEVICES=0,1 "
+    "(default: inherit the environment, i.e. all GPUs).",
+  )
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    type=override_to_flag,
+    metavar="FIELD=VALUE",
+    help="Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1.",
+  )
+  p.add_argument("--data_dir", default=None, help="TFDS data dir, exported as TFDS_DATA_DIR.")
+  p.add_argument(
+    "--xla_mem_fraction",
+    type=mem_fraction,
+    default=None,
+    help="Exported as XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. .9).",
+  )
+  p.add_argument(
+    "--install",
+    action="store_true",
+    help='First pip install -r requirements.txt "jax[cuda12]" and pip install -e .',
+  )
+  p.add_argument(
+    "--python",
+    default=sys.executable,
+    help="Python executable to use (default: the one running this script, %(default)s).",
+  )
+  p.add_argument(
+    "--dry_run",
+    action="store_true",
+    help="Check the config, print the env assignments and commands as shell lines and run nothing.",
+  )
   add_check_flag(p)
   return p
 
@@ -102,11 +122,11 @@ def plan(args):
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = args.xla_mem_fraction
   cmds = []
   if args.install:
-    cmds.append([args.python, "-m", "pip", "install", "-r", "requirements.txt",
-                 "jax[cuda12]"])
+    cmds.append([args.python, "-m", "pip", "install", "-r", "requirements.txt", "jax[cuda12]"])
     cmds.append([args.python, "-m", "pip", "install", "-e", "."])
-  cmds.append([args.python, "main.py", f"--config={args.config}",
-               f"--workdir={args.workdir}", *args.override])
+  cmds.append(
+    [args.python, "main.py", f"--config={args.config}", f"--workdir={args.workdir}", *args.override]
+  )
   return env, cmds
 
 
@@ -118,8 +138,10 @@ def _run_passing_on_signals(cmd, env) -> int:
   process group), so SIGINT is not passed on (a second one would make it stop without saving).
   """
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
-  previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
-              signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+  previous = {
+    signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+    signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+  }
   try:
     return proc.wait()
   finally:

@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 
-from common import add_check_flag, check_config, override_to_flag  # launch/common.py (script dir is on sys.path)
+from common import add_check_flag  # launch/common.py (script dir is on sys.path)
+from common import check_config  # launch/common.py (script dir is on sys.path)
+from common import override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
@@ -76,8 +78,6 @@ def shell_assignment(kv):
   return f"{key}={shlex.quote(value)}"
 
 
-
-
 def env_assignment(text):
   key, sep, _ = text.partition("=")
   if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
@@ -88,8 +88,8 @@ def env_assignment(text):
 def tpu_name(text):
   if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", text):
     raise argparse.ArgumentTypeError(
-        f"invalid TPU name {text!r}: lowercase letters, digits and '-', "
-        "starting with a letter")
+      f"invalid TPU name {text!r}: lowercase letters, digits and '-', starting with a letter"
+    )
   return text
 
 
@@ -111,65 +111,90 @@ def is_multi_host(accelerator_type):
 
 def build_parser():
   p = argparse.ArgumentParser(
-      prog="tpu_pod.py",
-      description=(
-          "Create or reuse a Cloud TPU VM (single host or pod), copy this repo "
-          "to every worker (git archive + gcloud scp), install requirements "
-          "and run `main.py --config=... --workdir=...` on all workers."),
-      epilog=EXAMPLE,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog="tpu_pod.py",
+    description=(
+      "Create or reuse a Cloud TPU VM (single host or pod), copy this repo "
+      "to every worker (git archive + gcloud scp), install requirements "
+      "and run `main.py --config=... --workdir=...` on all workers."
+    ),
+    epilog=EXAMPLE,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   tpu = p.add_argument_group("TPU VM")
-  tpu.add_argument("--name", required=True, type=tpu_name,
-                   help="TPU VM name (created if it does not exist).")
+  tpu.add_argument(
+    "--name", required=True, type=tpu_name, help="TPU VM name (created if it does not exist)."
+  )
   tpu.add_argument("--zone", required=True, help="e.g. us-central2-b.")
-  tpu.add_argument("--accelerator_type", required=True,
-                   help="e.g. v3-8, v3-32, v4-64, v5litepod-16.")
-  tpu.add_argument("--runtime_version", default="tpu-ubuntu2204-base",
-                   help="TPU VM software version (default: %(default)s).")
-  tpu.add_argument("--project", default=None,
-                   help="GCP project (default: gcloud's configured project).")
+  tpu.add_argument(
+    "--accelerator_type", required=True, help="e.g. v3-8, v3-32, v4-64, v5litepod-16."
+  )
+  tpu.add_argument(
+    "--runtime_version",
+    default="tpu-ubuntu2204-base",
+    help="TPU VM software version (default: %(default)s).",
+  )
+  tpu.add_argument(
+    "--project", default=None, help="GCP project (default: gcloud's configured project)."
+  )
   cap = tpu.add_mutually_exclusive_group()
-  cap.add_argument("--spot", action="store_true",
-                   help="Create a Spot TPU VM.")
-  cap.add_argument("--preemptible", action="store_true",
-                   help="Create a preemptible TPU VM.")
+  cap.add_argument("--spot", action="store_true", help="Create a Spot TPU VM.")
+  cap.add_argument("--preemptible", action="store_true", help="Create a preemptible TPU VM.")
 
   run = p.add_argument_group("run")
-  run.add_argument("--config", required=True,
-                   help="Config file relative to the repo, with its arg, e.g. "
-                   "configs/vit_s32_imagenet.py:sam_obf (main.py --help lists them).")
-  run.add_argument("--workdir", required=True,
-                   help="Checkpoints/logs dir; use gs://... on a pod.")
-  run.add_argument("--data_dir", default=None,
-                   help="TFDS data dir (gs://...), exported as TFDS_DATA_DIR.")
-  run.add_argument("--override", action="append", default=[],
-                   type=override_to_flag, metavar="FIELD=VALUE",
-                   help="Config override, repeatable: sam.rho_max=0.1 -> "
-                   "--config.sam.rho_max=0.1.")
-  run.add_argument("--env", action="append", default=[], type=env_assignment,
-                   metavar="KEY=VALUE",
-                   help="Extra environment variable for main.py (repeatable).")
-  run.add_argument("--foreground", action="store_true",
-                   help="Run attached (ssh -t) instead of nohup in the "
-                   "background.")
-  run.add_argument("--log_file", default="~/pf_jax.log",
-                   help="Remote log file in background mode "
-                   "(default: %(default)s).")
+  run.add_argument(
+    "--config",
+    required=True,
+    help="Config file relative to the repo, with its arg, e.g. "
+    "configs/vit_s32_imagenet.py:sam_obf (main.py --help lists them).",
+  )
+  run.add_argument("--workdir", required=True, help="Checkpoints/logs dir; use gs://... on a pod.")
+  run.add_argument(
+    "--data_dir", default=None, help="TFDS data dir (gs://...), exported as TFDS_DATA_DIR."
+  )
+  run.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    type=override_to_flag,
+    metavar="FIELD=VALUE",
+    help="Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1.",
+  )
+  run.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    type=env_assignment,
+    metavar="KEY=VALUE",
+    help="Extra environment variable for main.py (repeatable).",
+  )
+  run.add_argument(
+    "--foreground",
+    action="store_true",
+    help="Run attached (ssh -t) instead of nohup in the background.",
+  )
+  run.add_argument(
+    "--log_file",
+    default="~/pf_jax.log",
+    help="Remote log file in background mode (default: %(default)s).",
+  )
 
   rem = p.add_argument_group("code / install")
-  rem.add_argument("--repo_dir", default="~/pf_jax",
-                   help="Remote directory for the code (default: %(default)s).")
-  rem.add_argument("--ref", default="HEAD",
-                   help="Git commit/branch to ship (default: %(default)s).")
-  rem.add_argument("--python", default="python3",
-                   help="Remote python executable (default: %(default)s).")
-  rem.add_argument("--skip_copy", action="store_true",
-                   help="Do not re-copy the code.")
-  rem.add_argument("--skip_install", action="store_true",
-                   help="Do not re-run pip install.")
-  p.add_argument("--dry_run", action="store_true",
-                 help="Check the config, print every command, one per line, "
-                 "and run nothing.")
+  rem.add_argument(
+    "--repo_dir", default="~/pf_jax", help="Remote directory for the code (default: %(default)s)."
+  )
+  rem.add_argument(
+    "--ref", default="HEAD", help="Git commit/branch to ship (default: %(default)s)."
+  )
+  rem.add_argument(
+    "--python", default="python3", help="Remote python executable (default: %(default)s)."
+  )
+  rem.add_argument("--skip_copy", action="store_true", help="Do not re-copy the code.")
+  rem.add_argument("--skip_install", action="store_true", help="Do not re-run pip install.")
+  p.add_argument(
+    "--dry_run",
+    action="store_true",
+    help="Check the config, print every command, one per line, and run nothing.",
+  )
   add_check_flag(p)
   return p
 
@@ -179,12 +204,10 @@ class Commands:
 
   def __init__(self, args):
     self.a = args
-    self.tarball = os.path.join(tempfile.gettempdir(),
-                                f"pf_jax_{args.name}.tar.gz")
+    self.tarball = os.path.join(tempfile.gettempdir(), f"pf_jax_{args.name}.tar.gz")
 
   def _gcloud(self, verb, *extra):
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", verb, self.a.name,
-           f"--zone={self.a.zone}"]
+    cmd = ["gcloud", "compute", "tpus", "tpu-vm", verb, self.a.name, f"--zone={self.a.zone}"]
     if self.a.project:
       cmd.append(f"--project={self.a.project}")
     return cmd + list(extra)
@@ -193,8 +216,11 @@ class Commands:
     return self._gcloud("describe", "--format=value(state,acceleratorType)")
 
   def create(self):
-    cmd = self._gcloud("create", f"--accelerator-type={self.a.accelerator_type}",
-                       f"--version={self.a.runtime_version}")
+    cmd = self._gcloud(
+      "create",
+      f"--accelerator-type={self.a.accelerator_type}",
+      f"--version={self.a.runtime_version}",
+    )
     if self.a.spot:
       cmd.append("--spot")
     if self.a.preemptible:
@@ -208,12 +234,27 @@ class Commands:
     return self._gcloud("ssh", *extra, f"--command={remote_cmd}")
 
   def archive(self):
-    return ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz",
-            f"--output={self.tarball}", self.a.ref]
+    return [
+      "git",
+      "-C",
+      REPO_ROOT,
+      "archive",
+      "--format=tar.gz",
+      f"--output={self.tarball}",
+      self.a.ref,
+    ]
 
   def scp(self):
-    cmd = ["gcloud", "compute", "tpus", "tpu-vm", "scp", self.tarball,
-           f"{self.a.name}:{REMOTE_TARBALL}", f"--zone={self.a.zone}"]
+    cmd = [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "scp",
+      self.tarball,
+      f"{self.a.name}:{REMOTE_TARBALL}",
+      f"--zone={self.a.zone}",
+    ]
     if self.a.project:
       cmd.append(f"--project={self.a.project}")
     return cmd + ["--worker=all"]
@@ -226,13 +267,19 @@ class Commands:
   def install(self):
     py = shlex.quote(self.a.python)
     return self.ssh_all(
-        f"cd {remote_quote(self.a.repo_dir)} && "
-        f"{py} -m pip install -r requirements.txt {shlex.quote('jax[tpu]')} "
-        f"-f {shlex.quote(LIBTPU_URL)} && {py} -m pip install -e .")
+      f"cd {remote_quote(self.a.repo_dir)} && "
+      f"{py} -m pip install -r requirements.txt {shlex.quote('jax[tpu]')} "
+      f"-f {shlex.quote(LIBTPU_URL)} && {py} -m pip install -e ."
+    )
 
   def train_argv(self):
-    return [self.a.python, "main.py", f"--config={self.a.config}",
-            f"--workdir={self.a.workdir}", *self.a.override]
+    return [
+      self.a.python,
+      "main.py",
+      f"--config={self.a.config}",
+      f"--workdir={self.a.workdir}",
+      *self.a.override,
+    ]
 
   def run(self):
     env = []
@@ -247,8 +294,9 @@ class Commands:
     log = remote_quote(self.a.log_file)
     # The background job owns its redirections, so ssh returns immediately.
     return self.ssh_all(
-        f"{cd} && {{ {env_str}nohup {main} > {log} 2>&1 < /dev/null & }} && "
-        f"echo started on \"$(hostname)\", log: {shlex.quote(self.a.log_file)}")
+      f"{cd} && {{ {env_str}nohup {main} > {log} 2>&1 < /dev/null & }} && "
+      f'echo started on "$(hostname)", log: {shlex.quote(self.a.log_file)}'
+    )
 
 
 def execute(cmd, **kwargs):
@@ -259,23 +307,22 @@ def execute(cmd, **kwargs):
 def check(cmd):
   rc = execute(cmd).returncode
   if rc != 0:
-    print(f"ERROR: command failed with exit code {rc}: {shlex.join(cmd)}",
-          file=sys.stderr)
+    print(f"ERROR: command failed with exit code {rc}: {shlex.join(cmd)}", file=sys.stderr)
     sys.exit(rc)
 
 
 def validate(args):
   multi = is_multi_host(args.accelerator_type)
   if multi and not args.workdir.startswith("gs://"):
-    warn(f"--workdir={args.workdir} is not a gs:// path; on a multi-host "
-         f"pod ({args.accelerator_type}) every worker would write its own "
-         "local copy. Use gs://bucket/...")
+    warn(
+      f"--workdir={args.workdir} is not a gs:// path; on a multi-host "
+      f"pod ({args.accelerator_type}) every worker would write its own "
+      "local copy. Use gs://bucket/..."
+    )
   if multi and args.data_dir and not args.data_dir.startswith("gs://"):
-    warn(f"--data_dir={args.data_dir} is not a gs:// path; it must exist on "
-         "every worker.")
+    warn(f"--data_dir={args.data_dir} is not a gs:// path; it must exist on every worker.")
   cfg_file = args.config.split(":", 1)[0]
-  if not os.path.isabs(cfg_file) and not os.path.exists(
-      os.path.join(REPO_ROOT, cfg_file)):
+  if not os.path.isabs(cfg_file) and not os.path.exists(os.path.join(REPO_ROOT, cfg_file)):
     warn(f"config file {cfg_file} not found in {REPO_ROOT}")
 
 
@@ -283,15 +330,13 @@ def main(argv=None):
   args = build_parser().parse_args(argv)
   validate(args)
   if not args.no_check:
-    rc = check_config(args.config, args.override,
-                      num_devices=num_devices(args.accelerator_type))
+    rc = check_config(args.config, args.override, num_devices=num_devices(args.accelerator_type))
     if rc:
       return rc
   c = Commands(args)
 
   if args.dry_run:
-    print("dry run: assuming the TPU VM does not exist; nothing is executed.",
-          file=sys.stderr)
+    print("dry run: assuming the TPU VM does not exist; nothing is executed.", file=sys.stderr)
     cmds = [c.describe(), c.create()]
     if not args.skip_copy:
       cmds += [c.archive(), c.scp(), c.unpack()]
@@ -308,14 +353,17 @@ def main(argv=None):
     fields = desc.stdout.split()
     state = fields[0] if fields else "?"
     acc = fields[1].rsplit("/", 1)[-1] if len(fields) > 1 else "?"
-    print(f"TPU VM {args.name} exists (state={state}, type={acc}); reusing it.",
-          file=sys.stderr)
+    print(f"TPU VM {args.name} exists (state={state}, type={acc}); reusing it.", file=sys.stderr)
     if acc not in ("?", args.accelerator_type):
-      warn(f"existing TPU VM is {acc}, not --accelerator_type="
-           f"{args.accelerator_type}; delete it to change the type.")
+      warn(
+        f"existing TPU VM is {acc}, not --accelerator_type="
+        f"{args.accelerator_type}; delete it to change the type."
+      )
     if state in ("PREEMPTED", "TERMINATED", "STOPPED"):
-      warn(f"TPU VM state is {state}; delete it (gcloud compute tpus tpu-vm "
-           "delete) and re-run to recreate it.")
+      warn(
+        f"TPU VM state is {state}; delete it (gcloud compute tpus tpu-vm "
+        "delete) and re-run to recreate it."
+      )
   else:
     err = (desc.stderr or "").strip()
     if err and "not found" not in err.lower() and "NOT_FOUND" not in err:
@@ -325,9 +373,11 @@ def main(argv=None):
 
   # (c) copy
   if not args.skip_copy:
-    dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain",
-                            "--untracked-files=no"],
-                           capture_output=True, text=True)
+    dirty = subprocess.run(
+      ["git", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+      capture_output=True,
+      text=True,
+    )
     if dirty.returncode == 0 and dirty.stdout.strip():
       warn(f"uncommitted changes are NOT shipped (git archive {args.ref}).")
     try:
@@ -343,10 +393,13 @@ def main(argv=None):
   # (e) run
   rc = execute(c.run()).returncode
   if rc == 0 and not args.foreground:
-    print("Started. Follow worker 0 with:\n  " + shlex.join(c._gcloud(
-        "ssh", "--worker=0",
-        f"--command=tail -f {remote_quote(args.log_file)}")),
-          file=sys.stderr)
+    print(
+      "Started. Follow worker 0 with:\n  "
+      + shlex.join(
+        c._gcloud("ssh", "--worker=0", f"--command=tail -f {remote_quote(args.log_file)}")
+      ),
+      file=sys.stderr,
+    )
   return rc
 
 

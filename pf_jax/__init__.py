@@ -2,15 +2,43 @@
 
 "Forget Sharpness: Perturbed Forgetting of Model Biases Within SAM Dynamics" (ICML 2024).
 """
-from pf_jax.losses import get_loss, sigmoid_cross_entropy, softmax_cross_entropy
-from pf_jax.optimizers import adamw, sgdw, shrink_and_perturb, weight_decay_mask
-from pf_jax.perturbations import get_objective, obf, obf_alpha, obf_fixed_alpha
-from pf_jax.sam_family import SamSpec, SamState, sam, sam_gradient
-from pf_jax.schedules import lr_proportional_rho, warmup_linear_decay
+
+from pf_jax.losses import get_loss
+from pf_jax.losses import sigmoid_cross_entropy
+from pf_jax.losses import softmax_cross_entropy
+from pf_jax.optimizers import adamw
+from pf_jax.optimizers import sgdw
+from pf_jax.optimizers import shrink_and_perturb
+from pf_jax.optimizers import weight_decay_mask
+from pf_jax.perturbations import get_objective
+from pf_jax.perturbations import obf
+from pf_jax.perturbations import obf_alpha
+from pf_jax.perturbations import obf_fixed_alpha
+from pf_jax.sam_family import SamSpec
+from pf_jax.sam_family import SamState
+from pf_jax.sam_family import sam
+from pf_jax.sam_family import sam_gradient
+from pf_jax.schedules import lr_proportional_rho
+from pf_jax.schedules import warmup_linear_decay
 from pf_jax.sharding import group_mean
 
 __all__ = [
-    "adamw", "get_loss", "get_objective", "group_mean", "lr_proportional_rho", "obf", "obf_alpha",
-    "obf_fixed_alpha", "sam", "sam_gradient", "SamSpec", "SamState", "sgdw", "shrink_and_perturb",
-    "sigmoid_cross_entropy", "softmax_cross_entropy", "warmup_linear_decay", "weight_decay_mask",
+  "adamw",
+  "get_loss",
+  "get_objective",
+  "group_mean",
+  "lr_proportional_rho",
+  "obf",
+  "obf_alpha",
+  "obf_fixed_alpha",
+  "sam",
+  "sam_gradient",
+  "SamSpec",
+  "SamState",
+  "sgdw",
+  "shrink_and_perturb",
+  "sigmoid_cross_entropy",
+  "softmax_cross_entropy",
+  "warmup_linear_decay",
+  "weight_decay_mask",
 ]

@@ -9,17 +9,18 @@
 
 Paths are `etils.epath` paths: `gs://` works like a local directory.
 """
+
 import gc
 import logging as py_logging
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any
 
-from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
 BROKEN_DIR = "checkpoints.broken"
@@ -29,8 +30,10 @@ class Preempted(Exception):
   """Training stopped on a preemption signal after checkpointing `step`."""
 
   def __init__(self, step: int, directory):
-    super().__init__(f"preempted: checkpoint of step {step} saved in {directory}; restart the same "
-                     f"command to continue (exit code {PREEMPTED_EXIT_CODE})")
+    super().__init__(
+      f"preempted: checkpoint of step {step} saved in {directory}; restart the same "
+      f"command to continue (exit code {PREEMPTED_EXIT_CODE})"
+    )
     self.step = step
 
 
@@ -51,6 +54,7 @@ def as_path(path) -> epath.Path:
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -65,15 +69,18 @@ class SignalCatcher:
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received: Optional[int] = None
+    self.received: int | None = None
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     self.received = signum
     signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
-    logging.warning("Received %s: checkpointing after the current step, then stopping "
-                    "(send it again to stop at once)", signal.Signals(signum).name)
+    logging.warning(
+      "Received %s: checkpointing after the current step, then stopping "
+      "(send it again to stop at once)",
+      signal.Signals(signum).name,
+    )
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -90,8 +97,11 @@ class SignalCatcher:
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """True iff every floating-point leaf is finite (pure: usable inside the train step)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -105,10 +115,16 @@ def last_good(mngr: ocp.CheckpointManager) -> str:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> None:
   """Saves `state` unless it holds a non-finite value (then raises NonFiniteError)."""
   if not bool(jax.device_get(all_finite(state))):
-    raise NonFiniteError(f"the training state at step {step} holds a non-finite value: not saved; "
-                         f"last good checkpoint: {last_good(mngr)}")
-  mngr.save(step, args=ocp.args.StandardSave(state), force=force,
-            custom_metadata={"num_devices": jax.device_count()})
+    raise NonFiniteError(
+      f"the training state at step {step} holds a non-finite value: not saved; "
+      f"last good checkpoint: {last_good(mngr)}"
+    )
+  mngr.save(
+    step,
+    args=ocp.args.StandardSave(state),
+    force=force,
+    custom_metadata={"num_devices": jax.device_count()},
+  )
 
 
 def _move_aside(directory: epath.Path, name: str) -> epath.Path:
@@ -137,10 +153,14 @@ def tidy(directory) -> None:
     if entry.name.isdigit():
       if entry.is_dir() and not any(entry.iterdir()):
         dst = _move_aside(directory, entry.name)
-        logging.warning("Ignoring empty checkpoint folder %s (not a checkpoint): moved to %s", entry, dst)
+        logging.warning(
+          "Ignoring empty checkpoint folder %s (not a checkpoint): moved to %s", entry, dst
+        )
         moved = True
     elif ".orbax-checkpoint-tmp" not in entry.name:
-      logging.warning("Ignoring %s: not a checkpoint (checkpoint folders are named by their step)", entry)
+      logging.warning(
+        "Ignoring %s: not a checkpoint (checkpoint folders are named by their step)", entry
+      )
   if moved:
     _sync("pf_jax_tidy_checkpoints")
 
@@ -167,8 +187,14 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
       continue
     for bad, reason in failed:
       dst = _move_aside(epath.Path(mngr.directory), str(bad))
-      logging.warning("Checkpoint of step %d in %s cannot be restored (%s): moved to %s; resuming from "
-                      "step %d", bad, mngr.directory, reason, dst, step)
+      logging.warning(
+        "Checkpoint of step %d in %s cannot be restored (%s): moved to %s; resuming from step %d",
+        bad,
+        mngr.directory,
+        reason,
+        dst,
+        step,
+      )
     if failed:
       _sync("pf_jax_checkpoint_fallback")
       mngr.reload()
@@ -176,8 +202,10 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
     return step, state
   if failed:
     step, reason = failed[0]
-    raise CheckpointError(f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
-                          f"fails with {reason}")
+    raise CheckpointError(
+      f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
+      f"fails with {reason}"
+    )
   return None, None
 
 
@@ -197,8 +225,12 @@ def _warn_device_count(mngr: ocp.CheckpointManager, step: int) -> None:
   except Exception:  # pylint: disable=broad-except  (metadata is optional)
     saved = None
   if saved and saved != jax.device_count():
-    logging.warning("Resuming a run saved on %d devices on %d devices: results will differ from an "
-                    "uninterrupted run at float-rounding level", saved, jax.device_count())
+    logging.warning(
+      "Resuming a run saved on %d devices on %d devices: results will differ from an "
+      "uninterrupted run at float-rounding level",
+      saved,
+      jax.device_count(),
+    )
 
 
 def find_checkpoints(path) -> epath.Path:

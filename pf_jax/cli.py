@@ -7,10 +7,10 @@ problem becomes a `UsageError` whose message is the one line main.py prints:
 
 No TensorFlow here: errors and --help come before it is imported.
 """
+
 import ast
 import importlib.util
 import os
-from typing import List, Optional, Tuple
 
 import ml_collections
 
@@ -21,8 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
 PREFIX = "--config."
 # The paper's configs, in the order --help lists them.
-PAPER_CONFIGS = ("vit_s32_imagenet", "vit_s16_imagenet", "resnet50_imagenet", "resnet101_imagenet",
-                 "cifar_finetune", "cifar10_msweep")
+PAPER_CONFIGS = (
+  "vit_s32_imagenet",
+  "vit_s16_imagenet",
+  "resnet50_imagenet",
+  "resnet101_imagenet",
+  "cifar_finetune",
+  "cifar10_msweep",
+)
 OTHER_CONFIGS = ("digits_msweep",)  # laptop-scale experiments (already local)
 
 
@@ -30,13 +36,13 @@ class UsageError(ValueError):
   """A bad command line or config; its message is one line."""
 
 
-def split_overrides(argv: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
   """argv without the `--config.<field>=<value>` arguments, and those as (field, value)."""
   rest, overrides = [], []
   args = iter(argv)
   for a in args:
     if a.startswith(PREFIX):
-      field, sep, value = a[len(PREFIX):].partition("=")
+      field, sep, value = a[len(PREFIX) :].partition("=")
       if not sep:  # "--config.x value"
         value = next(args, None)
         if value is None:
@@ -58,18 +64,20 @@ def _config_files() -> str:
   return ", ".join(f"configs/{n}.py" for n in ("default",) + PAPER_CONFIGS + OTHER_CONFIGS)
 
 
-def load_config(spec: Optional[str]) -> ml_collections.ConfigDict:
+def load_config(spec: str | None) -> ml_collections.ConfigDict:
   """`path[:arg]` -> the file's `get_config([arg])`; UsageError for a missing file or bad arg."""
   spec = spec or DEFAULT_CONFIG
   path, sep, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise UsageError(f"--config: {path!r} {DASH} a config file; no such file (the configs: "
-                     f"{_config_files()})")
+    raise UsageError(
+      f"--config: {path!r} {DASH} a config file; no such file (the configs: {_config_files()})"
+    )
   try:
     module = _load_module(path)
   except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
-    raise UsageError(f"--config: {path!r} {DASH} a config file that imports; "
-                     f"{type(e).__name__}: {e}") from e
+    raise UsageError(
+      f"--config: {path!r} {DASH} a config file that imports; {type(e).__name__}: {e}"
+    ) from e
   if not hasattr(module, "get_config"):
     raise UsageError(f"--config: {path!r} {DASH} a config file with get_config()")
   try:
@@ -93,7 +101,9 @@ def _parse_value(config, field: str, text: str):
     holder = holder[p]
   current = holder[leaf]
   if isinstance(current, ml_collections.ConfigDict):
-    raise config_validation.ConfigError(field, text, f"a group of fields; set config.{field}.<field>")
+    raise config_validation.ConfigError(
+      field, text, f"a group of fields; set config.{field}.<field>"
+    )
   kind = holder.get_type(leaf)
   if current is None and text == "None":
     return holder, leaf, None
@@ -117,7 +127,9 @@ def _parse_value(config, field: str, text: str):
       try:
         value = ast.literal_eval(text)
       except (ValueError, SyntaxError):
-        raise config_validation.ConfigError(field, text, "a tuple, e.g. a,b or \"('a', 'b')\"") from None
+        raise config_validation.ConfigError(
+          field, text, "a tuple, e.g. a,b or \"('a', 'b')\""
+        ) from None
     else:
       value = [t.strip() for t in text.split(",") if t.strip()]
     return holder, leaf, kind(value if isinstance(value, (tuple, list)) else (value,))
@@ -130,13 +142,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
   groups = {n.rsplit(".", 1)[0] for n in known if "." in n}
   for field, text in overrides:
     if field not in known and field not in groups:
-      raise config_validation.ConfigError(field, text, "unknown field"
-                                          + config_validation.suggest(field, known))
+      raise config_validation.ConfigError(
+        field, text, "unknown field" + config_validation.suggest(field, known)
+      )
     holder, leaf, value = _parse_value(config, field, text)
     holder[leaf] = value
 
 
-def build_config(spec: Optional[str], overrides) -> ml_collections.ConfigDict:
+def build_config(spec: str | None, overrides) -> ml_collections.ConfigDict:
   """The config file with the overrides applied, checked field by field (not yet device rules)."""
   config = load_config(spec)
   apply_overrides(config, overrides)
@@ -144,7 +157,7 @@ def build_config(spec: Optional[str], overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def help_text(spec: Optional[str], flags_help: str) -> str:
+def help_text(spec: str | None, flags_help: str) -> str:
   """--help: main.py's flags, every config field (defaults of `spec`) and the paper configs."""
   try:
     config = load_config(spec)
@@ -152,17 +165,17 @@ def help_text(spec: Optional[str], flags_help: str) -> str:
   except UsageError:
     config, source = load_config(None), "configs/default.py"
   lines = [
-      "usage: python main.py --workdir=DIR [--config=FILE[:ARG]] [--config.FIELD=VALUE ...]",
-      "",
-      "Trains and evaluates one config; resumes from the workdir's latest checkpoint.",
-      "",
-      "flags:",
-      flags_help,
-      "",
-      f"config fields (defaults of {source}; override with --config.FIELD=VALUE):",
-      config_validation.help_text(config),
-      "",
-      "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
+    "usage: python main.py --workdir=DIR [--config=FILE[:ARG]] [--config.FIELD=VALUE ...]",
+    "",
+    "Trains and evaluates one config; resumes from the workdir's latest checkpoint.",
+    "",
+    "flags:",
+    flags_help,
+    "",
+    f"config fields (defaults of {source}; override with --config.FIELD=VALUE):",
+    config_validation.help_text(config),
+    "",
+    "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
   ]
   for name in PAPER_CONFIGS + OTHER_CONFIGS:
     if name == OTHER_CONFIGS[0]:

@@ -9,11 +9,14 @@ library's own checks, reported under the config field the user typed.
 Nothing here imports TensorFlow or compiles anything, so a bad value stops a run in about a
 second with one line: `config.<field>: <value> — <what is allowed>`.
 """
+
 import dataclasses
 import difflib
 import math
 import os
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -41,18 +44,18 @@ def _show(value) -> str:
 
 # -- Rules of single fields: `problem(value)` is None when allowed; `describe()` feeds --help. ---
 
-Choices = Union[Sequence[str], Callable[[], Sequence[str]]]
+Choices = Sequence[str] | Callable[[], Sequence[str]]
 
 
-def _names(choices: Choices) -> Tuple[str, ...]:
+def _names(choices: Choices) -> tuple[str, ...]:
   return tuple(choices() if callable(choices) else choices)
 
 
 @dataclasses.dataclass(frozen=True)
 class Int:
-  lo: Optional[int] = None
-  hi: Optional[int] = None
-  off: Optional[int] = None     # a sentinel value that is also allowed (e.g. -1: derive it)
+  lo: int | None = None
+  hi: int | None = None
+  off: int | None = None  # a sentinel value that is also allowed (e.g. -1: derive it)
   off_means: str = ""
 
   def describe(self) -> str:
@@ -67,16 +70,18 @@ class Int:
   def ok(self, v) -> bool:
     if isinstance(v, bool) or not isinstance(v, int):
       return False
-    return v == self.off or ((self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi))
+    return v == self.off or (
+      (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Float:
-  lo: Optional[float] = None
-  hi: Optional[float] = None
+  lo: float | None = None
+  hi: float | None = None
   lo_open: bool = False
   hi_open: bool = False
-  negative_means: str = ""      # any value < 0 is also allowed and means this
+  negative_means: str = ""  # any value < 0 is also allowed and means this
 
   def describe(self) -> str:
     if self.lo is not None and self.hi is not None:
@@ -127,13 +132,16 @@ class NameList:
     return "a non-empty tuple of " + ", ".join(repr(n) for n in _names(self.choices))
 
   def ok(self, v) -> bool:
-    return (isinstance(v, (tuple, list)) and len(v) > 0
-            and all(isinstance(n, str) and n in _names(self.choices) for n in v))
+    return (
+      isinstance(v, (tuple, list))
+      and len(v) > 0
+      and all(isinstance(n, str) and n in _names(self.choices) for n in v)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Text:
-  optional: bool = False        # None allowed
+  optional: bool = False  # None allowed
 
   def describe(self) -> str:
     return "a path or None" if self.optional else "a string"
@@ -148,63 +156,96 @@ def _perturbations():
 
 # field: (rule, meaning). One line each; --help prints them in this order.
 FIELDS = {
-    "seed": (Int(0, 2**31 - 1), "seed of the initialization, data order, augmentation and perturbations"),
-    "dataset": (Choice(dataset_catalog.training_datasets), "training dataset (TFDS)"),
-    "data_dir": (Text(optional=True), "TFDS data directory; None: $TFDS_DATA_DIR or ~/tensorflow_datasets"),
-    "eval_datasets": (NameList(lambda: sorted(dataset_catalog.DATASETS)), "datasets evaluated on their test split"),
-    "image_size": (Int(1), "side of the square input images (a multiple of a ViT's patch size)"),
-    "crop_area_min": (Float(0.0, 1.0, lo_open=True), "smallest area fraction of the Inception crop"),
-    "shuffle_buffer": (Int(1), "shuffle buffer of streamed datasets (ImageNet)"),
-    "model": (Choice(models.model_names), "model name (pf_jax/models)"),
-    "head_bias_init": (Float(), "initial bias of the classification head"),
-    "mixed_precision": (Bool(), "bfloat16 compute; parameters and optimizer stay float32"),
-    "loss": (Choice(lambda: tuple(losses.LOSSES)), "softmax_xent (the paper's CE) or sigmoid_xent (BCE)"),
-    "label_smoothing": (Float(0.0, 1.0, hi_open=True), "label smoothing of the loss"),
-    "global_batch_size": (Int(1), "examples per step over all devices"),
-    "grad_accum_steps": (Int(1), "sequential micro-batches per step (the global batch is split)"),
-    "num_epochs": (Float(0.0, lo_open=True), "training length in epochs (unless num_train_steps)"),
-    "warmup_epochs": (Float(0.0), "linear learning-rate warmup in epochs (unless warmup_steps)"),
-    "num_train_steps": (Int(1, off=-1, off_means="use num_epochs"), "training length in steps"),
-    "warmup_steps": (Int(0, off=-1, off_means="use warmup_epochs"), "warmup length in steps"),
-    "optimizer": (Choice(optimizers.CONFIG_NAMES), "base optimizer (decoupled weight decay)"),
-    "lr_max": (Float(0.0, lo_open=True), "learning rate after warmup (then linear decay)"),
-    "lr_min": (Float(0.0), "learning rate at the last step (<= lr_max)"),
-    "weight_decay": (Float(0.0), "decoupled weight decay (not on biases, norms, position embeddings)"),
-    "momentum": (Float(0.0, 1.0, hi_open=True), "momentum of sgdw"),
-    "b1": (Float(0.0, 1.0, hi_open=True), "first-moment decay of adamw"),
-    "b2": (Float(0.0, 1.0, hi_open=True), "second-moment decay of adamw"),
-    "clip_grad_norm": (Float(0.0), "global-norm clipping of the final (SAM) gradient; 0: off"),
-    "shrink_perturb": (Float(0.0, 1.0), "shrink-and-perturb factor; 0: off"),
-    "sam.perturbation": (Choice(_perturbations), "SAM perturbation; none: the base optimizer alone"),
-    "sam.rho_max": (Float(0.0), "perturbation radius (the largest, with an lr-proportional rho)"),
-    "sam.rho_min": (Float(0.0, negative_means="constant rho = rho_max"),
-                    "smallest radius of an lr-proportional rho (<= rho_max)"),
-    "sam.m": (Int(1), "perturbation batch size (each m-chunk has its own perturbation)"),
-    "sam.chunk_mode": (Choice(sam_family.CHUNK_MODES), "vmap: a device's chunks together; scan: one at a time"),
-    "sam.obf_lambda": (Float(0.0, 1.0, hi_open=True), "OBF's lambda (the paper uses 1/C)"),
-    "sam.obf_gamma": (Float(0.0, 1.0), "OBF's gamma"),
-    "sam.obf_alpha": (Float(0.0, 1.0, negative_means="off: alpha from lambda and gamma"),
-                      "fixed OBF alpha (Table B.2)"),
-    "sam.gsam_alpha": (Float(0.0, 1.0), "GSAM's xi; 0: SAM"),
-    "sam.gsam_normalized_backup": (Bool(), "GSAM decomposes the normalized ascent direction"),
-    "sam.asam": (Choice(("",) + sam_family.ASAM_MODES), "ASAM's operator: '' (off), before, after or both"),
-    "sam.asam_eta": (Float(0.0), "ASAM's eta added to |theta|"),
-    "analysis.collect_every_steps": (Int(0), "record outputs at theta and theta^p every N steps; 0: off"),
-    "analysis.dataset": (Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
-                         "dataset of the forgetting split; '': eval_datasets[0]"),
-    "analysis.max_raw_values": (Int(0), "store raw likelihoods when examples x classes <= this"),
-    "analysis.sharpness_examples": (Int(1), "training examples for the Hessian's top eigenvalue"),
-    "analysis.sharpness_batch_size": (Int(1), "batch size of the sharpness computation"),
-    "analysis.sharpness_iters": (Int(1), "power iterations of the sharpness computation"),
-    "analysis.sharpness_tol": (Float(0.0, lo_open=True), "relative tolerance of the power iteration"),
-    "init_from": (Text(), "workdir or checkpoint directory to finetune from (head replaced); '': off"),
-    "log_every_steps": (Int(1), "steps between train log lines and summaries"),
-    "eval_every_steps": (Int(1), "steps between evaluations (and at the end)"),
-    "checkpoint_every_steps": (Int(1), "steps between checkpoints (and at the end)"),
-    "keep_checkpoints": (Int(1), "checkpoints kept in the workdir"),
-    "max_consecutive_nonfinite": (Int(1), "skipped non-finite steps in a row that stop the run"),
-    "profile": (Bool(), "trace a few steps into the workdir (clu profiler)"),
-    "eval_batch_size": (Int(1), "evaluation batch over all devices"),
+  "seed": (
+    Int(0, 2**31 - 1),
+    "seed of the initialization, data order, augmentation and perturbations",
+  ),
+  "dataset": (Choice(dataset_catalog.training_datasets), "training dataset (TFDS)"),
+  "data_dir": (
+    Text(optional=True),
+    "TFDS data directory; None: $TFDS_DATA_DIR or ~/tensorflow_datasets",
+  ),
+  "eval_datasets": (
+    NameList(lambda: sorted(dataset_catalog.DATASETS)),
+    "datasets evaluated on their test split",
+  ),
+  "image_size": (Int(1), "side of the square input images (a multiple of a ViT's patch size)"),
+  "crop_area_min": (Float(0.0, 1.0, lo_open=True), "smallest area fraction of the Inception crop"),
+  "shuffle_buffer": (Int(1), "shuffle buffer of streamed datasets (ImageNet)"),
+  "model": (Choice(models.model_names), "model name (pf_jax/models)"),
+  "head_bias_init": (Float(), "initial bias of the classification head"),
+  "mixed_precision": (Bool(), "bfloat16 compute; parameters and optimizer stay float32"),
+  "loss": (
+    Choice(lambda: tuple(losses.LOSSES)),
+    "softmax_xent (the paper's CE) or sigmoid_xent (BCE)",
+  ),
+  "label_smoothing": (Float(0.0, 1.0, hi_open=True), "label smoothing of the loss"),
+  "global_batch_size": (Int(1), "examples per step over all devices"),
+  "grad_accum_steps": (Int(1), "sequential micro-batches per step (the global batch is split)"),
+  "num_epochs": (Float(0.0, lo_open=True), "training length in epochs (unless num_train_steps)"),
+  "warmup_epochs": (Float(0.0), "linear learning-rate warmup in epochs (unless warmup_steps)"),
+  "num_train_steps": (Int(1, off=-1, off_means="use num_epochs"), "training length in steps"),
+  "warmup_steps": (Int(0, off=-1, off_means="use warmup_epochs"), "warmup length in steps"),
+  "optimizer": (Choice(optimizers.CONFIG_NAMES), "base optimizer (decoupled weight decay)"),
+  "lr_max": (Float(0.0, lo_open=True), "learning rate after warmup (then linear decay)"),
+  "lr_min": (Float(0.0), "learning rate at the last step (<= lr_max)"),
+  "weight_decay": (
+    Float(0.0),
+    "decoupled weight decay (not on biases, norms, position embeddings)",
+  ),
+  "momentum": (Float(0.0, 1.0, hi_open=True), "momentum of sgdw"),
+  "b1": (Float(0.0, 1.0, hi_open=True), "first-moment decay of adamw"),
+  "b2": (Float(0.0, 1.0, hi_open=True), "second-moment decay of adamw"),
+  "clip_grad_norm": (Float(0.0), "global-norm clipping of the final (SAM) gradient; 0: off"),
+  "shrink_perturb": (Float(0.0, 1.0), "shrink-and-perturb factor; 0: off"),
+  "sam.perturbation": (Choice(_perturbations), "SAM perturbation; none: the base optimizer alone"),
+  "sam.rho_max": (Float(0.0), "perturbation radius (the largest, with an lr-proportional rho)"),
+  "sam.rho_min": (
+    Float(0.0, negative_means="constant rho = rho_max"),
+    "smallest radius of an lr-proportional rho (<= rho_max)",
+  ),
+  "sam.m": (Int(1), "perturbation batch size (each m-chunk has its own perturbation)"),
+  "sam.chunk_mode": (
+    Choice(sam_family.CHUNK_MODES),
+    "vmap: a device's chunks together; scan: one at a time",
+  ),
+  "sam.obf_lambda": (Float(0.0, 1.0, hi_open=True), "OBF's lambda (the paper uses 1/C)"),
+  "sam.obf_gamma": (Float(0.0, 1.0), "OBF's gamma"),
+  "sam.obf_alpha": (
+    Float(0.0, 1.0, negative_means="off: alpha from lambda and gamma"),
+    "fixed OBF alpha (Table B.2)",
+  ),
+  "sam.gsam_alpha": (Float(0.0, 1.0), "GSAM's xi; 0: SAM"),
+  "sam.gsam_normalized_backup": (Bool(), "GSAM decomposes the normalized ascent direction"),
+  "sam.asam": (
+    Choice(("",) + sam_family.ASAM_MODES),
+    "ASAM's operator: '' (off), before, after or both",
+  ),
+  "sam.asam_eta": (Float(0.0), "ASAM's eta added to |theta|"),
+  "analysis.collect_every_steps": (
+    Int(0),
+    "record outputs at theta and theta^p every N steps; 0: off",
+  ),
+  "analysis.dataset": (
+    Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
+    "dataset of the forgetting split; '': eval_datasets[0]",
+  ),
+  "analysis.max_raw_values": (Int(0), "store raw likelihoods when examples x classes <= this"),
+  "analysis.sharpness_examples": (Int(1), "training examples for the Hessian's top eigenvalue"),
+  "analysis.sharpness_batch_size": (Int(1), "batch size of the sharpness computation"),
+  "analysis.sharpness_iters": (Int(1), "power iterations of the sharpness computation"),
+  "analysis.sharpness_tol": (Float(0.0, lo_open=True), "relative tolerance of the power iteration"),
+  "init_from": (
+    Text(),
+    "workdir or checkpoint directory to finetune from (head replaced); '': off",
+  ),
+  "log_every_steps": (Int(1), "steps between train log lines and summaries"),
+  "eval_every_steps": (Int(1), "steps between evaluations (and at the end)"),
+  "checkpoint_every_steps": (Int(1), "steps between checkpoints (and at the end)"),
+  "keep_checkpoints": (Int(1), "checkpoints kept in the workdir"),
+  "max_consecutive_nonfinite": (Int(1), "skipped non-finite steps in a row that stop the run"),
+  "profile": (Bool(), "trace a few steps into the workdir (clu profiler)"),
+  "eval_batch_size": (Int(1), "evaluation batch over all devices"),
 }
 
 
@@ -230,14 +271,16 @@ def suggest(name: str, names: Sequence[str]) -> str:
   close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
   if not close:  # a typo in the last part only: compare the leaf names
     leaves = {n.rsplit(".", 1)[-1]: n for n in names}
-    close = [leaves[x] for x in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=1)]
+    close = [
+      leaves[x] for x in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=1)
+    ]
   return f"; did you mean {close[0]}?" if close else ""
 
 
 # -- Rules across fields. ------------------------------------------------------------------------
 
 
-def schedule(c, num_train_examples: int) -> Tuple[int, int, int]:
+def schedule(c, num_train_examples: int) -> tuple[int, int, int]:
   """(total, warmup, steps per epoch): epochs become steps unless steps are given directly."""
   per_epoch = max(num_train_examples // c.global_batch_size, 1)
   total = c.num_train_steps if c.num_train_steps > 0 else int(c.num_epochs * per_epoch)
@@ -249,26 +292,42 @@ def _check_schedule(c):
   # Counted with the catalog's training-set size: no data is read before the checks.
   total, warmup, per_epoch = schedule(c, dataset_catalog.DATASETS[c.dataset].train_examples)
   if total < 1:
-    raise ConfigError("num_epochs", c.num_epochs, f"at least one step: 1 epoch of {c.dataset} is "
-                      f"{per_epoch} steps of {c.global_batch_size}")
+    raise ConfigError(
+      "num_epochs",
+      c.num_epochs,
+      f"at least one step: 1 epoch of {c.dataset} is {per_epoch} steps of {c.global_batch_size}",
+    )
   if warmup > total:
     field = "warmup_steps" if c.warmup_steps >= 0 else "warmup_epochs"
-    raise ConfigError(field, _get(c, field), f"at most the run's length: {warmup} warmup steps > "
-                      f"{total} steps" + ("" if c.warmup_steps >= 0 else " (or set warmup_steps)"))
+    raise ConfigError(
+      field,
+      _get(c, field),
+      f"at most the run's length: {warmup} warmup steps > "
+      f"{total} steps" + ("" if c.warmup_steps >= 0 else " (or set warmup_steps)"),
+    )
   if c.lr_min > c.lr_max:
     raise ConfigError("lr_min", c.lr_min, f"at most lr_max={c.lr_max}")
 
 
 def _check_batches(c, num_devices: int, num_processes: int):
-  if c.global_batch_size % (num_devices * c.grad_accum_steps) or c.global_batch_size % num_processes:
-    raise ConfigError("global_batch_size", c.global_batch_size,
-                      f"a multiple of devices ({num_devices}) x grad_accum_steps ({c.grad_accum_steps})"
-                      + (f" and of the {num_processes} processes" if num_processes > 1 else ""))
+  if (
+    c.global_batch_size % (num_devices * c.grad_accum_steps) or c.global_batch_size % num_processes
+  ):
+    raise ConfigError(
+      "global_batch_size",
+      c.global_batch_size,
+      f"a multiple of devices ({num_devices}) x grad_accum_steps ({c.grad_accum_steps})"
+      + (f" and of the {num_processes} processes" if num_processes > 1 else ""),
+    )
   if c.eval_batch_size % num_devices or c.eval_batch_size % num_processes:
-    raise ConfigError("eval_batch_size", c.eval_batch_size, f"a multiple of the {num_devices} devices")
+    raise ConfigError(
+      "eval_batch_size", c.eval_batch_size, f"a multiple of the {num_devices} devices"
+    )
   multiple = models.input_multiple(c.model)
   if c.image_size % multiple:
-    raise ConfigError("image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}")
+    raise ConfigError(
+      "image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}"
+    )
 
 
 def _check_sam(c, num_devices: int):
@@ -276,27 +335,47 @@ def _check_sam(c, num_devices: int):
   if s.perturbation == "none":
     for field, off in (("gsam_alpha", 0.0), ("asam", "")):
       if s[field] != off:
-        raise ConfigError(f"sam.{field}", s[field], f"{off!r} when sam.perturbation is 'none' "
-                          "(GSAM and ASAM modify a perturbation)")
+        raise ConfigError(
+          f"sam.{field}",
+          s[field],
+          f"{off!r} when sam.perturbation is 'none' (GSAM and ASAM modify a perturbation)",
+        )
     return
   per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
   m = s.m
-  if per_device % m and (m % per_device or m // per_device > num_devices
-                         or num_devices % (m // per_device)):
-    raise ConfigError("sam.m", m, f"a divisor of the per-device micro-batch {per_device} (global batch "
-                      f"/ ({num_devices} devices x {c.grad_accum_steps} accumulation steps)) or a "
-                      f"multiple of it spanning a divisor of the {num_devices} devices")
+  if per_device % m and (
+    m % per_device or m // per_device > num_devices or num_devices % (m // per_device)
+  ):
+    raise ConfigError(
+      "sam.m",
+      m,
+      f"a divisor of the per-device micro-batch {per_device} (global batch "
+      f"/ ({num_devices} devices x {c.grad_accum_steps} accumulation steps)) or a "
+      f"multiple of it spanning a divisor of the {num_devices} devices",
+    )
   if s.rho_min >= 0:
     if s.rho_min > s.rho_max:
-      raise ConfigError("sam.rho_min", s.rho_min, f"at most sam.rho_max={s.rho_max} (or < 0: constant rho)")
+      raise ConfigError(
+        "sam.rho_min", s.rho_min, f"at most sam.rho_max={s.rho_max} (or < 0: constant rho)"
+      )
     if c.lr_max == c.lr_min:
-      raise ConfigError("sam.rho_min", s.rho_min, "< 0 (constant rho): an lr-proportional rho needs "
-                        "lr_max != lr_min")
+      raise ConfigError(
+        "sam.rho_min",
+        s.rho_min,
+        "< 0 (constant rho): an lr-proportional rho needs lr_max != lr_min",
+      )
   # The SAM library's own checks, reported under the config field that feeds each argument.
   try:
     objective(c)
-    sam_family.SamSpec(rho=s.rho_max, objective="steepest", m=m, chunk_mode=s.chunk_mode,
-                       gsam_alpha=s.gsam_alpha, asam=s.asam or None, asam_eta=s.asam_eta)
+    sam_family.SamSpec(
+      rho=s.rho_max,
+      objective="steepest",
+      m=m,
+      chunk_mode=s.chunk_mode,
+      gsam_alpha=s.gsam_alpha,
+      asam=s.asam or None,
+      asam_eta=s.asam_eta,
+    )
   except ValueError as e:
     arg = str(e).split(" ", 1)[0]
     field = LIBRARY_ARGS.get(arg, "sam")
@@ -305,10 +384,18 @@ def _check_sam(c, num_devices: int):
 
 # Library argument (first word of its ValueError) -> the config field that sets it.
 LIBRARY_ARGS = {
-    "rho": "sam.rho_max", "m": "sam.m", "m=": "sam.m", "chunk_mode": "sam.chunk_mode",
-    "gsam_alpha": "sam.gsam_alpha", "asam": "sam.asam", "asam_eta": "sam.asam_eta",
-    "lam": "sam.obf_lambda", "gamma": "sam.obf_gamma", "alpha": "sam.obf_alpha",
-    "perturbation": "sam.perturbation", "predictions": "loss",
+  "rho": "sam.rho_max",
+  "m": "sam.m",
+  "m=": "sam.m",
+  "chunk_mode": "sam.chunk_mode",
+  "gsam_alpha": "sam.gsam_alpha",
+  "asam": "sam.asam",
+  "asam_eta": "sam.asam_eta",
+  "lam": "sam.obf_lambda",
+  "gamma": "sam.obf_gamma",
+  "alpha": "sam.obf_alpha",
+  "perturbation": "sam.perturbation",
+  "predictions": "loss",
 }
 
 
@@ -317,8 +404,12 @@ def objective(c):
   s = c.sam
   predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
   return perturbations.get_objective(
-      s.perturbation, lam=s.obf_lambda, gamma=s.obf_gamma,
-      alpha=s.obf_alpha if s.obf_alpha >= 0 else None, predictions=predictions)
+    s.perturbation,
+    lam=s.obf_lambda,
+    gamma=s.obf_gamma,
+    alpha=s.obf_alpha if s.obf_alpha >= 0 else None,
+    predictions=predictions,
+  )
 
 
 def _check_init_from(c):
@@ -332,13 +423,18 @@ def _check_analysis(c):
   if not c.analysis.collect_every_steps:
     return
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+
   name = collect.forgetting_dataset(c)
   want = dataset_catalog.DATASETS[c.dataset].num_classes
   if dataset_catalog.DATASETS[name].num_classes != want:
     field = "analysis.dataset" if c.analysis.dataset else "eval_datasets"
-    raise ConfigError(field, _get(c, field), f"a forgetting split with the {want} classes of "
-                      f"{c.dataset} ({name} has {dataset_catalog.DATASETS[name].num_classes}); "
-                      "set analysis.dataset")
+    raise ConfigError(
+      field,
+      _get(c, field),
+      f"a forgetting split with the {want} classes of "
+      f"{c.dataset} ({name} has {dataset_catalog.DATASETS[name].num_classes}); "
+      "set analysis.dataset",
+    )
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
@@ -349,7 +445,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
       raise ConfigError(name, _get(c, name), "unknown field" + suggest(name, list(FIELDS)))
   for name in FIELDS:
     if name not in names:
-      raise ConfigError(name, None, "missing from the config (start from configs/common.base_config)")
+      raise ConfigError(
+        name, None, "missing from the config (start from configs/common.base_config)"
+      )
   for name, (rule, _) in FIELDS.items():
     if not rule.ok(_get(c, name)):
       raise ConfigError(name, _get(c, name), rule.describe())
@@ -378,8 +476,9 @@ def check_workdir(workdir: str) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be created and written "
-                       f"({e.strerror})") from None
+    raise WorkdirError(
+      f"--workdir: {workdir!r} {DASH} a directory that can be created and written ({e.strerror})"
+    ) from None
 
 
 class WorkdirError(ValueError):

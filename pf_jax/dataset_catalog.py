@@ -7,7 +7,6 @@ the datasets without starting TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +28,14 @@ class DatasetSpec:
     train_examples: size of the training split as published (0: eval-only);
       config validation counts steps with it before any data is read.
   """
+
   tfds_name: str
-  train_split: Optional[str]
+  train_split: str | None
   eval_splits: tuple[str, ...]
   num_classes: int
-  image_key: str = 'image'
-  label_key: str = 'label'
-  real_label_key: Optional[str] = None
+  image_key: str = "image"
+  label_key: str = "label"
+  real_label_key: str | None = None
   in_memory: bool = False
   auto_prepare: bool = False
   flip: bool = True
@@ -43,22 +43,35 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    'imagenet2012': DatasetSpec('imagenet2012', 'train', ('validation',), 1000,
-                                train_examples=1_281_167),
-    # ImageNet val with ReaL labels; `label` is the original label.
-    'imagenet2012_real': DatasetSpec(
-        'imagenet2012_real', None, ('validation',), 1000,
-        label_key='original_label', real_label_key='real_label'),
-    'imagenet_v2': DatasetSpec('imagenet_v2', None, ('test',), 1000),
-    'imagenet_r': DatasetSpec('imagenet_r', None, ('test',), 200),
-    'imagenet_sketch': DatasetSpec('imagenet_sketch', None, ('test',), 1000),
-    'cifar10': DatasetSpec('cifar10', 'train', ('test',), 10, in_memory=True,
-                           train_examples=50_000),
-    'cifar100': DatasetSpec('cifar100', 'train', ('test',), 100,
-                            in_memory=True, train_examples=50_000),
-    'digits': DatasetSpec('digits', 'train', ('test',), 10, in_memory=True,
-                          auto_prepare=True, flip=False,
-                          train_examples=1438),
+  "imagenet2012": DatasetSpec(
+    "imagenet2012", "train", ("validation",), 1000, train_examples=1_281_167
+  ),
+  # ImageNet val with ReaL labels; `label` is the original label.
+  "imagenet2012_real": DatasetSpec(
+    "imagenet2012_real",
+    None,
+    ("validation",),
+    1000,
+    label_key="original_label",
+    real_label_key="real_label",
+  ),
+  "imagenet_v2": DatasetSpec("imagenet_v2", None, ("test",), 1000),
+  "imagenet_r": DatasetSpec("imagenet_r", None, ("test",), 200),
+  "imagenet_sketch": DatasetSpec("imagenet_sketch", None, ("test",), 1000),
+  "cifar10": DatasetSpec("cifar10", "train", ("test",), 10, in_memory=True, train_examples=50_000),
+  "cifar100": DatasetSpec(
+    "cifar100", "train", ("test",), 100, in_memory=True, train_examples=50_000
+  ),
+  "digits": DatasetSpec(
+    "digits",
+    "train",
+    ("test",),
+    10,
+    in_memory=True,
+    auto_prepare=True,
+    flip=False,
+    train_examples=1438,
+  ),
 }
 
 

@@ -3,7 +3,8 @@
 Both take logits [B, C] and integer labels [B] and return a scalar: the mean over the
 batch of a per-example loss. Label smoothing s uses the target (1 - s) * onehot + s / C.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def smoothed_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+def smoothed_targets(
+  labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
+) -> jax.Array:
   """(1 - s) * onehot(labels) + s / C."""
   onehot = jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
@@ -24,21 +27,27 @@ def _check_smoothing(label_smoothing: float) -> None:
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def softmax_cross_entropy(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
   """mean_b [ -sum_c t_bc log softmax(z_b)_c ]."""
   _check_smoothing(label_smoothing)
   targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
 
 
-def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+def sigmoid_cross_entropy(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
   """The "BCE" of Beyer et al. (2020): mean_b sum_c BCE(sigmoid(z_bc), t_bc).
 
   Summed (not averaged) over classes, so its scale matches softmax cross-entropy.
   """
   _check_smoothing(label_smoothing)
   targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
-  per_class = -(targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits))
+  per_class = -(
+    targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits)
+  )
   return jnp.mean(jnp.sum(per_class, axis=-1))
 
 

@@ -1,5 +1,7 @@
 """Base optimizers of Table C.1 and the shrink-and-perturb baseline, as optax transformations."""
-from typing import Any, NamedTuple, Optional
+
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,28 +16,41 @@ CONFIG_NAMES = ("adamw", "sgdw")  # config.optimizer
 def weight_decay_mask(params) -> Any:
   """True where weight decay applies: not on 1-D leaves (biases, norm scales) nor on
   position embeddings (any leaf whose path contains 'pos_embedding')."""
+
   def decays(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     return jnp.ndim(leaf) > 1 and not any(n in NO_DECAY_NAMES for n in names)
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def sgdw(learning_rate: ScalarOrSchedule, momentum: float = 0.9, weight_decay: float = 0.0,
-         mask=weight_decay_mask) -> optax.GradientTransformation:
+def sgdw(
+  learning_rate: ScalarOrSchedule,
+  momentum: float = 0.9,
+  weight_decay: float = 0.0,
+  mask=weight_decay_mask,
+) -> optax.GradientTransformation:
   """SGD with momentum and decoupled weight decay:
-    v <- momentum * v + g;   theta <- theta - lr_t * v - lr_t * wd * theta  (masked)."""
+  v <- momentum * v + g;   theta <- theta - lr_t * v - lr_t * wd * theta  (masked)."""
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum must be in [0, 1), got {momentum}")
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   return optax.chain(
-      optax.trace(decay=momentum) if momentum else optax.identity(),
-      optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
-      optax.scale_by_learning_rate(learning_rate))
+    optax.trace(decay=momentum) if momentum else optax.identity(),
+    optax.add_decayed_weights(weight_decay, mask) if weight_decay else optax.identity(),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
 
-def adamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 0.0, mask=weight_decay_mask) -> optax.GradientTransformation:
+def adamw(
+  learning_rate: ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask=weight_decay_mask,
+) -> optax.GradientTransformation:
   """AdamW (decoupled: theta <- theta - lr_t * (adam_step + wd * theta), masked)."""
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -47,8 +62,9 @@ class ShrinkPerturbState(NamedTuple):
   init_params: Any
 
 
-def shrink_and_perturb(factor: float, learning_rate: ScalarOrSchedule,
-                       lr_max: Optional[float] = None) -> optax.GradientTransformation:
+def shrink_and_perturb(
+  factor: float, learning_rate: ScalarOrSchedule, lr_max: float | None = None
+) -> optax.GradientTransformation:
   """Interpolation toward the initial parameters before every update (Appendix B):
     theta <- (1 - f_t) theta + f_t theta_init,  f_t = factor * lr_t / lr_max,
   added to the incoming updates, so chain it *after* the base optimizer."""
@@ -66,8 +82,9 @@ def shrink_and_perturb(factor: float, learning_rate: ScalarOrSchedule,
       raise ValueError("shrink_and_perturb needs params")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     f = factor * lr / lr_max
-    updates = jax.tree.map(lambda u, p, p0: u + (f * (p0 - p)).astype(u.dtype), updates, params,
-                           state.init_params)
+    updates = jax.tree.map(
+      lambda u, p, p0: u + (f * (p0 - p)).astype(u.dtype), updates, params, state.init_params
+    )
     return updates, ShrinkPerturbState(optax.safe_increment(state.count), state.init_params)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -7,13 +7,14 @@ transformation accepts two names:
 - ``"steepest"``: L^p is the task loss itself (standard SAM);
 - ``"random"``: g_p ~ N(0, I), independent of the data (Appendix B baseline).
 """
-from typing import Callable, Union
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 ObjectiveFn = Callable[[jax.Array, jax.Array], jax.Array]
-Objective = Union[str, ObjectiveFn]
+Objective = str | ObjectiveFn
 OBJECTIVE_NAMES = ("steepest", "random")
 PREDICTIONS = ("softmax", "sigmoid")
 
@@ -70,8 +71,9 @@ def _obf_objective(alpha_fn, predictions: str) -> ObjectiveFn:
   return objective
 
 
-def get_objective(name: str, *, lam: float = 0.0, gamma: float = 1.0, alpha=None,
-                  predictions: str = "softmax") -> Objective:
+def get_objective(
+  name: str, *, lam: float = 0.0, gamma: float = 1.0, alpha=None, predictions: str = "softmax"
+) -> Objective:
   """Objective by config name: 'steepest', 'random', or 'obf' (fixed alpha if `alpha` is set)."""
   if name in OBJECTIVE_NAMES:
     return name

@@ -4,18 +4,20 @@ By default (`quiet_library_logs`) only pf_jax's own INFO lines and everyone's wa
 stderr: orbax, clu and TensorFlow report internals at INFO (about 40 lines per checkpoint). The
 absl `--verbosity` flag (or main.py's `--verbose`) keeps everything.
 """
+
 import contextlib
 import logging as std_logging
 import os
 import re
 import tempfile
 import time
-from typing import Dict, Optional
 
 from absl import logging
 
-_OWN_DIRS = (os.path.dirname(os.path.abspath(__file__)),
-             os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "main.py")
+_OWN_DIRS = (
+  os.path.dirname(os.path.abspath(__file__)),
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "main.py",
+)
 
 
 # Library warnings that are normal events here (TFDS when it builds `digits` the first time).
@@ -29,7 +31,8 @@ class _OwnInfoOnly(std_logging.Filter):
     if record.pathname.startswith(_OWN_DIRS):
       return True
     return record.levelno >= std_logging.WARNING and not any(
-        w in record.getMessage() for w in _EXPECTED_WARNINGS)
+      w in record.getMessage() for w in _EXPECTED_WARNINGS
+    )
 
 
 class _ShortFormatter(std_logging.Formatter):
@@ -63,7 +66,11 @@ def quiet_native_stderr():
       os.dup2(saved, 2)
       os.close(saved)
       tmp.seek(0)
-      kept = [l for l in tmp.read().decode(errors="replace").splitlines(True) if not _NATIVE_NOISE.match(l)]
+      kept = [
+        l
+        for l in tmp.read().decode(errors="replace").splitlines(True)
+        if not _NATIVE_NOISE.match(l)
+      ]
       if kept:
         os.write(2, "".join(kept).encode())
 
@@ -99,33 +106,70 @@ class Reporter:
     if self.enabled:
       logging.info(msg, *args)
 
-  def start(self, model: str, num_params: int, dataset: str, num_train: int,
-            eval_sizes: Dict[str, int], warmup: int, devices: int, processes: int, workdir: str):
+  def start(
+    self,
+    model: str,
+    num_params: int,
+    dataset: str,
+    num_train: int,
+    eval_sizes: dict[str, int],
+    warmup: int,
+    devices: int,
+    processes: int,
+    workdir: str,
+  ):
     evals = ", ".join(f"{k} {v}" for k, v in eval_sizes.items())
     resumed = f", resuming at step {self.start_step}" if self.start_step else ""
-    self._info("start: %s (%s parameters), %s %d train examples, eval on %s; %d steps (warmup %d)%s; "
-               "devices %d%s; workdir %s", model, _count(num_params), dataset, num_train, evals, self.total,
-               warmup, resumed, devices, f" ({processes} processes)" if processes > 1 else "", workdir)
+    self._info(
+      "start: %s (%s parameters), %s %d train examples, eval on %s; %d steps (warmup %d)%s; "
+      "devices %d%s; workdir %s",
+      model,
+      _count(num_params),
+      dataset,
+      num_train,
+      evals,
+      self.total,
+      warmup,
+      resumed,
+      devices,
+      f" ({processes} processes)" if processes > 1 else "",
+      workdir,
+    )
 
-  def train(self, step: int, summary: Dict[str, float], lr: float):
+  def train(self, step: int, summary: dict[str, float], lr: float):
     now = time.time()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
     eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
     rho = f" rho {summary['train/rho']:.3g}" if "train/rho" in summary else ""
-    self._info("train step %d/%d: loss %.4f lr %.3g%s, %.2f steps/s, ETA %s", step, self.total,
-               summary["train/loss"], lr, rho, rate, eta)
+    self._info(
+      "train step %d/%d: loss %.4f lr %.3g%s, %.2f steps/s, ETA %s",
+      step,
+      self.total,
+      summary["train/loss"],
+      lr,
+      rho,
+      rate,
+      eta,
+    )
 
-  def eval(self, step: int, results: Dict[str, float], seconds: float):
-    text = ", ".join(f"{k[len('eval/'):]} {v:.4f}" for k, v in sorted(results.items()))
+  def eval(self, step: int, results: dict[str, float], seconds: float):
+    text = ", ".join(f"{k[len('eval/') :]} {v:.4f}" for k, v in sorted(results.items()))
     self._info("eval step %d: %s (%.1f s)", step, text, seconds)
     self.last_time += seconds  # evaluation time is not training speed
 
   def checkpoint(self, step: int, directory: str):
     self._info("checkpoint step %d: %s", step, directory)
 
-  def summary(self, step: int, results: Dict[str, float], workdir: str, note: Optional[str] = None):
+  def summary(self, step: int, results: dict[str, float], workdir: str, note: str | None = None):
     text = ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items()))
     trained = step - self.start_step
-    self._info("done: step %d (%d trained in %s)%s; %s; workdir %s", step, trained,
-               format_duration(time.time() - self.start_time), f", {note}" if note else "", text, workdir)
+    self._info(
+      "done: step %d (%d trained in %s)%s; %s; workdir %s",
+      step,
+      trained,
+      format_duration(time.time() - self.start_time),
+      f", {note}" if note else "",
+      text,
+      workdir,
+    )

@@ -13,8 +13,11 @@ Per m-sized chunk S (see docs/sam-family.md):
   g  <- g - xi (b - <b, u> u),  u = g / (||g|| + eps),  b = g_p or d  (GSAM)
 and the update gradient is the mean of g over all chunks of the global batch.
 """
+
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +56,14 @@ class SamSpec:
     asam_eta: ASAM's eta >= 0 added to |theta|.
     axis_name: named mesh/pmap axis to average over devices; None on one device.
   """
+
   rho: ScalarOrSchedule
   objective: perturbations.Objective = "steepest"
-  m: Optional[int] = None
+  m: int | None = None
   chunk_mode: str = "vmap"
   gsam_alpha: float = 0.0
   gsam_normalized_backup: bool = False
-  asam: Optional[str] = None
+  asam: str | None = None
   asam_eta: float = 0.0
   axis_name: Any = None
 
@@ -67,8 +71,10 @@ class SamSpec:
     if isinstance(self.rho, (int, float)) and not self.rho >= 0:
       raise ValueError(f"rho must be >= 0 (or a schedule), got {self.rho}")
     if not callable(self.objective) and self.objective not in perturbations.OBJECTIVE_NAMES:
-      raise ValueError(f"objective must be a callable or one of {perturbations.OBJECTIVE_NAMES}, "
-                       f"got {self.objective!r}")
+      raise ValueError(
+        f"objective must be a callable or one of {perturbations.OBJECTIVE_NAMES}, "
+        f"got {self.objective!r}"
+      )
     if self.m is not None and (not isinstance(self.m, int) or self.m < 1):
       raise ValueError(f"m must be a positive int or None, got {self.m!r}")
     if self.chunk_mode not in CHUNK_MODES:
@@ -96,21 +102,29 @@ def _scale(tree, c):
   return jax.tree.map(lambda x: (c * x).astype(x.dtype), tree)
 
 
-def _chunking(spec: SamSpec, local_batch: int) -> Tuple[int, int]:
+def _chunking(spec: SamSpec, local_batch: int) -> tuple[int, int]:
   """(chunks per device, devices per chunk) for this per-device batch, or a ValueError."""
   m = spec.m or local_batch
   if m <= local_batch:
     if local_batch % m:
-      raise ValueError(f"m={m} must divide the per-device batch {local_batch} (or be a multiple of it)")
+      raise ValueError(
+        f"m={m} must divide the per-device batch {local_batch} (or be a multiple of it)"
+      )
     return local_batch // m, 1
   if m % local_batch:
-    raise ValueError(f"m={m} must be a multiple of the per-device batch {local_batch} (or divide it)")
+    raise ValueError(
+      f"m={m} must be a multiple of the per-device batch {local_batch} (or divide it)"
+    )
   if spec.axis_name is None:
-    raise ValueError(f"m={m} exceeds the batch {local_batch} and there is no axis_name to span devices")
+    raise ValueError(
+      f"m={m} exceeds the batch {local_batch} and there is no axis_name to span devices"
+    )
   return 1, m // local_batch
 
 
-def _perturb(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size):
+def _perturb(
+  spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
+):
   """Steps 1-4 of the design page on one chunk: the perturbed parameters theta^p.
 
   The one place theta^p is computed: training (`_chunk_gradient`) and the forgetting analysis
@@ -146,11 +160,13 @@ def _perturb(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, lab
   return perturbed, g_p, d, logits, aux, loss, ascent_norm
 
 
-def _chunk_gradient(spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key,
-                    group_size):
+def _chunk_gradient(
+  spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
+):
   """Steps 1-6 of the design page on one chunk; returns (g, aux of the first pass, metrics)."""
   perturbed, g_p, d, _, aux, loss, ascent_norm = _perturb(
-      spec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size)
+    spec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
+  )
 
   def task_loss(p):
     out = apply_fn(p, inputs)
@@ -181,8 +197,18 @@ def _chunk_keys(spec: SamSpec, rng, n_chunks: int, group_size: int):
   return jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
 
 
-def spec_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn,
-                  rho, rng=None, has_aux: bool = False):
+def spec_gradient(
+  spec: SamSpec,
+  params,
+  inputs,
+  labels,
+  *,
+  apply_fn: ApplyFn,
+  loss_fn: LossFn,
+  rho,
+  rng=None,
+  has_aux: bool = False,
+):
   """`sam_gradient` for a validated `SamSpec` and this step's rho: (grads, aux, metrics)."""
   local_batch = jax.tree.leaves(labels)[0].shape[0]
   n_chunks, group_size = _chunking(spec, local_batch)
@@ -202,10 +228,14 @@ def spec_gradient(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, l
     if spec.chunk_mode == "vmap":
       g, aux, metrics = _mean0(jax.vmap(one)(xs, ys, keys))
     else:
+
       def body(total, chunk):
         out = one(*chunk)
         return jax.tree.map(lambda a, b: a + b / n_chunks, total, out), None
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, *jax.tree.map(lambda a: a[0], (xs, ys, keys))))
+
+      zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(one, *jax.tree.map(lambda a: a[0], (xs, ys, keys)))
+      )
       (g, aux, metrics), _ = lax.scan(body, zeros, (xs, ys, keys))
 
   if spec.axis_name is not None:
@@ -217,8 +247,9 @@ def _split_chunks(tree, n_chunks: int):
   return jax.tree.map(lambda a: a.reshape((n_chunks, -1) + a.shape[1:]), tree)
 
 
-def perturbed_logits(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn,
-                     rho, rng=None):
+def perturbed_logits(
+  spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, rho, rng=None
+):
   """Logits at theta and at the perturbed parameters theta^p of each example's own m-chunk.
 
   theta^p is what a training step with `spec` on this batch would perturb to (steps 1-4 of the
@@ -238,8 +269,9 @@ def perturbed_logits(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn
 
   def one(chunk):
     x, y, k = chunk
-    perturbed, _, _, logits, _, _, _ = _perturb(spec, apply_fn, loss_fn, False, params, rho, x, y, k,
-                                                group_size)
+    perturbed, _, _, logits, _, _, _ = _perturb(
+      spec, apply_fn, loss_fn, False, params, rho, x, y, k, group_size
+    )
     return logits, apply_fn(perturbed, x)
 
   xs, ys = _split_chunks((inputs, labels), n_chunks)
@@ -248,12 +280,25 @@ def perturbed_logits(spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn
   return merge(clean), merge(perturbed)
 
 
-def sam_gradient(params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, rho: float,
-                 objective: perturbations.Objective = "steepest", m: Optional[int] = None,
-                 chunk_mode: str = "vmap", gsam_alpha: float = 0.0,
-                 gsam_normalized_backup: bool = False, asam: Optional[str] = None,
-                 asam_eta: float = 0.0, axis_name=None, rng: Optional[jax.Array] = None,
-                 has_aux: bool = False):
+def sam_gradient(
+  params,
+  inputs,
+  labels,
+  *,
+  apply_fn: ApplyFn,
+  loss_fn: LossFn,
+  rho: float,
+  objective: perturbations.Objective = "steepest",
+  m: int | None = None,
+  chunk_mode: str = "vmap",
+  gsam_alpha: float = 0.0,
+  gsam_normalized_backup: bool = False,
+  asam: str | None = None,
+  asam_eta: float = 0.0,
+  axis_name=None,
+  rng: jax.Array | None = None,
+  has_aux: bool = False,
+):
   """The SAM-family update gradient of this step (module docstring), averaged over devices.
 
   Args:
@@ -274,25 +319,53 @@ def sam_gradient(params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, 
   """
   if callable(rho):
     raise ValueError("sam_gradient takes this step's rho as a number: pass rho=schedule(step)")
-  spec = SamSpec(rho=rho, objective=objective, m=m, chunk_mode=chunk_mode, gsam_alpha=gsam_alpha,
-                 gsam_normalized_backup=gsam_normalized_backup, asam=asam, asam_eta=asam_eta,
-                 axis_name=axis_name)
-  return spec_gradient(spec, params, inputs, labels, apply_fn=apply_fn, loss_fn=loss_fn,
-                       rho=spec.rho_at(0), rng=rng, has_aux=has_aux)
+  spec = SamSpec(
+    rho=rho,
+    objective=objective,
+    m=m,
+    chunk_mode=chunk_mode,
+    gsam_alpha=gsam_alpha,
+    gsam_normalized_backup=gsam_normalized_backup,
+    asam=asam,
+    asam_eta=asam_eta,
+    axis_name=axis_name,
+  )
+  return spec_gradient(
+    spec,
+    params,
+    inputs,
+    labels,
+    apply_fn=apply_fn,
+    loss_fn=loss_fn,
+    rho=spec.rho_at(0),
+    rng=rng,
+    has_aux=has_aux,
+  )
 
 
 class SamState(NamedTuple):
-  count: jax.Array          # steps taken; drives the rho schedule and the random key
-  key: jax.Array            # base PRNG key for random perturbations
+  count: jax.Array  # steps taken; drives the rho schedule and the random key
+  key: jax.Array  # base PRNG key for random perturbations
   base_state: optax.OptState
-  metrics: dict             # metrics of the last step, for logging
+  metrics: dict  # metrics of the last step, for logging
 
 
-def sam(base: optax.GradientTransformation, rho: ScalarOrSchedule, *, apply_fn: ApplyFn,
-        loss_fn: LossFn, objective: perturbations.Objective = "steepest", m: Optional[int] = None,
-        chunk_mode: str = "vmap", gsam_alpha: float = 0.0, gsam_normalized_backup: bool = False,
-        asam: Optional[str] = None, asam_eta: float = 0.0, axis_name=None,
-        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+def sam(
+  base: optax.GradientTransformation,
+  rho: ScalarOrSchedule,
+  *,
+  apply_fn: ApplyFn,
+  loss_fn: LossFn,
+  objective: perturbations.Objective = "steepest",
+  m: int | None = None,
+  chunk_mode: str = "vmap",
+  gsam_alpha: float = 0.0,
+  gsam_normalized_backup: bool = False,
+  asam: str | None = None,
+  asam_eta: float = 0.0,
+  axis_name=None,
+  seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
   """Wraps `base` (any optax optimizer) so its gradient is the SAM-family gradient.
 
   `update(updates, state, params, *, inputs, labels, **extra)` recomputes the gradient from
@@ -302,9 +375,17 @@ def sam(base: optax.GradientTransformation, rho: ScalarOrSchedule, *, apply_fn: 
   `axis_name` set for data parallelism. Use `sam_gradient` directly for models with
   BatchNorm state. Arguments: see `SamSpec`.
   """
-  spec = SamSpec(rho=rho, objective=objective, m=m, chunk_mode=chunk_mode, gsam_alpha=gsam_alpha,
-                 gsam_normalized_backup=gsam_normalized_backup, asam=asam, asam_eta=asam_eta,
-                 axis_name=axis_name)
+  spec = SamSpec(
+    rho=rho,
+    objective=objective,
+    m=m,
+    chunk_mode=chunk_mode,
+    gsam_alpha=gsam_alpha,
+    gsam_normalized_backup=gsam_normalized_backup,
+    asam=asam,
+    asam_eta=asam_eta,
+    axis_name=axis_name,
+  )
   base = optax.with_extra_args_support(base)
 
   def init_fn(params):
@@ -316,8 +397,15 @@ def sam(base: optax.GradientTransformation, rho: ScalarOrSchedule, *, apply_fn: 
     if params is None or inputs is None or labels is None:
       raise ValueError("sam's update needs params, inputs= and labels=")
     grads, _, metrics = spec_gradient(
-        spec, params, inputs, labels, apply_fn=apply_fn, loss_fn=loss_fn,
-        rho=spec.rho_at(state.count), rng=jax.random.fold_in(state.key, state.count))
+      spec,
+      params,
+      inputs,
+      labels,
+      apply_fn=apply_fn,
+      loss_fn=loss_fn,
+      rho=spec.rho_at(state.count),
+      rng=jax.random.fold_in(state.key, state.count),
+    )
     new_updates, base_state = base.update(grads, state.base_state, params, **extra)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return new_updates, SamState(optax.safe_increment(state.count), state.key, base_state, metrics)

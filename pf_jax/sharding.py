@@ -1,11 +1,13 @@
 """Cross-device helpers for data parallelism over a named mesh/pmap axis."""
-from typing import Hashable, Sequence, Union
+
+from collections.abc import Hashable
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-AxisName = Union[Hashable, Sequence[Hashable]]
+AxisName = Hashable | Sequence[Hashable]
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -24,14 +26,18 @@ def group_mean(tree, axis_name: AxisName, group_size: int):
     return tree
   n = axis_size(axis_name)
   if n % group_size:
-    raise ValueError(f"m spans {group_size} devices, which does not divide the {n} devices of axis {axis_name!r}")
+    raise ValueError(
+      f"m spans {group_size} devices, which does not divide the {n} devices of axis {axis_name!r}"
+    )
   total = tree
   if group_size & (group_size - 1) == 0:
     for s in range(group_size.bit_length() - 1):
       perm = [(i, i ^ (1 << s)) for i in range(n)]
       total = jax.tree.map(jnp.add, total, lax.ppermute(total, axis_name, perm))
   else:
-    perm = [(i, (i // group_size) * group_size + (i % group_size + 1) % group_size) for i in range(n)]
+    perm = [
+      (i, (i // group_size) * group_size + (i % group_size + 1) % group_size) for i in range(n)
+    ]
     shifted = tree
     for _ in range(group_size - 1):
       shifted = lax.ppermute(shifted, axis_name, perm)

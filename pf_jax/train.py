@@ -7,13 +7,11 @@ statistics from the unperturbed pass), then the base optimizer. Every random cho
 function of (config.seed, step) and the data order is step-addressable, so a run resumed from
 a checkpoint ends bit-identical to an uninterrupted one.
 """
+
 import functools
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
-from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,12 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
 from pf_jax import config_validation
@@ -46,16 +49,21 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def validate_config(c: ml_collections.ConfigDict, num_devices: Optional[int] = None,
-                    num_processes: Optional[int] = None) -> None:
+def validate_config(
+  c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int | None = None
+) -> None:
   """`config_validation.validate` against this job's devices and processes (ConfigError)."""
   num_devices = num_devices or jax.device_count()
   num_processes = num_processes or jax.process_count()
   config_validation.validate(c, num_devices, num_processes)
   per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
   if c.sam.perturbation != "none" and models.has_batch_norm(c.model) and c.sam.m > per_device:
-    logging.warning("config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
-                    "statistics (not the whole chunk's)", c.sam.m, c.sam.m // per_device)
+    logging.warning(
+      "config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
+      "statistics (not the whole chunk's)",
+      c.sam.m,
+      c.sam.m // per_device,
+    )
 
 
 def train_schedule(c, num_train_examples: int):
@@ -88,32 +96,45 @@ def compute_dtype(c):
 
 
 def build_model(c, num_classes: int):
-  return models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init,
-                            dtype=compute_dtype(c))
+  return models.build_model(
+    c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=compute_dtype(c)
+  )
 
 
 def _model_apply(model, has_bn: bool):
   """(params, batch_stats, images, train) -> (logits, new batch_stats)."""
+
   def apply(params, batch_stats, images, train):
     if not has_bn:
       return model.apply({"params": params}, images, train=train), batch_stats
     if not train:
-      return model.apply({"params": params, "batch_stats": batch_stats}, images, train=False), batch_stats
-    logits, new = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                              mutable=["batch_stats"])
+      return model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=False
+      ), batch_stats
+    logits, new = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
     return logits, new["batch_stats"]
+
   return apply
 
 
-def sam_spec(c) -> Optional[sam_lib.SamSpec]:
+def sam_spec(c) -> sam_lib.SamSpec | None:
   """The run's SAM-family member (rho is given per step); None without a perturbation."""
   s = c.sam
   if s.perturbation == "none":
     return None
   return sam_lib.SamSpec(
-      rho=s.rho_max, objective=config_validation.objective(c), m=s.m, chunk_mode=s.chunk_mode,
-      gsam_alpha=s.gsam_alpha, gsam_normalized_backup=s.gsam_normalized_backup,
-      asam=s.asam or None, asam_eta=s.asam_eta, axis_name=AXIS)
+    rho=s.rho_max,
+    objective=config_validation.objective(c),
+    m=s.m,
+    chunk_mode=s.chunk_mode,
+    gsam_alpha=s.gsam_alpha,
+    gsam_normalized_backup=s.gsam_normalized_backup,
+    asam=s.asam or None,
+    asam_eta=s.asam_eta,
+    axis_name=AXIS,
+  )
 
 
 def rho_at(rho, step) -> jax.Array:
@@ -136,14 +157,27 @@ def make_train_step(c, model, tx, rho, mesh):
   def micro_grad(params, batch_stats, rho_t, images, labels, key):
     apply_fn = lambda p, x: apply(p, batch_stats, x, True)
     if spec is None:
+
       def loss(p):
         logits, new_stats = apply_fn(p, images)
         return loss_fn(logits, labels), new_stats
-      (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(sharding.per_device(params, AXIS))
+
+      (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(
+        sharding.per_device(params, AXIS)
+      )
       grads, new_stats, value = jax.lax.pmean((grads, new_stats, value), AXIS)
       return grads, new_stats, {"loss": value}
-    return sam_lib.spec_gradient(spec, params, images, labels, apply_fn=apply_fn, loss_fn=loss_fn,
-                                 rho=rho_t, rng=key, has_aux=True)
+    return sam_lib.spec_gradient(
+      spec,
+      params,
+      images,
+      labels,
+      apply_fn=apply_fn,
+      loss_fn=loss_fn,
+      rho=rho_t,
+      rng=key,
+      has_aux=True,
+    )
 
   def step(state: TrainState, batch):
     images, labels = batch["image"].astype(dtype), batch["label"]
@@ -151,35 +185,49 @@ def make_train_step(c, model, tx, rho, mesh):
     key = step_key(c, state.step)
     n = c.grad_accum_steps
     if n == 1:
-      grads, new_stats, metrics = micro_grad(state.params, state.batch_stats, rho_t, images, labels, key)
+      grads, new_stats, metrics = micro_grad(
+        state.params, state.batch_stats, rho_t, images, labels, key
+      )
     else:
       # Sequential micro-batches (accumulation); each is cut into its own m-chunks.
       split = lambda a: a.reshape((n, -1) + a.shape[1:])
+
       def body(acc, xs):
         i, x, y = xs
         out = micro_grad(state.params, state.batch_stats, rho_t, x, y, jax.random.fold_in(key, i))
         return jax.tree.map(lambda a, b: a + b / n, acc, out), None
-      shapes = jax.eval_shape(micro_grad, state.params, state.batch_stats, rho_t, split(images)[0],
-                              split(labels)[0], key)
-      zeros = jax.tree.map(lambda sd: sharding.per_device(jnp.zeros(sd.shape, sd.dtype), AXIS), shapes)
-      (grads, new_stats, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), split(images), split(labels)))
+
+      shapes = jax.eval_shape(
+        micro_grad, state.params, state.batch_stats, rho_t, split(images)[0], split(labels)[0], key
+      )
+      zeros = jax.tree.map(
+        lambda sd: sharding.per_device(jnp.zeros(sd.shape, sd.dtype), AXIS), shapes
+      )
+      (grads, new_stats, metrics), _ = jax.lax.scan(
+        body, zeros, (jnp.arange(n), split(images), split(labels))
+      )
       grads, new_stats, metrics = jax.lax.pmean((grads, new_stats, metrics), AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+    )
     # A non-finite loss, gradient or result skips the step (decided here, no host sync): the state
     # stays finite, so no checkpoint can hold a NaN. (Values are replicated: all devices agree.)
     finite = checkpointing.all_finite((metrics["loss"], grads, params, new_stats, opt_state))
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), rho=rho_t,
-                   nonfinite=1 - finite.astype(jnp.float32))
+    new = jax.tree.map(
+      lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1)
+    )
+    metrics = dict(
+      metrics, grad_norm=optax.tree.norm(grads), rho=rho_t, nonfinite=1 - finite.astype(jnp.float32)
+    )
     return new, metrics
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_step(c, model, mesh, subset: Optional[np.ndarray]):
+def make_eval_step(c, model, mesh, subset: np.ndarray | None):
   """jit(shard_map): (params, batch_stats, batch) -> summed counts over all devices."""
   apply = _model_apply(model, models.has_batch_norm(c.model))
   dtype = compute_dtype(c)
@@ -218,20 +266,30 @@ def make_collect_step(c, model, mesh, rho):
     apply_fn = lambda p, x: apply(p, batch_stats, x, False)[0].astype(jnp.float32)
     if spec is None:
       return {"probs": predict(apply_fn(params, images))}
-    clean, perturbed = sam_lib.perturbed_logits(spec, params, images, labels, apply_fn=apply_fn,
-                                                loss_fn=loss_fn, rho=rho_at(rho, step),
-                                                rng=step_key(c, step))
+    clean, perturbed = sam_lib.perturbed_logits(
+      spec,
+      params,
+      images,
+      labels,
+      apply_fn=apply_fn,
+      loss_fn=loss_fn,
+      rho=rho_at(rho, step),
+      rng=step_key(c, step),
+    )
     return {"probs": predict(clean), "probs_p": predict(perturbed)}
 
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P(AXIS)))
+  return jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P(AXIS))
+  )
 
 
-def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
+def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
   results = {}
   local_batch = c.eval_batch_size // jax.process_count()
   for name, eval_step in eval_steps.items():
-    it = input_pipeline.eval_iterator(name, data_dir=c.data_dir, image_size=c.image_size,
-                                      local_batch_size=local_batch)
+    it = input_pipeline.eval_iterator(
+      name, data_dir=c.data_dir, image_size=c.image_size, local_batch_size=local_batch
+    )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
       counts = eval_step(state.params, state.batch_stats, batch)
@@ -239,7 +297,9 @@ def evaluate(c, state, eval_steps, batch_sharding) -> Dict[str, float]:
     totals = jax.device_get(totals)
     results[f"eval/{name}/top1"] = float(totals["correct"] / max(totals["count"], 1))
     if "real_count" in totals:
-      results[f"eval/{name}/real_top1"] = float(totals["real_correct"] / max(totals["real_count"], 1))
+      results[f"eval/{name}/real_top1"] = float(
+        totals["real_correct"] / max(totals["real_count"], 1)
+      )
   return results
 
 
@@ -256,10 +316,14 @@ def load_variables(path: str):
 def _merge_pretrained(fresh, pretrained, path=""):
   """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
   if isinstance(fresh, dict):
-    return {k: v if k == "head" else _merge_pretrained(v, pretrained[k], f"{path}/{k}")
-            for k, v in fresh.items()}
+    return {
+      k: v if k == "head" else _merge_pretrained(v, pretrained[k], f"{path}/{k}")
+      for k, v in fresh.items()
+    }
   if tuple(fresh.shape) != tuple(np.shape(pretrained)):
-    raise ValueError(f"config.init_from: {path} has shape {np.shape(pretrained)}, model needs {fresh.shape}")
+    raise ValueError(
+      f"config.init_from: {path} has shape {np.shape(pretrained)}, model needs {fresh.shape}"
+    )
   return jnp.asarray(pretrained, fresh.dtype)
 
 
@@ -275,12 +339,14 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
       raise ValueError(f"config.init_from: {e}") from None
     params = _merge_pretrained(params, pre_params)
     batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params)
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False) -> Dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
   Raises checkpointing.Preempted once the current step is saved after SIGTERM/SIGINT or a
@@ -298,7 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Every dataset the run will read is checked before anything compiles.
   num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
   # Every dataset the run will read must be readable now, not after hours of training.
-  eval_sizes = {name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets}
+  eval_sizes = {
+    name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets
+  }
   if c.analysis.collect_every_steps:
     input_pipeline.get_builder(collect_lib.forgetting_dataset(c), c.data_dir)
   total_steps, warmup_steps = train_schedule(c, num_train)
@@ -310,7 +378,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sharding = NamedSharding(mesh, P(AXIS))
 
   checkpoints = ocp.CheckpointManager(
-      checkpoint_dir, options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True))
+    checkpoint_dir,
+    options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True),
+  )
   state = None
   if has_run:
     # Restore into the structure and shardings of a fresh state (no pretrained load needed).
@@ -318,12 +388,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with init_free.unlocked():
       init_free.init_from = ""
     target = jax.eval_shape(lambda: create_state(init_free, model, tx, num_classes))
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target)
+    target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target
+    )
     latest, state = checkpointing.restore_latest(checkpoints, target)
     if state is not None:
       logging.info("Resumed from step %d in %s", latest, workdir)
   if state is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
-    state = jax.jit(functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated)()
+    state = jax.jit(
+      functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated
+    )()
   elif state is None:  # finetuning reads the other run's checkpoint on the host
     state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
   start_step = int(jax.device_get(state.step))
@@ -332,36 +406,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
-    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                          for k, v in workdir_lib.flatten(c.to_dict()).items()})
+    writer.write_hparams(
+      {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in workdir_lib.flatten(c.to_dict()).items()
+      }
+    )
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
   train_step = make_train_step(c, model, tx, rho, mesh)
-  eval_steps = {name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
-                for name in c.eval_datasets}
+  eval_steps = {
+    name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
+    for name in c.eval_datasets
+  }
   collect_every = c.analysis.collect_every_steps
   collect_step = make_collect_step(c, model, mesh, rho) if collect_every else None
-  if (collect_every and start_step and start_step % collect_every == 0
-      and not collect_lib.has_point(workdir, start_step)):  # preempted right at a collection step
-    writer.write_scalars(start_step, collect_lib.collect_point(
-        c, state, collect_step, batch_sharding, workdir, step=start_step, num_train_examples=num_train))
+  if (
+    collect_every
+    and start_step
+    and start_step % collect_every == 0
+    and not collect_lib.has_point(workdir, start_step)
+  ):  # preempted right at a collection step
+    writer.write_scalars(
+      start_step,
+      collect_lib.collect_point(
+        c,
+        state,
+        collect_step,
+        batch_sharding,
+        workdir,
+        step=start_step,
+        num_train_examples=num_train,
+      ),
+    )
   train_iter = input_pipeline.train_iterator(
-      c.dataset, data_dir=c.data_dir, image_size=c.image_size,
-      local_batch_size=c.global_batch_size // jax.process_count(), seed=c.seed, start_step=start_step,
-      shuffle_buffer=c.shuffle_buffer, crop_area_min=c.crop_area_min)
+    c.dataset,
+    data_dir=c.data_dir,
+    image_size=c.image_size,
+    local_batch_size=c.global_batch_size // jax.process_count(),
+    seed=c.seed,
+    start_step=start_step,
+    shuffle_buffer=c.shuffle_buffer,
+    crop_area_min=c.crop_area_min,
+  )
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
   report = reporting.Reporter(total_steps, start_step, enabled=jax.process_index() == 0)
-  report.start(c.model, sum(x.size for x in jax.tree.leaves(state.params)), c.dataset, num_train, eval_sizes,
-               warmup_steps, jax.device_count(), jax.process_count(), workdir)
+  report.start(
+    c.model,
+    sum(x.size for x in jax.tree.leaves(state.params)),
+    c.dataset,
+    num_train,
+    eval_sizes,
+    warmup_steps,
+    jax.device_count(),
+    jax.process_count(),
+    workdir,
+  )
   pending, fetched, results, streak = [], [], {}, 0
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(train_iter))
-      pending.append(metrics)  # device arrays; fetched only when logging or saving (no per-step sync)
+      pending.append(
+        metrics
+      )  # device arrays; fetched only when logging or saving (no per-step sync)
       for hook in hooks:
         hook(step)
       last = step == total_steps
@@ -374,9 +485,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if streak >= c.max_consecutive_nonfinite:
             writer.flush()
             raise checkpointing.NonFiniteError(
-                f"{streak} consecutive steps with a non-finite loss or gradient (skipped), the last at "
-                f"step {step - len(pending) + 1 + i}: stopping; last good checkpoint: "
-                f"{checkpointing.last_good(checkpoints)}")
+              f"{streak} consecutive steps with a non-finite loss or gradient (skipped), the last at "
+              f"step {step - len(pending) + 1 + i}: stopping; last good checkpoint: "
+              f"{checkpointing.last_good(checkpoints)}"
+            )
           fetched.append(m)
         pending = []
       if step % c.log_every_steps == 0 or last:
@@ -390,8 +502,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write_scalars(step, results)
         report.eval(step, results, time.time() - eval_start)
       if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
-        writer.write_scalars(step, collect_lib.collect_point(
-            c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train))
+        writer.write_scalars(
+          step,
+          collect_lib.collect_point(
+            c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train
+          ),
+        )
       if save:
         checkpointing.save(checkpoints, step, state, force=preempted)
         report.checkpoint(step, checkpoints.directory)
@@ -399,7 +515,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoints.wait_until_finished()
         checkpoints.close()
         writer.flush()
-        logging.warning("Preempted at step %d: checkpoint saved in %s, stopping", step, checkpoint_dir)
+        logging.warning(
+          "Preempted at step %d: checkpoint saved in %s, stopping", step, checkpoint_dir
+        )
         raise checkpointing.Preempted(step, checkpoint_dir)
   checkpoints.wait_until_finished()
   checkpoints.close()
@@ -410,14 +528,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final_step = int(jax.device_get(state.step))
   if results and jax.process_index() == 0 and final_step == total_steps:
     workdir_lib.save_results(workdir, total_steps, results)
-  report.summary(final_step, results, workdir, note=None if final_step == total_steps else "stopped early")
+  report.summary(
+    final_step, results, workdir, note=None if final_step == total_steps else "stopped early"
+  )
   return results
 
 
-def _summarize(fetched) -> Dict[str, float]:
+def _summarize(fetched) -> dict[str, float]:
   """Means over the finite steps since the last log, and the number of skipped (non-finite) ones."""
   finite = [m for m in fetched if not m["nonfinite"]]
-  out = {f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
-         for k in fetched[0] if k != "nonfinite"}
+  out = {
+    f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
+    for k in fetched[0]
+    if k != "nonfinite"
+  }
   out["train/nonfinite_steps"] = float(sum(m["nonfinite"] for m in fetched))
   return out

@@ -8,23 +8,36 @@ anything but `SAFE_TO_CHANGE`.
 
 Paths go through `etils.epath`, so `gs://` workdirs work like local ones.
 """
+
 import json
-from typing import Any, Dict, List
+from typing import Any
 
-from absl import logging
-
-from etils import epath
 import ml_collections
+from absl import logging
+from etils import epath
 
 CONFIG_FILE = "config.json"
 # Fields that change neither the training trajectory nor the meaning of the results: a run may be
 # continued with new values (README "Runs are safe").
 # Fields that do not change what is trained (the analysis only reads the run).
-SAFE_TO_CHANGE = ("data_dir", "eval_datasets", "eval_batch_size", "log_every_steps", "eval_every_steps",
-                  "checkpoint_every_steps", "keep_checkpoints", "profile", "max_consecutive_nonfinite",
-                  "analysis.collect_every_steps", "analysis.dataset", "analysis.max_raw_values",
-                  "analysis.sharpness_examples", "analysis.sharpness_batch_size",
-                  "analysis.sharpness_iters", "analysis.sharpness_tol")
+SAFE_TO_CHANGE = (
+  "data_dir",
+  "eval_datasets",
+  "eval_batch_size",
+  "log_every_steps",
+  "eval_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "profile",
+  "max_consecutive_nonfinite",
+  "analysis.collect_every_steps",
+  "analysis.dataset",
+  "analysis.max_raw_values",
+  "analysis.sharpness_examples",
+  "analysis.sharpness_batch_size",
+  "analysis.sharpness_iters",
+  "analysis.sharpness_tol",
+)
 OVERRIDE_FLAG = "--allow_config_change"
 RESULTS_FILE = "results.json"
 
@@ -48,11 +61,11 @@ def load_config(workdir) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def save_results(workdir, step: int, results: Dict[str, float]) -> None:
+def save_results(workdir, step: int, results: dict[str, float]) -> None:
   _write_json(epath.Path(workdir) / RESULTS_FILE, dict(results, step=int(step)))
 
 
-def load_results(workdir) -> Dict[str, float]:
+def load_results(workdir) -> dict[str, float]:
   path = epath.Path(workdir) / RESULTS_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: has the run in {workdir!r} finished?")
@@ -63,7 +76,7 @@ class ConfigMismatchError(ValueError):
   """A workdir holds a run whose config differs from the new one."""
 
 
-def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   """{'a': {'b': 1}} -> {'a.b': 1}: a nested config dict keyed by dotted field names."""
   out = {}
   for k, v in d.items():
@@ -74,18 +87,23 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
-def config_differences(stored: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> List[str]:
+def config_differences(
+  stored: ml_collections.ConfigDict, new: ml_collections.ConfigDict
+) -> list[str]:
   """One line per field outside SAFE_TO_CHANGE that differs: 'config.f: OLD in this workdir, NEW now'."""
   old = flatten(json.loads(stored.to_json_best_effort()))
   now = flatten(json.loads(new.to_json_best_effort()))  # JSON round trip: tuples == lists
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
-  return [f"config.{k}: {show(old, k)} in this workdir, {show(now, k)} now"
-          for k in sorted(set(old) | set(now))
-          if k not in SAFE_TO_CHANGE and old.get(k, ...) != now.get(k, ...)]
+  return [
+    f"config.{k}: {show(old, k)} in this workdir, {show(now, k)} now"
+    for k in sorted(set(old) | set(now))
+    if k not in SAFE_TO_CHANGE and old.get(k, ...) != now.get(k, ...)
+  ]
 
 
-def check_config(workdir, config: ml_collections.ConfigDict, *, has_run: bool,
-                 allow_change: bool = False) -> None:
+def check_config(
+  workdir, config: ml_collections.ConfigDict, *, has_run: bool, allow_change: bool = False
+) -> None:
   """Refuses (ConfigMismatchError) to continue the run in `workdir` with a different config.
 
   `has_run`: the workdir holds training progress (a checkpoint); without one nothing can be mixed
@@ -99,9 +117,15 @@ def check_config(workdir, config: ml_collections.ConfigDict, *, has_run: bool,
   if not diffs:
     return
   if not allow_change:
-    raise ConfigMismatchError("\n".join(diffs + [
-        f"{workdir} holds a run with another config: use a new --workdir, or pass {OVERRIDE_FLAG} to "
-        f"continue it with the new values (safe to change: {', '.join(SAFE_TO_CHANGE)})"]))
+    raise ConfigMismatchError(
+      "\n".join(
+        diffs
+        + [
+          f"{workdir} holds a run with another config: use a new --workdir, or pass {OVERRIDE_FLAG} to "
+          f"continue it with the new values (safe to change: {', '.join(SAFE_TO_CHANGE)})"
+        ]
+      )
+    )
   i = 1
   while (epath.Path(workdir) / f"config.{i}.json").exists():
     i += 1

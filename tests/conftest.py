@@ -1,4 +1,5 @@
 """Simulate 8 CPU devices for every test (must happen before jax is imported)."""
+
 import os
 
 flags = os.environ.get("XLA_FLAGS", "")

@@ -8,29 +8,38 @@ assemble with `jax.make_array_from_process_local_data` over the mesh of all devi
 
   python tests/multiprocess_worker.py --emulate_processes=2 --workdir=DIR [main.py flags]
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
-import numpy as np
 
 import main  # pylint: disable=unused-import  (defines --config, --workdir, ...)
 from pf_jax import input_pipeline
 
-flags.DEFINE_integer("emulate_processes", 1, "Number of processes whose data streams make up each global batch.")
+flags.DEFINE_integer(
+  "emulate_processes", 1, "Number of processes whose data streams make up each global batch."
+)
 FLAGS = flags.FLAGS
 
 _train_iterator = input_pipeline.train_iterator
 
 
-def _emulated_train_iterator(dataset, *, local_batch_size, process_index=None, process_count=None, **kwargs):
+def _emulated_train_iterator(
+  dataset, *, local_batch_size, process_index=None, process_count=None, **kwargs
+):
   n = FLAGS.emulate_processes
   assert process_index is None and process_count is None and local_batch_size % n == 0
-  iterators = [_train_iterator(dataset, local_batch_size=local_batch_size // n, process_index=i,
-                               process_count=n, **kwargs) for i in range(n)]
+  iterators = [
+    _train_iterator(
+      dataset, local_batch_size=local_batch_size // n, process_index=i, process_count=n, **kwargs
+    )
+    for i in range(n)
+  ]
   for parts in zip(*iterators):
     yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

@@ -2,6 +2,7 @@
 
 Tiny MLP z = W2 tanh(W1 x + b1) + b2 with hand-written backprop (no JAX autodiff), float64.
 """
+
 import numpy as np
 
 EPS = 1e-12
@@ -9,8 +10,12 @@ KEYS = ("W1", "b1", "W2", "b2")
 
 
 def init_mlp(rng, d_in, d_hidden, n_classes):
-  return dict(W1=rng.normal(size=(d_in, d_hidden)) / np.sqrt(d_in), b1=0.1 * rng.normal(size=d_hidden),
-              W2=rng.normal(size=(d_hidden, n_classes)) / np.sqrt(d_hidden), b2=0.1 * rng.normal(size=n_classes))
+  return dict(
+    W1=rng.normal(size=(d_in, d_hidden)) / np.sqrt(d_in),
+    b1=0.1 * rng.normal(size=d_hidden),
+    W2=rng.normal(size=(d_hidden, n_classes)) / np.sqrt(d_hidden),
+    b2=0.1 * rng.normal(size=n_classes),
+  )
 
 
 def forward(p, x):
@@ -21,7 +26,7 @@ def forward(p, x):
 def backprop(p, x, dz):
   """Gradient of sum(dz * z(p, x)) with respect to p."""
   _, h = forward(p, x)
-  dh = dz @ p["W2"].T * (1.0 - h ** 2)
+  dh = dz @ p["W2"].T * (1.0 - h**2)
   return dict(W1=x.T @ dh, b1=dh.sum(0), W2=h.T @ dz, b2=dz.sum(0))
 
 
@@ -51,7 +56,9 @@ def obf_dz(z, y, predictions, lam=None, gamma=None, alpha=None):
   p = softmax(z) if predictions == "softmax" else sigmoid(z)
   if alpha is None:
     p_y = p[np.arange(len(y)), y]
-    alpha = gamma * np.ones_like(p_y) if lam == 0 else gamma * np.maximum((1 - lam / p_y) / (1 - lam), 0)
+    alpha = (
+      gamma * np.ones_like(p_y) if lam == 0 else gamma * np.maximum((1 - lam / p_y) / (1 - lam), 0)
+    )
   else:
     alpha = np.full(len(y), alpha)
   a = alpha[:, None]
@@ -81,10 +88,12 @@ def perturb(p, x, y, *, loss, rho, objective, obf_kw=None, asam=None, eta=0.0):
   return {k: p[k] + rho * d[k] for k in KEYS}, gp, d
 
 
-def chunk_grad(p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backup=False,
-               asam=None, eta=0.0):
-  pt, gp, d = perturb(p, x, y, loss=loss, rho=rho, objective=objective, obf_kw=obf_kw, asam=asam,
-                      eta=eta)
+def chunk_grad(
+  p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backup=False, asam=None, eta=0.0
+):
+  pt, gp, d = perturb(
+    p, x, y, loss=loss, rho=rho, objective=objective, obf_kw=obf_kw, asam=asam, eta=eta
+  )
   zt, _ = forward(pt, x)
   g = backprop(pt, x, loss_dz(loss, zt, y))
   if xi:
@@ -98,5 +107,5 @@ def chunk_grad(p, x, y, *, loss, rho, objective, obf_kw=None, xi=0.0, norm_backu
 
 def sam_grad(p, x, y, m, **kw):
   """Mean over consecutive chunks of m examples of the per-chunk gradient."""
-  grads = [chunk_grad(p, x[i:i + m], y[i:i + m], **kw) for i in range(0, len(y), m)]
+  grads = [chunk_grad(p, x[i : i + m], y[i : i + m], **kw) for i in range(0, len(y), m)]
   return {k: np.mean([g[k] for g in grads], axis=0) for k in KEYS}

@@ -1,5 +1,6 @@
 """pf_jax.analysis against independent computations: numpy eigh, hand-computed entropies,
 scipy's Kendall tau, the sequential NumPy reference of the perturbation, and the trainer's eval."""
+
 import json
 import os
 
@@ -23,6 +24,7 @@ LN2 = np.log(2.0)
 # ---------------------------------------------------------------------------------------------
 # Sharpness: power iteration vs the full Hessian.
 
+
 def _mlp_problem():
   rng = np.random.default_rng(0)
   params = {"w1": rng.normal(size=(5, 6)), "b1": rng.normal(size=6), "w2": rng.normal(size=(6, 3))}
@@ -40,15 +42,22 @@ def test_power_iteration_matches_full_hessian(num_devices):
   params, batches, loss = _mlp_problem()
   with jax.enable_x64(True):
     flat, unravel = ravel_pytree(jax.tree.map(jnp.asarray, params))
-    mean_loss = lambda f: jnp.mean(jnp.stack([
-        loss(unravel(f), jax.tree.map(lambda a: a[i], batches)) for i in range(3)]))
+    mean_loss = lambda f: jnp.mean(
+      jnp.stack([loss(unravel(f), jax.tree.map(lambda a, i=i: a[i], batches)) for i in range(3)])
+    )
     eigs = np.linalg.eigh(np.asarray(jax.hessian(mean_loss)(flat)))[0]
     want = eigs[np.argmax(np.abs(eigs))]
     # Parameters committed to one device, as restored from a checkpoint.
     committed = jax.device_put(jax.tree.map(jnp.asarray, params), jax.devices()[0])
-    got = analysis.hessian_top_eigenvalue(loss, committed, batches,
-                                          num_iters=2000, tol=1e-9, rng=jax.random.PRNGKey(0),
-                                          devices=jax.devices()[:num_devices])
+    got = analysis.hessian_top_eigenvalue(
+      loss,
+      committed,
+      batches,
+      num_iters=2000,
+      tol=1e-9,
+      rng=jax.random.PRNGKey(0),
+      devices=jax.devices()[:num_devices],
+    )
   assert abs(got - want) <= 1e-3 * abs(want)
   # The largest eigenvalue is not the largest in magnitude here only if a negative one is:
   assert want == eigs.max() or want == eigs.min()
@@ -57,13 +66,20 @@ def test_power_iteration_matches_full_hessian(num_devices):
 def test_power_iteration_keeps_the_sign_of_a_negative_dominant_eigenvalue():
   h = np.diag([-3.0, 1.0, 0.5])  # loss 0.5 x^T H x has Hessian H
   loss = lambda p, b: 0.5 * jnp.dot(p, b["h"] @ p)
-  got = analysis.hessian_top_eigenvalue(loss, jnp.ones(3), {"h": h[None].astype(np.float32)},
-                                        num_iters=500, tol=1e-7, rng=jax.random.PRNGKey(1))
+  got = analysis.hessian_top_eigenvalue(
+    loss,
+    jnp.ones(3),
+    {"h": h[None].astype(np.float32)},
+    num_iters=500,
+    tol=1e-7,
+    rng=jax.random.PRNGKey(1),
+  )
   assert abs(got + 3.0) < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
 # Binned information, by hand.
+
 
 def _probs_from_bits(bits):
   return np.where(np.asarray(bits, bool), 0.9, 1e-6)
@@ -81,14 +97,14 @@ def test_outputs_constant_within_each_class_have_no_superfluous_information():
 def test_distinct_pattern_per_example_gives_h_x_given_y():
   n, c = 12, 8
   bits = (np.arange(1, n + 1)[:, None] >> np.arange(c)) & 1  # example i's code: binary of i + 1
-  labels = np.arange(n) % 3                                  # 4 examples per class
+  labels = np.arange(n) % 3  # 4 examples per class
   cond, _ = analysis.binned_information(_probs_from_bits(bits), labels, [1e-3, 0.5])
   np.testing.assert_allclose(cond, np.log(n) - np.log(3), rtol=1e-12)  # H(X|Y) = log 4
 
 
 def test_labels_recoverable_from_the_pattern_give_rel_h_y_and_cond_the_extra_bit():
   labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-  extra = np.array([0, 1, 1, 1, 0, 0, 1, 1])          # a label-independent-ish extra output bit
+  extra = np.array([0, 1, 1, 1, 0, 0, 1, 1])  # a label-independent-ish extra output bit
   bits = np.stack([labels == 0, labels == 1, extra], axis=1)
   cond, rel = analysis.binned_information(_probs_from_bits(bits), labels, [0.5])
   # H(B|Y) = 1/2 H(1/4, 3/4) + 1/2 H(1/2, 1/2); I(B;Y) = H(Y) = ln 2.
@@ -140,9 +156,10 @@ def test_thousand_classes_match_a_naive_count():
 # ---------------------------------------------------------------------------------------------
 # Adjusted thresholds and forgetting.
 
+
 def _bump(r, peak, width):
   """A curve that rises to its maximum at r = peak and falls to 0 at r = 0."""
-  up = np.exp(-((r - peak) / width) ** 2)
+  up = np.exp(-(((r - peak) / width) ** 2))
   return np.where(r < peak, up, 1.0 - (r - peak) / (0.0 - peak)) * 2.3
 
 
@@ -162,8 +179,9 @@ def test_adjustment_of_a_wiggly_curve_follows_its_envelope():
   peak = np.argmax(cond)
   envelope = np.minimum.accumulate(cond[peak:] / cond[peak])
   assert np.all(np.diff(r_a) >= 0)
-  np.testing.assert_allclose(np.interp(r_a, r[peak:], envelope), 1.0 - forgetting.ADJUSTED_THRESHOLDS,
-                             atol=1e-9)
+  np.testing.assert_allclose(
+    np.interp(r_a, r[peak:], envelope), 1.0 - forgetting.ADJUSTED_THRESHOLDS, atol=1e-9
+  )
 
 
 def test_unchanged_outputs_mean_zero_forgetting_and_a_constant_model_none():
@@ -179,12 +197,15 @@ def test_unchanged_outputs_mean_zero_forgetting_and_a_constant_model_none():
   cond_p, rel_p = analysis.binned_information(const, labels, analysis.thresholds())
   f, _ = analysis.point_measures(cond, rel, cond_p, rel_p)
   r_a = analysis.adjusted_exponents(cond)
-  np.testing.assert_allclose(f, np.interp(r_a, analysis.THRESHOLD_EXPONENTS, cond) / cond.max(), atol=1e-12)
+  np.testing.assert_allclose(
+    f, np.interp(r_a, analysis.THRESHOLD_EXPONENTS, cond) / cond.max(), atol=1e-12
+  )
   assert np.isnan(analysis.point_measures(np.zeros(100), np.zeros(100), cond, rel)[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------
 # Correlation.
+
 
 def test_kendall_tau_equals_scipy_with_ties():
   rng = np.random.default_rng(0)
@@ -200,14 +221,21 @@ def test_kendall_tau_equals_scipy_with_ties():
 def test_permutation_pvalue_is_uniform_under_independence_and_small_for_monotone():
   rng = np.random.default_rng(0)
   # n = 30: tau takes 436 values, fine enough for the p-value to be nearly continuous.
-  pvalues = np.array([analysis.permutation_pvalue(rng.normal(size=30), rng.normal(size=30),
-                                                  num_permutations=199, seed=i)
-                      for i in range(300)])
+  pvalues = np.array(
+    [
+      analysis.permutation_pvalue(
+        rng.normal(size=30), rng.normal(size=30), num_permutations=199, seed=i
+      )
+      for i in range(300)
+    ]
+  )
   assert scipy.stats.kstest(pvalues, "uniform").statistic < 0.08
   for level in (0.05, 0.2, 0.5):
     assert abs(np.mean(pvalues <= level) - level) < 0.05
   x = np.arange(15.0)
-  assert analysis.permutation_pvalue(x, x + rng.normal(size=15) * 0.5, num_permutations=999) <= 0.002
+  assert (
+    analysis.permutation_pvalue(x, x + rng.normal(size=15) * 0.5, num_permutations=999) <= 0.002
+  )
   # Agrees with scipy's exact two-sided p-value for a moderate relation (no ties).
   x, y = rng.normal(size=9), rng.normal(size=9)
   y = y + x
@@ -225,24 +253,48 @@ def _apply(p, x):
   return jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
 
 
-@pytest.mark.parametrize("objective,asam,m", [
-    ("steepest", None, 4), ("obf", "before", 8), ("obf", "after", 16), ("steepest", "both", 2)])
+@pytest.mark.parametrize(
+  "objective,asam,m",
+  [("steepest", None, 4), ("obf", "before", 8), ("obf", "after", 16), ("steepest", "both", 2)],
+)
 def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, asam, m):
   rng = np.random.default_rng(3)
   p = ref.init_mlp(rng, D_IN, H, C)
   x, y = rng.normal(size=(B, D_IN)), rng.integers(0, C, size=B)
   rho, obf_kw = 0.3, dict(predictions="softmax", lam=0.25, gamma=1.0)
-  spec = sam_family.SamSpec(rho=rho, m=m, asam=asam, asam_eta=0.01,
-                            objective=pf_jax.obf(0.25, 1.0) if objective == "obf" else "steepest")
+  spec = sam_family.SamSpec(
+    rho=rho,
+    m=m,
+    asam=asam,
+    asam_eta=0.01,
+    objective=pf_jax.obf(0.25, 1.0) if objective == "obf" else "steepest",
+  )
   with jax.enable_x64(True):
-    clean, perturbed = jax.jit(lambda q: sam_family.perturbed_logits(
-        spec, q, jnp.asarray(x), jnp.asarray(y), apply_fn=_apply, loss_fn=pf_jax.softmax_cross_entropy,
-        rho=rho))(jax.tree.map(jnp.asarray, p))
+    clean, perturbed = jax.jit(
+      lambda q: sam_family.perturbed_logits(
+        spec,
+        q,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        apply_fn=_apply,
+        loss_fn=pf_jax.softmax_cross_entropy,
+        rho=rho,
+      )
+    )(jax.tree.map(jnp.asarray, p))
   want = []
   for i in range(0, B, m):
-    pt, _, _ = ref.perturb(p, x[i:i + m], y[i:i + m], loss="softmax", rho=rho, objective=objective,
-                           obf_kw=obf_kw, asam=asam, eta=0.01)
-    want.append(ref.forward(pt, x[i:i + m])[0])
+    pt, _, _ = ref.perturb(
+      p,
+      x[i : i + m],
+      y[i : i + m],
+      loss="softmax",
+      rho=rho,
+      objective=objective,
+      obf_kw=obf_kw,
+      asam=asam,
+      eta=0.01,
+    )
+    want.append(ref.forward(pt, x[i : i + m])[0])
   np.testing.assert_allclose(clean, ref.forward(p, x)[0], rtol=1e-12)
   np.testing.assert_allclose(perturbed, np.concatenate(want), rtol=1e-9, atol=1e-12)
   assert np.abs(perturbed - clean).max() > 1e-3
@@ -251,8 +303,10 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
 # ---------------------------------------------------------------------------------------------
 # The training system: collection, sharpness, Figure 2 and the table on tiny runs.
 
+
 def _tiny_digits_config(perturbation, m, seed=0):
   from configs import digits_msweep  # pylint: disable=g-import-not-at-top
+
   c = digits_msweep.get_config(f"{'steep' if perturbation == 'steepest' else perturbation},{m}")
   c.seed = seed
   c.num_train_steps = 6
@@ -270,6 +324,7 @@ def _tiny_digits_config(perturbation, m, seed=0):
 def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_path):
   from pf_jax import train  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+
   c = _tiny_digits_config("obf", 4)
   c.data_dir = str(tmp_path / "data")
   c.checkpoint_every_steps = 3
@@ -281,14 +336,17 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
   # Accuracy at theta is the trainer's own evaluation of the same parameters.
   assert abs(float(last["accuracy"]) - results["eval/digits/top1"]) < 1e-6
   assert np.all((last["probs"] > 0) & (last["probs"] < 1))  # sigmoid likelihoods
-  np.testing.assert_allclose(last["cond"], analysis.binned_information(
-      last["probs"], last["labels"], analysis.thresholds())[0])
+  np.testing.assert_allclose(
+    last["cond"],
+    analysis.binned_information(last["probs"], last["labels"], analysis.thresholds())[0],
+  )
   assert not np.allclose(last["probs"], last["probs_p"])
   assert abs(float(last["epoch"]) - 6 * 64 / 1437) < 1e-3
 
   # A run stopped right after its step-3 checkpoint, before collecting (e.g. preempted there),
   # collects step 3 when it resumes; every point is what the uninterrupted run recorded.
   import shutil  # pylint: disable=g-import-not-at-top
+
   run = tmp_path / "run"
   shutil.rmtree(run / "checkpoints" / "6")
   for step in (3, 6):
@@ -308,6 +366,7 @@ def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forge
   from configs import digits_msweep  # pylint: disable=g-import-not-at-top
   from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+
   c = digits_msweep.get_config(f"{perturbation},{m}")
   c.seed = seed
   workdir_lib.save_config(workdir, c)
@@ -318,20 +377,37 @@ def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forge
   r = information.THRESHOLD_EXPONENTS
   for step, peak in ((110, -2.0), (220, -5.0)):
     cond, rel = _bump(r, peak, 1.5), 0.5 * _bump(r, peak - 1, 1.0)
-    collect.save_point(workdir, {"step": np.int64(step), "threshold_exponents": r, "cond": cond,
-                                 "rel": rel, "cond_p": (1 - forget) * cond, "rel_p": (1 + forget) * rel})
+    collect.save_point(
+      workdir,
+      {
+        "step": np.int64(step),
+        "threshold_exponents": r,
+        "cond": cond,
+        "rel": rel,
+        "cond_p": (1 - forget) * cond,
+        "rel_p": (1 + forget) * rel,
+      },
+    )
 
 
 def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
   from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+
   workdirs = []
   for i, m in enumerate((1, 2, 4, 8, 16, 32)):
     for perturbation in ("steep", "obf"):
       workdirs.append(str(tmp_path / f"{perturbation}-{m}"))
       # Accuracy rises with forgetting (tau +1) and with the task-information loss (so tau -1
       # with the change rel_theta - rel_theta^p < 0), and falls with sharpness (tau -1).
-      _fake_run(workdirs[-1], perturbation=perturbation, m=m, seed=0, accuracy=0.5 + 0.05 * i,
-                sharpness=10.0 - i, forget=0.1 * (i + 1))
+      _fake_run(
+        workdirs[-1],
+        perturbation=perturbation,
+        m=m,
+        seed=0,
+        accuracy=0.5 + 0.05 * i,
+        sharpness=10.0 - i,
+        forget=0.1 * (i + 1),
+      )
   results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=999)
   assert sorted(results) == ["SAM OBF lambda=0.1 gamma=1", "SAM STEEP"]
   for r in results.values():
@@ -349,13 +425,20 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
 
 def test_report_groups_runs_that_differ_only_in_seed(tmp_path):
   from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
-  runs = [("steep", 8, 0, 0.90, 12.0), ("steep", 8, 1, 0.94, 14.0), ("steep", 8, 2, 0.95, None),
-          ("obf", 8, 0, 0.97, 20.0), ("steep", 64, 0, 0.91, 30.0)]
+
+  runs = [
+    ("steep", 8, 0, 0.90, 12.0),
+    ("steep", 8, 1, 0.94, 14.0),
+    ("steep", 8, 2, 0.95, None),
+    ("obf", 8, 0, 0.97, 20.0),
+    ("steep", 64, 0, 0.91, 30.0),
+  ]
   workdirs = []
   for p, m, seed, acc, sharp in runs:
     workdirs.append(str(tmp_path / f"{p}-{m}-{seed}"))
-    _fake_run(workdirs[-1], perturbation=p, m=m, seed=seed, accuracy=acc, sharpness=sharp,
-              forget=0.0)
+    _fake_run(
+      workdirs[-1], perturbation=p, m=m, seed=seed, accuracy=acc, sharpness=sharp, forget=0.0
+    )
   table = report.report(workdirs, str(tmp_path / "out")).splitlines()
   assert table[0] == "| MODEL | ALGO | PERTURB | m | DIGITS | SHARPNESS | RUNS |"
   # mean and sample std by hand: (90, 94, 95) -> 93.00 +- 2.65; sharpness (12, 14) -> 13.0 +- 1.4.
@@ -373,14 +456,27 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   table; then a rerun skips everything finished; then the sharpness CLI's output and errors."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   pool_root = str(tmp_path / "pool")
-  cmd = [sys.executable, "launch/forgetting_pool.py", f"--root={pool_root}", "--m=4,64",
-         "--perturbations=steep,obf", "--num_permutations=99"] + [
-             f"--override={o}" for o in ("num_train_steps=6", "warmup_steps=1",
-                                         "analysis.collect_every_steps=3",
-                                         "analysis.sharpness_examples=128", "eval_every_steps=6",
-                                         f"data_dir={tmp_path / 'data'}")]
+  cmd = [
+    sys.executable,
+    "launch/forgetting_pool.py",
+    f"--root={pool_root}",
+    "--m=4,64",
+    "--perturbations=steep,obf",
+    "--num_permutations=99",
+  ] + [
+    f"--override={o}"
+    for o in (
+      "num_train_steps=6",
+      "warmup_steps=1",
+      "analysis.collect_every_steps=3",
+      "analysis.sharpness_examples=128",
+      "eval_every_steps=6",
+      f"data_dir={tmp_path / 'data'}",
+    )
+  ]
   env = dict(os.environ, PYTHONPATH=root)
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
   assert out.count("main.py") == 4 and out.count("pf_jax.analysis sharpness") == 4
@@ -394,9 +490,11 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   workdir = os.path.join(pool_root, "steep-4")
   value = json.load(open(os.path.join(workdir, "sharpness.json")))["sharpness"]
   assert value > 0
-  run = lambda *a: subprocess.run([sys.executable, "-m", "pf_jax.analysis", *a], cwd=root,
-                                  env=env, capture_output=True, text=True)
+  run = lambda *a: subprocess.run(
+    [sys.executable, "-m", "pf_jax.analysis", *a], cwd=root, env=env, capture_output=True, text=True
+  )
   assert run("sharpness", f"--workdir={workdir}").stdout.strip() == f"sharpness={value:.6g}"
   bad = run("sharpness", f"--workdir={tmp_path / 'nope'}")
   assert bad.returncode == 2 and bad.stderr.splitlines() == [
-      f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"]
+    f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"
+  ]

@@ -4,6 +4,7 @@ Each invalid input runs `main.py` in its own subprocess with JAX_LOG_COMPILES=1 
 every compilation to stderr) on the 8 simulated devices of conftest.py, and must exit non-zero
 with exactly one stderr line, `error: <field>: ...`, naming the field the user typed.
 """
+
 import os
 import re
 import subprocess
@@ -21,93 +22,101 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(args, env=None, timeout=120):
   env = dict(os.environ, JAX_LOG_COMPILES="1", **(env or {}))
-  return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "main.py", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # (command line without --workdir, the field its error must name). Defaults: configs/default.py
 # (digits, global batch 128, lr 3e-3 -> 3e-5, OBF with rho 0.1, m 32), 8 devices.
 INVALID = [
-    # Fields named by their config name, not the SAM library's argument.
-    (["--config.sam.obf_gamma=1.5"], "config.sam.obf_gamma"),
-    (["--config.sam.obf_lambda=1.0"], "config.sam.obf_lambda"),
-    (["--config.sam.obf_alpha=1.5"], "config.sam.obf_alpha"),
-    (["--config.sam.asam=sideways"], "config.sam.asam"),
-    (["--config.sam.gsam_alpha=5"], "config.sam.gsam_alpha"),
-    (["--config.sam.perturbation=sharpest"], "config.sam.perturbation"),
-    (["--config.num_epochs=-1"], "config.num_epochs"),
-    (["--config.warmup_epochs=-1"], "config.warmup_epochs"),
-    # Unknown fields, malformed values and flags.
-    (["--config.sam.rhoo=0.1"], "config.sam.rhoo"),
-    (["--config.sam=1"], "config.sam"),
-    (["--config.global_batch_size=abc"], "config.global_batch_size"),
-    (["--config.mixed_precision=maybe"], "config.mixed_precision"),
-    (["--config.lr_max"], "config.lr_max"),
-    (["--workdirr=/tmp/x"], "--workdirr"),
-    (["extra"], "'extra'"),
-    # Ranges and finiteness.
-    (["--config.global_batch_size=0"], "config.global_batch_size"),
-    (["--config.eval_batch_size=0"], "config.eval_batch_size"),
-    (["--config.image_size=0"], "config.image_size"),
-    (["--config.crop_area_min=2"], "config.crop_area_min"),
-    (["--config.lr_max=nan"], "config.lr_max"),
-    (["--config.sam.rho_max=inf"], "config.sam.rho_max"),
-    (["--config.num_epochs=0"], "config.num_epochs"),
-    (["--config.num_train_steps=0"], "config.num_train_steps"),
-    (["--config.b1=1.5"], "config.b1"),
-    (["--config.shuffle_buffer=0"], "config.shuffle_buffer"),
-    (["--config.grad_accum_steps=0"], "config.grad_accum_steps"),
-    (["--config.analysis.dataset=mnist"], "config.analysis.dataset"),
-    (["--config.analysis.collect_every_steps=10", "--config.analysis.dataset=cifar100"],
-     "config.analysis.dataset"),                                        # 100 classes, digits 10
-    (["--config.analysis.sharpness_tol=0"], "config.analysis.sharpness_tol"),
-    # Names.
-    (["--config.model=vit_huge"], "config.model"),
-    (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
-    (["--config.eval_datasets=digits,mnist"], "config.eval_datasets"),
-    (["--config.init_from=/nonexistent/run"], "config.init_from"),
-    # Rules across fields.
-    (["--config.warmup_epochs=100"], "config.warmup_epochs"),       # longer than the 40 epochs
-    (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
-    (["--config.lr_min=1.0"], "config.lr_min"),
-    (["--config.sam.rho_min=0.5"], "config.sam.rho_min"),              # > rho_max 0.1
-    (["--config.lr_min=0.003", "--config.sam.rho_min=0.05"], "config.sam.rho_min"),  # lr constant
-    (["--config.sam.m=3"], "config.sam.m"),                            # per-device batch 16
-    (["--config.global_batch_size=100"], "config.global_batch_size"),  # 8 devices
-    (["--config.grad_accum_steps=3"], "config.global_batch_size"),
-    (["--config.eval_batch_size=12"], "config.eval_batch_size"),
-    (["--config.image_size=9"], "config.image_size"),                 # vit_digits: patches of 2
-    (["--config.sam.perturbation=none", "--config.sam.asam=before"], "config.sam.asam"),
-    # Config files and their args.
-    (["--config=configs/nope.py"], "--config"),
-    (["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
-    (["--config=configs/vit_s32_imagenet.py:sam_obf,lcoal"], "--config"),
-    (["--config=configs/cifar_finetune.py:vit_s16,cifar10,sam_obf"], "--config"),
-    (["--config=configs/cifar10_msweep.py:obf,3"], "--config"),
-    (["--config=configs/default.py:local"], "--config"),
+  # Fields named by their config name, not the SAM library's argument.
+  (["--config.sam.obf_gamma=1.5"], "config.sam.obf_gamma"),
+  (["--config.sam.obf_lambda=1.0"], "config.sam.obf_lambda"),
+  (["--config.sam.obf_alpha=1.5"], "config.sam.obf_alpha"),
+  (["--config.sam.asam=sideways"], "config.sam.asam"),
+  (["--config.sam.gsam_alpha=5"], "config.sam.gsam_alpha"),
+  (["--config.sam.perturbation=sharpest"], "config.sam.perturbation"),
+  (["--config.num_epochs=-1"], "config.num_epochs"),
+  (["--config.warmup_epochs=-1"], "config.warmup_epochs"),
+  # Unknown fields, malformed values and flags.
+  (["--config.sam.rhoo=0.1"], "config.sam.rhoo"),
+  (["--config.sam=1"], "config.sam"),
+  (["--config.global_batch_size=abc"], "config.global_batch_size"),
+  (["--config.mixed_precision=maybe"], "config.mixed_precision"),
+  (["--config.lr_max"], "config.lr_max"),
+  (["--workdirr=/tmp/x"], "--workdirr"),
+  (["extra"], "'extra'"),
+  # Ranges and finiteness.
+  (["--config.global_batch_size=0"], "config.global_batch_size"),
+  (["--config.eval_batch_size=0"], "config.eval_batch_size"),
+  (["--config.image_size=0"], "config.image_size"),
+  (["--config.crop_area_min=2"], "config.crop_area_min"),
+  (["--config.lr_max=nan"], "config.lr_max"),
+  (["--config.sam.rho_max=inf"], "config.sam.rho_max"),
+  (["--config.num_epochs=0"], "config.num_epochs"),
+  (["--config.num_train_steps=0"], "config.num_train_steps"),
+  (["--config.b1=1.5"], "config.b1"),
+  (["--config.shuffle_buffer=0"], "config.shuffle_buffer"),
+  (["--config.grad_accum_steps=0"], "config.grad_accum_steps"),
+  (["--config.analysis.dataset=mnist"], "config.analysis.dataset"),
+  (
+    ["--config.analysis.collect_every_steps=10", "--config.analysis.dataset=cifar100"],
+    "config.analysis.dataset",
+  ),  # 100 classes, digits 10
+  (["--config.analysis.sharpness_tol=0"], "config.analysis.sharpness_tol"),
+  # Names.
+  (["--config.model=vit_huge"], "config.model"),
+  (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
+  (["--config.eval_datasets=digits,mnist"], "config.eval_datasets"),
+  (["--config.init_from=/nonexistent/run"], "config.init_from"),
+  # Rules across fields.
+  (["--config.warmup_epochs=100"], "config.warmup_epochs"),  # longer than the 40 epochs
+  (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
+  (["--config.lr_min=1.0"], "config.lr_min"),
+  (["--config.sam.rho_min=0.5"], "config.sam.rho_min"),  # > rho_max 0.1
+  (["--config.lr_min=0.003", "--config.sam.rho_min=0.05"], "config.sam.rho_min"),  # lr constant
+  (["--config.sam.m=3"], "config.sam.m"),  # per-device batch 16
+  (["--config.global_batch_size=100"], "config.global_batch_size"),  # 8 devices
+  (["--config.grad_accum_steps=3"], "config.global_batch_size"),
+  (["--config.eval_batch_size=12"], "config.eval_batch_size"),
+  (["--config.image_size=9"], "config.image_size"),  # vit_digits: patches of 2
+  (["--config.sam.perturbation=none", "--config.sam.asam=before"], "config.sam.asam"),
+  # Config files and their args.
+  (["--config=configs/nope.py"], "--config"),
+  (["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
+  (["--config=configs/vit_s32_imagenet.py:sam_obf,lcoal"], "--config"),
+  (["--config=configs/cifar_finetune.py:vit_s16,cifar10,sam_obf"], "--config"),
+  (["--config=configs/cifar10_msweep.py:obf,3"], "--config"),
+  (["--config=configs/default.py:local"], "--config"),
 ]
 
 # More of the same kinds (slow: about a second each).
 INVALID_MORE = [
-    (["--config.sam.asam_eta=-1"], "config.sam.asam_eta"),
-    (["--config.lr=0.1"], "config.lr"),
-    (["--config.seed=1.5"], "config.seed"),
-    (["--config.crop_area_min=0"], "config.crop_area_min"),
-    (["--config.sam.rho_max=-1"], "config.sam.rho_max"),
-    (["--config.head_bias_init=-inf"], "config.head_bias_init"),
-    (["--config.momentum=1.0"], "config.momentum"),
-    (["--config.label_smoothing=1.0"], "config.label_smoothing"),
-    (["--config.shrink_perturb=2"], "config.shrink_perturb"),
-    (["--config.seed=-1"], "config.seed"),
-    (["--config.keep_checkpoints=0"], "config.keep_checkpoints"),
-    (["--config.eval_every_steps=0"], "config.eval_every_steps"),
-    (["--config.analysis.sharpness_tol=0"], "config.analysis.sharpness_tol"),
-    (["--config.loss=hinge"], "config.loss"),
-    (["--config.optimizer=adam"], "config.optimizer"),
-    (["--config.sam.gsam_alpha=-0.1"], "config.sam.gsam_alpha"),
-    (["--config.sam.chunk_mode=loop"], "config.sam.chunk_mode"),
-    (["--config=configs/vit_s16_imagenet.py:obf_alpha_1"], "--config"),
-    (["--config.sam.m=256"], "config.sam.m"),                          # would span 16 of 8 devices
+  (["--config.sam.asam_eta=-1"], "config.sam.asam_eta"),
+  (["--config.lr=0.1"], "config.lr"),
+  (["--config.seed=1.5"], "config.seed"),
+  (["--config.crop_area_min=0"], "config.crop_area_min"),
+  (["--config.sam.rho_max=-1"], "config.sam.rho_max"),
+  (["--config.head_bias_init=-inf"], "config.head_bias_init"),
+  (["--config.momentum=1.0"], "config.momentum"),
+  (["--config.label_smoothing=1.0"], "config.label_smoothing"),
+  (["--config.shrink_perturb=2"], "config.shrink_perturb"),
+  (["--config.seed=-1"], "config.seed"),
+  (["--config.keep_checkpoints=0"], "config.keep_checkpoints"),
+  (["--config.eval_every_steps=0"], "config.eval_every_steps"),
+  (["--config.analysis.sharpness_tol=0"], "config.analysis.sharpness_tol"),
+  (["--config.loss=hinge"], "config.loss"),
+  (["--config.optimizer=adam"], "config.optimizer"),
+  (["--config.sam.gsam_alpha=-0.1"], "config.sam.gsam_alpha"),
+  (["--config.sam.chunk_mode=loop"], "config.sam.chunk_mode"),
+  (["--config=configs/vit_s16_imagenet.py:obf_alpha_1"], "--config"),
+  (["--config.sam.m=256"], "config.sam.m"),  # would span 16 of 8 devices
 ]
 
 
@@ -157,16 +166,27 @@ def test_missing_workdir_is_one_line():
 
 def test_dataset_not_prepared_is_one_line_before_compiling(tmp_path):
   """A dataset missing from data_dir stops the run before anything compiles (TF is loaded)."""
-  r = _main([f"--workdir={tmp_path / 'run'}", "--config.dataset=cifar10", "--config.eval_datasets=cifar10",
-             "--config.image_size=32", f"--config.data_dir={tmp_path / 'empty'}"])
+  r = _main(
+    [
+      f"--workdir={tmp_path / 'run'}",
+      "--config.dataset=cifar10",
+      "--config.eval_datasets=cifar10",
+      "--config.image_size=32",
+      f"--config.data_dir={tmp_path / 'empty'}",
+    ]
+  )
   _check_one_line_error(r, "config.data_dir")
   assert "tfds build cifar10" in r.stderr
 
 
 def test_compilations_would_be_seen():
   """The no-compilation check is not vacuous: JAX_LOG_COMPILES reports a jit to stderr."""
-  r = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1)"],
-                     env=dict(os.environ, JAX_LOG_COMPILES="1"), capture_output=True, text=True)
+  r = subprocess.run(
+    [sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1)"],
+    env=dict(os.environ, JAX_LOG_COMPILES="1"),
+    capture_output=True,
+    text=True,
+  )
   assert "Compiling" in r.stderr
 
 
@@ -177,7 +197,9 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 def test_check_only_accepts_every_paper_config():
-  for spec in ["configs/default.py"] + [f"configs/{n}.py" for n in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS]:
+  for spec in ["configs/default.py"] + [
+    f"configs/{n}.py" for n in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS
+  ]:
     r = _main(["--check_only", f"--config={spec}"])
     assert r.returncode == 0 and r.stdout.strip() == "config OK", (spec, r.stderr)
 
@@ -185,7 +207,7 @@ def test_check_only_accepts_every_paper_config():
 def test_help_lists_fields_defaults_and_paper_configs():
   r = _main(["--help"])
   assert r.returncode == 0, r.stderr
-  for name, (rule, meaning) in config_validation.FIELDS.items():
+  for name, (_rule, meaning) in config_validation.FIELDS.items():
     assert f"--config.{name}=" in r.stdout and meaning in r.stdout, name
   assert "--config.global_batch_size=128" in r.stdout  # configs/default.py's value
   assert "--config.sam.perturbation='obf'" in r.stdout
@@ -200,15 +222,19 @@ def test_help_lists_fields_defaults_and_paper_configs():
 
 def test_fields_table_is_the_config():
   """Every field of the base config has exactly one rule (and no rule lacks a field)."""
-  assert sorted(config_validation.FIELDS) == sorted(config_validation.field_names(common.base_config()))
+  assert sorted(config_validation.FIELDS) == sorted(
+    config_validation.field_names(common.base_config())
+  )
 
 
 def test_library_arguments_map_to_config_fields():
   assert set(config_validation.LIBRARY_ARGS.values()) <= set(config_validation.FIELDS)
 
 
-@pytest.mark.parametrize("seconds,text", [(0.4, "0 s"), (59.4, "59 s"), (61, "1 min 01 s"),
-                                          (3599, "59 min 59 s"), (7500, "2 h 05 min")])
+@pytest.mark.parametrize(
+  "seconds,text",
+  [(0.4, "0 s"), (59.4, "59 s"), (61, "1 min 01 s"), (3599, "59 min 59 s"), (7500, "2 h 05 min")],
+)
 def test_eta_is_in_seconds_under_a_minute(seconds, text):
   assert reporting.format_duration(seconds) == text
 
@@ -217,6 +243,7 @@ def test_eta_is_in_seconds_under_a_minute(seconds, text):
 def test_objective_errors_name_the_config_field(arg, value):
   """Past the field rules (here: bypassed), the library's error still names the config field."""
   from configs import default  # pylint: disable=g-import-not-at-top
+
   c = default.get_config()
   c.sam.obf_gamma, c.sam.obf_lambda, c.sam.obf_alpha = 1.0, 0.1, -1.0
   field = config_validation.LIBRARY_ARGS[arg]
@@ -231,27 +258,56 @@ def test_default_run_logs(tmp_path):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_LOG_COMPILES": "0"}
   env = dict(os.environ, **env)
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it
-  r = subprocess.run([sys.executable, "main.py", f"--workdir={tmp_path / 'run'}",
-                      f"--config.data_dir={tmp_path / 'data'}", "--config.num_train_steps=40",
-                      "--config.warmup_steps=4", "--config.log_every_steps=10", "--config.eval_every_steps=20",
-                      "--config.checkpoint_every_steps=20"],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      f"--workdir={tmp_path / 'run'}",
+      f"--config.data_dir={tmp_path / 'data'}",
+      "--config.num_train_steps=40",
+      "--config.warmup_steps=4",
+      "--config.log_every_steps=10",
+      "--config.eval_every_steps=20",
+      "--config.checkpoint_every_steps=20",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert re.fullmatch(r"eval/digits/top1=\d\.\d{4}\n", r.stdout), r.stdout
   lines = r.stderr.splitlines()
   # Library INFO chatter: orbax/clu/TF/absl (glog-style "I1123 ..." lines, oneDNN, work unit notes).
-  for noise in (r"^I\d{4} ", r"oneDNN", r"absl::InitializeLog", r"orbax|checkpoint_manager|Saving item",
-                r"Setting work unit notes", r"Generating splits|Shuffling|\[A"):
+  for noise in (
+    r"^I\d{4} ",
+    r"oneDNN",
+    r"absl::InitializeLog",
+    r"orbax|checkpoint_manager|Saving item",
+    r"Setting work unit notes",
+    r"Generating splits|Shuffling|\[A",
+  ):
     assert not any(re.search(noise, l) for l in lines), (noise, r.stderr)
   body = [l.split(" ", 1)[1] for l in lines if re.match(r"\d\d:\d\d:\d\d ", l)]
   assert len(body) == len(lines), r.stderr  # every line is one of ours (time-stamped)
-  assert any(l.startswith("start: vit_digits (") and "40 steps" in l and "digits 1438 train" in l
-             and "devices 1" in l for l in body), body
+  assert any(
+    l.startswith("start: vit_digits (")
+    and "40 steps" in l
+    and "digits 1438 train" in l
+    and "devices 1" in l
+    for l in body
+  ), body
   train = [l for l in body if l.startswith("train step ")]
   assert [int(l.split()[2].split("/")[0]) for l in train] == [10, 20, 30, 40]
-  assert all(re.search(r"loss \d+\.\d+ lr \S+ rho 0\.1, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l)
-             for l in train), train
-  assert [l.split(":")[0] for l in body if l.startswith("eval ")] == ["eval step 20", "eval step 40"]
+  assert all(
+    re.search(r"loss \d+\.\d+ lr \S+ rho 0\.1, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l)
+    for l in train
+  ), train
+  assert [l.split(":")[0] for l in body if l.startswith("eval ")] == [
+    "eval step 20",
+    "eval step 40",
+  ]
   assert sum(l.startswith("checkpoint step ") for l in body) == 2
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
   assert len(lines) <= 12, r.stderr

@@ -1,4 +1,5 @@
 """The paper's experiment configs (configs/*.py): they load, and their values match Table C.1."""
+
 import importlib.util
 import math
 import pathlib
@@ -17,22 +18,43 @@ def load(name):
   return module
 
 
-VIT_IMAGENET_METHODS = ["adamw", "sam_steep", "sam_obf", "gsam_steep", "gsam_obf", "asam_steep",
-                        "asam_obf", "random", "shrink_perturb", "label_smooth"]
-ALPHA_ABLATION = ["obf_alpha_0", "obf_alpha_1e-5", "obf_alpha_1e-4", "obf_alpha_1e-3",
-                  "obf_alpha_1e-2", "obf_alpha_1e-1", "obf_alpha_1", "obf_lam1e-3"]
+VIT_IMAGENET_METHODS = [
+  "adamw",
+  "sam_steep",
+  "sam_obf",
+  "gsam_steep",
+  "gsam_obf",
+  "asam_steep",
+  "asam_obf",
+  "random",
+  "shrink_perturb",
+  "label_smooth",
+]
+ALPHA_ABLATION = [
+  "obf_alpha_0",
+  "obf_alpha_1e-5",
+  "obf_alpha_1e-4",
+  "obf_alpha_1e-3",
+  "obf_alpha_1e-2",
+  "obf_alpha_1e-1",
+  "obf_alpha_1",
+  "obf_lam1e-3",
+]
 RESNET_IMAGENET_METHODS = ["sgd"] + VIT_IMAGENET_METHODS[1:]
 
 # (config file, the args before ",local"), every method of every config.
 ARGS = (
-    [("vit_s32_imagenet", m) for m in VIT_IMAGENET_METHODS + ALPHA_ABLATION]
-    + [("vit_s16_imagenet", m) for m in VIT_IMAGENET_METHODS]
-    + [("resnet50_imagenet", m) for m in RESNET_IMAGENET_METHODS]
-    + [("resnet101_imagenet", m) for m in RESNET_IMAGENET_METHODS]
-    + [("cifar_finetune", f"{model},{ds},{m}") for model in ("vit_s32", "resnet50")
-       for ds in ("cifar10", "cifar100") for m in ("none", "sam_steep", "sam_obf")]
-    + [("cifar10_msweep", f"{p},{2 ** k}") for p in ("steep", "obf", "obf_gamma0")
-       for k in range(10)]
+  [("vit_s32_imagenet", m) for m in VIT_IMAGENET_METHODS + ALPHA_ABLATION]
+  + [("vit_s16_imagenet", m) for m in VIT_IMAGENET_METHODS]
+  + [("resnet50_imagenet", m) for m in RESNET_IMAGENET_METHODS]
+  + [("resnet101_imagenet", m) for m in RESNET_IMAGENET_METHODS]
+  + [
+    ("cifar_finetune", f"{model},{ds},{m}")
+    for model in ("vit_s32", "resnet50")
+    for ds in ("cifar10", "cifar100")
+    for m in ("none", "sam_steep", "sam_obf")
+  ]
+  + [("cifar10_msweep", f"{p},{2**k}") for p in ("steep", "obf", "obf_gamma0") for k in range(10)]
 )
 
 
@@ -105,12 +127,18 @@ def test_default_args():
 
 # ---- Table C.1 spot checks (hand-written expected values) ------------------------------------
 
-VIT_IMAGENET_EVAL = ("imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_r",
-                     "imagenet_sketch")
+VIT_IMAGENET_EVAL = (
+  "imagenet2012",
+  "imagenet2012_real",
+  "imagenet_v2",
+  "imagenet_r",
+  "imagenet_sketch",
+)
 
 
-@pytest.mark.parametrize("name,model", [("vit_s32_imagenet", "vit_s32"),
-                                        ("vit_s16_imagenet", "vit_s16")])
+@pytest.mark.parametrize(
+  "name,model", [("vit_s32_imagenet", "vit_s32"), ("vit_s16_imagenet", "vit_s16")]
+)
 def test_vit_imagenet_sam_obf(name, model):
   c = load(name).get_config("sam_obf")
   assert c.model == model and c.image_size == 224
@@ -121,7 +149,7 @@ def test_vit_imagenet_sam_obf(name, model):
   assert c.lr_max == 3e-3 and c.lr_min == 3e-5
   assert c.clip_grad_norm == 1.0 and c.head_bias_init == -10
   assert c.sam.perturbation == "obf" and c.sam.m == 64
-  assert c.sam.rho_max == 0.6 and c.sam.rho_min < 0          # constant rho
+  assert c.sam.rho_max == 0.6 and c.sam.rho_min < 0  # constant rho
   assert math.isclose(c.sam.obf_lambda, 1e-3) and c.sam.obf_gamma == 1
   assert c.sam.obf_alpha < 0 and c.sam.gsam_alpha == 0 and c.sam.asam == ""
   assert c.shrink_perturb == 0 and c.label_smoothing == 0 and c.init_from == ""
@@ -142,7 +170,11 @@ def test_vit_s32_other_rows():
   assert c.sam.gsam_alpha == 0.4 and c.sam.gsam_normalized_backup is False
   c = cfg("asam_steep")
   assert (c.sam.perturbation, c.sam.asam, c.sam.rho_max, c.sam.rho_min) == (
-      "steepest", "after", 0.6, 0.0)
+    "steepest",
+    "after",
+    0.6,
+    0.0,
+  )
   c = cfg("asam_obf")
   assert (c.sam.perturbation, c.sam.asam) == ("obf", "after") and c.sam.rho_min < 0
   c = cfg("random")
@@ -153,10 +185,18 @@ def test_vit_s32_other_rows():
   assert c.sam.perturbation == "none" and c.label_smoothing == 0.1 and c.shrink_perturb == 0
 
 
-@pytest.mark.parametrize("method,alpha", [("obf_alpha_0", 0.0), ("obf_alpha_1e-5", 1e-5),
-                                          ("obf_alpha_1e-4", 1e-4), ("obf_alpha_1e-3", 1e-3),
-                                          ("obf_alpha_1e-2", 1e-2), ("obf_alpha_1e-1", 0.1),
-                                          ("obf_alpha_1", 1.0)])
+@pytest.mark.parametrize(
+  "method,alpha",
+  [
+    ("obf_alpha_0", 0.0),
+    ("obf_alpha_1e-5", 1e-5),
+    ("obf_alpha_1e-4", 1e-4),
+    ("obf_alpha_1e-3", 1e-3),
+    ("obf_alpha_1e-2", 1e-2),
+    ("obf_alpha_1e-1", 0.1),
+    ("obf_alpha_1", 1.0),
+  ],
+)
 def test_vit_s32_fixed_alpha_ablation(method, alpha):
   c = load("vit_s32_imagenet").get_config(method)
   assert c.sam.perturbation == "obf" and c.sam.obf_alpha == alpha
@@ -169,8 +209,9 @@ def test_vit_s32_lambda_ablation_row():
   assert c.sam.obf_lambda == 1e-3 and c.sam.obf_gamma == 1
 
 
-@pytest.mark.parametrize("name,model", [("resnet50_imagenet", "resnet50"),
-                                        ("resnet101_imagenet", "resnet101")])
+@pytest.mark.parametrize(
+  "name,model", [("resnet50_imagenet", "resnet50"), ("resnet101_imagenet", "resnet101")]
+)
 def test_resnet_imagenet_gsam_steep(name, model):
   c = load(name).get_config("gsam_steep")
   assert c.model == model and c.image_size == 224
@@ -190,7 +231,11 @@ def test_resnet50_other_rows():
   assert c.sam.perturbation == "none" and c.optimizer == "sgdw"
   c = cfg("sam_steep")
   assert (c.sam.perturbation, c.sam.rho_max, c.sam.rho_min, c.sam.gsam_alpha) == (
-      "steepest", 0.04, 0.02, 0.0)
+    "steepest",
+    0.04,
+    0.02,
+    0.0,
+  )
   c = cfg("sam_obf")
   assert (c.sam.perturbation, c.sam.rho_max) == ("obf", 0.04) and c.sam.rho_min < 0
   assert math.isclose(c.sam.obf_lambda, 1e-3) and c.sam.obf_gamma == 1e-12
@@ -204,8 +249,10 @@ def test_resnet50_other_rows():
   assert cfg("label_smooth").label_smoothing == 0.1
 
 
-@pytest.mark.parametrize("model,loss,rho,gamma", [("vit_s32", "sigmoid_xent", 0.05, 1.0),
-                                                  ("resnet50", "softmax_xent", 0.1, 1e-12)])
+@pytest.mark.parametrize(
+  "model,loss,rho,gamma",
+  [("vit_s32", "sigmoid_xent", 0.05, 1.0), ("resnet50", "softmax_xent", 0.1, 1e-12)],
+)
 @pytest.mark.parametrize("dataset,num_classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_finetune(model, loss, rho, gamma, dataset, num_classes):
   cfg = load("cifar_finetune").get_config
@@ -215,7 +262,7 @@ def test_cifar_finetune(model, loss, rho, gamma, dataset, num_classes):
   assert c.global_batch_size == 512 and c.num_epochs == 100 and c.warmup_epochs == 5
   assert c.optimizer == "sgdw" and c.momentum == 0.9
   assert c.lr_max == 0.03 and c.lr_min == 0 and c.weight_decay == 0 and c.clip_grad_norm == 1.0
-  assert c.init_from == ""                       # to be set with --config.init_from
+  assert c.init_from == ""  # to be set with --config.init_from
   assert c.sam.perturbation == "obf" and c.sam.m == 64
   assert c.sam.rho_max == rho and c.sam.rho_min < 0
   assert math.isclose(c.sam.obf_lambda, 1 / num_classes) and c.sam.obf_gamma == gamma
@@ -227,24 +274,29 @@ def test_cifar_finetune(model, loss, rho, gamma, dataset, num_classes):
 @pytest.mark.parametrize("k", range(10))
 def test_msweep(k):
   cfg = load("cifar10_msweep").get_config
-  for p, perturbation, gamma in [("steep", "steepest", None), ("obf", "obf", 1.0),
-                                 ("obf_gamma0", "obf", 0.0)]:
-    c = cfg(f"{p},{2 ** k}")
-    assert c.sam.m == 2 ** k and c.sam.perturbation == perturbation
+  for p, perturbation, gamma in [
+    ("steep", "steepest", None),
+    ("obf", "obf", 1.0),
+    ("obf_gamma0", "obf", 0.0),
+  ]:
+    c = cfg(f"{p},{2**k}")
+    assert c.sam.m == 2**k and c.sam.perturbation == perturbation
     assert c.model == "vit_s32" and c.dataset == "cifar10" and c.eval_datasets == ("cifar10",)
     assert c.image_size == 224 and c.global_batch_size == 512
     assert c.num_epochs == 300 and c.warmup_epochs == 32
     assert c.optimizer == "adamw" and c.loss == "sigmoid_xent" and c.weight_decay == 1.2
-    assert c.lr_max == c.lr_min == 3e-4          # without decay
+    assert c.lr_max == c.lr_min == 3e-4  # without decay
     assert c.clip_grad_norm == 1.0 and c.head_bias_init == -10
     assert c.sam.rho_max == 0.2 and c.sam.rho_min < 0
     if gamma is not None:
       assert math.isclose(c.sam.obf_lambda, 1 / 3) and c.sam.obf_gamma == gamma
-    local = cfg(f"{p},{2 ** k},local")
-    assert local.sam.m == (2 ** k if 2 ** k <= 16 else 4)
+    local = cfg(f"{p},{2**k},local")
+    assert local.sam.m == (2**k if 2**k <= 16 else 4)
 
 
-@pytest.mark.parametrize("name,arg,bad", [
+@pytest.mark.parametrize(
+  "name,arg,bad",
+  [
     ("vit_s32_imagenet", "sam_bogus", "sam_bogus"),
     ("vit_s16_imagenet", "obf_alpha_1,local", "obf_alpha_1"),  # ablation is ViT-S/32 only
     ("resnet50_imagenet", "adamw", "adamw"),
@@ -255,9 +307,10 @@ def test_msweep(k):
     ("cifar10_msweep", "asam,64", "asam"),
     ("cifar10_msweep", "obf,3", "3"),
     ("cifar10_msweep", "obf,1024", "1024"),
-    ("vit_s32_imagenet", "sam_obf,lcoal", "lcoal"),       # a typo is not silently dropped
+    ("vit_s32_imagenet", "sam_obf,lcoal", "lcoal"),  # a typo is not silently dropped
     ("resnet50_imagenet", "sam_obf,sam_steep", "sam_steep"),
-])
+  ],
+)
 def test_unknown_raises(name, arg, bad):
   with pytest.raises(ValueError, match=bad):
     load(name).get_config(arg)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pf_jax import input_pipeline as ip
 import pf_jax.datasets  # noqa: F401  (registers `digits`)
+from pf_jax import input_pipeline as ip
 
 N_TRAIN, N_TEST = 1438, 359
 
@@ -16,19 +16,19 @@ N_TRAIN, N_TEST = 1438, 359
 def _sklearn_split(split):
   """The documented split rule, recomputed independently of pf_jax."""
   from sklearn.datasets import load_digits
+
   data = load_digits()
   perm = np.random.RandomState(0).permutation(1797)
-  idx = perm[:N_TRAIN] if split == 'train' else perm[N_TRAIN:]
+  idx = perm[:N_TRAIN] if split == "train" else perm[N_TRAIN:]
   gray = data.images[idx].astype(np.int64)
-  images = np.repeat(((gray * 255 + 8) // 16).astype(np.uint8)[..., None], 3,
-                     axis=-1)
+  images = np.repeat(((gray * 255 + 8) // 16).astype(np.uint8)[..., None], 3, axis=-1)
   return images, data.target[idx].astype(np.int64)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  builder = tfds.builder('digits', data_dir=d)
+  d = str(tmp_path_factory.mktemp("tfds"))
+  builder = tfds.builder("digits", data_dir=d)
   assert not builder.is_prepared()
   builder.download_and_prepare()  # Offline.
   return d
@@ -40,23 +40,24 @@ def _unit_to_uint8(images):
 
 
 def _hashes(images_u8, labels):
-  return [hashlib.sha1(im.tobytes() + bytes([int(lb)])).hexdigest()
-          for im, lb in zip(images_u8, labels)]
+  return [
+    hashlib.sha1(im.tobytes() + bytes([int(lb)])).hexdigest() for im, lb in zip(images_u8, labels)
+  ]
 
 
 # ---------------------------------------------------------------- digits ----
 
 
 def test_digits_builds_offline(data_dir):
-  builder = tfds.builder('digits', data_dir=data_dir)
+  builder = tfds.builder("digits", data_dir=data_dir)
   assert builder.is_prepared()
-  assert builder.info.version == '1.0.0'
-  assert builder.info.splits['train'].num_examples == N_TRAIN
-  assert builder.info.splits['test'].num_examples == N_TEST
-  assert builder.info.features['label'].num_classes == 10
-  for split, n in [('train', N_TRAIN), ('test', N_TEST)]:
+  assert builder.info.version == "1.0.0"
+  assert builder.info.splits["train"].num_examples == N_TRAIN
+  assert builder.info.splits["test"].num_examples == N_TEST
+  assert builder.info.features["label"].num_classes == 10
+  for split, n in [("train", N_TRAIN), ("test", N_TEST)]:
     ex = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-    images, labels = ex['image'], ex['label']
+    images, labels = ex["image"], ex["label"]
     assert images.shape == (n, 8, 8, 3) and images.dtype == np.uint8
     assert images.min() == 0 and images.max() == 255
     assert (images[..., 0] == images[..., 1]).all()
@@ -71,20 +72,19 @@ def test_digits_builds_offline(data_dir):
 
 
 def test_dataset_info(data_dir):
-  assert ip.dataset_info('digits', data_dir=data_dir) == (10, N_TRAIN)
+  assert ip.dataset_info("digits", data_dir=data_dir) == (10, N_TRAIN)
 
 
 def test_digits_auto_prepared_by_pipeline(tmp_path):
-  it = ip.eval_iterator('digits', data_dir=str(tmp_path), image_size=8,
-                        local_batch_size=512)
-  assert sum(b['mask'].sum() for b in it) == N_TEST
+  it = ip.eval_iterator("digits", data_dir=str(tmp_path), image_size=8, local_batch_size=512)
+  assert sum(b["mask"].sum() for b in it) == N_TEST
 
 
 # ----------------------------------------------------------------- train ----
 
 
 def _take(n, **kw):
-  it = ip.train_iterator('digits', **kw)
+  it = ip.train_iterator("digits", **kw)
   return [next(it) for _ in range(n)]
 
 
@@ -92,51 +92,64 @@ def test_train_shapes_and_seeds(data_dir):
   kw = dict(data_dir=data_dir, image_size=16, local_batch_size=32)
   a = _take(3, seed=0, **kw)
   for b in a:
-    assert set(b) == {'image', 'label'}
-    assert b['image'].shape == (32, 16, 16, 3)
-    assert b['image'].dtype == np.float32
-    assert b['label'].shape == (32,) and b['label'].dtype == np.int32
-    assert -1.0 <= b['image'].min() and b['image'].max() <= 1.0
-    assert b['label'].min() >= 0 and b['label'].max() < 10
+    assert set(b) == {"image", "label"}
+    assert b["image"].shape == (32, 16, 16, 3)
+    assert b["image"].dtype == np.float32
+    assert b["label"].shape == (32,) and b["label"].dtype == np.int32
+    assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["label"].min() >= 0 and b["label"].max() < 10
   same = _take(3, seed=0, **kw)
   other = _take(3, seed=1, **kw)
   for x, y in zip(a, same):
-    np.testing.assert_array_equal(x['image'], y['image'])
-    np.testing.assert_array_equal(x['label'], y['label'])
-  assert not all(np.array_equal(x['image'], y['image'])
-                 for x, y in zip(a, other))
-  assert not all(np.array_equal(x['label'], y['label'])
-                 for x, y in zip(a, other))
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, other))
+  assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, other))
 
 
-@pytest.mark.parametrize('in_memory', [True, False])
+@pytest.mark.parametrize("in_memory", [True, False])
 def test_train_resume_is_bitwise_identical(data_dir, in_memory):
   # 256 * 5 = 1280 < 1438 < 256 * 6: batch 5 crosses the first epoch
   # boundary and batches 6, 7 lie in epoch 1.
-  kw = dict(data_dir=data_dir, image_size=12, local_batch_size=256, seed=3,
-            in_memory=in_memory, shuffle_buffer=2048, flip=True)
+  kw = dict(
+    data_dir=data_dir,
+    image_size=12,
+    local_batch_size=256,
+    seed=3,
+    in_memory=in_memory,
+    shuffle_buffer=2048,
+    flip=True,
+  )
   full = _take(8, **kw)
   resumed = _take(3, start_step=5, **kw)
   for k, b in enumerate(resumed):
-    np.testing.assert_array_equal(b['image'], full[5 + k]['image'])
-    np.testing.assert_array_equal(b['label'], full[5 + k]['label'])
+    np.testing.assert_array_equal(b["image"], full[5 + k]["image"])
+    np.testing.assert_array_equal(b["label"], full[5 + k]["label"])
   # Epoch 1 is a different order than epoch 0.
-  assert not np.array_equal(full[0]['label'], full[6]['label'])
+  assert not np.array_equal(full[0]["label"], full[6]["label"])
 
 
 def test_train_epochs_and_processes_partition_the_split(data_dir):
   # crop_area_min=1 and no flip: images pass through unchanged, so examples
   # can be identified by hashing.
-  ref_images, ref_labels = _sklearn_split('train')
+  ref_images, ref_labels = _sklearn_split("train")
   ref = collections.Counter(_hashes(ref_images, ref_labels))
   per_process = []
   for p in range(2):
     # Each process owns 719 examples: batch 0 is exactly its epoch 0.
-    b0, b1 = _take(2, data_dir=data_dir, image_size=8, local_batch_size=719,
-                   seed=0, crop_area_min=1.0, flip=False, process_index=p,
-                   process_count=2)
-    h0 = _hashes(_unit_to_uint8(b0['image']), b0['label'])
-    h1 = _hashes(_unit_to_uint8(b1['image']), b1['label'])
+    b0, b1 = _take(
+      2,
+      data_dir=data_dir,
+      image_size=8,
+      local_batch_size=719,
+      seed=0,
+      crop_area_min=1.0,
+      flip=False,
+      process_index=p,
+      process_count=2,
+    )
+    h0 = _hashes(_unit_to_uint8(b0["image"]), b0["label"])
+    h1 = _hashes(_unit_to_uint8(b1["image"]), b1["label"])
     assert collections.Counter(h0) == collections.Counter(h1)  # Next epoch.
     assert h0 != h1  # ... reshuffled.
     per_process.append(collections.Counter(h0))
@@ -145,10 +158,18 @@ def test_train_epochs_and_processes_partition_the_split(data_dir):
 
 
 def test_train_single_process_epoch_is_a_permutation(data_dir):
-  ref_images, ref_labels = _sklearn_split('train')
-  (b,) = _take(1, data_dir=data_dir, image_size=8, local_batch_size=N_TRAIN,
-               seed=5, crop_area_min=1.0, in_memory=False, shuffle_buffer=4096)
-  got = collections.Counter(_hashes(_unit_to_uint8(b['image']), b['label']))
+  ref_images, ref_labels = _sklearn_split("train")
+  (b,) = _take(
+    1,
+    data_dir=data_dir,
+    image_size=8,
+    local_batch_size=N_TRAIN,
+    seed=5,
+    crop_area_min=1.0,
+    in_memory=False,
+    shuffle_buffer=4096,
+  )
+  got = collections.Counter(_hashes(_unit_to_uint8(b["image"]), b["label"]))
   assert got == collections.Counter(_hashes(ref_images, ref_labels))
 
 
@@ -156,33 +177,41 @@ def test_train_single_process_epoch_is_a_permutation(data_dir):
 
 
 def test_eval_covers_test_split_once(data_dir):
-  _, ref_labels = _sklearn_split('test')
-  batches = list(ip.eval_iterator('digits', data_dir=data_dir, image_size=8,
-                                  local_batch_size=100))
+  _, ref_labels = _sklearn_split("test")
+  batches = list(ip.eval_iterator("digits", data_dir=data_dir, image_size=8, local_batch_size=100))
   assert len(batches) == 4
   for b in batches:
-    assert set(b) == {'image', 'label', 'mask'}
-    assert b['image'].shape == (100, 8, 8, 3)
-    assert b['image'].dtype == np.float32 and b['mask'].dtype == np.float32
-    assert b['label'].dtype == np.int32
-  mask = np.concatenate([b['mask'] for b in batches])
-  labels = np.concatenate([b['label'] for b in batches])
-  images = np.concatenate([b['image'] for b in batches])
+    assert set(b) == {"image", "label", "mask"}
+    assert b["image"].shape == (100, 8, 8, 3)
+    assert b["image"].dtype == np.float32 and b["mask"].dtype == np.float32
+    assert b["label"].dtype == np.int32
+  mask = np.concatenate([b["mask"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  images = np.concatenate([b["image"] for b in batches])
   assert mask.sum() == N_TEST
   np.testing.assert_array_equal(mask, np.arange(400) < N_TEST)
   np.testing.assert_array_equal(labels[:N_TEST], ref_labels)
   assert (images[N_TEST:] == 0).all() and (labels[N_TEST:] == 0).all()
 
   # Two processes: same number of batches, contiguous halves 180 + 179.
-  per_proc = [list(ip.eval_iterator('digits', data_dir=data_dir,
-                                    image_size=16, local_batch_size=64,
-                                    process_index=p, process_count=2))
-              for p in range(2)]
+  per_proc = [
+    list(
+      ip.eval_iterator(
+        "digits",
+        data_dir=data_dir,
+        image_size=16,
+        local_batch_size=64,
+        process_index=p,
+        process_count=2,
+      )
+    )
+    for p in range(2)
+  ]
   assert len(per_proc[0]) == len(per_proc[1]) == 3
   got = []
   for batches in per_proc:
-    mask = np.concatenate([b['mask'] for b in batches]).astype(bool)
-    got.append(np.concatenate([b['label'] for b in batches])[mask])
+    mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+    got.append(np.concatenate([b["label"] for b in batches])[mask])
   assert [len(g) for g in got] == [180, 179]
   np.testing.assert_array_equal(np.concatenate(got), ref_labels)
 
@@ -193,26 +222,22 @@ def test_eval_covers_test_split_once(data_dir):
 def test_cifar10_and_imagenet_with_mock_data(tmp_path):
   d = str(tmp_path)
   with tfds.testing.mock_data(num_examples=6):
-    for name, size in [('cifar10', 32), ('cifar10', 64), ('imagenet2012', 224)]:
-      b = next(ip.train_iterator(name, data_dir=d, image_size=size,
-                                 local_batch_size=4, seed=0))
-      assert b['image'].shape == (4, size, size, 3)
-      assert b['image'].dtype == np.float32 and b['label'].dtype == np.int32
-      assert -1.0 <= b['image'].min() and b['image'].max() <= 1.0
-      batches = list(ip.eval_iterator(name, data_dir=d, image_size=size,
-                                      local_batch_size=4))
+    for name, size in [("cifar10", 32), ("cifar10", 64), ("imagenet2012", 224)]:
+      b = next(ip.train_iterator(name, data_dir=d, image_size=size, local_batch_size=4, seed=0))
+      assert b["image"].shape == (4, size, size, 3)
+      assert b["image"].dtype == np.float32 and b["label"].dtype == np.int32
+      assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
+      batches = list(ip.eval_iterator(name, data_dir=d, image_size=size, local_batch_size=4))
       assert len(batches) == 2
-      assert batches[0]['image'].shape == (4, size, size, 3)
-      assert sum(x['mask'].sum() for x in batches) == 6
+      assert batches[0]["image"].shape == (4, size, size, 3)
+      assert sum(x["mask"].sum() for x in batches) == 6
 
-    (b,) = ip.eval_iterator('imagenet2012_real', data_dir=d, image_size=32,
-                            local_batch_size=8)
-    assert b['real_label'].shape == (8, 1000)
-    assert b['real_valid'].shape == (8,)
-    np.testing.assert_array_equal(b['real_valid'][6:], 0.0)  # Padding.
-    assert set(np.unique(b['real_label'])) <= {0.0, 1.0}
-    np.testing.assert_array_equal(b['real_label'].sum(1) > 0,
-                                  b['real_valid'] > 0)
+    (b,) = ip.eval_iterator("imagenet2012_real", data_dir=d, image_size=32, local_batch_size=8)
+    assert b["real_label"].shape == (8, 1000)
+    assert b["real_valid"].shape == (8,)
+    np.testing.assert_array_equal(b["real_valid"][6:], 0.0)  # Padding.
+    assert set(np.unique(b["real_label"])) <= {0.0, 1.0}
+    np.testing.assert_array_equal(b["real_label"].sum(1) > 0, b["real_valid"] > 0)
 
 
 def test_imagenet_r_class_indices():
@@ -221,39 +246,36 @@ def test_imagenet_r_class_indices():
   assert len(ip.IMAGENET_R_WNIDS) == 200
   assert list(ip.IMAGENET_R_WNIDS) == sorted(ip.IMAGENET_R_WNIDS)
   assert idx == ip._IMAGENET_R_CLASS_INDICES_CONST  # pylint: disable=protected-access
-  np.testing.assert_array_equal(ip.class_subset('imagenet_r'), idx)
-  assert ip.class_subset('imagenet2012') is None
-  assert ip.DATASETS['imagenet_r'].num_classes == 200
+  np.testing.assert_array_equal(ip.class_subset("imagenet_r"), idx)
+  assert ip.class_subset("imagenet2012") is None
+  assert ip.DATASETS["imagenet_r"].num_classes == 200
 
 
 def test_missing_dataset_raises_helpful_error(tmp_path):
   d = str(tmp_path)
-  with pytest.raises(ip.DatasetNotPreparedError, match='tfds build cifar10'):
-    ip.train_iterator('cifar10', data_dir=d, image_size=32,
-                      local_batch_size=8, seed=0)
-  with pytest.raises(ip.DatasetNotPreparedError,
-                     match='ILSVRC2012_img_train.tar'):
-    ip.eval_iterator('imagenet2012', data_dir=d, image_size=224,
-                     local_batch_size=8)
-  with pytest.raises(ValueError, match='Unknown dataset'):
-    ip.dataset_info('mnist', data_dir=d)
+  with pytest.raises(ip.DatasetNotPreparedError, match="tfds build cifar10"):
+    ip.train_iterator("cifar10", data_dir=d, image_size=32, local_batch_size=8, seed=0)
+  with pytest.raises(ip.DatasetNotPreparedError, match="ILSVRC2012_img_train.tar"):
+    ip.eval_iterator("imagenet2012", data_dir=d, image_size=224, local_batch_size=8)
+  with pytest.raises(ValueError, match="Unknown dataset"):
+    ip.dataset_info("mnist", data_dir=d)
 
 
 def test_prefetch_to_device(data_dir):
   import jax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
-  sharding = NamedSharding(mesh, P('data'))
-  batches = list(ip.eval_iterator('digits', data_dir=data_dir, image_size=8,
-                                  local_batch_size=128))
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  batches = list(ip.eval_iterator("digits", data_dir=data_dir, image_size=8, local_batch_size=128))
   out = list(ip.prefetch_to_device(iter(batches), 2, sharding))
   assert len(out) == len(batches)
   for x, y in zip(out, batches):
-    assert isinstance(x['image'], jax.Array)
-    assert x['image'].sharding == sharding
-    np.testing.assert_array_equal(np.asarray(x['image']), y['image'])
-    np.testing.assert_array_equal(np.asarray(x['mask']), y['mask'])
+    assert isinstance(x["image"], jax.Array)
+    assert x["image"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(x["image"]), y["image"])
+    np.testing.assert_array_equal(np.asarray(x["mask"]), y["mask"])
   plain = list(ip.prefetch_to_device(iter(batches), 3))
-  np.testing.assert_array_equal(np.asarray(plain[-1]['label']),
-                                batches[-1]['label'])
+  np.testing.assert_array_equal(np.asarray(plain[-1]["label"]), batches[-1]["label"])

@@ -20,27 +20,39 @@ TPU = os.path.join(REPO, "launch", "tpu_pod.py")
 GPU = os.path.join(REPO, "launch", "local_gpu.py")
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 
-TPU_BASE = ["--name=pf-v3-32", "--zone=europe-west4-a",
-            "--accelerator_type=v3-32", "--config=configs/cifar10_msweep.py:obf,64",
-            "--workdir=gs://bucket/runs/a", "--override", "sam.rho_max=0.1"]
-GPU_BASE = ["--config=configs/cifar10_msweep.py:obf,64", "--workdir=/tmp/runs/a",
-            "--override", "sam.rho_max=0.1"]
-WEIRD = "it's a \"quoted\" value; $(touch pwned) & x"
+TPU_BASE = [
+  "--name=pf-v3-32",
+  "--zone=europe-west4-a",
+  "--accelerator_type=v3-32",
+  "--config=configs/cifar10_msweep.py:obf,64",
+  "--workdir=gs://bucket/runs/a",
+  "--override",
+  "sam.rho_max=0.1",
+]
+GPU_BASE = [
+  "--config=configs/cifar10_msweep.py:obf,64",
+  "--workdir=/tmp/runs/a",
+  "--override",
+  "sam.rho_max=0.1",
+]
+WEIRD = 'it\'s a "quoted" value; $(touch pwned) & x'
 
 
 def _fake(path, marker_dir, rc_expr="0"):
   """An executable that logs its argv (+ a few env vars) as a JSON line."""
-  path.write_text(textwrap.dedent(f"""\
+  path.write_text(
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import json, os, sys
-      with open({str(marker_dir / 'calls.jsonl')!r}, 'a') as f:
+      with open({str(marker_dir / "calls.jsonl")!r}, 'a') as f:
         f.write(json.dumps({{'argv': [os.path.basename(sys.argv[0])] + sys.argv[1:],
                             'cwd': os.getcwd(),
                             'env': {{k: os.environ.get(k) for k in (
                                 'CUDA_VISIBLE_DEVICES', 'TFDS_DATA_DIR',
                                 'XLA_PYTHON_CLIENT_MEM_FRACTION')}}}}) + '\\n')
       sys.exit({rc_expr})
-      """))
+      """)
+  )
   path.chmod(0o755)
   return path
 
@@ -50,8 +62,7 @@ def fakebin(tmp_path):
   b = tmp_path / "bin"
   b.mkdir()
   # describe fails (TPU does not exist), everything else succeeds.
-  _fake(b / "gcloud", tmp_path,
-        "1 if 'describe' in sys.argv else 0")
+  _fake(b / "gcloud", tmp_path, "1 if 'describe' in sys.argv else 0")
   _fake(b / "git", tmp_path)
   _fake(b / "python", tmp_path)
   _fake(b / "pip", tmp_path)
@@ -67,8 +78,14 @@ def calls(tmp_path):
 
 
 def run(script, args, env=None, cwd=None):
-  return subprocess.run([sys.executable, script, *args], capture_output=True,
-                        text=True, env=env, cwd=cwd or REPO, timeout=60)
+  return subprocess.run(
+    [sys.executable, script, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=cwd or REPO,
+    timeout=60,
+  )
 
 
 def lines(stdout):
@@ -81,7 +98,7 @@ def remote_command(line):
   argv = shlex.split(line)
   cmd = [a for a in argv if a.startswith("--command=")]
   assert len(cmd) == 1, line
-  return cmd[0][len("--command="):]
+  return cmd[0][len("--command=") :]
 
 
 # --------------------------------------------------------------- tpu_pod.py
@@ -92,16 +109,26 @@ def test_tpu_help():
   assert r.returncode == 0, r.stderr
   assert "example:" in r.stdout
   assert "tpu_pod.py --name=" in r.stdout
-  for flag in ("--accelerator_type", "--runtime_version", "--spot",
-               "--preemptible", "--repo_dir", "--data_dir", "--override",
-               "--dry_run"):
+  for flag in (
+    "--accelerator_type",
+    "--runtime_version",
+    "--spot",
+    "--preemptible",
+    "--repo_dir",
+    "--data_dir",
+    "--override",
+    "--dry_run",
+  ):
     assert flag in r.stdout
 
 
 def test_tpu_dry_run_commands(fakebin):
   tmp, env = fakebin
-  r = run(TPU, TPU_BASE + ["--spot", "--project=my-proj",
-                           "--data_dir=gs://bucket/tfds", "--dry_run"], env=env)
+  r = run(
+    TPU,
+    TPU_BASE + ["--spot", "--project=my-proj", "--data_dir=gs://bucket/tfds", "--dry_run"],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   out = lines(r.stdout)
   argvs = [shlex.split(l) for l in out]
@@ -117,31 +144,45 @@ def test_tpu_dry_run_commands(fakebin):
   assert describe[0][5] == "pf-v3-32"
   c = create[0]
   assert c[5] == "pf-v3-32"
-  for f in ("--zone=europe-west4-a", "--accelerator-type=v3-32",
-            "--version=tpu-ubuntu2204-base", "--spot", "--project=my-proj"):
+  for f in (
+    "--zone=europe-west4-a",
+    "--accelerator-type=v3-32",
+    "--version=tpu-ubuntu2204-base",
+    "--spot",
+    "--project=my-proj",
+  ):
     assert f in c
   assert "--preemptible" not in c
   assert "--worker=all" in scp[0]
   assert any(a[0] == "git" and "archive" in a for a in argvs)
-  assert all("--worker=all" in a and "--zone=europe-west4-a" in a
-             and "--project=my-proj" in a for a in ssh)
+  assert all(
+    "--worker=all" in a and "--zone=europe-west4-a" in a and "--project=my-proj" in a for a in ssh
+  )
   assert len(ssh) == 3  # unpack, install, run
   # Order: describe, create, copy, install, run.
-  idx = {k: out.index(shlex.join(v[0])) for k, v in
-         dict(d=describe, c=create, s=scp).items()}
+  idx = {k: out.index(shlex.join(v[0])) for k, v in dict(d=describe, c=create, s=scp).items()}
   assert idx["d"] < idx["c"] < idx["s"]
 
   install = shlex.split(remote_command(shlex.join(ssh[1])))
   assert install[:2] == ["cd", "$HOME/pf_jax"]
   i = install.index("install")
-  assert install[i - 2:i + 6] == ["-m", "pip", "install", "-r",
-                                  "requirements.txt", "jax[tpu]", "-f",
-                                  LIBTPU_URL]
+  assert install[i - 2 : i + 6] == [
+    "-m",
+    "pip",
+    "install",
+    "-r",
+    "requirements.txt",
+    "jax[tpu]",
+    "-f",
+    LIBTPU_URL,
+  ]
   assert install[-5:] == ["-m", "pip", "install", "-e", "."]
 
   remote = remote_command(shlex.join(ssh[2]))
-  assert ("python3 main.py --config=configs/cifar10_msweep.py:obf,64 "
-          "--workdir=gs://bucket/runs/a --config.sam.rho_max=0.1") in remote
+  assert (
+    "python3 main.py --config=configs/cifar10_msweep.py:obf,64 "
+    "--workdir=gs://bucket/runs/a --config.sam.rho_max=0.1"
+  ) in remote
   assert "TFDS_DATA_DIR=gs://bucket/tfds" in remote
   assert "nohup" in remote and "pf_jax.log" in remote
   # Dry run executes nothing: not gcloud, not git.
@@ -150,10 +191,22 @@ def test_tpu_dry_run_commands(fakebin):
 
 def test_tpu_dry_run_quotes_values(fakebin):
   tmp, env = fakebin
-  r = run(TPU, ["--name=pf", "--zone=us-central2-b", "--accelerator_type=v4-8",
-                "--config=configs/cifar10_msweep.py:obf,64", f"--workdir=gs://b/{WEIRD}",
-                f"--data_dir=gs://b/{WEIRD}", "--override", f"data_dir={WEIRD}",
-                "--repo_dir=/opt/my code", "--dry_run"], env=env)
+  r = run(
+    TPU,
+    [
+      "--name=pf",
+      "--zone=us-central2-b",
+      "--accelerator_type=v4-8",
+      "--config=configs/cifar10_msweep.py:obf,64",
+      f"--workdir=gs://b/{WEIRD}",
+      f"--data_dir=gs://b/{WEIRD}",
+      "--override",
+      f"data_dir={WEIRD}",
+      "--repo_dir=/opt/my code",
+      "--dry_run",
+    ],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   run_line = lines(r.stdout)[-1]
   remote = shlex.split(remote_command(run_line))
@@ -174,19 +227,35 @@ def test_tpu_remote_command_runs_safely_in_a_shell(tmp_path):
   _fake(b / "python3", tmp_path)
   home = tmp_path / "home"
   (home / "pf_jax").mkdir(parents=True)
-  r = run(TPU, ["--name=pf", "--zone=z", "--accelerator_type=v3-8",
-                "--config=configs/cifar10_msweep.py:obf,64", f"--workdir={WEIRD}",
-                f"--data_dir={WEIRD}", "--override", f"data_dir={WEIRD}",
-                "--skip_copy", "--skip_install", "--foreground", "--dry_run"])
+  r = run(
+    TPU,
+    [
+      "--name=pf",
+      "--zone=z",
+      "--accelerator_type=v3-8",
+      "--config=configs/cifar10_msweep.py:obf,64",
+      f"--workdir={WEIRD}",
+      f"--data_dir={WEIRD}",
+      "--override",
+      f"data_dir={WEIRD}",
+      "--skip_copy",
+      "--skip_install",
+      "--foreground",
+      "--dry_run",
+    ],
+  )
   assert r.returncode == 0, r.stderr
   remote = remote_command(lines(r.stdout)[-1])
-  env = dict(os.environ, HOME=str(home),
-             PATH=f"{b}{os.pathsep}{os.environ['PATH']}")
-  subprocess.run(["bash", "-c", remote], check=True, env=env, cwd=tmp_path,
-                 timeout=30)
+  env = dict(os.environ, HOME=str(home), PATH=f"{b}{os.pathsep}{os.environ['PATH']}")
+  subprocess.run(["bash", "-c", remote], check=True, env=env, cwd=tmp_path, timeout=30)
   (call,) = calls(tmp_path)
-  assert call["argv"] == ["python3", "main.py", "--config=configs/cifar10_msweep.py:obf,64",
-                          f"--workdir={WEIRD}", f"--config.data_dir={WEIRD}"]
+  assert call["argv"] == [
+    "python3",
+    "main.py",
+    "--config=configs/cifar10_msweep.py:obf,64",
+    f"--workdir={WEIRD}",
+    f"--config.data_dir={WEIRD}",
+  ]
   assert call["env"]["TFDS_DATA_DIR"] == WEIRD
   assert call["cwd"] == str(home / "pf_jax")
   assert not (tmp_path / "pwned").exists()
@@ -202,8 +271,9 @@ def test_tpu_foreground_uses_tty(fakebin):
   assert "nohup" not in remote_command(lines(r.stdout)[-1])
 
 
-@pytest.mark.parametrize("missing", ["--name", "--zone", "--accelerator_type",
-                                     "--config", "--workdir"])
+@pytest.mark.parametrize(
+  "missing", ["--name", "--zone", "--accelerator_type", "--config", "--workdir"]
+)
 def test_tpu_missing_required_flag(fakebin, missing):
   tmp, env = fakebin
   args = [a for a in TPU_BASE if not a.startswith(missing + "=")]
@@ -215,8 +285,7 @@ def test_tpu_missing_required_flag(fakebin, missing):
 
 def test_tpu_bad_values(fakebin):
   tmp, env = fakebin
-  assert run(TPU, TPU_BASE + ["--override", "no_equals", "--dry_run"],
-             env=env).returncode != 0
+  assert run(TPU, TPU_BASE + ["--override", "no_equals", "--dry_run"], env=env).returncode != 0
   r = run(TPU, TPU_BASE + ["--name=Bad Name", "--dry_run"], env=env)
   assert r.returncode != 0 and "--name" in r.stderr
   r = run(TPU, TPU_BASE + ["--spot", "--preemptible", "--dry_run"], env=env)
@@ -235,8 +304,11 @@ def test_tpu_warns_on_local_workdir_for_pod(fakebin):
 
 def test_tpu_override_prefixes(fakebin):
   tmp, env = fakebin
-  r = run(TPU, TPU_BASE + ["--override=--config.sam.m=32", "--override",
-                           "config.seed=2", "--dry_run"], env=env)
+  r = run(
+    TPU,
+    TPU_BASE + ["--override=--config.sam.m=32", "--override", "config.seed=2", "--dry_run"],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   remote = shlex.split(remote_command(lines(r.stdout)[-1]))
   assert "--config.sam.m=32" in remote and "--config.seed=2" in remote
@@ -250,8 +322,7 @@ def test_tpu_real_run_matches_dry_run(fakebin):
   expected = [shlex.split(l) for l in lines(dry.stdout)]
   r = run(TPU, TPU_BASE, env=env)
   assert r.returncode == 0, r.stderr
-  got = [c["argv"] for c in calls(tmp)
-         if not (c["argv"][0] == "git" and "status" in c["argv"])]
+  got = [c["argv"] for c in calls(tmp) if not (c["argv"][0] == "git" and "status" in c["argv"])]
   assert got == expected
 
 
@@ -259,9 +330,11 @@ def test_tpu_real_run_reuses_existing_and_stops_on_failure(tmp_path):
   b = tmp_path / "bin"
   b.mkdir()
   # describe succeeds (exists); the install ssh fails with 7.
-  _fake(b / "gcloud", tmp_path,
-        "7 if any('pip install' in a for a in sys.argv) else "
-        "(print('READY v3-32') or 0)")
+  _fake(
+    b / "gcloud",
+    tmp_path,
+    "7 if any('pip install' in a for a in sys.argv) else (print('READY v3-32') or 0)",
+  )
   _fake(b / "git", tmp_path)
   env = dict(os.environ, PATH=f"{b}{os.pathsep}{os.environ['PATH']}")
   r = run(TPU, TPU_BASE, env=env)
@@ -278,17 +351,33 @@ def test_gpu_help():
   r = run(GPU, ["--help"])
   assert r.returncode == 0, r.stderr
   assert "example:" in r.stdout and "local_gpu.py --gpus=0,1" in r.stdout
-  for flag in ("--gpus", "--install", "--xla_mem_fraction", "--data_dir",
-               "--override", "--dry_run"):
+  for flag in (
+    "--gpus",
+    "--install",
+    "--xla_mem_fraction",
+    "--data_dir",
+    "--override",
+    "--dry_run",
+  ):
     assert flag in r.stdout
 
 
 def test_gpu_dry_run(fakebin):
   tmp, env = fakebin
   py = str(tmp / "bin" / "python")
-  r = run(GPU, GPU_BASE + ["--gpus=0,1", "--data_dir=/data/tf ds",
-                           "--xla_mem_fraction=.9", "--install",
-                           f"--python={py}", "--dry_run"], env=env)
+  r = run(
+    GPU,
+    GPU_BASE
+    + [
+      "--gpus=0,1",
+      "--data_dir=/data/tf ds",
+      "--xla_mem_fraction=.9",
+      "--install",
+      f"--python={py}",
+      "--dry_run",
+    ],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   out = lines(r.stdout)
   for l in out:
@@ -300,12 +389,17 @@ def test_gpu_dry_run(fakebin):
   assert "export CUDA_VISIBLE_DEVICES=0,1" in out
   assert "export TFDS_DATA_DIR='/data/tf ds'" in out
   assert "export XLA_PYTHON_CLIENT_MEM_FRACTION=.9" in out
-  assert shlex.join([py, "-m", "pip", "install", "-r", "requirements.txt",
-                     "jax[cuda12]"]) in out
+  assert shlex.join([py, "-m", "pip", "install", "-r", "requirements.txt", "jax[cuda12]"]) in out
   assert shlex.join([py, "-m", "pip", "install", "-e", "."]) in out
-  assert out[-1] == shlex.join([py, "main.py", "--config=configs/cifar10_msweep.py:obf,64",
-                                "--workdir=/tmp/runs/a",
-                                "--config.sam.rho_max=0.1"])
+  assert out[-1] == shlex.join(
+    [
+      py,
+      "main.py",
+      "--config=configs/cifar10_msweep.py:obf,64",
+      "--workdir=/tmp/runs/a",
+      "--config.sam.rho_max=0.1",
+    ]
+  )
   assert calls(tmp) == []
 
 
@@ -313,16 +407,31 @@ def test_gpu_dry_run_is_pasteable(fakebin):
   """Pasting the printed lines into bash runs exactly the intended argv."""
   tmp, env = fakebin
   py = str(tmp / "bin" / "python")
-  r = run(GPU, ["--config=configs/cifar10_msweep.py:obf,64", f"--workdir={WEIRD}",
-                "--override", f"data_dir={WEIRD}", f"--data_dir={WEIRD}",
-                "--gpus=1", f"--python={py}", "--dry_run"], env=env)
+  r = run(
+    GPU,
+    [
+      "--config=configs/cifar10_msweep.py:obf,64",
+      f"--workdir={WEIRD}",
+      "--override",
+      f"data_dir={WEIRD}",
+      f"--data_dir={WEIRD}",
+      "--gpus=1",
+      f"--python={py}",
+      "--dry_run",
+    ],
+    env=env,
+  )
   assert r.returncode == 0, r.stderr
   assert calls(tmp) == []
-  subprocess.run(["bash", "-c", r.stdout], check=True, env=env, timeout=30,
-                 cwd=tmp)
+  subprocess.run(["bash", "-c", r.stdout], check=True, env=env, timeout=30, cwd=tmp)
   (call,) = calls(tmp)
-  assert call["argv"] == ["python", "main.py", "--config=configs/cifar10_msweep.py:obf,64",
-                          f"--workdir={WEIRD}", f"--config.data_dir={WEIRD}"]
+  assert call["argv"] == [
+    "python",
+    "main.py",
+    "--config=configs/cifar10_msweep.py:obf,64",
+    f"--workdir={WEIRD}",
+    f"--config.data_dir={WEIRD}",
+  ]
   assert call["env"]["TFDS_DATA_DIR"] == WEIRD
   assert call["env"]["CUDA_VISIBLE_DEVICES"] == "1"
   assert call["cwd"] == REPO
@@ -334,15 +443,23 @@ def test_gpu_real_run_propagates_exit_code(tmp_path):
   b = tmp_path / "bin"
   b.mkdir()
   py = _fake(b / "python", tmp_path, "3 if 'main.py' in sys.argv else 0")
-  r = run(GPU, GPU_BASE + ["--gpus=0,1", "--data_dir=/d",
-                           "--xla_mem_fraction=0.5", "--install",
-                           f"--python={py}"])
+  r = run(
+    GPU,
+    GPU_BASE
+    + ["--gpus=0,1", "--data_dir=/d", "--xla_mem_fraction=0.5", "--install", f"--python={py}"],
+  )
   assert r.returncode == 3, r.stderr
   cs = calls(tmp_path)
-  assert [c["argv"][1:3] for c in cs] == [["-m", "pip"], ["-m", "pip"],
-                                          ["main.py", "--config=configs/cifar10_msweep.py:obf,64"]]
-  assert cs[-1]["env"] == {"CUDA_VISIBLE_DEVICES": "0,1", "TFDS_DATA_DIR": "/d",
-                           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+  assert [c["argv"][1:3] for c in cs] == [
+    ["-m", "pip"],
+    ["-m", "pip"],
+    ["main.py", "--config=configs/cifar10_msweep.py:obf,64"],
+  ]
+  assert cs[-1]["env"] == {
+    "CUDA_VISIBLE_DEVICES": "0,1",
+    "TFDS_DATA_DIR": "/d",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+  }
   assert cs[-1]["cwd"] == REPO
 
 
@@ -365,8 +482,7 @@ def test_gpu_missing_required_flag(fakebin, missing):
   assert calls(tmp) == []
 
 
-@pytest.mark.parametrize("bad", ["--gpus=0;rm", "--xla_mem_fraction=1.5",
-                                 "--xla_mem_fraction=abc"])
+@pytest.mark.parametrize("bad", ["--gpus=0;rm", "--xla_mem_fraction=1.5", "--xla_mem_fraction=abc"])
 def test_gpu_bad_values(fakebin, bad):
   tmp, env = fakebin
   r = run(GPU, GPU_BASE + [bad, "--dry_run"], env=env)
@@ -401,12 +517,15 @@ def test_help_example_works(fakebin, script):
 
 
 @pytest.mark.parametrize("script,base", [(TPU, TPU_BASE), (GPU, GPU_BASE)])
-@pytest.mark.parametrize("bad,field", [
-    (["--override", "sam.rho=0.1"], "config.sam.rho"),                     # unknown field
+@pytest.mark.parametrize(
+  "bad,field",
+  [
+    (["--override", "sam.rho=0.1"], "config.sam.rho"),  # unknown field
     (["--override", "sam.obf_gamma=2"], "config.sam.obf_gamma"),
-    (["--config=configs/cifar10_resnet.py"], "--config"),                   # no such file
+    (["--config=configs/cifar10_resnet.py"], "--config"),  # no such file
     (["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
-])
+  ],
+)
 def test_dry_run_checks_the_config_like_main(fakebin, script, base, bad, field):
   tmp, env = fakebin
   args = [a for a in base if not (bad[0].startswith("--config=") and a.startswith("--config="))]
@@ -422,8 +541,12 @@ def test_dry_run_checks_against_the_target_devices(fakebin):
   assert run(TPU, TPU_BASE + ["--dry_run"], env=env).returncode == 0
   r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--dry_run"], env=env)
   assert r.returncode == 2 and "error: config.global_batch_size: 512" in r.stderr
-  r = run(TPU, [a if a != "--accelerator_type=v3-32" else "--accelerator_type=v2-8" for a in TPU_BASE]
-          + ["--override", "sam.m=1024", "--dry_run"], env=env)
+  r = run(
+    TPU,
+    [a if a != "--accelerator_type=v3-32" else "--accelerator_type=v2-8" for a in TPU_BASE]
+    + ["--override", "sam.m=1024", "--dry_run"],
+    env=env,
+  )
   assert r.returncode == 2 and "error: config.sam.m: 1024" in r.stderr
   r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--no_check", "--dry_run"], env=env)
   assert r.returncode == 0
@@ -432,7 +555,8 @@ def test_dry_run_checks_against_the_target_devices(fakebin):
 def test_gpu_sigterm_reaches_main_and_its_preemption_code_comes_back(tmp_path):
   """SIGTERM to the launcher is passed on; it waits for the checkpoint and returns main.py's 75."""
   py = tmp_path / "python"
-  py.write_text(textwrap.dedent(f"""\
+  py.write_text(
+    textwrap.dedent(f"""\
       #!{sys.executable}
       import pathlib, signal, sys, time
       d = pathlib.Path({str(tmp_path)!r})
@@ -443,10 +567,15 @@ def test_gpu_sigterm_reaches_main_and_its_preemption_code_comes_back(tmp_path):
       signal.signal(signal.SIGTERM, preempted)
       (d / "ready").write_text("yes")
       time.sleep(60)
-      """))
+      """)
+  )
   py.chmod(0o755)
-  proc = subprocess.Popen([sys.executable, GPU, *GPU_BASE, f"--python={py}"], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, GPU, *GPU_BASE, f"--python={py}"],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.monotonic() + 30
   while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
     time.sleep(0.05)

@@ -13,21 +13,22 @@ import numpy as np
 import optax
 import pytest
 
-from pf_jax.models import MODELS, build_model, has_batch_norm, model_names
+from pf_jax.models import MODELS
+from pf_jax.models import build_model
+from pf_jax.models import has_batch_norm
+from pf_jax.models import model_names
 
 SMALL = {
-    # name: input shape (NHWC) it is meant for
-    "vit_ti4": (2, 32, 32, 3),
-    "vit_digits": (2, 8, 8, 1),
-    "resnet_tiny": (2, 8, 8, 1),
+  # name: input shape (NHWC) it is meant for
+  "vit_ti4": (2, 32, 32, 3),
+  "vit_digits": (2, 8, 8, 1),
+  "resnet_tiny": (2, 8, 8, 1),
 }
-ALL_NAMES = ("vit_s32", "vit_s16", "vit_ti4", "vit_digits",
-             "resnet50", "resnet101", "resnet_tiny")
+ALL_NAMES = ("vit_s32", "vit_s16", "vit_ti4", "vit_digits", "resnet50", "resnet101", "resnet_tiny")
 NUM_CLASSES = 10
 # These tests check shapes/values, not speed: skip LLVM's expensive passes,
 # which roughly halves XLA:CPU compile time (the bulk of this file's runtime).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _count(tree):
@@ -43,13 +44,12 @@ def _build_and_run(name, shape, **kw):
   @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
   def run(rng, x):
     variables = model.init(rng, x, train=False)
-    out = {"variables": variables,
-           "eval_logits": model.apply(variables, x, train=False)}
+    out = {"variables": variables, "eval_logits": model.apply(variables, x, train=False)}
     if has_batch_norm(name):
       out["train_logits"], out["train_state"] = model.apply(
-          variables, x, train=True, mutable=["batch_stats"])
-      _, out["eval_state"] = model.apply(
-          variables, x, train=False, mutable=["batch_stats"])
+        variables, x, train=True, mutable=["batch_stats"]
+      )
+      _, out["eval_state"] = model.apply(variables, x, train=False, mutable=["batch_stats"])
     else:
       out["train_logits"] = model.apply(variables, x, train=True)
     return out
@@ -60,8 +60,7 @@ def _build_and_run(name, shape, **kw):
 @pytest.fixture(scope="module")
 def small_runs():
   """Each small variant once in fp32 with head bias -10, shared by tests."""
-  return {n: _build_and_run(n, s, head_bias_init=-10.0)
-          for n, s in SMALL.items()}
+  return {n: _build_and_run(n, s, head_bias_init=-10.0) for n, s in SMALL.items()}
 
 
 def test_registry_names_exact():
@@ -122,8 +121,9 @@ def test_vit_digits_params_closed_form(small_runs):
   assert expected == 69066
   assert _count(params) == expected
   assert params["pos_embedding"].shape == (1, tokens, d)
-  assert not any("cls" in "/".join(path).lower()
-                 for path in flax.traverse_util.flatten_dict(params))
+  assert not any(
+    "cls" in "/".join(path).lower() for path in flax.traverse_util.flatten_dict(params)
+  )
 
 
 def test_vit_pos_embedding_init_std(small_runs):
@@ -140,20 +140,18 @@ def test_resnet_tiny_batch_stats_train_vs_eval(small_runs):
   flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
   assert any("BatchNorm" in k for k in flat)
   # Zero-init residual: the last BN scale of each of the 2 blocks is zero.
-  zero_scales = [k for k, v in flat.items()
-                 if k.endswith("scale") and not np.any(np.asarray(v))]
+  zero_scales = [k for k, v in flat.items() if k.endswith("scale") and not np.any(np.asarray(v))]
   assert len(zero_scales) == 2, zero_scales
   old = variables["batch_stats"]
 
   # Train mode updates running stats...
-  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                       old, out["train_state"]["batch_stats"])
+  diffs = jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), old, out["train_state"]["batch_stats"]
+  )
   assert max(jax.tree.leaves(diffs)) > 1e-4
   # ...eval mode leaves them untouched.
-  assert (jax.tree.structure(old)
-          == jax.tree.structure(out["eval_state"]["batch_stats"]))
-  for a, b in zip(jax.tree.leaves(old),
-                  jax.tree.leaves(out["eval_state"]["batch_stats"])):
+  assert jax.tree.structure(old) == jax.tree.structure(out["eval_state"]["batch_stats"])
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(out["eval_state"]["batch_stats"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -164,8 +162,7 @@ def test_bfloat16_compute_gives_float32_logits(name):
   assert model.dtype == jnp.bfloat16
   for leaf in jax.tree.leaves(out["variables"]):
     assert leaf.dtype == jnp.float32  # params and batch_stats stay fp32
-  np.testing.assert_array_equal(
-      np.asarray(out["variables"]["params"]["head"]["bias"]), 0.0)
+  np.testing.assert_array_equal(np.asarray(out["variables"]["params"]["head"]["bias"]), 0.0)
   for key in ("eval_logits", "train_logits"):
     assert out[key].dtype == jnp.float32
     assert out[key].shape == (x.shape[0], NUM_CLASSES)
@@ -213,24 +210,24 @@ def test_small_models_learn(name, small_runs):
   assert losses[-1] < 0.85 * losses[0], losses
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("vit_s16", 22_049_896),   # ~22.0M: GAP, no class token, 1000 classes
+@pytest.mark.parametrize(
+  "name,expected",
+  [
+    ("vit_s16", 22_049_896),  # ~22.0M: GAP, no class token, 1000 classes
     ("vit_s32", 22_878_184),
     ("resnet50", 25_557_032),  # ~25.6M (torchvision resnet50: 25,557,032)
     ("resnet101", 44_549_160),
-])
+  ],
+)
 def test_full_size_param_counts(name, expected):
   model = build_model(name, num_classes=1000, head_bias_init=-10.0)
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-  shapes = jax.eval_shape(
-      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
   n = _count(shapes["params"])
   assert abs(n - expected) <= 0.01 * expected, n
   # Headline numbers from the papers, also within 1%.
-  headline = {"vit_s16": 22.0e6, "vit_s32": 22.9e6,
-              "resnet50": 25.6e6, "resnet101": 44.5e6}[name]
+  headline = {"vit_s16": 22.0e6, "vit_s32": 22.9e6, "resnet50": 25.6e6, "resnet101": 44.5e6}[name]
   assert abs(n - headline) <= 0.01 * headline, n
   assert ("batch_stats" in shapes) == has_batch_norm(name)
-  out = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False), shapes, x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes, x)
   assert out.shape == (1, 1000) and out.dtype == jnp.float32

@@ -8,6 +8,7 @@ count whose global batches are the two processes' local batches concatenated
 own data shards into one global batch, and that the cross-process gradient all-reduce kept them
 in step. Only process 0 may write TensorBoard events and print the final metrics.
 """
+
 import glob
 import os
 import re
@@ -41,10 +42,14 @@ def _env(num_devices: int) -> dict:
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
   # Optimization level 0: the tiny model compiles much faster; every run here uses the same flags.
-  env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={num_devices} "
-                      "--xla_backend_optimization_level=0").strip()
+  env["XLA_FLAGS"] = (
+    f"{flags} --xla_force_host_platform_device_count={num_devices} "
+    "--xla_backend_optimization_level=0"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
-  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"  # the default in jax >= 0.5; explicit for older ones
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = (
+    "gloo"  # the default in jax >= 0.5; explicit for older ones
+  )
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
   return env
@@ -52,17 +57,17 @@ def _env(num_devices: int) -> dict:
 
 def _config_flags(data_dir: str) -> list:
   return [
-      f"--config={os.path.join(REPO, 'configs', 'default.py')}",
-      f"--config.data_dir={data_dir}",
-      f"--config.num_train_steps={STEPS}",
-      "--config.warmup_steps=1",  # within the run (warmup_epochs would be longer than it)
-      "--config.log_every_steps=1000",
-      "--config.eval_every_steps=1000",
-      "--config.checkpoint_every_steps=1000",  # the last step is always evaluated and checkpointed
-      "--config.eval_batch_size=64",
-      "--config.global_batch_size=128",
-      "--config.sam.m=32",  # per-device batch 128 / 2 = 64: two m-chunks per device
-      "--config.analysis.collect_every_steps=4",  # outputs at theta and theta^p at the last step
+    f"--config={os.path.join(REPO, 'configs', 'default.py')}",
+    f"--config.data_dir={data_dir}",
+    f"--config.num_train_steps={STEPS}",
+    "--config.warmup_steps=1",  # within the run (warmup_epochs would be longer than it)
+    "--config.log_every_steps=1000",
+    "--config.eval_every_steps=1000",
+    "--config.checkpoint_every_steps=1000",  # the last step is always evaluated and checkpointed
+    "--config.eval_batch_size=64",
+    "--config.global_batch_size=128",
+    "--config.sam.m=32",  # per-device batch 128 / 2 = 64: two m-chunks per device
+    "--config.analysis.collect_every_steps=4",  # outputs at theta and theta^p at the last step
   ]
 
 
@@ -89,7 +94,11 @@ def _run_all(jobs: dict, tmp_path):
     while any(p.poll() is None for p in procs.values()):
       bad = [n for n, p in procs.items() if p.poll() not in (None, 0)]
       if bad or time.monotonic() > deadline:
-        failed = f"{bad[0]} exited with {procs[bad[0]].returncode}" if bad else f"timeout after {TIMEOUT_S}s"
+        failed = (
+          f"{bad[0]} exited with {procs[bad[0]].returncode}"
+          if bad
+          else f"timeout after {TIMEOUT_S}s"
+        )
         break
       time.sleep(0.2)
     if failed is None:
@@ -101,9 +110,11 @@ def _run_all(jobs: dict, tmp_path):
         p.kill()
         p.wait()
   if failed:
-    report = [f"{failed}; return codes {({n: p.returncode for n, p in procs.items()})}"]
+    report = [f"{failed}; return codes { ({n: p.returncode for n, p in procs.items()}) }"]
     for name, (out, err) in logs.items():
-      report.append(f"----- {name} stdout -----\n{_tail(out, 10)}\n----- {name} stderr -----\n{_tail(err)}")
+      report.append(
+        f"----- {name} stdout -----\n{_tail(out, 10)}\n----- {name} stderr -----\n{_tail(err)}"
+      )
     raise AssertionError("\n".join(report))
   stdouts = {}
   for name, (out, _) in logs.items():
@@ -142,20 +153,40 @@ def test_two_processes_train_in_lockstep(tmp_path):
   port = _free_port()
   config = _config_flags(data_dir)
   jobs = {
-      f"process{i}": ([sys.executable, os.path.join(REPO, "main.py"), f"--workdir={shared}",
-                       f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
-                       f"--process_id={i}", *config], _env(DEVICES_PER_PROCESS))
-      for i in range(NUM_PROCESSES)}
-  jobs["reference"] = ([sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
-                        f"--emulate_processes={NUM_PROCESSES}", f"--workdir={reference}", *config],
-                       _env(NUM_PROCESSES * DEVICES_PER_PROCESS))
+    f"process{i}": (
+      [
+        sys.executable,
+        os.path.join(REPO, "main.py"),
+        f"--workdir={shared}",
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={NUM_PROCESSES}",
+        f"--process_id={i}",
+        *config,
+      ],
+      _env(DEVICES_PER_PROCESS),
+    )
+    for i in range(NUM_PROCESSES)
+  }
+  jobs["reference"] = (
+    [
+      sys.executable,
+      os.path.join(REPO, "tests", "multiprocess_worker.py"),
+      f"--emulate_processes={NUM_PROCESSES}",
+      f"--workdir={reference}",
+      *config,
+    ],
+    _env(NUM_PROCESSES * DEVICES_PER_PROCESS),
+  )
   outputs, pids = _run_all(jobs, tmp_path)
 
   # Only process 0 reports (stdout) and writes TensorBoard events into the shared workdir.
   assert "top1=" not in outputs["process1"], outputs["process1"]
   events = glob.glob(os.path.join(shared, "events.out.tfevents.*"))
   assert len(events) == 1, events
-  assert os.path.basename(events[0]).split(".")[-3] == str(pids["process0"]), (events, pids)  # ...<pid>.<n>.v2
+  assert os.path.basename(events[0]).split(".")[-3] == str(pids["process0"]), (
+    events,
+    pids,
+  )  # ...<pid>.<n>.v2
 
   # One multi-host checkpoint of the last step, equal to the single-process run on the same batches.
   step, state = _restore_state(shared)
@@ -163,7 +194,9 @@ def test_two_processes_train_in_lockstep(tmp_path):
   assert step == ref_step == STEPS
   assert int(state["step"]) == STEPS
   assert jax.tree.structure(state) == jax.tree.structure(ref_state)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref_state)):
+  for (path, got), want in zip(
+    jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref_state)
+  ):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ref_state["params"]))
   # Same weights, other eval batching: at most one of the 359 test digits may flip.

@@ -1,4 +1,5 @@
 """Losses, schedules, SGDW/AdamW masks and shrink-and-perturb against hand-computed numbers."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,9 @@ def test_softmax_cross_entropy_with_smoothing_by_hand():
   log_p = np.log(np.exp([2.0, 0.0]) / np.exp([2.0, 0.0]).sum())
   # target (1 - 0.2) * [1, 0] + 0.2 / 2 = [0.9, 0.1]
   want = -(0.9 * log_p[0] + 0.1 * log_p[1])
-  assert float(pf_jax.softmax_cross_entropy(z, jnp.array([0]), 0.2)) == pytest.approx(want, rel=1e-6)
+  assert float(pf_jax.softmax_cross_entropy(z, jnp.array([0]), 0.2)) == pytest.approx(
+    want, rel=1e-6
+  )
 
 
 def test_sigmoid_cross_entropy_sums_classes_and_averages_batch():
@@ -38,23 +41,33 @@ def test_warmup_linear_decay_and_lr_proportional_rho():
   assert float(lr(60)) == pytest.approx((1.6 + 0.016) / 2)
   assert float(lr(110)) == pytest.approx(0.016)
   rho = pf_jax.lr_proportional_rho(lr, 1.6, 0.016, rho_max=0.04, rho_min=0.02)
-  assert float(rho(10)) == pytest.approx(0.04)       # peak lr -> rho_max
-  assert float(rho(110)) == pytest.approx(0.02)      # final lr -> rho_min
+  assert float(rho(10)) == pytest.approx(0.04)  # peak lr -> rho_max
+  assert float(rho(110)) == pytest.approx(0.02)  # final lr -> rho_min
   assert float(rho(60)) == pytest.approx(0.03)
   # step 0: lr = 0 < lr_min -> 0.02 - 0.016 / 1.584 * 0.02, clipped at 0 if negative
   assert float(rho(0)) == pytest.approx(0.02 - 0.016 / 1.584 * 0.02)
-  vit = pf_jax.lr_proportional_rho(pf_jax.warmup_linear_decay(3e-3, 3e-5, 10, 100), 3e-3, 3e-5, 0.6, 0.0)
-  assert float(vit(0)) == 0.0                       # max(0, negative)
+  vit = pf_jax.lr_proportional_rho(
+    pf_jax.warmup_linear_decay(3e-3, 3e-5, 10, 100), 3e-3, 3e-5, 0.6, 0.0
+  )
+  assert float(vit(0)) == 0.0  # max(0, negative)
   with pytest.raises(ValueError, match="lr_max"):
     pf_jax.lr_proportional_rho(lr, 1.0, 1.0, 0.1, 0.0)
 
 
 def test_weight_decay_mask():
-  params = {"embed": {"kernel": jnp.ones((2, 2, 3, 4)), "bias": jnp.ones(4)}, "pos_embedding": jnp.ones((1, 4, 4)),
-            "norm": {"scale": jnp.ones(4)}, "head": {"kernel": jnp.ones((4, 2))}}
+  params = {
+    "embed": {"kernel": jnp.ones((2, 2, 3, 4)), "bias": jnp.ones(4)},
+    "pos_embedding": jnp.ones((1, 4, 4)),
+    "norm": {"scale": jnp.ones(4)},
+    "head": {"kernel": jnp.ones((4, 2))},
+  }
   mask = pf_jax.weight_decay_mask(params)
-  assert mask == {"embed": {"kernel": True, "bias": False}, "pos_embedding": False,
-                  "norm": {"scale": False}, "head": {"kernel": True}}
+  assert mask == {
+    "embed": {"kernel": True, "bias": False},
+    "pos_embedding": False,
+    "norm": {"scale": False},
+    "head": {"kernel": True},
+  }
 
 
 def test_sgdw_two_steps_by_hand():
@@ -69,7 +82,9 @@ def test_sgdw_two_steps_by_hand():
   p1 = optax.apply_updates(params, u1)
   u2, _ = tx.update(g, state, p1)
   # v2 = 0.9 g + g = 1.9 g; decay uses the current params p1
-  np.testing.assert_allclose(u2["w"], -0.1 * (1.9 * np.array([[0.1, 0.2]]) + 0.01 * np.asarray(p1["w"])), rtol=1e-6)
+  np.testing.assert_allclose(
+    u2["w"], -0.1 * (1.9 * np.array([[0.1, 0.2]]) + 0.01 * np.asarray(p1["w"])), rtol=1e-6
+  )
   np.testing.assert_allclose(u2["b"], [-0.19], rtol=1e-6)
 
 
@@ -77,23 +92,23 @@ def test_adamw_decay_is_decoupled_and_masked():
   params = {"w": jnp.array([[2.0]]), "b": jnp.array([2.0])}
   zero = jax.tree.map(jnp.zeros_like, params)
   tx = pf_jax.adamw(0.1, weight_decay=0.5)
-  u, _ = tx.update(zero, tx.init(params), params)   # zero gradient: only decay moves w
+  u, _ = tx.update(zero, tx.init(params), params)  # zero gradient: only decay moves w
   np.testing.assert_allclose(u["w"], [[-0.1 * 0.5 * 2.0]], rtol=1e-6)
   np.testing.assert_allclose(u["b"], [0.0], atol=1e-12)
 
 
 def test_shrink_and_perturb_by_hand():
   p0 = {"w": jnp.array([1.0, 2.0])}
-  lr = lambda step: 0.5 * (step + 1)                # lr_t: 0.5, 1.0; lr_max = 1.0
+  lr = lambda step: 0.5 * (step + 1)  # lr_t: 0.5, 1.0; lr_max = 1.0
   tx = optax.chain(optax.sgd(lr), pf_jax.shrink_and_perturb(0.1, lr, lr_max=1.0))
   state = tx.init(p0)
   g = {"w": jnp.array([1.0, -1.0])}
   u1, state = tx.update(g, state, p0)
-  p1 = optax.apply_updates(p0, u1)                  # theta == theta_init: no shrink yet
+  p1 = optax.apply_updates(p0, u1)  # theta == theta_init: no shrink yet
   np.testing.assert_allclose(p1["w"], [0.5, 2.5], rtol=1e-6)
   u2, state = tx.update(g, state, p1)
   p2 = optax.apply_updates(p1, u2)
-  f = 0.1 * 1.0 / 1.0                               # f_t = f * lr_t / lr_max
+  f = 0.1 * 1.0 / 1.0  # f_t = f * lr_t / lr_max
   want = (1 - f) * np.array([0.5, 2.5]) + f * np.array([1.0, 2.0]) - 1.0 * np.array([1.0, -1.0])
   np.testing.assert_allclose(p2["w"], want, rtol=1e-6)
   with pytest.raises(ValueError, match="factor"):
@@ -117,25 +132,43 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
   params, stats = variables["params"], variables["batch_stats"]
 
   def apply_fn(p, inputs):  # train mode: batch statistics of the chunk; new running stats as aux
-    logits, new = model.apply({"params": p, "batch_stats": stats}, inputs, train=True, mutable=["batch_stats"])
+    logits, new = model.apply(
+      {"params": p, "batch_stats": stats}, inputs, train=True, mutable=["batch_stats"]
+    )
     return logits, new["batch_stats"]
 
   grads, new_stats, metrics = pf_jax.sam_gradient(
-      params, x, y, apply_fn=apply_fn, loss_fn=pf_jax.softmax_cross_entropy, rho=0.5, has_aux=True)
+    params, x, y, apply_fn=apply_fn, loss_fn=pf_jax.softmax_cross_entropy, rho=0.5, has_aux=True
+  )
   # Running statistics as a plain forward pass at theta computes them: 0.9 * old + 0.1 * batch mean.
   _, want = apply_fn(params, x)
   batch_mean = jnp.mean(nn.Conv(4, (3, 3)).apply({"params": params["Conv_0"]}, x), axis=(0, 1, 2))
   np.testing.assert_allclose(want["BatchNorm_0"]["mean"], 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(new_stats["BatchNorm_0"]["mean"], want["BatchNorm_0"]["mean"], rtol=1e-6)
+  np.testing.assert_allclose(
+    new_stats["BatchNorm_0"]["mean"], want["BatchNorm_0"]["mean"], rtol=1e-6
+  )
   np.testing.assert_allclose(new_stats["BatchNorm_0"]["var"], want["BatchNorm_0"]["var"], rtol=1e-6)
   # ...and not from the perturbed pass (whose batch statistics differ).
   perturbed = jax.tree.map(lambda p, g: p + 0.5 * g / optax.tree.norm(grads), params, grads)
   _, other = apply_fn(perturbed, x)
   assert not np.allclose(other["BatchNorm_0"]["mean"], new_stats["BatchNorm_0"]["mean"])
-  assert float(metrics["loss"]) == pytest.approx(float(pf_jax.softmax_cross_entropy(apply_fn(params, x)[0], y)))
+  assert float(metrics["loss"]) == pytest.approx(
+    float(pf_jax.softmax_cross_entropy(apply_fn(params, x)[0], y))
+  )
   # With m = 4 the statistics are the mean of the two chunks' updates.
-  _, chunked, _ = pf_jax.sam_gradient(params, x, y, apply_fn=apply_fn, loss_fn=pf_jax.softmax_cross_entropy,
-                                      rho=0.5, m=4, has_aux=True)
+  _, chunked, _ = pf_jax.sam_gradient(
+    params,
+    x,
+    y,
+    apply_fn=apply_fn,
+    loss_fn=pf_jax.softmax_cross_entropy,
+    rho=0.5,
+    m=4,
+    has_aux=True,
+  )
   halves = [apply_fn(params, x[:4])[1], apply_fn(params, x[4:])[1]]
-  np.testing.assert_allclose(chunked["BatchNorm_0"]["mean"],
-                             (halves[0]["BatchNorm_0"]["mean"] + halves[1]["BatchNorm_0"]["mean"]) / 2, rtol=1e-5)
+  np.testing.assert_allclose(
+    chunked["BatchNorm_0"]["mean"],
+    (halves[0]["BatchNorm_0"]["mean"] + halves[1]["BatchNorm_0"]["mean"]) / 2,
+    rtol=1e-5,
+  )

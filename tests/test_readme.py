@@ -1,5 +1,6 @@
 """The README's "use it in your own Flax loop" code must run as pasted; its links stay inside
 the repository; docs/sam-family.md names what the code has."""
+
 import pathlib
 import re
 
@@ -36,7 +37,9 @@ def test_readme_links_stay_in_the_repository():
     base = (ROOT / doc).parent
     for target in _paths((ROOT / doc).read_text()):
       assert "://" not in target and not target.startswith("/"), (doc, target)
-      path = (base / target).resolve() if not (ROOT / target).exists() else (ROOT / target).resolve()
+      path = (
+        (base / target).resolve() if not (ROOT / target).exists() else (ROOT / target).resolve()
+      )
       assert path.is_relative_to(ROOT), (doc, target)
       assert path.exists(), (doc, target)
   assert "docs/sam-family.md" in (ROOT / "README.md").read_text()
@@ -47,9 +50,26 @@ def test_sam_family_doc_matches_the_code():
   text = (ROOT / "docs" / "sam-family.md").read_text()
   for mode in sam_family.ASAM_MODES + sam_family.CHUNK_MODES + perturbations.OBJECTIVE_NAMES:
     assert f'"{mode}"' in text, mode
-  for name in ("sam", "sam_gradient", "obf", "obf_fixed_alpha", "lr_proportional_rho", "adamw", "sgdw",
-               "shrink_and_perturb", "warmup_linear_decay"):
+  for name in (
+    "sam",
+    "sam_gradient",
+    "obf",
+    "obf_fixed_alpha",
+    "lr_proportional_rho",
+    "adamw",
+    "sgdw",
+    "shrink_and_perturb",
+    "warmup_linear_decay",
+  ):
     assert f"pf_jax.{name}" in text and hasattr(pf_jax, name), name
-  for arg in ("objective", "asam", "asam_eta", "rho", "gsam_alpha", "gsam_normalized_backup", "loss_fn"):
+  for arg in (
+    "objective",
+    "asam",
+    "asam_eta",
+    "rho",
+    "gsam_alpha",
+    "gsam_normalized_backup",
+    "loss_fn",
+  ):
     assert f"`{arg}=`" in text or f"{arg}=" in text, arg
   assert f"eps = {sam_family.EPS:g}" in text

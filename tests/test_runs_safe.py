@@ -3,6 +3,7 @@
 Most tests share one finished 6-step run (8 simulated devices, checkpoints at steps 2, 4, 6) and
 work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
 """
+
 import json
 import os
 import random
@@ -20,7 +21,9 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
 from pf_jax import checkpointing
@@ -78,29 +81,43 @@ def _copy(finished, tmp_path):
 @pytest.fixture
 def no_compile(monkeypatch):
   """Makes building the train step an error: for checks that must fail before compiling."""
+
   def fail(*args, **kwargs):
     raise AssertionError("the train step was built")
+
   monkeypatch.setattr(train, "make_train_step", fail)
 
 
 # --- Preemption ---------------------------------------------------------------------------------
 
+
 def _env():
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
   # Optimization level 0: the tiny model compiles much faster; every run here uses the same flags.
-  env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count=1 "
-                      "--xla_backend_optimization_level=0").strip()
+  env["XLA_FLAGS"] = (
+    f"{flags} --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
   return env
 
 
 def _cmd(workdir, data_dir, steps):
-  return [sys.executable, "main.py", f"--workdir={workdir}", f"--config.data_dir={data_dir}",
-          f"--config.num_train_steps={steps}", "--config.warmup_steps=5", "--config.log_every_steps=1",
-          "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000",
-          "--config.global_batch_size=32", "--config.eval_batch_size=64", "--config.sam.m=16"]
+  return [
+    sys.executable,
+    "main.py",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    f"--config.num_train_steps={steps}",
+    "--config.warmup_steps=5",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=100000",
+    "--config.checkpoint_every_steps=100000",
+    "--config.global_batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.sam.m=16",
+  ]
 
 
 def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
@@ -108,14 +125,21 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))  # prepared once, before the runs
   ref, run = tmp_path / "ref", tmp_path / "run"
-  out = subprocess.run(_cmd(ref, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    _cmd(ref, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stderr[-3000:]
 
   seed = random.randrange(10**6)
   k = random.Random(seed).randint(2, 30)
-  proc = subprocess.Popen(_cmd(run, data_dir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cmd(run, data_dir, steps),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   lines = []
   try:
     for line in proc.stderr:  # a "train step k/N: loss ..." line every step
@@ -138,10 +162,13 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   assert _steps(run) == [stopped]  # the only checkpoint (the interval is far beyond the run)
   assert int(_restore(run, stopped)["step"]) == stopped
   assert exit_s < 60, exit_s
-  print(f"SIGTERM after step {k} (seed {seed}): checkpoint of step {stopped}, exit after {exit_s:.2f} s")
+  print(
+    f"SIGTERM after step {k} (seed {seed}): checkpoint of step {stopped}, exit after {exit_s:.2f} s"
+  )
 
-  again = subprocess.run(_cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=600)
+  again = subprocess.run(
+    _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"Resumed from step {stopped}" in again.stderr
   a, b = _restore(ref, steps), _restore(run, steps)
@@ -151,6 +178,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
 
 
 # --- Non-finite steps ---------------------------------------------------------------------------
+
 
 def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
   """A NaN batch: parameters, optimizer state and BatchNorm statistics stay, the step counts."""
@@ -163,8 +191,10 @@ def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
   state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
   step = train.make_train_step(c, model, tx, rho, mesh)
   rng = np.random.default_rng(0)
-  batch = lambda: {"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-                   "label": rng.integers(0, 10, size=16).astype(np.int32)}
+  batch = lambda: {
+    "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size=16).astype(np.int32),
+  }
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))
   state, m = step(state, put(batch()))
   assert float(m["nonfinite"]) == 0
@@ -179,8 +209,10 @@ def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
     jax.tree.map(np.testing.assert_array_equal, getattr(before, part), getattr(after, part))
   state, m = step(state, put(batch()))  # and training goes on
   assert float(m["nonfinite"]) == 0
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
-                                                      jax.tree.leaves(after.params)))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(after.params))
+  )
 
 
 def _nan_iterator(monkeypatch, bad_steps):
@@ -192,6 +224,7 @@ def _nan_iterator(monkeypatch, bad_steps):
       if step in bad_steps:
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))
       yield batch
+
   monkeypatch.setattr(input_pipeline, "train_iterator", nan_iterator)
 
 
@@ -199,9 +232,16 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path
   _nan_iterator(monkeypatch, {2})
   summaries = {}
   summarize = train._summarize
-  monkeypatch.setattr(train, "_summarize", lambda f: summaries.setdefault(len(summaries), summarize(f)))
-  c = _config(tmp_path / "data", num_train_steps=4, checkpoint_every_steps=1, log_every_steps=3,
-              eval_every_steps=4)  # saves between logs
+  monkeypatch.setattr(
+    train, "_summarize", lambda f: summaries.setdefault(len(summaries), summarize(f))
+  )
+  c = _config(
+    tmp_path / "data",
+    num_train_steps=4,
+    checkpoint_every_steps=1,
+    log_every_steps=3,
+    eval_every_steps=4,
+  )  # saves between logs
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(c, workdir)
   assert 0 <= results["eval/digits/top1"] <= 1
@@ -213,17 +253,25 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path
   for part in ("params", "opt_state"):
     jax.tree.map(np.testing.assert_array_equal, ckpts[1][part], ckpts[2][part])
   assert int(ckpts[2]["step"]) == 2
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ckpts[2]["params"]),
-                                                      jax.tree.leaves(ckpts[3]["params"])))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ckpts[2]["params"]), jax.tree.leaves(ckpts[3]["params"]))
+  )
   assert summaries[0]["train/nonfinite_steps"] == 1 and np.isfinite(summaries[0]["train/loss"])
   assert summaries[1]["train/nonfinite_steps"] == 0
 
 
 def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_checkpoint(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   _nan_iterator(monkeypatch, set(range(4, 100)))
-  c = _config(tmp_path / "data", num_train_steps=8, checkpoint_every_steps=2, log_every_steps=5,
-              max_consecutive_nonfinite=3)
+  c = _config(
+    tmp_path / "data",
+    num_train_steps=8,
+    checkpoint_every_steps=2,
+    log_every_steps=5,
+    max_consecutive_nonfinite=3,
+  )
   workdir = tmp_path / "run"
   with pytest.raises(checkpointing.NonFiniteError) as err:
     train.train_and_evaluate(c, str(workdir))
@@ -236,9 +284,13 @@ def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_c
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):
-  with ocp.CheckpointManager(tmp_path / "ck", options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+  with ocp.CheckpointManager(
+    tmp_path / "ck", options=ocp.CheckpointManagerOptions(create=True)
+  ) as mngr:
     checkpointing.save(mngr, 1, {"w": jnp.ones(3)})
-    with pytest.raises(checkpointing.NonFiniteError, match="step 2 .* last good checkpoint: step 1"):
+    with pytest.raises(
+      checkpointing.NonFiniteError, match="step 2 .* last good checkpoint: step 1"
+    ):
       checkpointing.save(mngr, 2, {"w": jnp.array([1.0, jnp.inf, 0.0])})
     mngr.wait_until_finished()
     assert mngr.all_steps() == [1]
@@ -246,23 +298,31 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 
 # --- Checkpoint fallback ------------------------------------------------------------------------
 
+
 def _truncate_largest_data_file(step_dir):
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if os.sep + "d" + os.sep in
-           os.path.join(d, f)]
+  files = [
+    os.path.join(d, f)
+    for d, _, fs in os.walk(step_dir)
+    for f in fs
+    if os.sep + "d" + os.sep in os.path.join(d, f)
+  ]
   path = max(files, key=os.path.getsize)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
 
 
 def _remove_manifests(step_dir):
-  found = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if f == "manifest.ocdbt"]
+  found = [
+    os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs if f == "manifest.ocdbt"
+  ]
   assert found
   for path in found:
     os.remove(path)
 
 
 def test_damaged_latest_checkpoints_are_moved_aside_and_the_newest_good_one_resumed(
-    finished, tmp_path, caplog):
+  finished, tmp_path, caplog
+):
   workdir = _copy(finished, tmp_path)
   _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "6"))
   _remove_manifests(os.path.join(workdir, "checkpoints", "4"))
@@ -276,12 +336,16 @@ def test_damaged_latest_checkpoints_are_moved_aside_and_the_newest_good_one_resu
   # Steps 3-6 were trained again from step 2: the same result as the undamaged run, bit for bit.
   assert _steps(workdir) == [2, 4, 6]
   assert results == finished[2]
-  jax.tree.map(np.testing.assert_array_equal, _restore(finished[0], 6)["params"],
-               _restore(workdir, 6)["params"])
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    _restore(finished[0], 6)["params"],
+    _restore(workdir, 6)["params"],
+  )
 
 
-def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(finished, tmp_path,
-                                                                                  caplog):
+def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(
+  finished, tmp_path, caplog
+):
   workdir = _copy(finished, tmp_path)
   os.makedirs(os.path.join(workdir, "checkpoints", "999"))
   with open(os.path.join(workdir, "checkpoints", "notes.txt"), "w") as f:
@@ -300,12 +364,17 @@ def test_no_restorable_checkpoint_stops_without_moving_anything(finished, tmp_pa
     _remove_manifests(os.path.join(workdir, "checkpoints", str(step)))
   with pytest.raises(checkpointing.CheckpointError, match="the latest, step 6, fails with"):
     train.train_and_evaluate(_config(finished[1]), workdir)
-  assert _steps(workdir) == [2, 4, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.broken"))
+  assert _steps(workdir) == [2, 4, 6] and not os.path.exists(
+    os.path.join(workdir, "checkpoints.broken")
+  )
 
 
 # --- One run per workdir ------------------------------------------------------------------------
 
-def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(finished, tmp_path, no_compile):
+
+def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(
+  finished, tmp_path, no_compile
+):
   workdir = _copy(finished, tmp_path)
   with pytest.raises(workdir_lib.ConfigMismatchError) as err:
     train.train_and_evaluate(_config(finished[1], **{"sam.m": 8, "seed": 3}), workdir)
@@ -325,8 +394,12 @@ def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finishe
   # The finished run's re-evaluation went to the events (not an empty extra events file).
   (new,) = [f for f in set(os.listdir(workdir)) - before if f.startswith("events.out.tfevents")]
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = {(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(os.path.join(workdir, new))
-          for v in e.summary.value}
+
+  tags = {
+    (e.step, v.tag)
+    for e in tf.compat.v1.train.summary_iterator(os.path.join(workdir, new))
+    for v in e.summary.value
+  }
   assert (6, "eval/digits/top1") in tags
   c = _config(finished[1], **{"sam.m": 8})
   train.train_and_evaluate(c, workdir, allow_config_change=True)
@@ -342,19 +415,23 @@ def test_a_workdir_without_checkpoints_takes_the_new_config(tmp_path):
 
 # --- Paths and devices --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fake_gcs(tmp_path, monkeypatch):
   """gs://... paths served from tmp_path/gcs through a fake epath backend (no network)."""
-  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)  # else gs:// goes to tf.io.gfile
+  monkeypatch.setattr(
+    epath.gpath, "_is_tf_installed", lambda: False
+  )  # else gs:// goes to tf.io.gfile
   root = tmp_path / "gcs"
   root.mkdir()
-  local = lambda p: str(root / str(p)[len("gs://"):]) if str(p).startswith("gs://") else str(p)
+  local = lambda p: str(root / str(p)[len("gs://") :]) if str(p).startswith("gs://") else str(p)
 
   def one(fn, path, *args, **kwargs):
     return fn(local(path), *args, **kwargs)
 
   def two(fn, src, dst, *args, **kwargs):
     return fn(local(src), local(dst), *args, **kwargs)
+
   names = ("open", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")
   with epath_testing.mock_epath(**{n: one for n in names}, rename=two, replace=two, copy=two):
     yield root
@@ -370,30 +447,45 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run"
   (fake_gcs / "bucket" / "run" / "checkpoints" / "7").mkdir(parents=True)
   assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run/checkpoints"
-  with pytest.raises(workdir_lib.ConfigMismatchError, match="config.sam.m: 16 in this workdir, 4 now"):
-    workdir_lib.check_config("gs://bucket/run", _config("gs://bucket/data", **{"sam.m": 4}), has_run=True)
+  with pytest.raises(
+    workdir_lib.ConfigMismatchError, match="config.sam.m: 16 in this workdir, 4 now"
+  ):
+    workdir_lib.check_config(
+      "gs://bucket/run", _config("gs://bucket/data", **{"sam.m": 4}), has_run=True
+    )
   checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
   assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
   assert not (tmp_path / "gs:").exists()
-  train.validate_config(_config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8,
-                        num_processes=1)
+  train.validate_config(
+    _config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8, num_processes=1
+  )
 
 
 def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
   out, workdir = tmp_path / "pretrained.npz", _copy(finished, tmp_path)
-  script = ("import json, sys, jax, numpy as np; from pf_jax import train, workdir; "
-            "assert jax.device_count() == 1; "
-            "p, _, _ = train.load_variables(sys.argv[1]); "
-            "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
-            "jax.tree_util.tree_flatten_with_path(p)[0]}); "
-            "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))")
-  run = subprocess.run([sys.executable, "-c", script, finished[0], str(out), workdir], cwd=ROOT,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+  script = (
+    "import json, sys, jax, numpy as np; from pf_jax import train, workdir; "
+    "assert jax.device_count() == 1; "
+    "p, _, _ = train.load_variables(sys.argv[1]); "
+    "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
+    "jax.tree_util.tree_flatten_with_path(p)[0]}); "
+    "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", script, finished[0], str(out), workdir],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert "Resuming a run saved on 8 devices on 1 devices" in run.stderr
   resumed = json.loads(run.stdout.strip().splitlines()[-1])  # the finished run, evaluated again
   assert resumed.keys() == finished[2].keys()
-  np.testing.assert_allclose(resumed["eval/digits/top1"], finished[2]["eval/digits/top1"], atol=0.01)
+  np.testing.assert_allclose(
+    resumed["eval/digits/top1"], finished[2]["eval/digits/top1"], atol=0.01
+  )
   loaded = np.load(out)
   expected = jax.tree_util.tree_flatten_with_path(_restore(finished[0], 6)["params"])[0]
   assert len(loaded.files) == len(expected)

@@ -1,18 +1,19 @@
 """The training system: device-count invariance, exact resume, config validation, CLI."""
+
 import os
 import shutil
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
-from pf_jax import models
 from pf_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,31 +48,51 @@ def _run_steps(c, n_devices, batches):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("model,perturbation,extra", [
+@pytest.mark.parametrize(
+  "model,perturbation,extra",
+  [
     ("vit_digits", "obf", dict(obf_lambda=0.1, gsam_alpha=0.2, m=4)),  # m spans 2 of the 8 devices
-    ("resnet_tiny", "steepest", dict(asam="before", m=2)),              # BatchNorm; m = per-device batch
-])
+    ("resnet_tiny", "steepest", dict(asam="before", m=2)),  # BatchNorm; m = per-device batch
+  ],
+)
 def test_train_step_same_on_1_and_8_devices(model, perturbation, extra):
   c = _small_config(model, perturbation, **extra)
   rng = np.random.default_rng(0)
-  batches = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-              "label": rng.integers(0, 10, size=16).astype(np.int32)} for _ in range(3)]
+  batches = [
+    {
+      "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, size=16).astype(np.int32),
+    }
+    for _ in range(3)
+  ]
   one, m1 = _run_steps(c, 1, batches)
   eight, m8 = _run_steps(c, 8, batches)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.params, eight.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.batch_stats,
-               eight.batch_stats)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one.params, eight.params
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    one.batch_stats,
+    eight.batch_stats,
+  )
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   assert int(eight.step) == 3
   start = train.create_state(c, train.build_model(c, 10), train.create_optimizer(c, 10, 2)[0], 10)
-  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(one.params)))
+  assert any(
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(one.params))
+  )
 
 
 def test_gradient_accumulation_matches_one_big_step_with_same_chunks():
   """accum=2 with m=2 equals accum=1 with m=2: the mean over the same 8 chunks."""
   rng = np.random.default_rng(1)
-  batch = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size=16).astype(np.int32)}]
+  batch = [
+    {
+      "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, size=16).astype(np.int32),
+    }
+  ]
   c1 = _small_config("vit_digits", "steepest")
   c2 = _small_config("vit_digits", "steepest")
   c2.grad_accum_steps = 2
@@ -79,7 +100,9 @@ def test_gradient_accumulation_matches_one_big_step_with_same_chunks():
   # over devices [0:4], [4:8]) then [8:16]. Same 8 chunks of 2 in total, only summed in another order.
   a, _ = _run_steps(c1, 2, batch)
   b, _ = _run_steps(c2, 2, batch)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params
+  )
 
 
 def _quick(workdir_config_overrides=None):
@@ -118,7 +141,9 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
   assert train.train_and_evaluate(c, a) == res_a
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("sam.m", 3, "config.sam.m"),
     ("sam.rho_max", -1.0, "config.sam.rho_max"),
     ("sam.obf_gamma", 2.0, "config.sam.obf_gamma"),
@@ -131,7 +156,8 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
     ("global_batch_size", 100, "config.global_batch_size"),
     ("lr_min", 1.0, "config.lr_min"),
     ("loss", "hinge", "config.loss"),
-])
+  ],
+)
 def test_invalid_config_is_a_one_line_error(field, value, match):
   c = default_config.get_config()
   target, name = (c.sam, field[4:]) if field.startswith("sam.") else (c, field)
@@ -145,7 +171,12 @@ def test_invalid_config_is_a_one_line_error(field, value, match):
 def test_default_run_from_the_command_line(tmp_path):
   """The README's first command: >= 90% test accuracy on digits, then a resume, not a restart."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [sys.executable, "main.py", f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path / 'data'}"]
+  cmd = [
+    sys.executable,
+    "main.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data_dir={tmp_path / 'data'}",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   top1 = float(out.stdout.strip().split("eval/digits/top1=")[1].split()[0])
@@ -159,8 +190,13 @@ def test_default_run_from_the_command_line(tmp_path):
 def test_mixed_precision_keeps_float32_params_and_tracks_float32():
   c = _small_config("vit_digits", "obf", obf_lambda=0.1, m=8)
   rng = np.random.default_rng(2)
-  batches = [{"image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-              "label": rng.integers(0, 10, size=16).astype(np.int32)} for _ in range(3)]
+  batches = [
+    {
+      "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, size=16).astype(np.int32),
+    }
+    for _ in range(3)
+  ]
   # (Step 1 has lr 0 and the zero-initialized head makes the initial logits exact: compare step 3.)
   full, m32 = _run_steps(c, 1, batches)
   c.mixed_precision = True

@@ -15,6 +15,7 @@ persistent XLA compilation cache (a temporary directory, this module only): the 
 of vit_s16 / resnet101 are the same programs as those of vit_s32 / resnet50, and all eval steps of
 one model are identical, so they compile once.
 """
+
 import contextlib
 import importlib.util
 import math
@@ -22,11 +23,11 @@ import os
 import pathlib
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from jax.experimental.compilation_cache import compilation_cache
 
 from pf_jax import input_pipeline
 from pf_jax import models
@@ -49,8 +50,12 @@ def _all_args():
   for name in ("vit_s32_imagenet", "vit_s16_imagenet", "resnet50_imagenet", "resnet101_imagenet"):
     out += [(name, m) for m in load(name).METHODS]
   ft = load("cifar_finetune")
-  out += [("cifar_finetune", f"{model},{ds},{m}") for model in ft.MODELS for ds in ft.NUM_CLASSES
-          for m in ft.methods(model, ft.NUM_CLASSES[ds])]
+  out += [
+    ("cifar_finetune", f"{model},{ds},{m}")
+    for model in ft.MODELS
+    for ds in ft.NUM_CLASSES
+    for m in ft.methods(model, ft.NUM_CLASSES[ds])
+  ]
   # The local variant keeps m only if it divides its batch of 16 (larger m become 4): one run
   # per distinct local m.
   sweep = load("cifar10_msweep")
@@ -64,28 +69,30 @@ ALL = _all_args()
 # Default subset: every config file runs, and together they cover each code path once.
 # Local variants: per-device batch 2, sam.m = 4 (a chunk spans a pair of devices).
 DEFAULT = [
-    # OBF objective, ViT, sigmoid BCE, AdamW + clipping; 5 eval sets incl. ReaL and ImageNet-R.
-    ("vit_s32_imagenet", "sam_obf"),
-    # No perturbation (plain AdamW) + label smoothing (of the sigmoid loss).
-    ("vit_s16_imagenet", "label_smooth"),
-    # ResNet (BatchNorm), SGDW, softmax CE, ASAM ("before") + OBF with gamma = 1e-12.
-    ("resnet50_imagenet", "asam_obf"),
-    # Steepest ascent + GSAM (normalized backup), lr-proportional rho.
-    ("resnet101_imagenet", "gsam_steep"),
-    # Random perturbation (per-step, per-chunk keys).
-    ("resnet101_imagenet", "random"),
-    # Finetuning from the resnet50 run above (init_from, BatchNorm statistics, new 100-way head).
-    ("cifar_finetune", "resnet50,cifar100,sam_steep"),
-    # m = 1: two m-chunks per device (vmap), OBF with gamma = 0.
-    ("cifar10_msweep", "obf_gamma0,1"),
+  # OBF objective, ViT, sigmoid BCE, AdamW + clipping; 5 eval sets incl. ReaL and ImageNet-R.
+  ("vit_s32_imagenet", "sam_obf"),
+  # No perturbation (plain AdamW) + label smoothing (of the sigmoid loss).
+  ("vit_s16_imagenet", "label_smooth"),
+  # ResNet (BatchNorm), SGDW, softmax CE, ASAM ("before") + OBF with gamma = 1e-12.
+  ("resnet50_imagenet", "asam_obf"),
+  # Steepest ascent + GSAM (normalized backup), lr-proportional rho.
+  ("resnet101_imagenet", "gsam_steep"),
+  # Random perturbation (per-step, per-chunk keys).
+  ("resnet101_imagenet", "random"),
+  # Finetuning from the resnet50 run above (init_from, BatchNorm statistics, new 100-way head).
+  ("cifar_finetune", "resnet50,cifar100,sam_steep"),
+  # m = 1: two m-chunks per device (vmap), OBF with gamma = 0.
+  ("cifar10_msweep", "obf_gamma0,1"),
 ]
 # Slow only, among others: shrink_perturb (unit-tested in test_optimizers.py), the ViT variants
 # of GSAM / ASAM / random, the fixed-alpha ablation, every other finetune and m-sweep run.
 SLOW = [a for a in ALL if a not in DEFAULT]
 
 # The local ImageNet run a cifar_finetune model starts from (both are in DEFAULT).
-PRETRAINED = {"vit_s32": ("vit_s32_imagenet", "sam_obf"),
-              "resnet50": ("resnet50_imagenet", "asam_obf")}
+PRETRAINED = {
+  "vit_s32": ("vit_s32_imagenet", "sam_obf"),
+  "resnet50": ("resnet50_imagenet", "asam_obf"),
+}
 
 
 def _ids(args):
@@ -100,8 +107,11 @@ def test_lists():
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """A persistent compilation cache shared by this module's runs; restored afterwards."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+    "jax_persistent_cache_min_entry_size_bytes",
+  )
   old = {n: getattr(jax.config, n) for n in names}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -143,8 +153,9 @@ class Runs:
         overrides["init_from"] = self.get(*PRETRAINED[arg.split(",")[0]])[1]
       c = self.config(name, arg, **overrides)
       workdir = str(self.root / f"{name}-{arg.replace(',', '-')}")
-      with tfds.testing.mock_data(num_examples=NUM_MOCK_EXAMPLES, data_dir=c.data_dir,
-                                  policy=tfds.testing.MockPolicy.USE_CODE):
+      with tfds.testing.mock_data(
+        num_examples=NUM_MOCK_EXAMPLES, data_dir=c.data_dir, policy=tfds.testing.MockPolicy.USE_CODE
+      ):
         metrics = train.train_and_evaluate(c, workdir)
       self.done[(name, arg)] = (c, workdir, metrics)
     return self.done[(name, arg)]
@@ -211,8 +222,10 @@ def test_finetune_init_from(runs, model, dataset):
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats, pretrained.get("batch_stats", {}))
   assert bool(state.batch_stats) == models.has_batch_norm(c.model)
   # ... and differs from a fresh initialization (the load did something).
-  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got),
-                                                      jax.tree.leaves(_without_head(fresh.params))))
+  assert not all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(_without_head(fresh.params)))
+  )
   # The head is new: C outputs, initialized as a fresh model's head (not the 1000-way one).
   head = state.params["head"]
   assert pretrained["params"]["head"]["bias"].shape == (1000,)
@@ -224,8 +237,11 @@ def test_finetune_init_from(runs, model, dataset):
 def _distinct_local_args():
   """(config file, arg) of every local variant, one per distinct resolved config."""
   seen, out = set(), []
-  for name, arg in ALL + [("cifar10_msweep", f"{p},{m}") for p in load("cifar10_msweep").PERTURBATIONS
-                          for m in load("cifar10_msweep").M_VALUES]:
+  for name, arg in ALL + [
+    ("cifar10_msweep", f"{p},{m}")
+    for p in load("cifar10_msweep").PERTURBATIONS
+    for m in load("cifar10_msweep").M_VALUES
+  ]:
     key = load(name).get_config(arg + ",local").to_json()
     if key not in seen:
       seen.add(key)

@@ -1,4 +1,5 @@
 """python -m pf_jax.analysis {sharpness,forgetting,report} ...: see each command's --help."""
+
 import argparse
 import os
 import sys
@@ -7,7 +8,9 @@ import sys
 def _quiet():
   """Only warnings and errors from libraries, as in main.py (pf_jax/reporting.py)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
   with reporting.quiet_native_stderr():  # TensorFlow's import announces oneDNN on fd 2
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
@@ -17,8 +20,11 @@ def _quiet():
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m pf_jax.analysis", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("sharpness", help="dominant Hessian eigenvalue of a run's training loss "
-                     "at its latest checkpoint; prints sharpness=<value>, writes W/sharpness.json")
+  p = sub.add_parser(
+    "sharpness",
+    help="dominant Hessian eigenvalue of a run's training loss "
+    "at its latest checkpoint; prints sharpness=<value>, writes W/sharpness.json",
+  )
   p.add_argument("--workdir", required=True)
   p.add_argument("--num_examples", type=int, help="default: config.analysis.sharpness_examples")
   p.add_argument("--batch_size", type=int, help="default: config.analysis.sharpness_batch_size")
@@ -37,21 +43,33 @@ def main(argv=None) -> int:
   try:
     if args.command == "sharpness":
       from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
       workdir_lib.load_config(args.workdir)  # a wrong workdir is reported before TF starts
       _quiet()
       from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
+
       result = sharpness.checkpoint_sharpness(
-          args.workdir, num_examples=args.num_examples, batch_size=args.batch_size,
-          num_iters=args.num_iters, tol=args.tol, seed=args.seed)
+        args.workdir,
+        num_examples=args.num_examples,
+        batch_size=args.batch_size,
+        num_iters=args.num_iters,
+        tol=args.tol,
+        seed=args.seed,
+      )
       print(f"sharpness={result['sharpness']:.6g}")
     elif args.command == "forgetting":
       from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
-      figure2.figure2(args.workdirs, args.out, num_permutations=args.num_permutations,
-                      seed=args.seed)
-      print(f"wrote {os.path.join(args.out, 'forgetting.csv')} and "
-            f"{os.path.join(args.out, 'figure2.png')}")
+
+      figure2.figure2(
+        args.workdirs, args.out, num_permutations=args.num_permutations, seed=args.seed
+      )
+      print(
+        f"wrote {os.path.join(args.out, 'forgetting.csv')} and "
+        f"{os.path.join(args.out, 'figure2.png')}"
+      )
     else:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
+
       print(report.report(args.workdirs, args.out), end="")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -16,13 +16,14 @@ num_examples, accuracy at theta (and theta^p), the binned-information curves `co
 when examples x classes <= `config.analysis.max_raw_values` (ImageNet's 50 000 x 1000 outputs
 keep only the curves: a few kB per point).
 """
-import io
-from typing import Dict, Iterator, List
 
-from etils import epath
+import io
+from collections.abc import Iterator
+
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from pf_jax.analysis import information
 
@@ -33,7 +34,7 @@ def forgetting_dataset(c) -> str:
   return c.analysis.dataset or c.eval_datasets[0]
 
 
-def _wrap_around(batches: Iterator[Dict[str, np.ndarray]]) -> Iterator[Dict[str, np.ndarray]]:
+def _wrap_around(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
   """Fills padding (mask 0) with real examples from the first batch, cyclically."""
   pool = None
   for batch in batches:
@@ -49,17 +50,26 @@ def _wrap_around(batches: Iterator[Dict[str, np.ndarray]]) -> Iterator[Dict[str,
     yield batch
 
 
-def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) -> Dict[str, np.ndarray]:
+def collect(
+  c, state, collect_step, batch_sharding, *, local_batch_size: int
+) -> dict[str, np.ndarray]:
   """Likelihoods on the whole forgetting split, in its order (every process gets all of them)."""
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
-  it = input_pipeline.eval_iterator(forgetting_dataset(c), data_dir=c.data_dir,
-                                    image_size=c.image_size, local_batch_size=local_batch_size)
+
+  it = input_pipeline.eval_iterator(
+    forgetting_dataset(c),
+    data_dir=c.data_dir,
+    image_size=c.image_size,
+    local_batch_size=local_batch_size,
+  )
   outputs, labels, masks = [], [], []
   for batch in _wrap_around(it):
     labels.append(batch["label"])
     masks.append(batch["mask"])
-    device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                    for k in ("image", "label")}
+    device_batch = {
+      k: jax.make_array_from_process_local_data(batch_sharding, batch[k])
+      for k in ("image", "label")
+    }
     outputs.append(collect_step(state.params, state.batch_stats, state.step, device_batch))
   num_processes = jax.process_count()
 
@@ -71,24 +81,32 @@ def collect(c, state, collect_step, batch_sharding, *, local_batch_size: int) ->
     return x.reshape((-1,) + x.shape[3:])
 
   keep = in_split_order(masks) > 0
-  return dict({k: in_split_order([o[k] for o in outputs])[keep] for k in outputs[0]},
-              labels=in_split_order(labels)[keep])
+  return dict(
+    {k: in_split_order([o[k] for o in outputs])[keep] for k in outputs[0]},
+    labels=in_split_order(labels)[keep],
+  )
 
 
-def summarize(outputs: Dict[str, np.ndarray], *, step: int, epoch: float,
-              max_raw_values: int) -> Dict[str, np.ndarray]:
+def summarize(
+  outputs: dict[str, np.ndarray], *, step: int, epoch: float, max_raw_values: int
+) -> dict[str, np.ndarray]:
   """The stored record of one collection point (module doc)."""
   labels = outputs["labels"]
   t = information.thresholds()
-  record = {"step": np.int64(step), "epoch": np.float64(epoch),
-            "num_examples": np.int64(labels.shape[0]),
-            "threshold_exponents": information.THRESHOLD_EXPONENTS}
+  record = {
+    "step": np.int64(step),
+    "epoch": np.float64(epoch),
+    "num_examples": np.int64(labels.shape[0]),
+    "threshold_exponents": information.THRESHOLD_EXPONENTS,
+  }
   for suffix in ("", "_p"):
     if "probs" + suffix not in outputs:
       continue
     probs = outputs["probs" + suffix]
     record["accuracy" + suffix] = np.float64(np.mean(np.argmax(probs, axis=-1) == labels))
-    record["cond" + suffix], record["rel" + suffix] = information.binned_information(probs, labels, t)
+    record["cond" + suffix], record["rel" + suffix] = information.binned_information(
+      probs, labels, t
+    )
     if probs.size <= max_raw_values:
       record["probs" + suffix] = probs
   if outputs["probs"].size <= max_raw_values:
@@ -96,13 +114,18 @@ def summarize(outputs: Dict[str, np.ndarray], *, step: int, epoch: float,
   return record
 
 
-def collect_point(c, state, collect_step, batch_sharding, workdir, *, step: int,
-                  num_train_examples: int) -> Dict[str, float]:
+def collect_point(
+  c, state, collect_step, batch_sharding, workdir, *, step: int, num_train_examples: int
+) -> dict[str, float]:
   """Collects, stores (process 0) and returns the accuracies of one point, for the logs."""
   local_batch = c.global_batch_size // c.grad_accum_steps // jax.process_count()
   outputs = collect(c, state, collect_step, batch_sharding, local_batch_size=local_batch)
-  record = summarize(outputs, step=step, epoch=step * c.global_batch_size / num_train_examples,
-                     max_raw_values=c.analysis.max_raw_values)
+  record = summarize(
+    outputs,
+    step=step,
+    epoch=step * c.global_batch_size / num_train_examples,
+    max_raw_values=c.analysis.max_raw_values,
+  )
   if jax.process_index() == 0:
     save_point(workdir, record)
   return {f"forgetting/{k}": float(record[k]) for k in ("accuracy", "accuracy_p") if k in record}
@@ -116,7 +139,7 @@ def has_point(workdir, step: int) -> bool:
   return _point_path(workdir, step).exists()
 
 
-def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
+def save_point(workdir, record: dict[str, np.ndarray]) -> None:
   path = _point_path(workdir, record["step"])
   directory = path.parent
   directory.mkdir(parents=True, exist_ok=True)
@@ -127,7 +150,7 @@ def save_point(workdir, record: Dict[str, np.ndarray]) -> None:
   tmp.replace(path)  # a re-collected point (after a resume) replaces the earlier one
 
 
-def load_points(workdir) -> List[Dict[str, np.ndarray]]:
+def load_points(workdir) -> list[dict[str, np.ndarray]]:
   """A run's collection points, by step."""
   directory = epath.Path(workdir) / DIRNAME
   if not directory.exists():

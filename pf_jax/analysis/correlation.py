@@ -1,4 +1,5 @@
 """Rank correlation of a measure with accuracy across a pool of runs (Section 6.1, Figure 2)."""
+
 import numpy as np
 
 

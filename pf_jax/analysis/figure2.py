@@ -10,9 +10,9 @@
   correlation is significant and larger than the magnitude of sharpness's (our reading of "where
   forgetting correlates with generalization more strongly than flatness").
 """
+
 import csv
 import os
-from typing import Dict, List
 
 import numpy as np
 
@@ -21,18 +21,29 @@ from pf_jax.analysis import forgetting
 from pf_jax.analysis import pool
 
 SIGNIFICANT = 0.05
-COLUMNS = ("panel", "adjusted_threshold", "runs", "tau_forgetting", "p_forgetting",
-           "tau_task_information", "p_task_information", "tau_sharpness", "p_sharpness")
+COLUMNS = (
+  "panel",
+  "adjusted_threshold",
+  "runs",
+  "tau_forgetting",
+  "p_forgetting",
+  "tau_task_information",
+  "p_task_information",
+  "tau_sharpness",
+  "p_sharpness",
+)
 
 
-def panels(runs: List[pool.Run]) -> Dict[str, List[pool.Run]]:
-  out: Dict[str, List[pool.Run]] = {}
+def panels(runs: list[pool.Run]) -> dict[str, list[pool.Run]]:
+  out: dict[str, list[pool.Run]] = {}
   for run in runs:
     out.setdefault(f"{run.algo} {run.perturbation}", []).append(run)
   return out
 
 
-def correlations(runs: List[pool.Run], *, num_permutations: int, seed: int) -> Dict[str, np.ndarray]:
+def correlations(
+  runs: list[pool.Run], *, num_permutations: int, seed: int
+) -> dict[str, np.ndarray]:
   """tau and p of accuracy with each measure at each adjusted threshold, for one panel."""
   accuracy = np.array([r.test_accuracy for r in runs])
   measures = [pool.run_forgetting(r) for r in runs]
@@ -40,51 +51,74 @@ def correlations(runs: List[pool.Run], *, num_permutations: int, seed: int) -> D
   for name, index in (("forgetting", 0), ("task_information", 1)):
     values = np.stack([m[index] for m in measures])  # [runs, adjusted thresholds]
     out["tau_" + name] = np.array([correlation.kendall_tau(accuracy, v) for v in values.T])
-    out["p_" + name] = np.array([
+    out["p_" + name] = np.array(
+      [
         correlation.permutation_pvalue(accuracy, v, num_permutations=num_permutations, seed=seed)
-        for v in values.T])
+        for v in values.T
+      ]
+    )
   sharp = np.array([np.nan if r.sharpness is None else r.sharpness for r in runs])
   known = ~np.isnan(sharp)
   tau_s = correlation.kendall_tau(accuracy[known], sharp[known]) if known.sum() > 1 else np.nan
-  p_s = (correlation.permutation_pvalue(accuracy[known], sharp[known],
-                                        num_permutations=num_permutations, seed=seed)
-         if known.sum() > 1 else np.nan)
+  p_s = (
+    correlation.permutation_pvalue(
+      accuracy[known], sharp[known], num_permutations=num_permutations, seed=seed
+    )
+    if known.sum() > 1
+    else np.nan
+  )
   out["tau_sharpness"] = np.full(forgetting.NUM_ADJUSTED, tau_s)
   out["p_sharpness"] = np.full(forgetting.NUM_ADJUSTED, p_s)
   return out
 
 
-def write_csv(path: str, results: Dict[str, Dict[str, np.ndarray]], sizes: Dict[str, int]) -> None:
+def write_csv(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     for panel, r in results.items():
       for i, a in enumerate(forgetting.ADJUSTED_THRESHOLDS):
-        writer.writerow([panel, f"{a:.2f}", sizes[panel]] +
-                        [f"{r[k][i]:.6g}" for k in COLUMNS[3:]])
+        writer.writerow([panel, f"{a:.2f}", sizes[panel]] + [f"{r[k][i]:.6g}" for k in COLUMNS[3:]])
 
 
-def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], sizes: Dict[str, int]) -> None:
+def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   x = forgetting.ADJUSTED_THRESHOLDS
-  fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(
+    1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False, sharey=True
+  )
   for ax, (panel, r) in zip(axes[0], results.items()):
-    for name, color, label in (("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
-                               ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)")):
+    for name, color, label in (
+      ("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
+      ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)"),
+    ):
       tau, sig = r["tau_" + name], r["p_" + name] <= SIGNIFICANT
       ax.plot(x, tau, color=color, linestyle=":", linewidth=1)
       ax.plot(x, np.where(sig, tau, np.nan), color=color, linewidth=2, label=label)
     tau_s = r["tau_sharpness"][0]
-    ax.axhline(tau_s, color="tab:blue", linewidth=2 if r["p_sharpness"][0] <= SIGNIFICANT else 1,
-               linestyle="-" if r["p_sharpness"][0] <= SIGNIFICANT else ":", label="sharpness")
+    ax.axhline(
+      tau_s,
+      color="tab:blue",
+      linewidth=2 if r["p_sharpness"][0] <= SIGNIFICANT else 1,
+      linestyle="-" if r["p_sharpness"][0] <= SIGNIFICANT else ":",
+      label="sharpness",
+    )
     beats = (r["tau_forgetting"] > abs(tau_s)) & (r["p_forgetting"] <= SIGNIFICANT)
     if np.isfinite(tau_s):
-      ax.fill_between(x, abs(tau_s), r["tau_forgetting"], where=beats, facecolor="none",
-                      edgecolor="tab:green", hatch="//", linewidth=0)
+      ax.fill_between(
+        x,
+        abs(tau_s),
+        r["tau_forgetting"],
+        where=beats,
+        facecolor="none",
+        edgecolor="tab:green",
+        hatch="//",
+        linewidth=0,
+      )
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_title(f"{panel} ({sizes[panel]} runs)", fontsize=9)
     ax.set_xlabel("adjusted threshold")
@@ -96,15 +130,16 @@ def plot(path: str, results: Dict[str, Dict[str, np.ndarray]], sizes: Dict[str, 
   plt.close(fig)
 
 
-def figure2(workdirs: List[str], out: str, *, num_permutations: int = 10_000, seed: int = 0):
+def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, seed: int = 0):
   runs = pool.load_runs(workdirs)
   runs = [r for r in runs if r.config["sam"]["perturbation"] != "none"]
   if not runs:
     raise ValueError("figure 2 needs runs with a SAM-family perturbation")
   groups = panels(runs)
   sizes = {k: len(v) for k, v in groups.items()}
-  results = {k: correlations(v, num_permutations=num_permutations, seed=seed)
-             for k, v in groups.items()}
+  results = {
+    k: correlations(v, num_permutations=num_permutations, seed=seed) for k, v in groups.items()
+  }
   os.makedirs(out, exist_ok=True)
   write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
   plot(os.path.join(out, "figure2.png"), results, sizes)

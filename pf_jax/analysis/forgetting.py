@@ -20,6 +20,7 @@ on plateaus; the task-information change normalized by its own unperturbed maxim
 not say); a point whose unperturbed curve is identically 0 (all examples in one bin at every
 threshold, e.g. a constant model) has no adjusted thresholds and is left out of the average.
 """
+
 import warnings
 
 import numpy as np
@@ -30,8 +31,9 @@ NUM_ADJUSTED = 101
 ADJUSTED_THRESHOLDS = np.linspace(0.0, 1.0, NUM_ADJUSTED)
 
 
-def adjusted_exponents(cond, exponents=information.THRESHOLD_EXPONENTS,
-                       adjusted=ADJUSTED_THRESHOLDS) -> np.ndarray:
+def adjusted_exponents(
+  cond, exponents=information.THRESHOLD_EXPONENTS, adjusted=ADJUSTED_THRESHOLDS
+) -> np.ndarray:
   """r(a) for each adjusted threshold a (steps 1-3 of the module doc); NaN if cond is all 0."""
   cond = np.asarray(cond, np.float64)
   exponents = np.asarray(exponents, np.float64)
@@ -51,8 +53,9 @@ def adjusted_exponents(cond, exponents=information.THRESHOLD_EXPONENTS,
   return out
 
 
-def point_measures(cond, rel, cond_p, rel_p, exponents=information.THRESHOLD_EXPONENTS,
-                   adjusted=ADJUSTED_THRESHOLDS) -> tuple:
+def point_measures(
+  cond, rel, cond_p, rel_p, exponents=information.THRESHOLD_EXPONENTS, adjusted=ADJUSTED_THRESHOLDS
+) -> tuple:
   """(forgetting, task-information change) at each adjusted threshold for one collection point."""
   r_a = adjusted_exponents(cond, exponents, adjusted)
   if np.isnan(r_a).all():
@@ -66,15 +69,18 @@ def point_measures(cond, rel, cond_p, rel_p, exponents=information.THRESHOLD_EXP
   return forgetting, task
 
 
-def run_measures(points, exponents=information.THRESHOLD_EXPONENTS,
-                 adjusted=ADJUSTED_THRESHOLDS) -> tuple:
+def run_measures(
+  points, exponents=information.THRESHOLD_EXPONENTS, adjusted=ADJUSTED_THRESHOLDS
+) -> tuple:
   """A run's (forgetting, task change) curves: the mean over its collection points.
 
   `points`: iterable of mappings with "cond", "rel", "cond_p", "rel_p" (see `collect.py`).
   Points without adjusted thresholds are skipped (NaN-mean); no usable point gives NaN curves.
   """
-  measures = [point_measures(p["cond"], p["rel"], p["cond_p"], p["rel_p"], exponents, adjusted)
-              for p in points]
+  measures = [
+    point_measures(p["cond"], p["rel"], p["cond_p"], p["rel_p"], exponents, adjusted)
+    for p in points
+  ]
   if not measures:
     raise ValueError("no collection points with a perturbation")
   forgetting = np.stack([m[0] for m in measures])

@@ -7,23 +7,35 @@ largest magnitude. Data parallel: the batches are dealt to the devices (padded w
 copies to a multiple of the device count), each device sums its batches' HVPs and one `psum`
 adds them, so 1 and 8 devices compute the same mean up to float summation order.
 """
-from typing import Any, Callable, Optional, Sequence
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pf_jax import sharding
 
 AXIS = "batches"
 
 
-def hessian_top_eigenvalue(loss_fn: Callable[[Any, Any], jax.Array], params, batches, *,
-                           num_iters: int = 100, tol: float = 1e-4, rng: jax.Array,
-                           devices: Optional[Sequence[jax.Device]] = None) -> float:
+def hessian_top_eigenvalue(
+  loss_fn: Callable[[Any, Any], jax.Array],
+  params,
+  batches,
+  *,
+  num_iters: int = 100,
+  tol: float = 1e-4,
+  rng: jax.Array,
+  devices: Sequence[jax.Device] | None = None,
+) -> float:
   """Dominant eigenvalue of the Hessian of mean_b loss_fn(params, batches[b]).
 
   Args:
@@ -39,8 +51,12 @@ def hessian_top_eigenvalue(loss_fn: Callable[[Any, Any], jax.Array], params, bat
   Returns:
     The eigenvalue estimate of largest magnitude, as a Python float.
   """
-  if not isinstance(batches, dict) and isinstance(batches, (list, tuple)) and batches \
-      and not hasattr(batches[0], "shape"):
+  if (
+    not isinstance(batches, dict)
+    and isinstance(batches, (list, tuple))
+    and batches
+    and not hasattr(batches[0], "shape")
+  ):
     batches = jax.tree.map(lambda *xs: np.stack(xs), *batches)
   num_batches = jax.tree.leaves(batches)[0].shape[0]
   devices = list(devices or jax.local_devices())

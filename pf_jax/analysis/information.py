@@ -8,6 +8,7 @@ estimated with plug-in (counting) entropies in nats. Patterns are packed into by
 with `np.unique` on the packed rows: exact for any number of classes, memory O(N C / 8), and no
 enumeration of the 2^C possible bins.
 """
+
 import numpy as np
 
 NUM_THRESHOLDS = 100
@@ -16,7 +17,7 @@ THRESHOLD_EXPONENTS = np.linspace(-12.0, 0.0, NUM_THRESHOLDS)
 
 
 def thresholds() -> np.ndarray:
-  return 10.0 ** THRESHOLD_EXPONENTS
+  return 10.0**THRESHOLD_EXPONENTS
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -29,7 +30,7 @@ def bin_ids(probs: np.ndarray, threshold: float) -> np.ndarray:
   bits = np.packbits(np.asarray(probs) > threshold, axis=1)
   if bits.shape[1] <= 8:  # <= 64 classes: the pattern fits one integer
     padded = np.zeros((bits.shape[0], 8), np.uint8)
-    padded[:, :bits.shape[1]] = bits
+    padded[:, : bits.shape[1]] = bits
     rows = padded.view(np.uint64)[:, 0]
   else:
     rows = np.ascontiguousarray(bits).view(np.dtype((np.void, bits.shape[1])))[:, 0]

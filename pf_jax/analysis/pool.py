@@ -4,9 +4,9 @@ A run is a workdir with `config.json`, `results.json` (a finished run), optional
 `sharpness.json` and `forgetting/step_*.npz`. Runs that differ only in their seed (and in fields
 that do not change training, `workdir.SAFE_TO_CHANGE`) form one group.
 """
+
 import dataclasses
 import json
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,8 +23,8 @@ NOT_EXPERIMENT = ("seed",) + workdir_lib.SAFE_TO_CHANGE
 class Run:
   workdir: str
   config: dict
-  results: Dict[str, float]
-  sharpness: Optional[float]
+  results: dict[str, float]
+  sharpness: float | None
 
   @property
   def model(self) -> str:
@@ -55,7 +55,7 @@ class Run:
     return {"none": "NONE", "steepest": "STEEP", "random": "RANDOM"}[p]
 
   @property
-  def m(self) -> Optional[int]:
+  def m(self) -> int | None:
     return None if self.config["sam"]["perturbation"] == "none" else self.config["sam"]["m"]
 
   @property
@@ -65,24 +65,32 @@ class Run:
 
   @property
   def experiment(self) -> str:
-    return json.dumps({k: v for k, v in workdir_lib.flatten(self.config).items()
-                       if k not in NOT_EXPERIMENT}, sort_keys=True)
+    return json.dumps(
+      {k: v for k, v in workdir_lib.flatten(self.config).items() if k not in NOT_EXPERIMENT},
+      sort_keys=True,
+    )
 
 
 def load_run(workdir: str) -> Run:
-  return Run(workdir, workdir_lib.load_config(workdir).to_dict(), workdir_lib.load_results(workdir),
-             sharpness_lib.load(workdir))
+  return Run(
+    workdir,
+    workdir_lib.load_config(workdir).to_dict(),
+    workdir_lib.load_results(workdir),
+    sharpness_lib.load(workdir),
+  )
 
 
-def load_runs(workdirs: List[str]) -> List[Run]:
+def load_runs(workdirs: list[str]) -> list[Run]:
   return [load_run(w) for w in workdirs]
 
 
-def run_forgetting(run: Run) -> Tuple[np.ndarray, np.ndarray]:
+def run_forgetting(run: Run) -> tuple[np.ndarray, np.ndarray]:
   """The run's (forgetting, task-information change) at each adjusted threshold."""
   points = [p for p in collect.load_points(run.workdir) if "cond_p" in p]
   if not points:
-    raise ValueError(f"{run.workdir}: no collected outputs at theta^p (set "
-                     "config.analysis.collect_every_steps > 0 on a run with a perturbation)")
+    raise ValueError(
+      f"{run.workdir}: no collected outputs at theta^p (set "
+      "config.analysis.collect_every_steps > 0 on a run with a perturbation)"
+    )
   exponents = points[0]["threshold_exponents"]
   return forgetting.run_measures(points, exponents)

@@ -5,16 +5,16 @@ PERTURB, m, top-1 (%) on every eval set of its config and sharpness, as mean ± 
 deviation (ddof = 1, like "standard deviations ... with three trials") over its runs.
 Writes `DIR/results.md` and `DIR/results.csv` (numeric means and stds).
 """
+
 import csv
 import os
-from typing import Dict, List
 
 import numpy as np
 
 from pf_jax.analysis import pool
 
 
-def _stats(values: List[float]):
+def _stats(values: list[float]):
   values = np.asarray([v for v in values if v is not None], np.float64)
   if not values.size:
     return np.nan, np.nan
@@ -34,18 +34,23 @@ def _sharpness_decimals(value: float) -> int:
   return max(1, 2 - int(np.floor(np.log10(abs(value)))))
 
 
-def table(runs: List[pool.Run]):
+def table(runs: list[pool.Run]):
   """(rows, eval metric names): one row per experiment, values as (mean, std)."""
-  groups: Dict[str, List[pool.Run]] = {}
+  groups: dict[str, list[pool.Run]] = {}
   for run in runs:
     groups.setdefault(run.experiment, []).append(run)
   metrics = sorted({k for r in runs for k in r.results if k.startswith("eval/")})
   rows = []
   for members in groups.values():
     first = members[0]
-    row = {"model": first.model, "algo": first.algo, "perturb": first.perturbation,
-           "m": "" if first.m is None else first.m, "runs": len(members),
-           "seeds": " ".join(str(r.config["seed"]) for r in members)}
+    row = {
+      "model": first.model,
+      "algo": first.algo,
+      "perturb": first.perturbation,
+      "m": "" if first.m is None else first.m,
+      "runs": len(members),
+      "seeds": " ".join(str(r.config["seed"]) for r in members),
+    }
     for k in metrics:
       row[k] = _stats([100 * r.results[k] if k in r.results else None for r in members])
     row["sharpness"] = _stats([r.sharpness for r in members])
@@ -54,12 +59,16 @@ def table(runs: List[pool.Run]):
   return rows, metrics
 
 
-def report(workdirs: List[str], out: str) -> str:
+def report(workdirs: list[str], out: str) -> str:
   rows, metrics = table(pool.load_runs(workdirs))
   os.makedirs(out, exist_ok=True)
-  names = [k[len("eval/"):].replace("/top1", "").replace("/real_top1", " ReaL") for k in metrics]
-  lines = ["| MODEL | ALGO | PERTURB | m | " + " | ".join(n.upper() for n in names) +
-           " | SHARPNESS | RUNS |", "|" + "---|" * (len(metrics) + 6)]
+  names = [k[len("eval/") :].replace("/top1", "").replace("/real_top1", " ReaL") for k in metrics]
+  lines = [
+    "| MODEL | ALGO | PERTURB | m | "
+    + " | ".join(n.upper() for n in names)
+    + " | SHARPNESS | RUNS |",
+    "|" + "---|" * (len(metrics) + 6),
+  ]
   for r in rows:
     cells = [r["model"], r["algo"], r["perturb"], str(r["m"])]
     cells += [_fmt(*r[k], 2) for k in metrics]
@@ -70,9 +79,13 @@ def report(workdirs: List[str], out: str) -> str:
     f.write(text)
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["model", "algo", "perturb", "m", "runs", "seeds"] +
-                    [f"{k}/{s}" for k in metrics + ["sharpness"] for s in ("mean", "std")])
+    writer.writerow(
+      ["model", "algo", "perturb", "m", "runs", "seeds"]
+      + [f"{k}/{s}" for k in metrics + ["sharpness"] for s in ("mean", "std")]
+    )
     for r in rows:
-      writer.writerow([r[k] for k in ("model", "algo", "perturb", "m", "runs", "seeds")] +
-                      [f"{v:.6g}" for k in metrics + ["sharpness"] for v in r[k]])
+      writer.writerow(
+        [r[k] for k in ("model", "algo", "perturb", "m", "runs", "seeds")]
+        + [f"{v:.6g}" for k in metrics + ["sharpness"] for v in r[k]]
+      )
   return text

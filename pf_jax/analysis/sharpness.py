@@ -8,13 +8,13 @@ The model runs in inference mode: BatchNorm uses its running statistics, so the 
 function of the parameters (train-mode statistics would make it depend on the batching).
 Computed in float32 even for mixed-precision runs. Result in `<workdir>/sharpness.json`.
 """
-import json
-from typing import Dict, Optional
 
-from etils import epath
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from pf_jax import losses
 from pf_jax import models
@@ -24,30 +24,47 @@ from pf_jax.analysis import hessian
 RESULT_FILE = "sharpness.json"
 
 
-def training_batches(c, num_examples: int, batch_size: int) -> Dict[str, np.ndarray]:
+def training_batches(c, num_examples: int, batch_size: int) -> dict[str, np.ndarray]:
   """The first num_examples // batch_size full batches of the training split, stacked."""
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
+
   split = input_pipeline.DATASETS[c.dataset].train_split
-  it = input_pipeline.eval_iterator(c.dataset, data_dir=c.data_dir, split=split,
-                                    image_size=c.image_size, local_batch_size=batch_size,
-                                    process_index=0, process_count=1)
+  it = input_pipeline.eval_iterator(
+    c.dataset,
+    data_dir=c.data_dir,
+    split=split,
+    image_size=c.image_size,
+    local_batch_size=batch_size,
+    process_index=0,
+    process_count=1,
+  )
   batches = []
   for batch in it:
     if len(batches) * batch_size >= num_examples or batch["mask"].min() < 1:
       break
     batches.append({"image": batch["image"], "label": batch["label"]})
   if not batches:
-    raise ValueError(f"config.analysis.sharpness_batch_size: {batch_size} is larger than the "
-                     f"{c.dataset} training split")
+    raise ValueError(
+      f"config.analysis.sharpness_batch_size: {batch_size} is larger than the "
+      f"{c.dataset} training split"
+    )
   return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
-def checkpoint_sharpness(workdir, *, num_examples: Optional[int] = None,
-                         batch_size: Optional[int] = None, num_iters: Optional[int] = None,
-                         tol: Optional[float] = None, seed: int = 0) -> Dict[str, float]:
+def checkpoint_sharpness(
+  workdir,
+  *,
+  num_examples: int | None = None,
+  batch_size: int | None = None,
+  num_iters: int | None = None,
+  tol: float | None = None,
+  seed: int = 0,
+) -> dict[str, float]:
   """Sharpness of the run in `workdir` (module doc); also written to `<workdir>/sharpness.json`."""
   c = workdir_lib.load_config(workdir)
-  from pf_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  from pf_jax import train  # pylint: disable=g-import-not-at-top  (TensorFlow)
+
   a = c.analysis
   num_examples = num_examples or a.sharpness_examples
   batch_size = min(batch_size or a.sharpness_batch_size, num_examples)
@@ -55,8 +72,9 @@ def checkpoint_sharpness(workdir, *, num_examples: Optional[int] = None,
   tol = tol or a.sharpness_tol
   params, batch_stats, step = train.load_variables(workdir)
   num_classes = input_pipeline.DATASETS[c.dataset].num_classes
-  model = models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init,
-                             dtype=jnp.float32)
+  model = models.build_model(
+    c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=jnp.float32
+  )
   loss = losses.get_loss(c.loss, c.label_smoothing)
   variables = {"batch_stats": batch_stats} if batch_stats else {}
 
@@ -66,16 +84,22 @@ def checkpoint_sharpness(workdir, *, num_examples: Optional[int] = None,
 
   batches = training_batches(c, num_examples, batch_size)
   params = jax.tree.map(jnp.asarray, params)
-  value = hessian.hessian_top_eigenvalue(loss_fn, params, batches, num_iters=num_iters, tol=tol,
-                                         rng=jax.random.PRNGKey(seed))
-  result = {"sharpness": value, "step": int(step),
-            "num_examples": int(jax.tree.leaves(batches)[0].shape[0] * batch_size),
-            "num_iters": num_iters, "tol": tol, "seed": seed}
+  value = hessian.hessian_top_eigenvalue(
+    loss_fn, params, batches, num_iters=num_iters, tol=tol, rng=jax.random.PRNGKey(seed)
+  )
+  result = {
+    "sharpness": value,
+    "step": int(step),
+    "num_examples": int(jax.tree.leaves(batches)[0].shape[0] * batch_size),
+    "num_iters": num_iters,
+    "tol": tol,
+    "seed": seed,
+  }
   path = epath.Path(workdir) / RESULT_FILE
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   return result
 
 
-def load(workdir) -> Optional[float]:
+def load(workdir) -> float | None:
   path = epath.Path(workdir) / RESULT_FILE
   return json.loads(path.read_text())["sharpness"] if path.exists() else None

@@ -6,4 +6,4 @@ Importing this package registers the builders with TFDS, e.g.
 
 from pf_jax.datasets.digits import Digits
 
-__all__ = ['Digits']
+__all__ = ["Digits"]

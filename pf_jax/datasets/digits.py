@@ -26,9 +26,9 @@ Importing this module (or `pf_jax.datasets`) registers the builder, after which
 
 from __future__ import annotations
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 NUM_EXAMPLES = 1797
 NUM_TRAIN = 1438
@@ -49,14 +49,14 @@ def scale_to_uint8(values: np.ndarray) -> np.ndarray:
   """Maps integer gray values 0..16 to 0..255: (v * 255 + 8) // 16."""
   v = np.asarray(values).astype(np.int64)
   if v.min() < 0 or v.max() > 16:
-    raise ValueError('digits gray values must lie in 0..16')
+    raise ValueError("digits gray values must lie in 0..16")
   return ((v * 255 + 8) // 16).astype(np.uint8)
 
 
 def split_indices() -> dict[str, np.ndarray]:
   """Returns the sklearn indices of each split, in stored order."""
   perm = np.random.RandomState(SPLIT_SEED).permutation(NUM_EXAMPLES)
-  return {'train': perm[:NUM_TRAIN], 'test': perm[NUM_TRAIN:]}
+  return {"train": perm[:NUM_TRAIN], "test": perm[NUM_TRAIN:]}
 
 
 def load_split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def load_split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
   images = np.asarray(data.images)  # float64 [1797, 8, 8], integers 0..16
   labels = np.asarray(data.target).astype(np.int64)
   if images.shape != (NUM_EXAMPLES, 8, 8):
-    raise ValueError(f'unexpected sklearn digits shape {images.shape}')
+    raise ValueError(f"unexpected sklearn digits shape {images.shape}")
   idx = split_indices()[split]
   gray = scale_to_uint8(np.rint(images[idx]))
   rgb = np.repeat(gray[..., None], 3, axis=-1)
@@ -77,8 +77,8 @@ def load_split_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn 8x8 digits, prepared offline."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   # TFDS's default `code_path` goes through `importlib_resources` (an optional
   # dependency that may be absent); this file is all TFDS needs (it looks for a
@@ -90,27 +90,29 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 3), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-        # Keep the documented order (example k == perm[k]); no key hashing.
-        disable_shuffling=True,
-        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
-        license='CC BY 4.0 (UCI ML repository)',
+      builder=self,
+      description=_DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(8, 8, 3), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      # Keep the documented order (example k == perm[k]); no key hashing.
+      disable_shuffling=True,
+      homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+      license="CC BY 4.0 (UCI ML repository)",
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Offline: the data is embedded in scikit-learn.
     return {
-        'train': self._generate_examples(split='train'),
-        'test': self._generate_examples(split='test'),
+      "train": self._generate_examples(split="train"),
+      "test": self._generate_examples(split="test"),
     }
 
   def _generate_examples(self, split):
     images, labels = load_split_arrays(split)
     for k in range(len(labels)):
-      yield k, {'image': images[k], 'label': int(labels[k])}
+      yield k, {"image": images[k], "label": int(labels[k])}

@@ -19,7 +19,9 @@ BatchNorm statistics live in the `batch_stats` collection: apply with
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -47,8 +49,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), self.strides,
-                           name="conv_proj")(residual)
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(residual)
       residual = self.norm(name="norm_proj")(residual)
     return self.act(residual + y)
 
@@ -70,8 +71,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3))(y)
     y = self.norm(scale_init=nn.initializers.zeros)(y)
     if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), self.strides,
-                           name="conv_proj")(residual)
+      residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
       residual = self.norm(name="norm_proj")(residual)
     return self.act(residual + y)
 
@@ -95,18 +95,18 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm,
-                             use_running_average=not train,
-                             momentum=0.9,
-                             epsilon=1e-5,
-                             dtype=self.dtype,
-                             param_dtype=jnp.float32)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
 
     if self.stem == "imagenet":
-      x = conv(self.num_filters, (7, 7), (2, 2),
-               padding=[(3, 3), (3, 3)], name="conv_init")(x)
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
       x = norm(name="bn_init")(x)
       x = self.act(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
@@ -115,33 +115,32 @@ class ResNet(nn.Module):
       x = norm(name="bn_init")(x)
       x = self.act(x)
     else:
-      raise ValueError(f"ResNet: unknown stem={self.stem!r}; "
-                       "allowed: 'imagenet', 'small'")
+      raise ValueError(f"ResNet: unknown stem={self.stem!r}; allowed: 'imagenet', 'small'")
 
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-        x = self.block_cls(self.num_filters * 2**i, strides=strides,
-                           conv=conv, norm=norm, act=self.act)(x)
+        x = self.block_cls(
+          self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act
+        )(x)
 
     # Pool and classify in float32 so logits are exact under bfloat16 compute.
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Dense(
-        self.num_classes,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.zeros,
-        bias_init=nn.initializers.constant(self.head_bias_init),
-        name="head")(x)
+      self.num_classes,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(self.head_bias_init),
+      name="head",
+    )(x)
     return x.astype(jnp.float32)
 
 
-ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3),
-                             block_cls=BottleneckBlock)
-ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3),
-                              block_cls=BottleneckBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 # Small CPU variant: 3x3 stem (16 ch, no max-pool), two stages of one basic
 # block each (16, 32 channels). ~20k params; still has BatchNorm throughout.
-ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1),
-                               block_cls=BasicBlock, num_filters=16,
-                               stem="small")
+ResNetTiny = functools.partial(
+  ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=16, stem="small"
+)

@@ -32,12 +32,13 @@ class MlpBlock(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     dense = lambda features, name: nn.Dense(
-        features,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6),
-        name=name)
+      features,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.xavier_uniform(),
+      bias_init=nn.initializers.normal(stddev=1e-6),
+      name=name,
+    )
     x = dense(self.mlp_dim, "Dense_0")(x)
     x = nn.gelu(x)
     return dense(width, "Dense_1")(x)
@@ -54,11 +55,11 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x):
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(),
-        deterministic=True,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.xavier_uniform(),
+      deterministic=True,
     )(y)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32)(x)
@@ -78,12 +79,9 @@ class Encoder(nn.Module):
   def __call__(self, x):
     for i in range(self.depth):
       x = Encoder1DBlock(
-          mlp_dim=self.mlp_dim,
-          num_heads=self.num_heads,
-          dtype=self.dtype,
-          name=f"encoderblock_{i}")(x)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32,
-                        name="encoder_norm")(x)
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, name=f"encoderblock_{i}"
+      )(x)
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
 
 
 class ViT(nn.Module):
@@ -109,28 +107,40 @@ class ViT(nn.Module):
     del train
     p = self.patch_size
     x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding="VALID",
-        dtype=self.dtype, param_dtype=jnp.float32, name="embedding")(x)
+      self.width,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="embedding",
+    )(x)
     b, h, w, c = x.shape
     x = jnp.reshape(x, (b, h * w, c))
 
     # Named exactly `pos_embedding`: the weight-decay mask matches this name.
-    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
-                     (1, h * w, c), jnp.float32)
+    pos = self.param(
+      "pos_embedding", nn.initializers.normal(stddev=0.02), (1, h * w, c), jnp.float32
+    )
     x = x + pos.astype(x.dtype)
 
-    x = Encoder(depth=self.depth, mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads, dtype=self.dtype,
-                name="Transformer")(x)
+    x = Encoder(
+      depth=self.depth,
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      name="Transformer",
+    )(x)
 
     # GAP and the head run in float32: they are cheap, and it keeps the logits
     # (and e.g. a -10 bias) exact regardless of the compute dtype.
     x = jnp.mean(x.astype(jnp.float32), axis=1)
     x = nn.Dense(
-        self.num_classes,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.zeros,
-        bias_init=nn.initializers.constant(self.head_bias_init),
-        name="head")(x)
+      self.num_classes,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.constant(self.head_bias_init),
+      name="head",
+    )(x)
     return x.astype(jnp.float32)
