@@ -228,11 +228,15 @@ def make_train_step(c, model, tx, rho, mesh):
 
 
 def make_eval_step(c, model, mesh, subset: np.ndarray | None):
-  """jit(shard_map): (params, batch_stats, batch) -> summed counts over all devices."""
+  """jit(shard_map): (params, batch_stats, totals, batch) -> totals + this batch's counts.
+
+  The running totals go through the compiled step (summed over all devices), so an evaluation
+  runs no op-by-op `add` that would compile outside it; `evaluate` starts them at zero.
+  """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   dtype = compute_dtype(c)
 
-  def step(params, batch_stats, batch):
+  def step(params, batch_stats, totals, batch):
     logits, _ = apply(params, batch_stats, batch["image"].astype(dtype), False)
     if subset is not None:  # ImageNet-R: only its 200 classes' logits compete
       logits = logits[:, jnp.asarray(subset)]
@@ -243,9 +247,10 @@ def make_eval_step(c, model, mesh, subset: np.ndarray | None):
       valid = batch["real_valid"] * mask
       hit = jnp.take_along_axis(batch["real_label"], pred[:, None], axis=-1)[:, 0]
       out.update(real_correct=jnp.sum(hit * valid), real_count=jnp.sum(valid))
-    return jax.lax.psum(out, AXIS)
+    out = jax.lax.psum(out, AXIS)
+    return jax.tree.map(jnp.add, totals, out) if totals else out  # {}: only for shapes
 
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS)), out_specs=P()))
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P()))
 
 
 def make_collect_step(c, model, mesh, rho):
@@ -292,8 +297,13 @@ def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
-      counts = eval_step(state.params, state.batch_stats, batch)
-      totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+      if totals is None:  # zeros shaped like the step's counts, placed without compiling
+        shapes = jax.eval_shape(eval_step, state.params, state.batch_stats, {}, batch)
+        totals = jax.device_put(
+          jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
+          NamedSharding(batch_sharding.mesh, P()),
+        )
+      totals = eval_step(state.params, state.batch_stats, totals, batch)
     totals = jax.device_get(totals)
     results[f"eval/{name}/top1"] = float(totals["correct"] / max(totals["count"], 1))
     if "real_count" in totals:

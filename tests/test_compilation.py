@@ -1,0 +1,62 @@
+"""No recompilation in the training loop: after the first train step, the first log, the first
+checkpoint save and the first evaluation, nothing compiles again (an XLA compile costs seconds
+to minutes on real models and stalls every device)."""
+
+import jax
+from jax._src import dispatch
+
+from configs import default as default_config
+from pf_jax import checkpointing
+from pf_jax import train
+
+
+def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, monkeypatch):
+  phase = ["setup"]
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiles.append((phase[0], kwargs.get("fun_name", "")))
+
+  make_train_step, evaluate, save = train.make_train_step, train.evaluate, checkpointing.save
+  calls = {"train": 0, "eval": 0, "save": 0}
+
+  def counted(kind, fn):
+    def wrapper(*args, **kwargs):
+      calls[kind] += 1
+      phase[0] = f"{kind}{calls[kind]}"
+      out = fn(*args, **kwargs)
+      phase[0] = f"after_{kind}{calls[kind]}"  # logging, hooks: until the next call
+      return out
+
+    return wrapper
+
+  monkeypatch.setattr(
+    train, "make_train_step", lambda *a, **k: counted("train", make_train_step(*a, **k))
+  )
+  monkeypatch.setattr(train, "evaluate", counted("eval", evaluate))
+  monkeypatch.setattr(checkpointing, "save", counted("save", save))
+
+  c = default_config.get_config()
+  c.data_dir = str(tmp_path / "data")
+  c.num_train_steps = 6
+  c.warmup_steps = 2
+  c.log_every_steps = 2  # logs after steps 2, 4, 6
+  c.eval_every_steps = 2  # evaluates after steps 2, 4, 6
+  c.checkpoint_every_steps = 3  # saves after steps 3, 6
+  c.global_batch_size = 16
+  c.eval_batch_size = 128
+  c.sam.m = 2
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert calls == {"train": 6, "eval": 3, "save": 2}
+  # Allowed: creating the state, the first train step, the first evaluation, and the first
+  # log/save (after_train2: the host-side lr of the log line; after_train3: the first save).
+  first_time = {"setup", "train1", "eval1", "after_train2", "after_train3", "save1"}
+  assert [p for p, _ in compiles if p == "eval1"], "the eval step compiles in the first evaluation"
+  assert not [c for c in compiles if c[0] == "eval1" and c[1] != "jit(step)"], compiles
+  later = [c for c in compiles if c[0] not in first_time]
+  assert not later, f"compiled after the first step/log/save/evaluation: {later}"
