@@ -1,0 +1,42 @@
+"""The peer benchmark's machinery (benchmarks/peer.py) on a tiny model, one round."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import peer
+
+
+def test_peer_benchmark_writes_json_and_table_with_its_own_floor(tmp_path, capsys):
+  result = peer.main(
+    [
+      "--model=vit_digits",
+      "--image=8",
+      "--batch=8",
+      "--m=4",
+      "--num-classes=10",
+      "--rounds=1",
+      "--chunk-modes=vmap",
+      "--only=^SAM m=8$",
+      "--no-torch",
+      "--no-optax",
+      f"--out={tmp_path}",
+    ]
+  )
+  stem = tmp_path / result["machine"]["device"] / "vit_digits_8px_b8_m4_float32"
+  with open(f"{stem}.json") as f:
+    saved = json.load(f)
+  assert set(saved["pf_jax"]) == {"fwd+bwd", "update", "base step", "SAM m=8"}
+  t = {k: v["median_s"] for k, v in saved["pf_jax"].items()}
+  assert saved["floor_s"] == pytest.approx(2 * t["fwd+bwd"] + t["update"])
+  assert all(len(v["samples_s"]) == 1 for v in saved["pf_jax"].values())
+  assert saved["memory"]["SAM m=8"]["temp_size_in_bytes"] >= 0
+  assert saved["config"]["m"] == [4] and saved["torch"] == {}
+  table = open(f"{stem}.md").read()
+  assert table in capsys.readouterr().out
+  rows = [line for line in table.splitlines() if line.startswith("| SAM m=8 |")]
+  assert len(rows) == 2  # the timing table, then the memory table
+  ratio = float(rows[0].split("|")[3])
+  assert ratio == pytest.approx(t["SAM m=8"] / saved["floor_s"], abs=0.006)
+  assert os.path.exists(f"{stem}.md")
