@@ -40,3 +40,14 @@ def test_peer_benchmark_writes_json_and_table_with_its_own_floor(tmp_path, capsy
   ratio = float(rows[0].split("|")[3])
   assert ratio == pytest.approx(t["SAM m=8"] / saved["floor_s"], abs=0.006)
   assert os.path.exists(f"{stem}.md")
+
+
+def test_imagenet_like_dataset_feeds_the_real_pipeline(tmp_path):
+  """The input-pipeline benchmark's generated imagenet2012 is read by train_iterator at 224 px."""
+  from benchmarks import input_pipeline as bench
+
+  bench.write_imagenet_like(str(tmp_path), 8)
+  rate = bench.pipeline_rate(
+    str(tmp_path), batch=4, image_size=224, batches=2, warmup=1, shuffle_buffer=8
+  )
+  assert rate["batches"] == 2 and rate["images_per_s"] > 0
