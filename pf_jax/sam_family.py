@@ -91,8 +91,8 @@ class SamSpec:
     if callable(self.rho):
       if step is None:
         raise ValueError("rho is a schedule: pass step=")
-      return jnp.asarray(self.rho(step), jnp.float32)
-    return jnp.asarray(self.rho, jnp.float32)
+      return jnp.asarray(self.rho(step))
+    return jnp.asarray(self.rho)
 
 
 def chunking(m: int | None, local_batch: int, num_devices: int = 1) -> tuple[int, int]:
