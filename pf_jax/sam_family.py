@@ -336,17 +336,6 @@ class SamState(NamedTuple):
   base_state: optax.OptState  # the base optimizer's state
 
 
-def _is_own_gradient(updates, axis_name) -> bool:
-  """Whether `updates` can be this device's own gradient: on one device, or varying over the
-  data axis under shard_map (an invariant gradient is already averaged over devices)."""
-  if axis_name is None:
-    return True
-  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-  return all(
-    all(a in getattr(jax.typeof(x), "vma", ()) for a in axes) for x in jax.tree.leaves(updates)
-  )
-
-
 def sam(
   base: optax.GradientTransformation,
   spec: SamSpec,
@@ -393,7 +382,7 @@ def sam(
     n_chunks, group = chunking(spec.m, _batch_size(batch), num_devices)
     reuse = updates_are_ascent
     if reuse is None:
-      reuse = updates is not None and _is_own_gradient(updates, axis_name)
+      reuse = updates is not None and (axis_name is None or sharding.is_varying(updates, axis_name))
     if reuse and spec.objective == "steepest" and n_chunks == 1 and group == 1:
       rho = spec.rho_at(state.count)
       p = params if axis_name is None else sharding.per_device(params, axis_name)
