@@ -74,11 +74,16 @@ def main():
     f"OBF-SAM m={m} vmap": dict(rho=0.6, objective=obf, m=m),
     f"GSAM-steep m={m} vmap": dict(rho=0.6, gsam_alpha=0.4, m=m),
     f"OBF-SAM m={m} scan": dict(rho=0.6, objective=obf, m=m, chunk_mode="scan"),
+    f"OBF-SAM m={m} unroll": dict(rho=0.6, objective=obf, m=m, chunk_mode="unroll"),
   }.items():
-    tx = pf_jax.sam(base, **kw, apply_fn=apply_fn, loss_fn=loss_fn)
-    step = lambda p, s, tx=tx: (lambda u_s: (optax.apply_updates(p, u_s[0]), u_s[1]))(
-      tx.update(None, s, p, inputs=x, labels=y)
-    )
+    tx = pf_jax.sam(base, pf_jax.SamSpec(**kw))
+    forward = lambda q, batch: apply_fn(q, batch[0])
+
+    def step(p, s, tx=tx, forward=forward):
+      g = jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)
+      u, s = tx.update(g, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
+      return optax.apply_updates(p, u), s
+
     variants[name] = (tx, step)
 
   times = {}

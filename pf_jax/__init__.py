@@ -4,6 +4,7 @@
 """
 
 from pf_jax.losses import get_loss
+from pf_jax.losses import labels_of
 from pf_jax.losses import sigmoid_cross_entropy
 from pf_jax.losses import softmax_cross_entropy
 from pf_jax.optimizers import adamw
@@ -16,8 +17,9 @@ from pf_jax.perturbations import obf_alpha
 from pf_jax.perturbations import obf_fixed_alpha
 from pf_jax.sam_family import SamSpec
 from pf_jax.sam_family import SamState
+from pf_jax.sam_family import perturbed_logits
 from pf_jax.sam_family import sam
-from pf_jax.sam_family import sam_gradient
+from pf_jax.sam_family import sam_value_and_grad
 from pf_jax.schedules import lr_proportional_rho
 from pf_jax.schedules import warmup_linear_decay
 from pf_jax.sharding import group_mean
@@ -31,8 +33,10 @@ __all__ = [
   "obf",
   "obf_alpha",
   "obf_fixed_alpha",
+  "labels_of",
+  "perturbed_logits",
   "sam",
-  "sam_gradient",
+  "sam_value_and_grad",
   "SamSpec",
   "SamState",
   "sgdw",

@@ -343,16 +343,16 @@ def _check_sam(c, num_devices: int):
     return
   per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
   m = s.m
-  if per_device % m and (
-    m % per_device or m // per_device > num_devices or num_devices % (m // per_device)
-  ):
+  try:
+    sam_family.chunking(m, per_device, num_devices)
+  except ValueError:
     raise ConfigError(
       "sam.m",
       m,
       f"a divisor of the per-device micro-batch {per_device} (global batch "
       f"/ ({num_devices} devices x {c.grad_accum_steps} accumulation steps)) or a "
       f"multiple of it spanning a divisor of the {num_devices} devices",
-    )
+    ) from None
   if s.rho_min >= 0:
     if s.rho_min > s.rho_max:
       raise ConfigError(

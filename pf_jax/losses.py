@@ -1,22 +1,35 @@
 """Task losses: softmax and sigmoid cross-entropy with label smoothing.
 
-Both take logits [B, C] and integer labels [B] and return a scalar: the mean over the
-batch of a per-example loss. Label smoothing s uses the target (1 - s) * onehot + s / C.
+Both take logits [B, C] and the batch (or its labels) and return a scalar: the mean over the
+batch of a per-example loss. Labels are integers [B] or targets [B, C] (one-hot or soft).
+Label smoothing s uses the target (1 - s) * t + s / C.
 """
 
 from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+LossFn = Callable[[jax.Array, Any], jax.Array]  # (logits, batch) -> scalar mean loss
+
+
+def labels_of(batch) -> jax.Array:
+  """The labels of a batch: batch["label"] of a dict, the last entry of an (inputs, labels)
+  tuple, or the batch itself when it is an array of labels."""
+  if isinstance(batch, Mapping):
+    return batch["label"]
+  if isinstance(batch, (tuple, list)):
+    return batch[-1]
+  return batch
 
 
 def smoothed_targets(
   labels: jax.Array, num_classes: int, label_smoothing: float = 0.0
 ) -> jax.Array:
-  """(1 - s) * onehot(labels) + s / C."""
-  onehot = jax.nn.one_hot(labels, num_classes)
+  """(1 - s) * t + s / C with t = onehot(labels) for integer labels, else the given targets."""
+  onehot = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     onehot = (1.0 - label_smoothing) * onehot + label_smoothing / num_classes
   return onehot
@@ -27,24 +40,23 @@ def _check_smoothing(label_smoothing: float) -> None:
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-def softmax_cross_entropy(
-  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-) -> jax.Array:
+def softmax_cross_entropy(logits: jax.Array, batch, label_smoothing: float = 0.0) -> jax.Array:
   """mean_b [ -sum_c t_bc log softmax(z_b)_c ]."""
   _check_smoothing(label_smoothing)
-  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
+  targets = smoothed_targets(labels_of(batch), logits.shape[-1], label_smoothing).astype(
+    logits.dtype
+  )
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
 
 
-def sigmoid_cross_entropy(
-  logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-) -> jax.Array:
+def sigmoid_cross_entropy(logits: jax.Array, batch, label_smoothing: float = 0.0) -> jax.Array:
   """The "BCE" of Beyer et al. (2020): mean_b sum_c BCE(sigmoid(z_bc), t_bc).
 
   Summed (not averaged) over classes, so its scale matches softmax cross-entropy.
   """
   _check_smoothing(label_smoothing)
-  targets = smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
+  targets = smoothed_targets(labels_of(batch), logits.shape[-1], label_smoothing)
+  targets = targets.astype(logits.dtype)
   per_class = -(
     targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits)
   )
@@ -61,4 +73,4 @@ def get_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
   if name not in LOSSES:
     raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {name!r}")
   fn = LOSSES[name]
-  return lambda logits, labels: fn(logits, labels, label_smoothing)
+  return lambda logits, batch: fn(logits, batch, label_smoothing)

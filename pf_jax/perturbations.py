@@ -1,6 +1,6 @@
 """Perturbation objectives L^p: what SAM *ascends* to find its perturbation.
 
-An objective is a function `(logits, labels) -> scalar` whose gradient with respect to the
+An objective is a function `(logits, batch) -> scalar` whose gradient with respect to the
 parameters (through the logits) is the ascent direction g_p. Besides callables, the SAM
 transformation accepts two names:
 
@@ -9,11 +9,14 @@ transformation accepts two names:
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-ObjectiveFn = Callable[[jax.Array, jax.Array], jax.Array]
+from pf_jax import losses
+
+ObjectiveFn = Callable[[jax.Array, Any], jax.Array]  # (logits, batch) -> scalar
 Objective = str | ObjectiveFn
 OBJECTIVE_NAMES = ("steepest", "random")
 PREDICTIONS = ("softmax", "sigmoid")
@@ -37,15 +40,16 @@ def obf(lam: float, gamma: float = 1.0, predictions: str = "softmax") -> Objecti
   Per example, with p = softmax(z) or sigmoid(z) and alpha held constant,
     dL^BF/dz = u - (alpha * p + (1 - alpha) * onehot(y)),   u = 1/C,
   i.e. the gradient of (1 - alpha) CE(y, z) - CE(uniform, z) for softmax. Mean over examples.
-  `lam` is the paper's lambda in [0, 1) (1/C in the paper), `gamma` in [0, 1].
+  `lam` is the paper's lambda in [0, 1) (1/C in the paper), `gamma` in [0, 1]. The labels are
+  read from the batch (`losses.labels_of`); targets [B, C] stand in for onehot(y) and give
+  p_y = <p, t>.
   """
   _check_unit("gamma", gamma, closed=True)
   _check_unit("lam", lam, closed=False)
   _check_predictions(predictions)
 
-  def alpha_fn(p, labels):
-    p_y = jnp.take_along_axis(p, labels[:, None], axis=-1)[:, 0]
-    return obf_alpha(p_y, lam, gamma)
+  def alpha_fn(p, targets):
+    return obf_alpha(jnp.sum(p * targets, axis=-1), lam, gamma)
 
   return _obf_objective(alpha_fn, predictions)
 
@@ -54,16 +58,21 @@ def obf_fixed_alpha(alpha: float, predictions: str = "softmax") -> ObjectiveFn:
   """OBF with a constant forgetting strength alpha in [0, 1] (ablation of Table B.2)."""
   _check_unit("alpha", alpha, closed=True)
   _check_predictions(predictions)
-  return _obf_objective(lambda p, labels: jnp.full(labels.shape, alpha, p.dtype), predictions)
+  return _obf_objective(lambda p, targets: jnp.full(p.shape[:-1], alpha, p.dtype), predictions)
 
 
 def _obf_objective(alpha_fn, predictions: str) -> ObjectiveFn:
-  def objective(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  def objective(logits: jax.Array, batch) -> jax.Array:
     z = jax.lax.stop_gradient(logits)
     p = jax.nn.softmax(z) if predictions == "softmax" else jax.nn.sigmoid(z)
-    alpha = alpha_fn(p, labels)[:, None]
+    labels = losses.labels_of(batch)
     num_classes = logits.shape[-1]
-    y = jax.nn.one_hot(labels, num_classes, dtype=p.dtype)
+    y = (
+      labels.astype(p.dtype)
+      if labels.ndim == 2
+      else jax.nn.one_hot(labels, num_classes, dtype=p.dtype)
+    )
+    alpha = alpha_fn(p, y)[:, None]
     coef = 1.0 / num_classes - alpha * p - (1.0 - alpha) * y
     # Linear in z with frozen coefficients: its z-gradient is exactly `coef`.
     return jnp.mean(jnp.sum(jax.lax.stop_gradient(coef) * logits, axis=-1))

@@ -1,11 +1,12 @@
-"""The SAM family (SAM, m-SAM, GSAM, ASAM, random, OBF) as one gradient computation.
+"""The SAM family (SAM, m-SAM, GSAM, ASAM, random, OBF): one functional core, one optax wrapper.
 
-`sam_gradient` is the computation (gradient out, for users writing their own step, e.g. with
-BatchNorm state); `sam` wraps it and any base optax optimizer into an
-`optax.GradientTransformationExtraArgs`. Both share `SamSpec` and `spec_gradient`;
-`perturbed_logits` (the forgetting analysis) shares `_perturb`, the one computation of theta^p.
+`sam_value_and_grad` is shaped like `jax.value_and_grad`: it returns the SAM-family update
+gradient of a batch, averaged over its m-chunks, accumulation micro-batches and devices. `sam`
+wraps it and any base optax optimizer into an `optax.GradientTransformationExtraArgs` that reuses
+the incoming gradient as the ascent direction when it is exactly that. `perturbed_logits` (the
+forgetting analysis) shares `_perturb`, the one computation of theta^p.
 
-Per m-sized chunk S (see docs/sam-family.md):
+Per m-sized chunk S (docs/sam-family.md):
   g_p = grad L^p(theta; S)                  (task loss, OBF objective, or N(0, I))
   g_p <- w * g_p                            (ASAM "before"/"both", w = |theta| + eta)
   d   = g_p / (||g_p|| + eps);  d <- w * d  (ASAM "after"/"both")
@@ -24,17 +25,20 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from pf_jax import losses
 from pf_jax import perturbations
 from pf_jax import sharding
 from pf_jax.schedules import ScalarOrSchedule
 
 EPS = 1e-12
 ASAM_MODES = ("before", "after", "both")
-CHUNK_MODES = ("vmap", "scan")
+# How a device computes its m-chunks: together (vmap), one after another in a loop (scan, the
+# memory of one chunk) or one after another written out in the program (unroll).
+CHUNK_MODES = ("vmap", "scan", "unroll")
 METRIC_NAMES = ("loss", "perturbed_loss", "ascent_norm", "rho")
 
-ApplyFn = Callable[[Any, Any], Any]  # (params, inputs) -> logits, or (logits, aux) if has_aux
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (logits, labels) -> scalar mean loss
+Forward = Callable[[Any, Any], Any]  # (params, batch) -> logits, or (logits, aux) if has_aux
+LossFn = losses.LossFn  # (logits, batch) -> scalar mean task loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,18 +47,15 @@ class SamSpec:
 
   Attributes:
     rho: perturbation radius, a float >= 0 or a schedule step -> rho_t.
-    objective: "steepest" (task loss), "random", or a callable (logits, labels) -> scalar
+    objective: "steepest" (the task loss), "random", or a callable (logits, batch) -> scalar
       such as `pf_jax.obf(...)`.
-    m: perturbation batch size; None means the whole per-device batch. Smaller than the
-      per-device batch cuts it into chunks; larger spans m / per-device-batch devices.
-    chunk_mode: "vmap" computes a device's chunks together, "scan" one after another
-      (memory of one chunk). Measured: vmap is ~free for transformers; for convnets on GPU
-      scan is faster (per-chunk weights make vmapped convolutions grouped); on CPU use vmap.
+    m: perturbation batch size; None means the whole per-device (micro-)batch. Smaller cuts
+      it into chunks; larger spans m / per-device-batch devices (`chunking`).
+    chunk_mode: one of CHUNK_MODES, when a device has several chunks.
     gsam_alpha: GSAM's xi >= 0; 0 is SAM.
     gsam_normalized_backup: GSAM decomposes the normalized d instead of g_p.
     asam: None, "before", "after" or "both".
     asam_eta: ASAM's eta >= 0 added to |theta|.
-    axis_name: named mesh/pmap axis to average over devices; None on one device.
   """
 
   rho: ScalarOrSchedule
@@ -65,7 +66,6 @@ class SamSpec:
   gsam_normalized_backup: bool = False
   asam: str | None = None
   asam_eta: float = 0.0
-  axis_name: Any = None
 
   def __post_init__(self):
     if isinstance(self.rho, (int, float)) and not self.rho >= 0:
@@ -87,73 +87,82 @@ class SamSpec:
       raise ValueError(f"asam_eta must be >= 0, got {self.asam_eta}")
 
   def rho_at(self, step) -> jax.Array:
-    return jnp.asarray(self.rho(step) if callable(self.rho) else self.rho)
+    """rho_t: the schedule at `step`, or the constant."""
+    if callable(self.rho):
+      if step is None:
+        raise ValueError("rho is a schedule: pass step=")
+      return jnp.asarray(self.rho(step))
+    return jnp.asarray(self.rho)
 
 
-def _dot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def chunking(m: int | None, local_batch: int, num_devices: int = 1) -> tuple[int, int]:
+  """(chunks per device, devices per chunk): the one rule for m.
 
-
-def _norm(tree) -> jax.Array:
-  return jnp.sqrt(_dot(tree, tree))
-
-
-def _scale(tree, c):
-  return jax.tree.map(lambda x: (c * x).astype(x.dtype), tree)
-
-
-def _chunking(spec: SamSpec, local_batch: int) -> tuple[int, int]:
-  """(chunks per device, devices per chunk) for this per-device batch, or a ValueError."""
-  m = spec.m or local_batch
-  if m <= local_batch:
-    if local_batch % m:
-      raise ValueError(
-        f"m={m} must divide the per-device batch {local_batch} (or be a multiple of it)"
-      )
+  m must divide the per-device batch, or be a multiple of it that spans a divisor of the
+  devices; None is the per-device batch. Raises ValueError (message starts with "m=").
+  """
+  m = m or local_batch
+  if m <= local_batch and local_batch % m == 0:
     return local_batch // m, 1
-  if m % local_batch:
-    raise ValueError(
-      f"m={m} must be a multiple of the per-device batch {local_batch} (or divide it)"
-    )
-  if spec.axis_name is None:
-    raise ValueError(
-      f"m={m} exceeds the batch {local_batch} and there is no axis_name to span devices"
-    )
-  return 1, m // local_batch
+  group = m // local_batch
+  if m > local_batch and m % local_batch == 0 and num_devices % group == 0:
+    return 1, group
+  raise ValueError(
+    f"m={m} must divide the per-device batch {local_batch} or be a multiple of it spanning "
+    f"a divisor of the {num_devices} device(s)"
+  )
 
 
-def _perturb(
-  spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
-):
+def _batch_size(batch) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
+def _split(batch, n: int):
+  """[n, B / n, ...] for every leaf: n consecutive slices of the batch."""
+  return jax.tree.map(lambda a: a.reshape((n, -1) + a.shape[1:]), batch)
+
+
+def _index(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _logits(out, has_aux: bool):
+  return out[0] if has_aux else out
+
+
+def _perturb(spec, forward, loss_fn, has_aux, axis_name, group, params, rho, batch, key, g_p=None):
   """Steps 1-4 of the design page on one chunk: the perturbed parameters theta^p.
 
-  The one place theta^p is computed: training (`_chunk_gradient`) and the forgetting analysis
-  (`perturbed_logits`) both call it. Returns (theta^p, g_p, d, logits at theta, aux at theta,
-  task loss at theta, ||g_p||), with g_p after ASAM "before" scaling and d after "after" scaling.
+  The one place theta^p is computed: training (`_chunk_gradient`), the optax wrapper and the
+  forgetting analysis (`perturbed_logits`) all call it. `g_p`, when given, is the chunk's ascent
+  gradient computed by the caller (the pass at theta is then skipped). Returns (theta^p, g_p, d,
+  logits at theta, aux at theta, task loss at theta, ||g_p||), with g_p after ASAM "before"
+  scaling and d after "after" scaling; logits, aux and loss are None when g_p was given.
   """
-  group = lambda t: sharding.group_mean(t, spec.axis_name, group_size)
+  logits = aux = loss = None
+  if g_p is None:
+    if spec.objective == "random":  # the pass at theta only for the metric and BatchNorm stats
+      out = forward(params, batch)
+      g_p = optax.tree.random_like(key, params, jax.random.normal)  # shared within a group
+    else:
+      objective = loss_fn if spec.objective == "steepest" else spec.objective
 
-  def forward(p, objective):
-    out = apply_fn(p, inputs)
-    logits, aux = out if has_aux else (out, None)
-    return objective(logits, labels), (logits, aux)
+      def at_theta(p):
+        out = forward(p, batch)
+        return objective(_logits(out, has_aux), batch), out
 
-  if spec.objective == "random":
-    _, (logits, aux) = forward(params, loss_fn)  # for the metric and BatchNorm statistics only
-    g_p = optax.tree.random_like(key, params, jax.random.normal)  # same key within a device group
-  else:
-    objective = loss_fn if spec.objective == "steepest" else spec.objective
-    (_, (logits, aux)), g_p = jax.value_and_grad(forward, has_aux=True)(params, objective)
-    g_p = group(g_p)
-  loss = loss_fn(logits, labels)
+      (_, out), g_p = jax.value_and_grad(at_theta, has_aux=True)(params)
+      g_p = sharding.group_mean(g_p, axis_name, group)
+    logits = _logits(out, has_aux)
+    aux = out[1] if has_aux else None
+    loss = loss_fn(logits, batch)
 
-  w = None
   if spec.asam is not None:
     w = jax.tree.map(lambda x: jnp.abs(x) + spec.asam_eta, params)
   if spec.asam in ("before", "both"):
     g_p = jax.tree.map(jnp.multiply, w, g_p)
-  ascent_norm = _norm(g_p)
-  d = _scale(g_p, 1.0 / (ascent_norm + EPS))
+  ascent_norm = optax.tree.norm(g_p)
+  d = optax.tree.scale(1.0 / (ascent_norm + EPS), g_p)
   if spec.asam in ("after", "both"):
     d = jax.tree.map(jnp.multiply, w, d)
   perturbed = jax.tree.map(lambda x, e: x + (rho * e).astype(x.dtype), params, d)
@@ -161,253 +170,232 @@ def _perturb(
 
 
 def _chunk_gradient(
-  spec: SamSpec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
+  spec, forward, loss_fn, has_aux, axis_name, group, params, rho, batch, key, g_p=None
 ):
-  """Steps 1-6 of the design page on one chunk; returns (g, aux of the first pass, metrics)."""
+  """Steps 1-6 of the design page on one chunk: (g, aux of the pass at theta, metrics)."""
   perturbed, g_p, d, _, aux, loss, ascent_norm = _perturb(
-    spec, apply_fn, loss_fn, has_aux, params, rho, inputs, labels, key, group_size
+    spec, forward, loss_fn, has_aux, axis_name, group, params, rho, batch, key, g_p
   )
-
-  def task_loss(p):
-    out = apply_fn(p, inputs)
-    return loss_fn(out[0] if has_aux else out, labels)
-
+  task_loss = lambda p: loss_fn(_logits(forward(p, batch), has_aux), batch)
   perturbed_loss, g = jax.value_and_grad(task_loss)(perturbed)
-
   if spec.gsam_alpha:
-    g = sharding.group_mean(g, spec.axis_name, group_size)
+    g = sharding.group_mean(g, axis_name, group)
     b = d if spec.gsam_normalized_backup else g_p
-    u = _scale(g, 1.0 / (_norm(g) + EPS))
-    b_dot_u = _dot(b, u)
+    u = optax.tree.scale(1.0 / (optax.tree.norm(g) + EPS), g)
+    b_dot_u = optax.tree.vdot(b, u)
     g = jax.tree.map(lambda gi, bi, ui: gi - spec.gsam_alpha * (bi - b_dot_u * ui), g, b, u)
-
   metrics = dict(loss=loss, perturbed_loss=perturbed_loss, ascent_norm=ascent_norm, rho=rho)
   return g, aux, metrics
 
 
-def _mean0(tree):
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
-
-
-def _chunk_keys(spec: SamSpec, rng, n_chunks: int, group_size: int):
-  """One key per chunk of the global batch; devices of one group share their chunk's key."""
-  device = 0 if spec.axis_name is None else lax.axis_index(spec.axis_name)
+def _chunk_keys(rng, n_chunks: int, group: int, axis_name):
+  """One key per chunk of the global batch; the devices of one group share their chunk's key."""
+  device = 0 if axis_name is None else lax.axis_index(axis_name)
   key = jax.random.PRNGKey(0) if rng is None else rng
-  first_chunk = device * n_chunks // group_size
+  first_chunk = device * n_chunks // group
   return jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
 
 
-def spec_gradient(
-  spec: SamSpec,
-  params,
-  inputs,
-  labels,
-  *,
-  apply_fn: ApplyFn,
+def _mean_over(fn, xs, n: int, mode: str):
+  """mean_i fn(xs[i]) over the n leading slices of `xs`, computed as `mode` says."""
+  if n == 1:
+    return fn(_index(xs, 0))
+  if mode == "vmap":
+    return jax.tree.map(lambda a: jnp.mean(a, axis=0), jax.vmap(fn)(xs))
+  if mode == "unroll":
+    outs = [fn(_index(xs, i)) for i in range(n)]
+    return jax.tree.map(lambda *a: sum(a) / n, *outs)
+  first = fn(_index(xs, 0))  # scan: the carry starts from chunk 0 (types match the body's)
+  body = lambda total, x: (jax.tree.map(lambda a, b: a + b, total, fn(x)), None)
+  total, _ = lax.scan(body, first, jax.tree.map(lambda a: a[1:], xs))
+  return jax.tree.map(lambda a: a / n, total)
+
+
+def sam_value_and_grad(
+  forward: Forward,
   loss_fn: LossFn,
-  rho,
-  rng=None,
+  spec: SamSpec | None,
+  *,
   has_aux: bool = False,
+  axis_name: sharding.AxisName | None = None,
+  accum_steps: int = 1,
 ):
-  """`sam_gradient` for a validated `SamSpec` and this step's rho: (grads, aux, metrics)."""
-  local_batch = jax.tree.leaves(labels)[0].shape[0]
-  n_chunks, group_size = _chunking(spec, local_batch)
-  if spec.objective == "random" and rng is None:
-    raise ValueError("objective='random' needs rng (a PRNG key)")
-  keys = _chunk_keys(spec, rng, n_chunks, group_size)
-  if spec.axis_name is not None:
-    params = sharding.per_device(params, spec.axis_name)
+  """The SAM-family analogue of `jax.value_and_grad(loss, has_aux)`, for every method.
 
-  def one(x, y, k):
-    return _chunk_gradient(spec, apply_fn, loss_fn, has_aux, params, rho, x, y, k, group_size)
+  Args:
+    forward: (params, batch) -> logits, or (logits, aux) with `has_aux`. With BatchNorm make
+      aux the new batch statistics: the returned aux is that of the pass at theta (averaged over
+      chunks, micro-batches and devices); the perturbed pass's aux is discarded.
+    loss_fn: task loss (logits, batch) -> scalar mean, e.g. `pf_jax.softmax_cross_entropy`.
+    spec: the method (`SamSpec`); None is the plain gradient of the task loss.
+    has_aux: see `forward`.
+    axis_name: the mesh/pmap axis of data parallelism (call inside shard_map/pmap); results are
+      averaged over it. Each device perturbs with its own chunks (its own gradient, not the
+      average: parameters are cast to device-varying first).
+    accum_steps: the batch is cut into this many micro-batches, computed one after another
+      (gradient accumulation); each is cut into its own m-chunks.
 
-  if n_chunks == 1:
-    g, aux, metrics = one(inputs, labels, keys[0])
-  else:
-    xs, ys = _split_chunks((inputs, labels), n_chunks)
-    if spec.chunk_mode == "vmap":
-      g, aux, metrics = _mean0(jax.vmap(one)(xs, ys, keys))
-    else:
+  Returns:
+    fn(params, batch, *, step=None, rng=None) -> ((loss, aux, metrics), grads): `step` picks
+    rho_t of a schedule; `rng` is this step's PRNG key (required by objective="random": each
+    chunk folds in its global index, micro-batch i first folds in i). loss is the task loss at
+    theta; metrics = {loss, perturbed_loss, ascent_norm, rho} ({loss} without spec).
+  """
+  if not isinstance(accum_steps, int) or accum_steps < 1:
+    raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
 
-      def body(total, chunk):
-        out = one(*chunk)
-        return jax.tree.map(lambda a, b: a + b / n_chunks, total, out), None
+  def micro(params, batch, rho, key, num_devices):
+    if spec is None:
 
-      zeros = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(one, *jax.tree.map(lambda a: a[0], (xs, ys, keys)))
+      def at_theta(p):
+        out = forward(p, batch)
+        return loss_fn(_logits(out, has_aux), batch), out
+
+      (loss, out), grads = jax.value_and_grad(at_theta, has_aux=True)(params)
+      return grads, (out[1] if has_aux else None), {"loss": loss}
+    n_chunks, group = chunking(spec.m, _batch_size(batch), num_devices)
+    keys = _chunk_keys(key, n_chunks, group, axis_name)
+    one = lambda chunk: _chunk_gradient(
+      spec, forward, loss_fn, has_aux, axis_name, group, params, rho, chunk[0], chunk[1]
+    )
+    return _mean_over(one, (_split(batch, n_chunks), keys), n_chunks, spec.chunk_mode)
+
+  def fn(params, batch, *, step=None, rng=None):
+    rho = None
+    if spec is not None:
+      rho = spec.rho_at(step)
+      if spec.objective == "random" and rng is None:
+        raise ValueError("objective='random' needs rng= (a PRNG key)")
+    num_devices = 1 if axis_name is None else sharding.axis_size(axis_name)
+    if _batch_size(batch) % accum_steps:
+      raise ValueError(
+        f"accum_steps={accum_steps} must divide the per-device batch {_batch_size(batch)}"
       )
-      (g, aux, metrics), _ = lax.scan(body, zeros, (xs, ys, keys))
+    if axis_name is not None:
+      params = sharding.per_device(params, axis_name)
+    if accum_steps == 1:
+      grads, aux, metrics = micro(params, batch, rho, rng, num_devices)
+    else:
+      keys = None
+      if rng is not None:
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
+      one = lambda x: micro(params, x[0], rho, x[1], num_devices)
+      grads, aux, metrics = _mean_over(one, (_split(batch, accum_steps), keys), accum_steps, "scan")
+    if axis_name is not None:
+      grads, aux, metrics = lax.pmean((grads, aux, metrics), axis_name)
+    return (metrics["loss"], aux, metrics), grads
 
-  if spec.axis_name is not None:
-    g, aux, metrics = lax.pmean((g, aux, metrics), spec.axis_name)
-  return g, aux, metrics
-
-
-def _split_chunks(tree, n_chunks: int):
-  return jax.tree.map(lambda a: a.reshape((n_chunks, -1) + a.shape[1:]), tree)
+  return fn
 
 
 def perturbed_logits(
-  spec: SamSpec, params, inputs, labels, *, apply_fn: ApplyFn, loss_fn: LossFn, rho, rng=None
+  forward: Forward,
+  loss_fn: LossFn,
+  spec: SamSpec,
+  params,
+  batch,
+  *,
+  step=None,
+  rng=None,
+  axis_name: sharding.AxisName | None = None,
 ):
   """Logits at theta and at the perturbed parameters theta^p of each example's own m-chunk.
 
   theta^p is what a training step with `spec` on this batch would perturb to (steps 1-4 of the
-  module docstring, computed by the same `_perturb` as training; GSAM only changes the update
-  gradient, not theta^p). For the forgetting analysis (pf_jax.analysis, paper Section 6.1).
-  `apply_fn` returns logits only (e.g. a model in inference mode). Chunks are processed one
-  after another (`lax.map`), so memory is that of one chunk whatever `spec.chunk_mode` says.
+  module docstring, the same `_perturb` as training; GSAM changes the update gradient, not
+  theta^p). For the forgetting analysis (pf_jax.analysis, paper Section 6.1). `forward` returns
+  logits only (e.g. a model in inference mode). Chunks run one after another (`lax.map`).
 
   Returns:
-    (logits at theta, logits at theta^p), each [local batch, ...] in the order of `inputs`.
+    (logits at theta, logits at theta^p), each [local batch, ...] in the order of the batch.
   """
-  local_batch = jax.tree.leaves(labels)[0].shape[0]
-  n_chunks, group_size = _chunking(spec, local_batch)
-  keys = _chunk_keys(spec, rng, n_chunks, group_size)
-  if spec.axis_name is not None:
-    params = sharding.per_device(params, spec.axis_name)
+  local_batch = _batch_size(batch)
+  num_devices = 1 if axis_name is None else sharding.axis_size(axis_name)
+  n_chunks, group = chunking(spec.m, local_batch, num_devices)
+  keys = _chunk_keys(rng, n_chunks, group, axis_name)
+  rho = spec.rho_at(step)
+  if axis_name is not None:
+    params = sharding.per_device(params, axis_name)
 
   def one(chunk):
-    x, y, k = chunk
+    b, k = chunk
     perturbed, _, _, logits, _, _, _ = _perturb(
-      spec, apply_fn, loss_fn, False, params, rho, x, y, k, group_size
+      spec, forward, loss_fn, False, axis_name, group, params, rho, b, k
     )
-    return logits, apply_fn(perturbed, x)
+    return logits, forward(perturbed, b)
 
-  xs, ys = _split_chunks((inputs, labels), n_chunks)
-  clean, perturbed = lax.map(one, (xs, ys, keys))
+  clean, perturbed = lax.map(one, (_split(batch, n_chunks), keys))
   merge = lambda a: a.reshape((local_batch,) + a.shape[2:])
   return merge(clean), merge(perturbed)
 
 
-def sam_gradient(
-  params,
-  inputs,
-  labels,
-  *,
-  apply_fn: ApplyFn,
-  loss_fn: LossFn,
-  rho: float,
-  objective: perturbations.Objective = "steepest",
-  m: int | None = None,
-  chunk_mode: str = "vmap",
-  gsam_alpha: float = 0.0,
-  gsam_normalized_backup: bool = False,
-  asam: str | None = None,
-  asam_eta: float = 0.0,
-  axis_name=None,
-  rng: jax.Array | None = None,
-  has_aux: bool = False,
-):
-  """The SAM-family update gradient of this step (module docstring), averaged over devices.
-
-  Args:
-    params: parameters theta (any pytree).
-    inputs, labels: this device's batch (pytrees with a leading batch axis; labels are ints).
-    apply_fn: (params, inputs) -> logits, or (logits, aux) with `has_aux=True`. With BatchNorm,
-      make aux the new batch statistics: the returned aux comes from the unperturbed pass
-      only (averaged over chunks and devices); the perturbed pass's aux is discarded.
-    loss_fn: task loss (logits, labels) -> scalar mean, e.g. `pf_jax.softmax_cross_entropy`.
-    rho: this step's radius, a number >= 0 or a traced scalar (evaluate schedules yourself).
-    rng: PRNG key of this step; required for objective="random", each chunk folds in its
-      global index so chunks, devices and steps differ reproducibly.
-    Other arguments: see `SamSpec`.
-
-  Returns:
-    (grads, aux, metrics): grads to hand to the base optimizer; aux of the first pass (None
-    without has_aux); metrics dict with loss (at theta), perturbed_loss, ascent_norm, rho.
-  """
-  if callable(rho):
-    raise ValueError("sam_gradient takes this step's rho as a number: pass rho=schedule(step)")
-  spec = SamSpec(
-    rho=rho,
-    objective=objective,
-    m=m,
-    chunk_mode=chunk_mode,
-    gsam_alpha=gsam_alpha,
-    gsam_normalized_backup=gsam_normalized_backup,
-    asam=asam,
-    asam_eta=asam_eta,
-    axis_name=axis_name,
-  )
-  return spec_gradient(
-    spec,
-    params,
-    inputs,
-    labels,
-    apply_fn=apply_fn,
-    loss_fn=loss_fn,
-    rho=spec.rho_at(0),
-    rng=rng,
-    has_aux=has_aux,
-  )
-
-
 class SamState(NamedTuple):
-  count: jax.Array  # steps taken; drives the rho schedule and the random key
-  key: jax.Array  # base PRNG key for random perturbations
-  base_state: optax.OptState
-  metrics: dict  # metrics of the last step, for logging
+  """State of `sam`: only what must persist between steps."""
+
+  count: jax.Array  # steps taken: the `step` of a rho schedule
+  base_state: optax.OptState  # the base optimizer's state
 
 
 def sam(
   base: optax.GradientTransformation,
-  rho: ScalarOrSchedule,
+  spec: SamSpec,
   *,
-  apply_fn: ApplyFn,
-  loss_fn: LossFn,
-  objective: perturbations.Objective = "steepest",
-  m: int | None = None,
-  chunk_mode: str = "vmap",
-  gsam_alpha: float = 0.0,
-  gsam_normalized_backup: bool = False,
-  asam: str | None = None,
-  asam_eta: float = 0.0,
-  axis_name=None,
-  seed: int = 0,
+  has_aux: bool = False,
+  axis_name: sharding.AxisName | None = None,
+  updates_are_ascent: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Wraps `base` (any optax optimizer) so its gradient is the SAM-family gradient.
+  """Wraps `base` (any optax optimizer) so that it steps with the SAM-family gradient of `spec`.
 
-  `update(updates, state, params, *, inputs, labels, **extra)` recomputes the gradient from
-  the batch with `sam_gradient` (the incoming `updates` are ignored and may be None), then
-  calls `base.update` on it: clipping, AdamW or SGDW in `base` see the final averaged SAM
-  gradient. rho may be a schedule of the step count. Call it inside shard_map/pmap with
-  `axis_name` set for data parallelism. Use `sam_gradient` directly for models with
-  BatchNorm state. Arguments: see `SamSpec`.
+  `update(updates, state, params, *, forward, batch, loss_fn=softmax_cross_entropy, rng=None,
+  **extra)`: `updates` is the caller's gradient of `loss_fn` at `params` on `batch`. For
+  steepest ascent with one chunk per device it *is* the ascent gradient g_p, so only the
+  perturbed pass is added (two forward+backward passes per step in all); otherwise the gradient
+  is computed by `sam_value_and_grad` (and `updates` ignored). `base.update` then sees the final
+  averaged SAM gradient (chain clipping etc. inside `base`). `forward`, `has_aux`, `axis_name`
+  and `rng` are as in `sam_value_and_grad`; rho_t follows the state's step count.
+
+  `updates_are_ascent`: None decides from the method and, under shard_map, from the type of
+  `updates` (device-varying: this device's own gradient; invariant: already averaged, not
+  reusable). Under pmap types cannot tell: pass True when `updates` are each device's own
+  gradient before any pmean.
   """
-  spec = SamSpec(
-    rho=rho,
-    objective=objective,
-    m=m,
-    chunk_mode=chunk_mode,
-    gsam_alpha=gsam_alpha,
-    gsam_normalized_backup=gsam_normalized_backup,
-    asam=asam,
-    asam_eta=asam_eta,
-    axis_name=axis_name,
-  )
+
   base = optax.with_extra_args_support(base)
 
   def init_fn(params):
-    metrics = {k: jnp.zeros((), jnp.float32) for k in METRIC_NAMES}
-    return SamState(jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed), base.init(params), metrics)
+    return SamState(jnp.zeros((), jnp.int32), base.init(params))
 
-  def update_fn(updates, state, params=None, *, inputs=None, labels=None, **extra):
-    del updates
-    if params is None or inputs is None or labels is None:
-      raise ValueError("sam's update needs params, inputs= and labels=")
-    grads, _, metrics = spec_gradient(
-      spec,
-      params,
-      inputs,
-      labels,
-      apply_fn=apply_fn,
-      loss_fn=loss_fn,
-      rho=spec.rho_at(state.count),
-      rng=jax.random.fold_in(state.key, state.count),
-    )
+  def update_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    forward,
+    batch,
+    loss_fn=losses.softmax_cross_entropy,
+    rng=None,
+    **extra,
+  ):
+    if params is None:
+      raise ValueError("pf_jax.sam's update needs params")
+    num_devices = 1 if axis_name is None else sharding.axis_size(axis_name)
+    n_chunks, group = chunking(spec.m, _batch_size(batch), num_devices)
+    reuse = updates_are_ascent
+    if reuse is None:
+      reuse = updates is not None and (axis_name is None or sharding.is_varying(updates, axis_name))
+    if reuse and spec.objective == "steepest" and n_chunks == 1 and group == 1:
+      rho = spec.rho_at(state.count)
+      p = params if axis_name is None else sharding.per_device(params, axis_name)
+      g_p = jax.tree.map(lambda u, x: u.astype(x.dtype), updates, p)
+      grads, _, _ = _chunk_gradient(
+        spec, forward, loss_fn, has_aux, axis_name, 1, p, rho, batch, None, g_p
+      )
+      if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    else:
+      grad_fn = sam_value_and_grad(forward, loss_fn, spec, has_aux=has_aux, axis_name=axis_name)
+      _, grads = grad_fn(params, batch, step=state.count, rng=rng)
     new_updates, base_state = base.update(grads, state.base_state, params, **extra)
-    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    return new_updates, SamState(optax.safe_increment(state.count), state.key, base_state, metrics)
+    return new_updates, SamState(optax.safe_increment(state.count), base_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -45,6 +45,23 @@ def group_mean(tree, axis_name: AxisName, group_size: int):
   return jax.tree.map(lambda x: x / group_size, total)
 
 
+def _axes(axis_name: AxisName) -> tuple:
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def varying_axes(x) -> frozenset:
+  """The manual (shard_map) axes over which `x` may differ between devices."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def is_varying(tree, axis_name: AxisName) -> bool:
+  """Whether every leaf may differ over `axis_name` (False: replicated, e.g. already averaged)."""
+  axes = _axes(axis_name)
+  return all(all(a in varying_axes(x) for a in axes) for x in jax.tree.leaves(tree))
+
+
 def per_device(tree, axis_name: AxisName):
   """Marks replicated leaves as varying over `axis_name`.
 
@@ -52,11 +69,10 @@ def per_device(tree, axis_name: AxisName):
   summed over devices. SAM needs each device's own gradient (its own perturbation), so the
   parameters are cast to device-varying before differentiating.
   """
-  axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  axes = _axes(axis_name)
 
   def cast(x):
-    vma = getattr(jax.typeof(x), "vma", frozenset())
-    missing = tuple(a for a in axes if a not in vma)
+    missing = tuple(a for a in axes if a not in varying_axes(x))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)

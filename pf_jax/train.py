@@ -2,8 +2,8 @@
 
 Data parallel over a 1-D device mesh ('data'): the train step runs under `jax.jit` +
 `jax.shard_map`, each device holding a shard of the global batch and a replica of the state.
-The SAM-family gradient comes from `pf_jax.sam_gradient` (per-device m-chunks, BatchNorm
-statistics from the unperturbed pass), then the base optimizer. Every random choice is a
+The SAM-family gradient comes from `pf_jax.sam_value_and_grad` (per-device m-chunks, gradient
+accumulation, BatchNorm statistics from the unperturbed pass), then the base optimizer. Every random choice is a
 function of (config.seed, step) and the data order is step-addressable, so a run resumed from
 a checkpoint ends bit-identical to an uninterrupted one.
 """
@@ -35,7 +35,6 @@ from pf_jax import optimizers
 from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import schedules
-from pf_jax import sharding
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect as collect_lib
 
@@ -119,13 +118,13 @@ def _model_apply(model, has_bn: bool):
   return apply
 
 
-def sam_spec(c) -> sam_lib.SamSpec | None:
-  """The run's SAM-family member (rho is given per step); None without a perturbation."""
+def sam_spec(c, rho) -> sam_lib.SamSpec | None:
+  """The run's SAM-family member with its rho (float or schedule); None without a perturbation."""
   s = c.sam
   if s.perturbation == "none":
     return None
   return sam_lib.SamSpec(
-    rho=s.rho_max,
+    rho=rho,
     objective=config_validation.objective(c),
     m=s.m,
     chunk_mode=s.chunk_mode,
@@ -133,12 +132,7 @@ def sam_spec(c) -> sam_lib.SamSpec | None:
     gsam_normalized_backup=s.gsam_normalized_backup,
     asam=s.asam or None,
     asam_eta=s.asam_eta,
-    axis_name=AXIS,
   )
-
-
-def rho_at(rho, step) -> jax.Array:
-  return rho(step) if callable(rho) else jnp.asarray(rho, jnp.float32)
 
 
 def step_key(c, step) -> jax.Array:
@@ -147,66 +141,24 @@ def step_key(c, step) -> jax.Array:
 
 
 def make_train_step(c, model, tx, rho, mesh):
-  """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated."""
-  has_bn = models.has_batch_norm(c.model)
-  apply = _model_apply(model, has_bn)
-  loss_fn = losses.get_loss(c.loss, c.label_smoothing)
-  spec = sam_spec(c)
+  """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated.
+
+  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`.
+  """
+  apply = _model_apply(model, models.has_batch_norm(c.model))
+  task_loss = losses.get_loss(c.loss, c.label_smoothing)
+  spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 
-  def micro_grad(params, batch_stats, rho_t, images, labels, key):
-    apply_fn = lambda p, x: apply(p, batch_stats, x, True)
-    if spec is None:
-
-      def loss(p):
-        logits, new_stats = apply_fn(p, images)
-        return loss_fn(logits, labels), new_stats
-
-      (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(
-        sharding.per_device(params, AXIS)
-      )
-      grads, new_stats, value = jax.lax.pmean((grads, new_stats, value), AXIS)
-      return grads, new_stats, {"loss": value}
-    return sam_lib.spec_gradient(
-      spec,
-      params,
-      images,
-      labels,
-      apply_fn=apply_fn,
-      loss_fn=loss_fn,
-      rho=rho_t,
-      rng=key,
-      has_aux=True,
-    )
-
   def step(state: TrainState, batch):
-    images, labels = batch["image"].astype(dtype), batch["label"]
-    rho_t = rho_at(rho, state.step)
-    key = step_key(c, state.step)
-    n = c.grad_accum_steps
-    if n == 1:
-      grads, new_stats, metrics = micro_grad(
-        state.params, state.batch_stats, rho_t, images, labels, key
-      )
-    else:
-      # Sequential micro-batches (accumulation); each is cut into its own m-chunks.
-      split = lambda a: a.reshape((n, -1) + a.shape[1:])
-
-      def body(acc, xs):
-        i, x, y = xs
-        out = micro_grad(state.params, state.batch_stats, rho_t, x, y, jax.random.fold_in(key, i))
-        return jax.tree.map(lambda a, b: a + b / n, acc, out), None
-
-      shapes = jax.eval_shape(
-        micro_grad, state.params, state.batch_stats, rho_t, split(images)[0], split(labels)[0], key
-      )
-      zeros = jax.tree.map(
-        lambda sd: sharding.per_device(jnp.zeros(sd.shape, sd.dtype), AXIS), shapes
-      )
-      (grads, new_stats, metrics), _ = jax.lax.scan(
-        body, zeros, (jnp.arange(n), split(images), split(labels))
-      )
-      grads, new_stats, metrics = jax.lax.pmean((grads, new_stats, metrics), AXIS)
+    batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
+    forward = lambda p, b: apply(p, state.batch_stats, b["image"], True)
+    grad_fn = sam_lib.sam_value_and_grad(
+      forward, task_loss, spec, has_aux=True, axis_name=AXIS, accum_steps=c.grad_accum_steps
+    )
+    (_, new_stats, metrics), grads = grad_fn(
+      state.params, batch, step=state.step, rng=step_key(c, state.step)
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(
@@ -219,7 +171,7 @@ def make_train_step(c, model, tx, rho, mesh):
       lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1)
     )
     metrics = dict(
-      metrics, grad_norm=optax.tree.norm(grads), rho=rho_t, nonfinite=1 - finite.astype(jnp.float32)
+      metrics, grad_norm=optax.tree.norm(grads), nonfinite=1 - finite.astype(jnp.float32)
     )
     return new, metrics
 
@@ -261,25 +213,18 @@ def make_collect_step(c, model, mesh, rho):
   rho and PRNG key of the next training step. Sigmoid likelihoods for sigmoid_xent, else softmax.
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
-  loss_fn = losses.get_loss(c.loss, c.label_smoothing)
+  task_loss = losses.get_loss(c.loss, c.label_smoothing)
   predict = jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax
-  spec = sam_spec(c)
+  spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 
   def step(params, batch_stats, step, batch):
-    images, labels = batch["image"].astype(dtype), batch["label"]
-    apply_fn = lambda p, x: apply(p, batch_stats, x, False)[0].astype(jnp.float32)
+    batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
+    forward = lambda p, b: apply(p, batch_stats, b["image"], False)[0].astype(jnp.float32)
     if spec is None:
-      return {"probs": predict(apply_fn(params, images))}
+      return {"probs": predict(forward(params, batch))}
     clean, perturbed = sam_lib.perturbed_logits(
-      spec,
-      params,
-      images,
-      labels,
-      apply_fn=apply_fn,
-      loss_fn=loss_fn,
-      rho=rho_at(rho, step),
-      rng=step_key(c, step),
+      forward, task_loss, spec, params, batch, step=step, rng=step_key(c, step), axis_name=AXIS
     )
     return {"probs": predict(clean), "probs_p": predict(perturbed)}
 

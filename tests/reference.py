@@ -51,6 +51,16 @@ def loss_dz(loss, z, y, smoothing=0.0):
   return (p - t) / len(y)
 
 
+def loss(name, p, x, y):
+  """The task loss at p: mean over the batch (summed over classes for sigmoid)."""
+  z = forward(p, x)[0]
+  t = onehot(y, z.shape[-1])
+  if name == "softmax":
+    return -np.mean(np.sum(t * np.log(softmax(z)), -1))
+  q = sigmoid(z)
+  return -np.mean(np.sum(t * np.log(q) + (1 - t) * np.log(1 - q), -1))
+
+
 def obf_dz(z, y, predictions, lam=None, gamma=None, alpha=None):
   c = z.shape[-1]
   p = softmax(z) if predictions == "softmax" else sigmoid(z)

@@ -13,7 +13,6 @@ from jax.flatten_util import ravel_pytree
 
 import pf_jax
 from pf_jax import analysis
-from pf_jax import sam_family
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import information
 from tests import reference as ref
@@ -262,7 +261,7 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
   p = ref.init_mlp(rng, D_IN, H, C)
   x, y = rng.normal(size=(B, D_IN)), rng.integers(0, C, size=B)
   rho, obf_kw = 0.3, dict(predictions="softmax", lam=0.25, gamma=1.0)
-  spec = sam_family.SamSpec(
+  spec = pf_jax.SamSpec(
     rho=rho,
     m=m,
     asam=asam,
@@ -271,14 +270,12 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
   )
   with jax.enable_x64(True):
     clean, perturbed = jax.jit(
-      lambda q: sam_family.perturbed_logits(
+      lambda q: pf_jax.perturbed_logits(
+        lambda p, b: _apply(p, b[0]),
+        pf_jax.softmax_cross_entropy,
         spec,
         q,
-        jnp.asarray(x),
-        jnp.asarray(y),
-        apply_fn=_apply,
-        loss_fn=pf_jax.softmax_cross_entropy,
-        rho=rho,
+        (jnp.asarray(x), jnp.asarray(y)),
       )
     )(jax.tree.map(jnp.asarray, p))
   want = []

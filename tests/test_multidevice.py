@@ -1,7 +1,5 @@
 """Same global batch, same update: 1 device vs 8 simulated devices (shard_map and pmap)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,16 +46,19 @@ CASES = [
 ]
 
 
+def forward(p, batch):
+  return apply_fn(p, batch[0])
+
+
+def grad_fn(kw, axis_name=None):
+  """(params, x, y) -> the SAM-family gradient through the public functional core."""
+  spec = pf_jax.SamSpec(rho=0.5, **kw)
+  fn = pf_jax.sam_value_and_grad(forward, pf_jax.sigmoid_cross_entropy, spec, axis_name=axis_name)
+  return lambda p, x, y: fn(p, (x, y), rng=jax.random.PRNGKey(3))[1]
+
+
 def single_device(params, x, y, kw):
-  fn = functools.partial(
-    pf_jax.sam_gradient,
-    apply_fn=apply_fn,
-    loss_fn=pf_jax.sigmoid_cross_entropy,
-    rho=0.5,
-    rng=jax.random.PRNGKey(3),
-    **kw,
-  )
-  return jax.jit(fn)(params, x, y)[0]
+  return jax.jit(grad_fn(kw))(params, x, y)
 
 
 def assert_trees_close(a, b, tol=1e-5):
@@ -65,27 +66,21 @@ def assert_trees_close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=tol, atol=tol)
 
 
+def on_mesh(mesh, *args_and_specs):
+  return [jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in args_and_specs]
+
+
 @pytest.mark.parametrize("name,batch,n_dev,kw", CASES, ids=[c[0] for c in CASES])
 def test_shard_map_matches_one_device(name, batch, n_dev, kw):
   params, x, y = make_problem(batch)
   want = single_device(params, x, y, kw)
   mesh = Mesh(np.array(jax.devices()[:n_dev]), ("data",))
-  fn = functools.partial(
-    pf_jax.sam_gradient,
-    apply_fn=apply_fn,
-    loss_fn=pf_jax.sigmoid_cross_entropy,
-    rho=0.5,
-    rng=jax.random.PRNGKey(3),
-    axis_name="data",
-    **kw,
-  )
   sharded = jax.jit(
     jax.shard_map(
-      lambda p, x, y: fn(p, x, y)[0], mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()
+      grad_fn(kw, "data"), mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()
     )
   )
-  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  got = sharded(put(params, P()), put(x, P("data")), put(y, P("data")))
+  got = sharded(*on_mesh(mesh, (params, P()), (x, P("data")), (y, P("data"))))
   assert_trees_close(got, want)
 
 
@@ -95,16 +90,7 @@ def test_shard_map_matches_one_device(name, batch, n_dev, kw):
 def test_pmap_matches_one_device(name, batch, n_dev, kw):
   params, x, y = make_problem(batch)
   want = single_device(params, x, y, kw)
-  fn = functools.partial(
-    pf_jax.sam_gradient,
-    apply_fn=apply_fn,
-    loss_fn=pf_jax.sigmoid_cross_entropy,
-    rho=0.5,
-    rng=jax.random.PRNGKey(3),
-    axis_name="batch",
-    **kw,
-  )
-  pmapped = jax.pmap(lambda p, x, y: fn(p, x, y)[0], axis_name="batch", in_axes=(None, 0, 0))
+  pmapped = jax.pmap(grad_fn(kw, "batch"), axis_name="batch", in_axes=(None, 0, 0))
   got = pmapped(params, x.reshape(8, -1, 5), y.reshape(8, -1))
   for k in got:  # every device holds the same averaged gradient
     np.testing.assert_array_equal(got[k][0], got[k][7])
@@ -115,68 +101,101 @@ def test_random_directions_differ_per_device():
   """8 devices, one chunk each: the mean of the 8 unit directions has squared norm ~1/8."""
   dim, rho = 4096, 0.5
   w = {"w": jnp.asarray(np.random.default_rng(0).normal(size=dim), jnp.float32)}
-  fn = lambda p, x: jnp.broadcast_to(p["w"], (x.shape[0], dim))
-  loss = lambda z, y: 0.5 * jnp.mean(jnp.sum(z**2, -1))
+  fn = lambda p, b: jnp.broadcast_to(p["w"], (b[0].shape[0], dim))
+  loss = lambda z, b: 0.5 * jnp.mean(jnp.sum(z**2, -1))
   mesh = Mesh(np.array(jax.devices()), ("data",))
+  spec = pf_jax.SamSpec(rho=rho, objective="random")
+  vg = pf_jax.sam_value_and_grad(fn, loss, spec, axis_name="data")
   grad = jax.jit(
     jax.shard_map(
-      lambda p, x, y: pf_jax.sam_gradient(
-        p,
-        x,
-        y,
-        apply_fn=fn,
-        loss_fn=loss,
-        rho=rho,
-        objective="random",
-        rng=jax.random.PRNGKey(0),
-        axis_name="data",
-      )[0],
+      lambda p, x, y: vg(p, (x, y), rng=jax.random.PRNGKey(0))[1],
       mesh=mesh,
       in_specs=(P(), P("data"), P("data")),
       out_specs=P(),
     )
   )
-  x = jax.device_put(jnp.zeros((16, 1)), NamedSharding(mesh, P("data")))
-  y = jax.device_put(jnp.zeros(16, jnp.int32), NamedSharding(mesh, P("data")))
-  d = (grad(jax.device_put(w, NamedSharding(mesh, P())), x, y)["w"] - w["w"]) / rho
+  args = on_mesh(
+    mesh, (w, P()), (jnp.zeros((16, 1)), P("data")), (jnp.zeros(16, jnp.int32), P("data"))
+  )
+  d = (grad(*args)["w"] - w["w"]) / rho
   assert float(jnp.sum(d**2)) == pytest.approx(1 / 8, abs=0.03)
 
 
-def test_optax_transformation_under_shard_map_matches_one_device():
+def _run(tx, step, params, x, y):
+  state = tx.init(params)
+  for _ in range(3):
+    upd, state = step(state, params, x, y)
+    params = optax.apply_updates(params, upd)
+  return params
+
+
+BASE = optax.chain(optax.clip_by_global_norm(0.1), pf_jax.adamw(1e-2, weight_decay=0.3))
+
+
+@pytest.mark.parametrize(
+  "spec_kw", [dict(objective=pf_jax.obf(0.25), m=4), dict()], ids=["obf_m4", "steepest_reuse"]
+)
+def test_optax_transformation_under_shard_map_matches_one_device(spec_kw):
+  """8 devices with their own (device-varying) gradient as `updates` = one device with m = 4."""
   params, x, y = make_problem(32)
-  base = optax.chain(optax.clip_by_global_norm(0.1), pf_jax.adamw(1e-2, weight_decay=0.3))
-  make = lambda axis: pf_jax.sam(
-    base,
-    0.3,
-    apply_fn=apply_fn,
-    loss_fn=pf_jax.softmax_cross_entropy,
-    objective=pf_jax.obf(0.25),
-    m=4,
-    axis_name=axis,
-  )
-
-  def run(tx, step, params, x, y):
-    state = tx.init(params)
-    for _ in range(3):
-      upd, state = step(state, params, x, y)
-      params = optax.apply_updates(params, upd)
-    return params
-
-  tx1 = make(None)
-  one = run(
-    tx1, jax.jit(lambda s, p, x, y: tx1.update(None, s, p, inputs=x, labels=y)), params, x, y
+  loss_fn = pf_jax.softmax_cross_entropy
+  local_grad = lambda p, x, y: jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)
+  spec = pf_jax.SamSpec(rho=0.3, **dict(spec_kw, m=4))
+  tx1 = pf_jax.sam(BASE, spec)
+  one = _run(
+    tx1,
+    jax.jit(
+      lambda s, p, x, y: tx1.update(
+        local_grad(p, x, y), s, p, forward=forward, batch=(x, y), loss_fn=loss_fn
+      )
+    ),
+    params,
+    x,
+    y,
   )
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  tx8 = make("data")
+  tx8 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, **spec_kw), axis_name="data")
+  traces, steps = [], []
+
+  def counting_forward(p, batch):
+    traces.append(1)
+    return forward(p, batch)
+
+  def step(s, p, x, y):
+    steps.append(1)
+    g = local_grad(jax.lax.pcast(p, "data", to="varying"), x, y)  # this device's own gradient
+    return tx8.update(g, s, p, forward=counting_forward, batch=(x, y), loss_fn=loss_fn)
+
   step8 = jax.jit(
-    jax.shard_map(
-      lambda s, p, x, y: tx8.update(None, s, p, inputs=x, labels=y),
-      mesh=mesh,
-      in_specs=(P(), P(), P("data"), P("data")),
-      out_specs=(P(), P()),
-    )
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()))
   )
-  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-  eight = run(tx8, step8, put(params, P()), put(x, P("data")), put(y, P("data")))
+  eight = _run(tx8, step8, *on_mesh(mesh, (params, P()), (x, P("data")), (y, P("data"))))
   assert_trees_close(eight, one)
+  # Steepest: only the perturbed pass is added to the caller's (per trace of the step).
+  assert len(traces) == (1 if spec_kw == {} else 2) * len(steps)
   assert not np.allclose(one["W1"], params["W1"])
+
+
+def test_optax_transformation_under_pmap_reuses_declared_gradient():
+  params, x, y = make_problem(32)
+  loss_fn = pf_jax.softmax_cross_entropy
+  spec = pf_jax.SamSpec(rho=0.3)
+  tx1 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, m=4))
+  one = _run(
+    tx1,
+    jax.jit(
+      lambda s, p, x, y: tx1.update(None, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
+    ),
+    params,
+    x,
+    y,
+  )
+  tx8 = pf_jax.sam(BASE, spec, axis_name="batch", updates_are_ascent=True)
+
+  def step(s, p, x, y):
+    g = jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)  # per device, not averaged
+    return tx8.update(g, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
+
+  pstep = jax.pmap(step, axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
+  eight = _run(tx8, pstep, params, x.reshape(8, -1, 5), y.reshape(8, -1))
+  assert_trees_close(eight, one)

@@ -137,9 +137,14 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
     )
     return logits, new["batch_stats"]
 
-  grads, new_stats, metrics = pf_jax.sam_gradient(
-    params, x, y, apply_fn=apply_fn, loss_fn=pf_jax.softmax_cross_entropy, rho=0.5, has_aux=True
-  )
+  def sam_grad(m):
+    forward = lambda p, batch: apply_fn(p, batch[0])
+    spec = pf_jax.SamSpec(rho=0.5, m=m)
+    fn = pf_jax.sam_value_and_grad(forward, pf_jax.softmax_cross_entropy, spec, has_aux=True)
+    (_, new_stats, metrics), grads = fn(params, (x, y))
+    return grads, new_stats, metrics
+
+  grads, new_stats, metrics = sam_grad(None)
   # Running statistics as a plain forward pass at theta computes them: 0.9 * old + 0.1 * batch mean.
   _, want = apply_fn(params, x)
   batch_mean = jnp.mean(nn.Conv(4, (3, 3)).apply({"params": params["Conv_0"]}, x), axis=(0, 1, 2))
@@ -156,16 +161,7 @@ def test_batchnorm_statistics_come_from_the_unperturbed_pass():
     float(pf_jax.softmax_cross_entropy(apply_fn(params, x)[0], y))
   )
   # With m = 4 the statistics are the mean of the two chunks' updates.
-  _, chunked, _ = pf_jax.sam_gradient(
-    params,
-    x,
-    y,
-    apply_fn=apply_fn,
-    loss_fn=pf_jax.softmax_cross_entropy,
-    rho=0.5,
-    m=4,
-    has_aux=True,
-  )
+  _, chunked, _ = sam_grad(4)
   halves = [apply_fn(params, x[:4])[1], apply_fn(params, x[4:])[1]]
   np.testing.assert_allclose(
     chunked["BatchNorm_0"]["mean"],

@@ -109,6 +109,17 @@ def _pf_kwargs(kw):
   return LOSSES[loss], kw
 
 
+def forward(p, batch):
+  return apply_fn(p, batch[0])
+
+
+def sam_grad(p, x, y, loss_fn, spec, **kw):
+  """The SAM-family gradient of the (x, y) batch through the public functional core."""
+  step, rng = kw.pop("step", None), kw.pop("rng", None)
+  fn = pf_jax.sam_value_and_grad(forward, loss_fn, spec, **kw)
+  return fn(p, (jnp.asarray(x), jnp.asarray(y)), step=step, rng=rng)
+
+
 def _rel_err(got, want):
   num = np.sqrt(sum(np.sum((np.asarray(got[k]) - want[k]) ** 2) for k in ref.KEYS))
   return num / ref.tnorm(want)
@@ -123,35 +134,30 @@ def test_matches_sequential_reference(problem, name, pf_kw, ref_kw, m):
   ref_kw = dict(ref_kw)
   ref_kw.setdefault("loss", "softmax")
   want = ref.sam_grad(p, x, y, m, rho=rho, **ref_kw)
+  spec = pf_jax.SamSpec(rho=rho, m=m, **kw)
   with jax.enable_x64(True):
-    grads, _, metrics = jax.jit(
-      lambda p: pf_jax.sam_gradient(
-        p, jnp.asarray(x), jnp.asarray(y), apply_fn=apply_fn, loss_fn=loss_fn, rho=rho, m=m, **kw
-      )
-    )(jax.tree.map(jnp.asarray, p))
+    (loss, _, metrics), grads = jax.jit(lambda p: sam_grad(p, x, y, loss_fn, spec))(
+      jax.tree.map(jnp.asarray, p)
+    )
     assert grads["W1"].dtype == jnp.float64
   assert _rel_err(grads, want) <= 1e-6
+  assert float(loss) == pytest.approx(float(ref.loss(ref_kw["loss"], p, x, y)), rel=1e-9)
+  assert float(metrics["rho"]) == pytest.approx(rho)
   # The perturbation matters: the plain gradient is far from the SAM gradient.
   plain = ref.backprop(p, x, ref.loss_dz(ref_kw["loss"], ref.forward(p, x)[0], y))
   assert _rel_err(plain, want) > 1e-3
 
 
-def test_scan_mode_matches_vmap_mode(problem):
+@pytest.mark.parametrize("mode", ["scan", "unroll"])
+def test_chunk_modes_match_vmap(problem, mode):
   p, x, y = problem
+  spec = lambda mode: pf_jax.SamSpec(
+    rho=0.2, m=4, gsam_alpha=0.2, chunk_mode=mode, objective=pf_jax.obf(0.25)
+  )
   with jax.enable_x64(True):
-    run = lambda mode: pf_jax.sam_gradient(
-      jax.tree.map(jnp.asarray, p),
-      jnp.asarray(x),
-      jnp.asarray(y),
-      apply_fn=apply_fn,
-      loss_fn=pf_jax.softmax_cross_entropy,
-      rho=0.2,
-      m=4,
-      gsam_alpha=0.2,
-      chunk_mode=mode,
-      objective=pf_jax.obf(0.25),
-    )[0]
-    a, b = run("vmap"), run("scan")
+    p = jax.tree.map(jnp.asarray, p)
+    a = sam_grad(p, x, y, pf_jax.softmax_cross_entropy, spec("vmap"))[1]
+    b = jax.jit(lambda q: sam_grad(q, x, y, pf_jax.softmax_cross_entropy, spec(mode)))(p)[1]
   for k in ref.KEYS:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-14)
 
@@ -159,19 +165,69 @@ def test_scan_mode_matches_vmap_mode(problem):
 def test_xi_zero_is_sam(problem):
   p, x, y = problem
   want = ref.sam_grad(p, x, y, 8, rho=0.1, objective="steepest", loss="softmax")
+  spec = pf_jax.SamSpec(rho=0.1, m=8, gsam_alpha=0.0, gsam_normalized_backup=True)
   with jax.enable_x64(True):
-    got = pf_jax.sam_gradient(
-      jax.tree.map(jnp.asarray, p),
-      jnp.asarray(x),
-      jnp.asarray(y),
-      apply_fn=apply_fn,
-      loss_fn=pf_jax.softmax_cross_entropy,
-      rho=0.1,
-      m=8,
-      gsam_alpha=0.0,
-      gsam_normalized_backup=True,
-    )[0]
+    got = sam_grad(jax.tree.map(jnp.asarray, p), x, y, pf_jax.softmax_cross_entropy, spec)[1]
   assert _rel_err(got, want) <= 1e-6
+
+
+def test_no_spec_is_the_plain_gradient(problem):
+  p, x, y = problem
+  with jax.enable_x64(True):
+    (loss, aux, metrics), got = sam_grad(
+      jax.tree.map(jnp.asarray, p), x, y, pf_jax.softmax_cross_entropy, None
+    )
+  want = ref.backprop(p, x, ref.loss_dz("softmax", ref.forward(p, x)[0], y))
+  assert _rel_err(got, want) <= 1e-12
+  assert aux is None and set(metrics) == {"loss"}
+
+
+def test_accumulation_is_chunking_of_the_micro_batches(problem):
+  """2 micro-batches of 16 with m = 8 are the same 4 chunks of 8 as one batch with m = 8."""
+  p, x, y = problem
+  want = ref.sam_grad(p, x, y, 8, rho=0.2, objective="steepest", loss="softmax")
+  spec = pf_jax.SamSpec(rho=0.2, m=8)
+  with jax.enable_x64(True):
+    got = sam_grad(
+      jax.tree.map(jnp.asarray, p), x, y, pf_jax.softmax_cross_entropy, spec, accum_steps=2
+    )[1]
+  assert _rel_err(got, want) <= 1e-9
+
+
+def test_dict_batch_soft_targets_and_aux(problem):
+  """A dict batch with one-hot targets and an aux output gives the int-label gradient."""
+  p, x, y = problem
+  spec = pf_jax.SamSpec(rho=0.2, m=8, objective=pf_jax.obf(0.25))
+  want = ref.sam_grad(
+    p,
+    x,
+    y,
+    8,
+    rho=0.2,
+    objective="obf",
+    loss="softmax",
+    obf_kw=dict(predictions="softmax", lam=0.25, gamma=1.0),
+  )
+  fwd = lambda q, b: (apply_fn(q, b["x"]), {"mean_x": jnp.mean(b["x"])})
+  with jax.enable_x64(True):
+    batch = {"x": jnp.asarray(x), "label": jax.nn.one_hot(y, C, dtype=jnp.float64)}
+    fn = pf_jax.sam_value_and_grad(fwd, pf_jax.softmax_cross_entropy, spec, has_aux=True)
+    (_, aux, _), got = fn(jax.tree.map(jnp.asarray, p), batch)
+  assert _rel_err(got, want) <= 1e-9
+  np.testing.assert_allclose(aux["mean_x"], np.mean(x), rtol=1e-12)  # mean over the 4 chunks
+
+
+def test_rho_schedule_follows_step(problem):
+  p, x, y = problem
+  spec = pf_jax.SamSpec(rho=lambda step: 0.1 * (step + 1))
+  with jax.enable_x64(True):
+    q = jax.tree.map(jnp.asarray, p)
+    (_, _, metrics), got = sam_grad(q, x, y, pf_jax.softmax_cross_entropy, spec, step=2)
+    with pytest.raises(ValueError, match="step="):
+      sam_grad(q, x, y, pf_jax.softmax_cross_entropy, spec)
+  want = ref.sam_grad(p, x, y, B, rho=0.3, objective="steepest", loss="softmax")
+  assert float(metrics["rho"]) == pytest.approx(0.3)
+  assert _rel_err(got, want) <= 1e-9
 
 
 def test_rho_zero_reproduces_base_optimizer(problem):
@@ -179,43 +235,86 @@ def test_rho_zero_reproduces_base_optimizer(problem):
   base = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
   with jax.enable_x64(True):
     params = jax.tree.map(jnp.asarray, p)
-    xj, yj = jnp.asarray(x), jnp.asarray(y)
-    loss = lambda q: pf_jax.softmax_cross_entropy(apply_fn(q, xj), yj)
-    tx = pf_jax.sam(
-      base,
-      0.0,
-      apply_fn=apply_fn,
-      loss_fn=pf_jax.softmax_cross_entropy,
-      m=8,
-      objective=pf_jax.obf(0.25),
-    )
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    loss = lambda q: pf_jax.softmax_cross_entropy(forward(q, batch), batch)
+    tx = pf_jax.sam(base, pf_jax.SamSpec(rho=0.0, m=8, objective=pf_jax.obf(0.25)))
     s_sam, s_base = tx.init(params), base.init(params)
     for _ in range(3):
-      u_sam, s_sam = tx.update(None, s_sam, params, inputs=xj, labels=yj)
-      u_base, s_base = base.update(jax.grad(loss)(params), s_base, params)
+      g = jax.grad(loss)(params)
+      u_sam, s_sam = tx.update(g, s_sam, params, forward=forward, batch=batch)
+      u_base, s_base = base.update(g, s_base, params)
       for k in ref.KEYS:
         np.testing.assert_allclose(u_sam[k], u_base[k], rtol=1e-10, atol=1e-13)
       params = optax.apply_updates(params, u_base)
 
 
-def test_transformation_is_the_function_then_base(problem):
-  """sam(base) == base applied to sam_gradient, with rho scheduled by the step count."""
+@pytest.mark.parametrize(
+  "spec_kw,passes",
+  [
+    (dict(), 2),  # steepest, one chunk: the caller's gradient is g_p
+    (dict(gsam_alpha=0.2, asam="before"), 2),  # still steepest: g_p reused, then scaled
+    (dict(m=8), 3),  # chunks need their own g_p
+    (dict(objective=pf_jax.obf(0.25)), 3),  # OBF ascends another objective
+  ],
+)
+def test_transformation_reuses_incoming_gradient(problem, spec_kw, passes):
+  """sam(base) == base applied to sam_value_and_grad's gradient, with rho following the step
+  count; a standard loop traces the model twice per step when the gradient can be reused."""
   p, x, y = problem
   params = jax.tree.map(jnp.asarray, p)
-  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y)
-  rho_schedule = lambda step: 0.1 * (step + 1)
-  kw = dict(apply_fn=apply_fn, loss_fn=pf_jax.sigmoid_cross_entropy, m=8, gsam_alpha=0.1)
+  batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y))
+  traces = []
+
+  def counting_forward(q, b):
+    traces.append(1)
+    return forward(q, b)
+
+  spec = pf_jax.SamSpec(rho=lambda step: 0.1 * (step + 1), **spec_kw)
   base = optax.sgd(0.5, momentum=0.9)
-  tx = pf_jax.sam(base, rho_schedule, **kw)
+  tx = pf_jax.sam(base, spec)
+  loss_fn = pf_jax.sigmoid_cross_entropy
+
+  @jax.jit
+  def train_step(q, state):  # a standard optax loop: gradient, then update
+    grads = jax.grad(lambda r: loss_fn(counting_forward(r, batch), batch))(q)
+    return tx.update(grads, state, q, forward=counting_forward, batch=batch, loss_fn=loss_fn)
+
   state, bstate = tx.init(params), base.init(params)
   for step in range(2):
-    upd, state = jax.jit(lambda s, q: tx.update(None, s, q, inputs=xj, labels=yj))(state, params)
-    g, _, _ = pf_jax.sam_gradient(params, xj, yj, rho=rho_schedule(step), **kw)
+    upd, state = train_step(params, state)
+    if step == 0:
+      assert len(traces) == passes
+    _, g = sam_grad(params, *batch, loss_fn, spec, step=step)
     want, bstate = base.update(g, bstate, params)
     for k in ref.KEYS:
       np.testing.assert_allclose(upd[k], want[k], rtol=1e-5, atol=1e-7)
-    assert float(state.metrics["rho"]) == pytest.approx(rho_schedule(step))
     params = optax.apply_updates(params, upd)
+  assert int(state.count) == 2
+
+
+def test_transformation_over_multisteps_base(problem):
+  """sam(MultiSteps(base, 2)): every micro-batch gets its own SAM gradient, base steps on
+  their mean every second call (MultiSteps outside sam would perturb with the wrong batch)."""
+  p, x, y = problem
+  with jax.enable_x64(True):
+    params = jax.tree.map(jnp.asarray, p)
+    halves = [(jnp.asarray(x[i::2]), jnp.asarray(y[i::2])) for i in range(2)]
+    base = optax.MultiSteps(optax.chain(optax.sgd(1.0)), every_k_schedule=2)
+    tx = pf_jax.sam(base, pf_jax.SamSpec(rho=0.2))
+    state = tx.init(params)
+    updates = []
+    for b in halves:
+      g = jax.grad(lambda q, b=b: pf_jax.softmax_cross_entropy(forward(q, b), b))(params)
+      upd, state = tx.update(g, state, params, forward=forward, batch=b)
+      updates.append(upd)
+  want = [
+    ref.sam_grad(p, x[i::2], y[i::2], 16, rho=0.2, objective="steepest", loss="softmax")
+    for i in range(2)
+  ]
+  for k in ref.KEYS:
+    np.testing.assert_array_equal(updates[0][k], 0.0)
+    # (MultiSteps keeps its running mean in float32.)
+    np.testing.assert_allclose(updates[1][k], -(want[0][k] + want[1][k]) / 2, rtol=1e-6, atol=1e-8)
 
 
 def test_obf_alpha_one_is_ascent_on_cross_entropy_to_uniform():
@@ -253,14 +352,13 @@ def test_random_direction_norm_and_reproducibility():
   """Loss 0.5 ||w||^2 has gradient w, so g at theta + rho d reveals d = (g - w) / rho."""
   dim, rho = 4096, 0.7
   w = {"w": jnp.asarray(np.random.default_rng(0).normal(size=dim), jnp.float32)}
-  fn = lambda p, x: jnp.broadcast_to(p["w"], (x.shape[0], dim))
+  fn = lambda p, b: jnp.broadcast_to(p["w"], (b[0].shape[0], dim))
   loss = lambda z, y: 0.5 * jnp.mean(jnp.sum(z**2, -1))
   x, y = jnp.zeros((16, 1)), jnp.zeros(16, jnp.int32)
 
   def direction(key, m):
-    g = pf_jax.sam_gradient(
-      w, x, y, apply_fn=fn, loss_fn=loss, rho=rho, objective="random", m=m, rng=key
-    )[0]
+    spec = pf_jax.SamSpec(rho=rho, objective="random", m=m)
+    g = pf_jax.sam_value_and_grad(fn, loss, spec)(w, (x, y), rng=key)[1]
     return (g["w"] - w["w"]) / rho  # mean over chunks of d_k
 
   k0, k1 = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
@@ -271,7 +369,7 @@ def test_random_direction_norm_and_reproducibility():
   # 4 chunks with independent directions: ||mean of 4 unit vectors||^2 ~ 1/4 (1 if identical).
   assert float(jnp.sum(direction(k0, 4) ** 2)) == pytest.approx(0.25, abs=0.05)
   with pytest.raises(ValueError, match="rng"):
-    pf_jax.sam_gradient(w, x, y, apply_fn=fn, loss_fn=loss, rho=rho, objective="random")
+    pf_jax.sam_value_and_grad(fn, loss, pf_jax.SamSpec(rho=rho, objective="random"))(w, (x, y))
 
 
 @pytest.mark.parametrize(
@@ -287,10 +385,10 @@ def test_random_direction_norm_and_reproducibility():
   ],
 )
 def test_invalid_hyperparameters_at_construction(bad, match):
-  kw = dict(rho=0.1, apply_fn=apply_fn, loss_fn=pf_jax.softmax_cross_entropy)
+  kw = dict(rho=0.1)
   kw.update(bad)
   with pytest.raises(ValueError, match=match):
-    pf_jax.sam(optax.sgd(0.1), **kw)
+    pf_jax.SamSpec(**kw)
 
 
 @pytest.mark.parametrize(
@@ -309,16 +407,8 @@ def test_invalid_obf_hyperparameters(factory, kw, match):
     factory(**kw)
 
 
-@pytest.mark.parametrize("m,match", [(3, "divide"), (12, "multiple"), (64, "axis_name")])
-def test_m_incompatible_with_batch_at_trace_time(problem, m, match):
+@pytest.mark.parametrize("m", [3, 12, 64])
+def test_m_incompatible_with_batch_at_trace_time(problem, m):
   p, x, y = problem
-  with pytest.raises(ValueError, match=match):
-    pf_jax.sam_gradient(
-      p,
-      jnp.asarray(x[:8]),
-      jnp.asarray(y[:8]),
-      apply_fn=apply_fn,
-      loss_fn=pf_jax.softmax_cross_entropy,
-      rho=0.1,
-      m=m,
-    )
+  with pytest.raises(ValueError, match=f"m={m} must divide the per-device batch 8"):
+    sam_grad(p, x[:8], y[:8], pf_jax.softmax_cross_entropy, pf_jax.SamSpec(rho=0.1, m=m))
