@@ -85,16 +85,12 @@ def variants(batch: int, ms, chunk_modes) -> list[Variant]:
 # pf_jax side
 
 
-def pf_jax_gradient(forward, loss_fn, variant: Variant, num_classes: int, has_aux: bool):
-  """The one place that calls pf_jax's SAM API: (params, batch, step, rng) -> (grads, aux).
-
-  `forward(params, batch)` returns logits (or (logits, aux) with has_aux).
-  """
+def pf_jax_spec(variant: Variant, num_classes: int) -> pf_jax.SamSpec:
   objective = variant.objective
   if objective == "obf":
     objective = pf_jax.obf(1.0 / num_classes, 1.0)
   kw = dict(chunk_mode=variant.chunk_mode) if variant.chunk_mode else {}
-  spec = pf_jax.SamSpec(
+  return pf_jax.SamSpec(
     rho=RHO,
     objective=objective,
     m=variant.m,
@@ -104,18 +100,18 @@ def pf_jax_gradient(forward, loss_fn, variant: Variant, num_classes: int, has_au
     **kw,
   )
 
+
+def pf_jax_gradient(forward, loss_fn, variant: Variant, num_classes: int, has_aux: bool):
+  """The one place that calls pf_jax's SAM API: (params, batch, step, rng) -> (grads, aux).
+
+  `forward(params, batch)` returns logits (or (logits, aux) with has_aux); `loss_fn(logits,
+  batch)` the task loss.
+  """
+  spec = pf_jax_spec(variant, num_classes)
+  fn = pf_jax.sam_value_and_grad(forward, loss_fn, spec, has_aux=has_aux)
+
   def grad_fn(params, batch, step, rng):
-    grads, aux, _ = sam_family.spec_gradient(
-      spec,
-      params,
-      batch,
-      batch["label"],
-      apply_fn=forward,
-      loss_fn=loss_fn,
-      rho=spec.rho_at(step),
-      rng=rng,
-      has_aux=has_aux,
-    )
+    (_, aux, _), grads = fn(params, batch, step=step, rng=rng)
     return grads, aux
 
   return grad_fn
@@ -146,7 +142,7 @@ class JaxBench:
     self.num_params = sum(x.size for x in jax.tree.leaves(self.params))
     self.tx = optax.chain(optax.clip_by_global_norm(1.0), pf_jax.adamw(1e-3, weight_decay=0.05))
     self.opt_state = jax.jit(self.tx.init)(self.params)
-    self.loss_fn = lambda logits, labels: pf_jax.softmax_cross_entropy(logits, labels)
+    self.loss_fn = pf_jax.softmax_cross_entropy  # (logits, batch)
 
   def forward(self, stats):
     """forward(params, batch) with this step's BatchNorm statistics (aux: the new ones)."""
@@ -168,7 +164,7 @@ class JaxBench:
     def loss(p, batch):
       out = forward(p, batch)
       logits, aux = out if self.has_bn else (out, None)
-      return self.loss_fn(logits, batch["label"]), aux
+      return self.loss_fn(logits, batch), aux
 
     return loss
 
@@ -211,6 +207,21 @@ class JaxBench:
       return self._update(grads, opt_state, params), aux
 
     return f
+
+  def pf_jax_sam_tx(self, variant: Variant):
+    """pf_jax.sam(base, spec) as an optax transformation, fed the caller's gradient (which
+    steepest SAM with one chunk reuses as its ascent direction)."""
+    tx = pf_jax.sam(self.tx, pf_jax_spec(variant, self.num_classes), has_aux=self.has_bn)
+    state = jax.jit(tx.init)(self.params)
+
+    def f(params, stats, state, batch, step):
+      grads, aux = jax.grad(self._loss(stats), has_aux=True)(params, batch)
+      updates, new_state = tx.update(
+        grads, state, params, forward=self.forward(stats), batch=batch, loss_fn=self.loss_fn
+      )
+      return (optax.apply_updates(params, updates), new_state), aux
+
+    return f, (self.params, self.stats, state) + self.args()[3:]
 
   def optax_sam(self):
     """optax.contrib.sam: normalized ascent of radius RHO, then the base optimizer."""
@@ -352,7 +363,7 @@ def run(args) -> dict:
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   jb = JaxBench(args.model, args.image, args.batch, args.num_classes, dtype)
   chunk_modes = tuple(args.chunk_modes or sam_family.CHUNK_MODES)
-  vs = variants(args.batch, args.m, chunk_modes)
+  vs = vs_all = variants(args.batch, args.m, chunk_modes)
   if args.only:
     vs = [v for v in vs if re.search(args.only, v.name)]
   jargs = jb.args()
@@ -362,6 +373,7 @@ def run(args) -> dict:
   for v in vs:
     pieces[v.name] = (jb.sam_step(v), jargs)
   if not args.no_optax:
+    pieces[f"pf_jax.sam tx m={args.batch}"] = jb.pf_jax_sam_tx(vs_all[0])
     pieces[f"optax.contrib.sam m={args.batch}"] = jb.optax_sam()
   compile_s = {}
   for name, (fn, fargs) in pieces.items():
@@ -454,7 +466,7 @@ def table(result: dict) -> str:
     speed = f"{peer['median_s'] / t['median_s']:.2f}" if peer else "-"
     vs_optax = (
       f"{t['median_s'] / optax_s:.2f}"
-      if optax_s and name in (f"SAM m={c['batch']}", optax_row)
+      if optax_s and name in (f"SAM m={c['batch']}", f"pf_jax.sam tx m={c['batch']}", optax_row)
       else "-"
     )
     lines.append(
