@@ -180,9 +180,11 @@ def main(argv=None) -> dict:
       data_dir, args.batch, args.image_size, args.batches, args.warmup, args.shuffle_buffer
     )
     print(f"  pipeline: {pipeline['images_per_s']:.1f} images/s", file=sys.stderr)
-    steps = {
-      m: step_rates(m, data_dir, args.batch, args.image_size, args.rounds) for m in args.models
-    }
+    steps = {}
+    for m in args.models:
+      steps[m] = step_rates(m, data_dir, args.batch, args.image_size, args.rounds)
+      for name, s in steps[m].items():
+        print(f"  {m} {name}: {s['images_per_s']:.1f} images/s", file=sys.stderr)
 
   from benchmarks import peer
 
