@@ -33,9 +33,9 @@ def test_peer_benchmark_writes_json_and_table_with_its_own_floor(tmp_path, capsy
   assert all(len(v["samples_s"]) == 1 for v in saved["pf_jax"].values())
   assert saved["memory"]["SAM m=8"]["temp_size_in_bytes"] >= 0
   assert saved["config"]["m"] == [4] and saved["torch"] == {}
-  table = open(f"{stem}.md").read()
-  assert table in capsys.readouterr().out
-  rows = [line for line in table.splitlines() if line.startswith("| SAM m=8 |")]
+  text = open(f"{stem}.md").read()
+  assert text == peer.report(saved) and text in capsys.readouterr().out
+  rows = [line for line in peer.table(saved).splitlines() if line.startswith("| SAM m=8 |")]
   assert len(rows) == 2  # the timing table, then the memory table
   ratio = float(rows[0].split("|")[3])
   assert ratio == pytest.approx(t["SAM m=8"] / saved["floor_s"], abs=0.006)
