@@ -334,10 +334,14 @@ class TorchBench:
 
 
 def interleaved(fns: dict, rounds: int) -> dict:
-  """Median seconds per call over `rounds` rounds; each round calls every fn once, in turn."""
+  """Median seconds per call over `rounds` rounds; each round calls every fn once, in turn.
+
+  Odd rounds go in reverse order, so no step always runs right after the same neighbour (a
+  torch step right after a long stretch of XLA work ran up to 4x slower in the first tries).
+  """
   samples = {k: [] for k in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
+  for r in range(rounds):
+    for name, fn in list(fns.items())[:: -1 if r % 2 else 1]:
       t0 = time.perf_counter()
       fn()
       samples[name].append(time.perf_counter() - t0)
