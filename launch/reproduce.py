@@ -142,7 +142,7 @@ class Runner:
       results = self.workdir_lib.load_results(workdir)
       print(
         f"{os.path.relpath(workdir, self.root)}: {time.time() - start:.0f} s, "
-        + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())),
+        + " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items()) if k.startswith("eval/")),
         flush=True,
       )
     return self.workdir_lib.load_results(workdir)
