@@ -221,7 +221,9 @@ def obf_vs_steep(root: str, benchmarks, seeds, eval_sets: dict) -> str:
   ]
   for b in benchmarks:
     for name, steep, obf in PAIRS:
-      dirs = [(os.path.join(root, "runs", b, f"{m}-s{s}") for m in (steep, obf)) for s in seeds]
+      dirs = [
+        tuple(os.path.join(root, "runs", b, f"{m}-s{s}") for m in (steep, obf)) for s in seeds
+      ]
       dirs = [
         d
         for d in map(tuple, dirs)
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
     f.write(text)
   print(text, end="")
   total = time.time() - start
-  runner.record(root, "total_this_invocation", total)
+  runner.record(root, f"invocation {time.strftime('%Y-%m-%d %H:%M:%S')}", total)
   print(f"reproduction done in {total:.0f} s; see {root}/analysis and {root}/search.md")
   return 0
 
