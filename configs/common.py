@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sam.rho_max = 0.0
   c.sam.rho_min = -1.0  # < 0: constant rho = rho_max; else lr-proportional
   c.sam.m = 64  # perturbation batch size
-  c.sam.chunk_mode = "vmap"
+  c.sam.chunk_mode = "auto"
   c.sam.obf_lambda = 0.0
   c.sam.obf_gamma = 1.0
   c.sam.obf_alpha = -1.0  # >= 0: fixed alpha (Table B.2) instead of lambda/gamma

@@ -1,6 +1,12 @@
-"""Default: a small ViT with OBF-SAM on scikit-learn's 8x8 digits (no download, CPU minutes).
+"""Default: a small ViT with SAM on scikit-learn's 8x8 digits (no download, CPU minutes).
 
 python main.py --workdir=/tmp/pf
+
+The setting the small-scale reproduction supports (REPORT.md): its digits search (on a validation
+carve-out) picked lr 1e-2 and, for steepest-ascent SAM, rho 0.03; with them SAM reached
+97.21 +- 0.96 test top-1 over seeds 0-2 against 96.47 +- 0.80 for plain AdamW and 95.82 +- 0.56
+for tuned OBF-SAM (--config.sam.perturbation=none / obf to compare). This is the same training as
+`configs/reproduce.py:digits,sam_steep` with those winners.
 """
 
 from configs import common
@@ -16,17 +22,15 @@ def get_config():
   c.loss = "sigmoid_xent"
   c.head_bias_init = -2.3  # ~ log(1/9): sigmoid outputs start near 1/C
   c.global_batch_size = 128
-  c.num_epochs = 40.0
+  c.num_epochs = 25.0
   c.warmup_epochs = 2.0
   c.optimizer = "adamw"
-  c.lr_max = 3e-3
+  c.lr_max = 1e-2
   c.lr_min = 3e-5
   c.weight_decay = 0.05
   c.clip_grad_norm = 1.0
-  c.sam.perturbation = "obf"
-  c.sam.rho_max = 0.1
-  c.sam.obf_lambda = 1 / 10
-  c.sam.obf_gamma = 1.0
+  c.sam.perturbation = "steepest"
+  c.sam.rho_max = 0.03
   c.sam.m = 32
   c.log_every_steps = 50
   c.eval_every_steps = 200

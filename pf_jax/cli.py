@@ -29,7 +29,7 @@ PAPER_CONFIGS = (
   "cifar_finetune",
   "cifar10_msweep",
 )
-OTHER_CONFIGS = ("digits_msweep",)  # laptop-scale experiments (already local)
+OTHER_CONFIGS = ("digits_msweep", "reproduce")  # laptop-scale experiments (already local)
 
 
 class UsageError(ValueError):

@@ -207,7 +207,8 @@ FIELDS = {
   "sam.m": (Int(1), "perturbation batch size (each m-chunk has its own perturbation)"),
   "sam.chunk_mode": (
     Choice(sam_family.CHUNK_MODES),
-    "vmap: a device's chunks together; scan: one at a time",
+    "a device's m-chunks: vmap together, scan in a loop, unroll written out, auto (unroll up to "
+    "16 chunks, else scan)",
   ),
   "sam.obf_lambda": (Float(0.0, 1.0, hi_open=True), "OBF's lambda (the paper uses 1/C)"),
   "sam.obf_gamma": (Float(0.0, 1.0), "OBF's gamma"),

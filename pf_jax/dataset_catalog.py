@@ -75,6 +75,46 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# Validation carve-outs (`NAME_val`): the first DIGITS_FIT examples of the training split train,
+# the rest are its evaluation split, so hyperparameter searches never read a test split (TFDS
+# split slicing with absolute indices: exact and independent of rounding).
+DIGITS_TRAIN = 1438
+DIGITS_FIT = 1150  # ~80%; validation: the last 288 training examples
+
+
+def validation_carve_out(spec: DatasetSpec) -> DatasetSpec:
+  """`spec` training on its first DIGITS_FIT training examples, evaluated on the others."""
+  return dataclasses.replace(
+    spec,
+    train_split=f"{spec.train_split}[:{DIGITS_FIT}]",
+    eval_splits=(f"{spec.train_split}[{DIGITS_FIT}:]",),
+    train_examples=DIGITS_FIT,
+  )
+
+
+# Builder configs of `spurious_digits` (pf_jax/datasets/spurious_digits.py, CUE_SPECS). Config
+# CFG gives `spurious_digits_CFG` (train; eval on test_id, the training correlation),
+# `spurious_digits_CFG_ood` (test_ood only) and `spurious_digits_CFG_val`; "patch" is also
+# plain `spurious_digits`, `spurious_digits_ood` and `spurious_digits_val`.
+SPURIOUS_DIGITS_CONFIGS = ("patch", "tint", "patch_random", "patch16")
+
+
+def _add_spurious(name: str, config: str) -> None:
+  tfds_name = f"spurious_digits/{config}"
+  common = dict(in_memory=True, auto_prepare=True, flip=False)
+  DATASETS[name] = DatasetSpec(
+    tfds_name, "train", ("test_id",), 10, train_examples=DIGITS_TRAIN, **common
+  )
+  DATASETS[f"{name}_ood"] = DatasetSpec(tfds_name, None, ("test_ood",), 10, **common)
+  DATASETS[f"{name}_val"] = validation_carve_out(DATASETS[name])
+
+
+DATASETS["digits_val"] = validation_carve_out(DATASETS["digits"])
+for _config in SPURIOUS_DIGITS_CONFIGS:
+  _add_spurious(f"spurious_digits_{_config}", _config)
+_add_spurious("spurious_digits", "patch")
+
+
 def training_datasets() -> tuple[str, ...]:
   """Names of the datasets that have a training split, sorted."""
   return tuple(sorted(k for k, v in DATASETS.items() if v.train_split is not None))

@@ -33,8 +33,11 @@ from pf_jax.schedules import ScalarOrSchedule
 EPS = 1e-12
 ASAM_MODES = ("before", "after", "both")
 # How a device computes its m-chunks: together (vmap), one after another in a loop (scan, the
-# memory of one chunk) or one after another written out in the program (unroll).
-CHUNK_MODES = ("vmap", "scan", "unroll")
+# memory of one chunk), one after another written out in the program (unroll), or "auto".
+CHUNK_MODES = ("auto", "vmap", "scan", "unroll")
+# "auto" unrolls up to this many chunks per device, beyond it scans (compile time and program
+# size grow with every unrolled chunk). Measured in docs/sam-family.md ("Chunk strategies").
+MAX_UNROLLED_CHUNKS = 16
 METRIC_NAMES = ("loss", "perturbed_loss", "ascent_norm", "rho")
 
 Forward = Callable[[Any, Any], Any]  # (params, batch) -> logits, or (logits, aux) if has_aux
@@ -61,7 +64,7 @@ class SamSpec:
   rho: ScalarOrSchedule
   objective: perturbations.Objective = "steepest"
   m: int | None = None
-  chunk_mode: str = "vmap"
+  chunk_mode: str = "auto"
   gsam_alpha: float = 0.0
   gsam_normalized_backup: bool = False
   asam: str | None = None
@@ -196,8 +199,16 @@ def _chunk_keys(rng, n_chunks: int, group: int, axis_name):
   return jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
 
 
+def chunk_strategy(mode: str, n_chunks: int) -> str:
+  """The strategy `mode` runs with for `n_chunks` chunks per device ("auto" resolved)."""
+  if mode != "auto":
+    return mode
+  return "unroll" if n_chunks <= MAX_UNROLLED_CHUNKS else "scan"
+
+
 def _mean_over(fn, xs, n: int, mode: str):
   """mean_i fn(xs[i]) over the n leading slices of `xs`, computed as `mode` says."""
+  mode = chunk_strategy(mode, n)
   if n == 1:
     return fn(_index(xs, 0))
   if mode == "vmap":

@@ -33,7 +33,7 @@ def _main(args, env=None, timeout=120):
 
 
 # (command line without --workdir, the field its error must name). Defaults: configs/default.py
-# (digits, global batch 128, lr 3e-3 -> 3e-5, OBF with rho 0.1, m 32), 8 devices.
+# (digits, global batch 128, lr 1e-2 -> 3e-5, SAM with rho 0.03, m 32), 8 devices.
 INVALID = [
   # Fields named by their config name, not the SAM library's argument.
   (["--config.sam.obf_gamma=1.5"], "config.sam.obf_gamma"),
@@ -210,7 +210,7 @@ def test_help_lists_fields_defaults_and_paper_configs():
   for name, (_rule, meaning) in config_validation.FIELDS.items():
     assert f"--config.{name}=" in r.stdout and meaning in r.stdout, name
   assert "--config.global_batch_size=128" in r.stdout  # configs/default.py's value
-  assert "--config.sam.perturbation='obf'" in r.stdout
+  assert "--config.sam.perturbation='steepest'" in r.stdout
   for name in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS:
     assert f"configs/{name}.py" in r.stdout
   for method in ("gsam_obf", "asam_steep", "obf_alpha_1e-2", "shrink_perturb", "obf_gamma0"):

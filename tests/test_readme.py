@@ -54,9 +54,11 @@ def test_readme_linen_batchnorm_example():
     model, batch = ex["model"], ex["batch"]
     variables = jax.tree.map(lambda a: a.astype(jnp.float64), ex["variables"])  # Flax: float32
     params = variables["params"]
-    new_params, new_stats, _, _ = ex["train_step"](
-      params, variables["batch_stats"], ex["tx"].init(params), batch
+    state = ex["TrainState"].create(
+      apply_fn=model.apply, params=params, tx=ex["tx"], batch_stats=variables["batch_stats"]
     )
+    state, _ = ex["train_step"](state, batch)
+    new_params, new_stats = state.params, state.batch_stats
 
     def loss_at(p, b):  # train mode: the chunk's own batch statistics
       logits, _ = model.apply(

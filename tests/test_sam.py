@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import pf_jax
+from pf_jax import sam_family
 from tests import reference as ref
 
 B, D_IN, H, C = 32, 5, 7, 4
@@ -148,7 +149,17 @@ def test_matches_sequential_reference(problem, name, pf_kw, ref_kw, m):
   assert _rel_err(plain, want) > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["scan", "unroll"])
+def test_auto_chunk_strategy():
+  assert [sam_family.chunk_strategy("auto", n) for n in (2, 16, 17, 64)] == [
+    "unroll",
+    "unroll",
+    "scan",
+    "scan",
+  ]
+  assert sam_family.chunk_strategy("vmap", 64) == "vmap"
+
+
+@pytest.mark.parametrize("mode", ["scan", "unroll", "auto"])
 def test_chunk_modes_match_vmap(problem, mode):
   p, x, y = problem
   spec = lambda mode: pf_jax.SamSpec(

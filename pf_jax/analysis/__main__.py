@@ -39,6 +39,9 @@ def main(argv=None) -> int:
   p = sub.add_parser("report", help="Table 1 layout: DIR/results.md and DIR/results.csv")
   p.add_argument("--workdirs", nargs="+", required=True)
   p.add_argument("--out", required=True)
+  p.add_argument(
+    "--plots", action="store_true", help="also DIR/accuracy.png (error bars) and DIR/curves.png"
+  )
   args = parser.parse_args(argv)
   try:
     if args.command == "sharpness":
@@ -70,7 +73,9 @@ def main(argv=None) -> int:
     else:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
 
-      print(report.report(args.workdirs, args.out), end="")
+      if args.plots:
+        _quiet()  # the training curves read event files with TensorFlow
+      print(report.report(args.workdirs, args.out, plots=args.plots), end="")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -3,7 +3,8 @@
 One row per experiment (runs that differ only in seed, `pool.NOT_EXPERIMENT`): model, ALGO,
 PERTURB, m, top-1 (%) on every eval set of its config and sharpness, as mean ± standard
 deviation (ddof = 1, like "standard deviations ... with three trials") over its runs.
-Writes `DIR/results.md` and `DIR/results.csv` (numeric means and stds).
+Writes `DIR/results.md` and `DIR/results.csv` (numeric means and stds); `--plots` also
+`DIR/accuracy.png` and `DIR/curves.png` (pf_jax/analysis/plots.py).
 """
 
 import csv
@@ -50,6 +51,7 @@ def table(runs: list[pool.Run]):
       "m": "" if first.m is None else first.m,
       "runs": len(members),
       "seeds": " ".join(str(r.config["seed"]) for r in members),
+      "members": members,
     }
     for k in metrics:
       row[k] = _stats([100 * r.results[k] if k in r.results else None for r in members])
@@ -59,7 +61,8 @@ def table(runs: list[pool.Run]):
   return rows, metrics
 
 
-def report(workdirs: list[str], out: str) -> str:
+def report(workdirs: list[str], out: str, *, plots: bool = False) -> str:
+  """Writes the table (and with `plots`, accuracy.png and curves.png, see plots.py); returns it."""
   rows, metrics = table(pool.load_runs(workdirs))
   os.makedirs(out, exist_ok=True)
   names = [k[len("eval/") :].replace("/top1", "").replace("/real_top1", " ReaL") for k in metrics]
@@ -88,4 +91,10 @@ def report(workdirs: list[str], out: str) -> str:
         [r[k] for k in ("model", "algo", "perturb", "m", "runs", "seeds")]
         + [f"{v:.6g}" for k in metrics + ["sharpness"] for v in r[k]]
       )
+  if plots:
+    from pf_jax.analysis import plots as plots_lib  # pylint: disable=g-import-not-at-top
+
+    plots_lib.accuracy_plot(rows, metrics, os.path.join(out, "accuracy.png"))
+    groups = [(plots_lib.row_label(r), r["members"]) for r in rows]
+    plots_lib.training_curves(groups, os.path.join(out, "curves.png"))
   return text
