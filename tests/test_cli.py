@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from configs import common
+from configs import default
 from pf_jax import cli
 from pf_jax import config_validation
 from pf_jax import reporting
@@ -242,9 +243,9 @@ def test_eta_is_in_seconds_under_a_minute(seconds, text):
 @pytest.mark.parametrize("arg,value", [("gamma", 1.5), ("lam", 1.0), ("alpha", 2.0)])
 def test_objective_errors_name_the_config_field(arg, value):
   """Past the field rules (here: bypassed), the library's error still names the config field."""
-  from configs import default  # pylint: disable=g-import-not-at-top
 
   c = default.get_config()
+  c.sam.perturbation = "obf"
   c.sam.obf_gamma, c.sam.obf_lambda, c.sam.obf_alpha = 1.0, 0.1, -1.0
   field = config_validation.LIBRARY_ARGS[arg]
   c.sam[field[4:]] = value
@@ -299,9 +300,10 @@ def test_default_run_logs(tmp_path):
     for l in body
   ), body
   train = [l for l in body if l.startswith("train step ")]
+  rho = re.escape(f"{default.get_config().sam.rho_max:.3g}")
   assert [int(l.split()[2].split("/")[0]) for l in train] == [10, 20, 30, 40]
   assert all(
-    re.search(r"loss \d+\.\d+ lr \S+ rho 0\.1, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l)
+    re.search(rf"loss \d+\.\d+ lr \S+ rho {rho}, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l)
     for l in train
   ), train
   assert [l.split(":")[0] for l in body if l.startswith("eval ")] == [

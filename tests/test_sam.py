@@ -264,7 +264,7 @@ def test_rho_zero_reproduces_base_optimizer(problem):
   [
     (dict(), 2),  # steepest, one chunk: the caller's gradient is g_p
     (dict(gsam_alpha=0.2, asam="before"), 2),  # still steepest: g_p reused, then scaled
-    (dict(m=8), 3),  # chunks need their own g_p
+    (dict(m=8, chunk_mode="vmap"), 3),  # chunks need their own g_p (vmap: traced once)
     (dict(objective=pf_jax.obf(0.25)), 3),  # OBF ascends another objective
   ],
 )
