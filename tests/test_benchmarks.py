@@ -8,6 +8,7 @@ import pytest
 from benchmarks import peer
 
 
+@pytest.mark.slow
 def test_peer_benchmark_writes_json_and_table_with_its_own_floor(tmp_path, capsys):
   result = peer.main(
     [
