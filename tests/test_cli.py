@@ -81,7 +81,10 @@ INVALID = [
   (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
   (["--config.lr_min=1.0"], "config.lr_min"),
   (["--config.sam.rho_min=0.5"], "config.sam.rho_min"),  # > rho_max 0.1
-  (["--config.lr_min=0.003", "--config.sam.rho_min=0.05"], "config.sam.rho_min"),  # lr constant
+  (
+    ["--config.lr_max=0.003", "--config.lr_min=0.003", "--config.sam.rho_min=0.05"],
+    "config.sam.rho_min",
+  ),  # lr constant
   (["--config.sam.m=3"], "config.sam.m"),  # per-device batch 16
   (["--config.global_batch_size=100"], "config.global_batch_size"),  # 8 devices
   (["--config.grad_accum_steps=3"], "config.global_batch_size"),
