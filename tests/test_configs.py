@@ -314,3 +314,18 @@ def test_msweep(k):
 def test_unknown_raises(name, arg, bad):
   with pytest.raises(ValueError, match=bad):
     load(name).get_config(arg)
+
+
+def test_default_demo_is_the_reproduction_row_with_the_search_winners():
+  """REPORT.md's default-demo numbers are the reproduction's ASAM-STEEP digits row: the configs
+  differ only in the searched winners and in fields that leave training unchanged."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import reproduce  # pylint: disable=g-import-not-at-top
+  from pf_jax import workdir  # pylint: disable=g-import-not-at-top
+
+  a = workdir.flatten(default.get_config().to_dict())
+  b = workdir.flatten(reproduce.get_config("digits,asam_steep").to_dict())
+  differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+  safe = {k for k in differ if k in workdir.SAFE_TO_CHANGE or k.startswith("analysis.")}
+  assert differ - safe == {"lr_max", "sam.rho_max"}
+  assert (a["lr_max"], a["sam.rho_max"], a["sam.asam"]) == (1e-2, 0.3, "after")
