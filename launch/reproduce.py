@@ -30,20 +30,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from common import override_to_flag  # noqa: E402  (launch/common.py)
 
+from configs import reproduce  # noqa: E402
+
 CONFIG = os.path.join(REPO_ROOT, "configs", "reproduce.py")
 BENCHMARKS = ("digits", "spurious")
-METHODS = (
-  "adamw",
-  "sam_steep",
-  "sam_obf",
-  "gsam_steep",
-  "gsam_obf",
-  "asam_steep",
-  "asam_obf",
-  "random_sam",
-  "label_smoothing",
-  "shrink_perturb",
-)
+METHODS = tuple(reproduce.METHODS)  # Table B.1's rows, named once in configs/reproduce.py
 # The search: (stage, method trained, grid {field or tuple of fields: values}). Stages run in
 # order, each on top of the winners of the earlier ones.
 SEARCH = (
@@ -285,7 +276,6 @@ def main(argv=None) -> int:
   print(f"search done ({time.time() - start:.0f} s so far); see {root}/search.md", flush=True)
 
   # 2. Every method x seed, then sharpness.
-  from configs import reproduce  # pylint: disable=g-import-not-at-top
 
   # Seed-major order: a reproduction stopped early has every method with the same seeds.
   workdirs = {b: [] for b in args.benchmarks}
