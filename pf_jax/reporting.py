@@ -136,14 +136,15 @@ class Reporter:
       workdir,
     )
 
-  def train(self, step: int, summary: dict[str, float], lr: float):
+  def train(self, step: int, summary: dict[str, float]):
     now = time.time()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
     eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
     rho = f" rho {summary['train/rho']:.3g}" if "train/rho" in summary else ""
+    lr = f" lr {summary['train/lr']:.3g}" if "train/lr" in summary else ""
     self._info(
-      "train step %d/%d: loss %.4f lr %.3g%s, %.2f steps/s, ETA %s",
+      "train step %d/%d: loss %.4f%s%s, %.2f steps/s, ETA %s",
       step,
       self.total,
       summary["train/loss"],

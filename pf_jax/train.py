@@ -140,10 +140,12 @@ def step_key(c, step) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
 
 
-def make_train_step(c, model, tx, rho, mesh):
+def make_train_step(c, model, tx, rho, mesh, lr=None):
   """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated.
 
   Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`.
+  `lr`, the learning-rate schedule, adds the step's learning rate to the metrics (computed here,
+  so logging it runs no op outside the compiled step).
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   task_loss = losses.get_loss(c.loss, c.label_smoothing)
@@ -173,6 +175,8 @@ def make_train_step(c, model, tx, rho, mesh):
     metrics = dict(
       metrics, grad_norm=optax.tree.norm(grads), nonfinite=1 - finite.astype(jnp.float32)
     )
+    if lr is not None:
+      metrics["lr"] = lr(state.step)
     return new, metrics
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
@@ -371,7 +375,7 @@ def train_and_evaluate(
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
-  train_step = make_train_step(c, model, tx, rho, mesh)
+  train_step = make_train_step(c, model, tx, rho, mesh, lr_schedule)
   eval_steps = {
     name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
     for name in c.eval_datasets
@@ -449,7 +453,7 @@ def train_and_evaluate(
       if step % c.log_every_steps == 0 or last:
         summary = _summarize(fetched)
         writer.write_scalars(step, summary)
-        report.train(step, summary, float(lr_schedule(step)))
+        report.train(step, summary)
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()
@@ -489,11 +493,20 @@ def train_and_evaluate(
   return results
 
 
+# Metrics that are schedules of the step: logged at the log step, not averaged since the last log.
+SCHEDULED_METRICS = ("lr", "rho")
+
+
 def _summarize(fetched) -> dict[str, float]:
-  """Means over the finite steps since the last log, and the number of skipped (non-finite) ones."""
+  """Means over the finite steps since the last log (schedules: their value at the last step), and
+  the number of skipped (non-finite) ones."""
   finite = [m for m in fetched if not m["nonfinite"]]
   out = {
-    f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
+    f"train/{k}": float(
+      finite[-1][k] if k in SCHEDULED_METRICS else np.mean([m[k] for m in finite])
+    )
+    if finite
+    else float("nan")
     for k in fetched[0]
     if k != "nonfinite"
   }

@@ -53,9 +53,10 @@ def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, m
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert calls == {"train": 6, "eval": 3, "save": 2}
-  # Allowed: creating the state, the first train step, the first evaluation, and the first
-  # log/save (after_train2: the host-side lr of the log line; after_train3: the first save).
-  first_time = {"setup", "train1", "eval1", "after_train2", "after_train3", "save1"}
+  # Allowed: creating the state, the first train step, the first evaluation and the first save
+  # (its finiteness check, and orbax's slicing of replicated arrays: once per leaf shape). The
+  # log lines compile nothing: the learning rate comes with the step's metrics.
+  first_time = {"setup", "train1", "eval1", "save1"}
   assert [p for p, _ in compiles if p == "eval1"], "the eval step compiles in the first evaluation"
   assert not [c for c in compiles if c[0] == "eval1" and c[1] != "jit(step)"], compiles
   later = [c for c in compiles if c[0] not in first_time]

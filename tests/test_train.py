@@ -205,3 +205,28 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
   # bfloat16 compute changes the numbers a little (~1e-2 relative), not the training.
   np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-2)
   assert not np.array_equal(m16["loss"], m32["loss"])
+
+
+def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
+  """lr comes from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
+  summary averages the loss but takes lr and rho at the last step."""
+  c = _small_config("vit_digits", "steepest")
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  model = train.build_model(c, num_classes=10)
+  tx, lr, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
+  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
+  step = train.make_train_step(c, model, tx, rho, mesh, lr)
+  rng = np.random.default_rng(0)
+  batch = {
+    "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+    "label": rng.integers(0, 10, size=16).astype(np.int32),
+  }
+  seen = []
+  for _ in range(3):
+    state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+    seen.append(jax.device_get(metrics))
+  np.testing.assert_allclose([m["lr"] for m in seen], [0.0, 0.25, 0.5], atol=1e-7)
+  summary = train._summarize(seen)
+  assert summary["train/lr"] == pytest.approx(0.5)
+  assert summary["train/rho"] == pytest.approx(float(seen[-1]["rho"]))
+  assert summary["train/loss"] == pytest.approx(np.mean([m["loss"] for m in seen]), rel=1e-6)
