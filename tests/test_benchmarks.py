@@ -52,3 +52,13 @@ def test_imagenet_like_dataset_feeds_the_real_pipeline(tmp_path):
     str(tmp_path), batch=4, image_size=224, batches=2, warmup=1, shuffle_buffer=8
   )
   assert rate["batches"] == 2 and rate["images_per_s"] > 0
+
+
+def test_vit_layer_formulations_agree_and_are_timed():
+  """benchmarks/vit_layers.py: every formulation's output matches flax's own layer (checked
+  inside), and each is timed once."""
+  from benchmarks import vit_layers
+
+  out = vit_layers.main(["--batch=2", "--image=64", "--rounds=1"])
+  assert {k: len(v) for k, v in out.items()} == {"patch embedding": 2, "attention block": 3}
+  assert all(t > 0 for group in out.values() for t in group.values())
