@@ -233,10 +233,13 @@ def test_full_size_param_counts(name, expected):
   assert out.shape == (1, 1000) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("patch,shape", [(2, (3, 8, 8, 1)), (4, (2, 16, 12, 3))])
+@pytest.mark.parametrize(
+  "patch,shape", [(2, (3, 8, 8, 1)), (4, (2, 16, 12, 3)), (4, (2, 18, 15, 2))]
+)
 def test_patch_embedding_equals_strided_conv(patch, shape):
   """The ViT's patchify + matmul is flax's strided nn.Conv: the same parameters from the same
-  key, and the same outputs and kernel gradients up to float rounding."""
+  key, and the same outputs and kernel gradients up to float rounding (also where the image
+  sides are not multiples of the patch: VALID padding drops the rest)."""
   import flax.linen as nn
 
   from pf_jax.models.vit import PatchEmbedding

@@ -41,10 +41,12 @@ class PatchEmbedding(nn.Module):
     p, (b, h, w, c) = self.patch_size, x.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width))
     bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    # Like a VALID convolution, drop the rows and columns that do not fill a patch. Then
     # [B, H/p, p, W/p, p, C] -> [B, H/p, W/p, (p, p, C)]: the kernel's own (row, col, channel)
     # order, so a reshape of it is the matching [p*p*C, width] matrix.
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, h // p, w // p, p * p * c).astype(self.dtype)
+    h, w = h // p, w // p
+    x = x[:, : h * p, : w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h, w, p * p * c).astype(self.dtype)
     return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(self.dtype)
 
 
