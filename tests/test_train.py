@@ -211,6 +211,7 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   """lr comes from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
   c = _small_config("vit_digits", "steepest")
+  c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   model = train.build_model(c, num_classes=10)
   tx, lr, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
@@ -228,5 +229,6 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   np.testing.assert_allclose([m["lr"] for m in seen], [0.0, 0.25, 0.5], atol=1e-7)
   summary = train._summarize(seen)
   assert summary["train/lr"] == pytest.approx(0.5)
+  assert seen[0]["rho"] < seen[-1]["rho"]
   assert summary["train/rho"] == pytest.approx(float(seen[-1]["rho"]))
   assert summary["train/loss"] == pytest.approx(np.mean([m["loss"] for m in seen]), rel=1e-6)
