@@ -25,15 +25,14 @@ import glob
 import gzip
 import json
 import re
-import statistics
 import tempfile
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import peer
 from pf_jax import models
 from pf_jax.models.vit import PatchEmbedding
 
@@ -109,16 +108,6 @@ def variants(batch: int, image: int):
   }
 
 
-def time_interleaved(fns: dict, rounds: int) -> dict:
-  samples = {k: [] for k in fns}
-  for r in range(rounds):
-    for name, fn in list(fns.items())[:: -1 if r % 2 else 1]:
-      t0 = time.perf_counter()
-      fn()
-      samples[name].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def profile_vit(batch: int, image: int, steps: int = 3) -> list[tuple[str, float]]:
   """Op time per kind (ms per fwd+bwd) in a profiler trace of ViT-S/32's fwd+bwd."""
   model = models.build_model("vit_s32", num_classes=1000)
@@ -165,7 +154,7 @@ def main(argv=None):
       np.testing.assert_allclose(out(params), want, rtol=1e-4, atol=1e-4)
       jax.block_until_ready(grad(params))  # compile
       fns[name] = lambda g=grad, q=params: jax.block_until_ready(g(q))
-    times = time_interleaved(fns, args.rounds)
+    times = {k: v["median_s"] for k, v in peer.interleaved(fns, args.rounds).items()}
     print(f"\n{group}, fwd+bwd, batch {args.batch}, {args.image} px, median of {args.rounds}:")
     for name, t in times.items():
       print(f"  {name:40s} {1e3 * t:8.2f} ms  {t / times[ref_name]:.2f}x")
