@@ -501,14 +501,12 @@ def _summarize(fetched) -> dict[str, float]:
   """Means over the finite steps since the last log (schedules: their value at the last step), and
   the number of skipped (non-finite) ones."""
   finite = [m for m in fetched if not m["nonfinite"]]
-  out = {
-    f"train/{k}": float(
-      finite[-1][k] if k in SCHEDULED_METRICS else np.mean([m[k] for m in finite])
-    )
-    if finite
-    else float("nan")
-    for k in fetched[0]
-    if k != "nonfinite"
-  }
+
+  def value(k):
+    if not finite:
+      return float("nan")
+    return float(finite[-1][k] if k in SCHEDULED_METRICS else np.mean([m[k] for m in finite]))
+
+  out = {f"train/{k}": value(k) for k in fetched[0] if k != "nonfinite"}
   out["train/nonfinite_steps"] = float(sum(m["nonfinite"] for m in fetched))
   return out

@@ -7,6 +7,7 @@ so the whole file runs in seconds on a 2-core CPU.
 import functools
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from pf_jax.models import MODELS
 from pf_jax.models import build_model
 from pf_jax.models import has_batch_norm
 from pf_jax.models import model_names
+from pf_jax.models.vit import PatchEmbedding
 
 SMALL = {
   # name: input shape (NHWC) it is meant for
@@ -240,10 +242,6 @@ def test_patch_embedding_equals_strided_conv(patch, shape):
   """The ViT's patchify + matmul is flax's strided nn.Conv: the same parameters from the same
   key, and the same outputs and kernel gradients up to float rounding (also where the image
   sides are not multiples of the patch: VALID padding drops the rest)."""
-  import flax.linen as nn
-
-  from pf_jax.models.vit import PatchEmbedding
-
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   conv = nn.Conv(5, (patch, patch), strides=(patch, patch), padding="VALID")
   ours = PatchEmbedding(patch, 5)
