@@ -76,6 +76,7 @@ INVALID = [
   (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
   (["--config.eval_datasets=digits,mnist"], "config.eval_datasets"),
   (["--config.init_from=/nonexistent/run"], "config.init_from"),
+  (["--config.init_from=docs"], "config.init_from"),  # exists, holds no checkpoint
   # Rules across fields.
   (["--config.warmup_epochs=100"], "config.warmup_epochs"),  # longer than the 40 epochs
   (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
@@ -205,7 +206,30 @@ def test_check_only_accepts_every_paper_config():
     f"configs/{n}.py" for n in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS
   ]:
     r = _main(["--check_only", f"--config={spec}"])
-    assert r.returncode == 0 and r.stdout.strip() == "config OK", (spec, r.stderr)
+    assert r.returncode == 0 and r.stdout.startswith("config OK\n"), (spec, r.stderr)
+
+
+def test_check_only_states_the_method_and_creates_nothing(tmp_path):
+  """The resolved run: m 4 of the local variant spans 2 of 8 devices (per-device batch 16 / 8 =
+  2, by hand), the note says the variant changed m from 64; the workdir is not created."""
+  workdir = tmp_path / "new" / "run"
+  r = _main(
+    ["--check_only", "--config=configs/cifar10_msweep.py:obf,64,local", f"--workdir={workdir}"]
+  )
+  assert r.returncode == 0, r.stderr
+  lines = dict(l.split(": ", 1) for l in r.stdout.splitlines()[1:])
+  assert "20 steps (warmup 2)" in lines["run"] and "global batch 16 on 8 devices" in lines["run"]
+  method = lines["method"]
+  assert method.startswith("SAM with OBF (lambda ") and "rho " in method
+  assert "m 4 (one chunk spans 2 devices)" in method and "no accumulation" in method
+  assert "loss " in method
+  assert "smoke test" in lines["note"] and "sam.m 64 -> 4" in lines["note"]
+  assert not (tmp_path / "new").exists()
+  # The default: 128 / 8 devices = 16 per device, m 32 spans 2; on 1 device 4 chunks, unrolled.
+  r = _main(["--check_only", "--num_devices=1"])
+  method = dict(l.split(": ", 1) for l in r.stdout.splitlines()[1:])["method"]
+  assert method.startswith("ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant, ")
+  assert "m 32 (4 chunks per device, unroll)" in method and "note" not in r.stdout
 
 
 def test_help_lists_fields_defaults_and_paper_configs():
