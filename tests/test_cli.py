@@ -340,3 +340,34 @@ def test_default_run_logs(tmp_path):
   assert sum(l.startswith("checkpoint step ") for l in body) == 2
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
   assert len(lines) <= 12, r.stderr
+
+
+def test_reporter_eta_uses_the_steady_rate(monkeypatch):
+  """Compilation (10 s) and evaluation (5 s) are not training speed: with steps of 0.1 s the ETA
+  is remaining steps x 0.1 s from the first train line on (by hand), and steps/s is 10."""
+  clock = [0.0]
+  monkeypatch.setattr(reporting.time, "time", lambda: clock[0])
+  lines = []
+  report = reporting.Reporter(total_steps=101, start_step=0)
+  monkeypatch.setattr(report, "_info", lambda msg, *args: lines.append(msg % args))
+  report.compiling()
+  clock[0] = 10.0
+  report.compiled(1)
+  assert lines[-1] == "compiled the train step and ran step 1 in 10.0 s"
+  clock[0] += 0.1 * 10  # steps 2..11
+  assert report.train(11, {"train/loss": 1.0}) == pytest.approx(10.0)
+  assert lines[-1].endswith("10.00 steps/s, ETA 9 s")  # 90 steps left
+  report.eval(11, {"eval/digits/top1": 0.5}, 5.0)
+  clock[0] += 5.0 + 0.1 * 40  # evaluation, then steps 12..51
+  assert report.train(51, {"train/loss": 1.0}) == pytest.approx(10.0)
+  assert lines[-1].endswith("ETA 5 s")  # 50 steps left
+
+
+def test_start_line_says_devices_and_resume_in_its_own_words(monkeypatch):
+  lines = []
+  report = reporting.Reporter(total_steps=10, start_step=4)
+  monkeypatch.setattr(report, "_info", lambda msg, *args: lines.append(msg % args))
+  report.start("m", 10, "digits", 100, {"digits": 50}, 1, 1, 1, "/w", method="SAM ...", note="n")
+  report.resumed(4, "/w/checkpoints")
+  assert "; 1 device; method: SAM ...; n; workdir /w" in lines[0]
+  assert lines[1] == "resumed: step 4 from /w/checkpoints"
