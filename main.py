@@ -184,6 +184,8 @@ def main(argv):
     )
   except workdir_lib.ConfigMismatchError as e:  # one line per changed field
     fail(str(e))
+  except config_validation.ConfigError as e:  # found late, e.g. a config.init_from checkpoint
+    fail(str(e))
   except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
     fail(str(e), code=1)
   except checkpointing.Preempted as e:
