@@ -238,7 +238,8 @@ FIELDS = {
   "analysis.sharpness_tol": (Float(0.0, lo_open=True), "relative tolerance of the power iteration"),
   "init_from": (
     Text(),
-    "workdir or checkpoint directory to finetune from (head replaced); '': off",
+    "workdir, checkpoint directory or PyTorch .pth/.pth.tar (same model) to finetune from "
+    "(head replaced); '': off",
   ),
   "log_every_steps": (Int(1), "steps between train log lines and summaries"),
   "eval_every_steps": (Int(1), "steps between evaluations (and at the end)"),
@@ -417,9 +418,11 @@ def _check_init_from(c):
   path = c.init_from
   if not path or "://" in path:
     return
-  allowed = "a workdir or checkpoint directory that holds a checkpoint"
+  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar file"
   if not os.path.exists(path):
     raise ConfigError("init_from", path, allowed + " (it does not exist)")
+  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar")):
+    return
   # A checkpoint is a step-numbered folder in the workdir's checkpoints/ or the directory itself.
   sub = os.path.join(path, "checkpoints")
   directory = sub if os.path.isdir(sub) else path
