@@ -26,7 +26,7 @@ DOCS = [
   *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
 ]
 # Each executed example, by the name in its `<!-- example:NAME -->` marker.
-EXAMPLES = ("nnx", "linen", "shard_map", "pmap")
+EXAMPLES = ("nnx", "regression", "linen", "shard_map", "pmap")
 
 
 def _example(name: str) -> dict:
