@@ -76,6 +76,32 @@ def test_power_iteration_keeps_the_sign_of_a_negative_dominant_eigenvalue():
   assert abs(got + 3.0) < 1e-3
 
 
+def test_power_iteration_reports_progress():
+  """Every iteration reports (i, estimate); the last estimate is the result. With H = diag(2, 1)
+  and start v, iteration k's estimate is v_k^T H v_k of the normalized H^(k-1) v (by hand)."""
+  h = np.diag([2.0, 1.0])
+  seen = []
+  got = analysis.hessian_top_eigenvalue(
+    lambda p, b: 0.5 * jnp.dot(p, b["h"] @ p),
+    jnp.ones(2),
+    {"h": h[None].astype(np.float32)},
+    num_iters=5,
+    tol=0.0,
+    rng=jax.random.PRNGKey(1),
+    progress=lambda i, e: seen.append((i, e)),
+  )
+  assert [i for i, _ in sorted(seen)] == [1, 2, 3, 4, 5]
+  assert sorted(seen)[-1][1] == pytest.approx(got)
+  import optax  # pylint: disable=g-import-not-at-top
+
+  start = optax.tree.random_like(jax.random.PRNGKey(1), jnp.ones(2), jax.random.normal)
+  v = np.asarray(start, np.float64)  # the start vector, as optax draws it
+  for _, e in sorted(seen):
+    v = v / np.linalg.norm(v)
+    assert e == pytest.approx(v @ h @ v, rel=1e-5)
+    v = h @ v
+
+
 # ---------------------------------------------------------------------------------------------
 # Binned information, by hand.
 
@@ -491,6 +517,12 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
     [sys.executable, "-m", "pf_jax.analysis", *a], cwd=root, env=env, capture_output=True, text=True
   )
   assert run("sharpness", f"--workdir={workdir}").stdout.strip() == f"sharpness={value:.6g}"
+  # More examples than the split holds: 5 full batches of 256 of digits' 1438 (by hand), said on
+  # stderr with the progress and recorded.
+  more = run("sharpness", f"--workdir={workdir}", "--num_examples=2048", "--batch_size=256")
+  note = "1280 of 2048 examples: the digits training split holds 1438, in full batches of 256"
+  assert more.returncode == 0 and note in more.stderr and "power iterations (tol" in more.stderr
+  assert json.load(open(os.path.join(workdir, "sharpness.json")))["note"] == note
   bad = run("sharpness", f"--workdir={tmp_path / 'nope'}")
   assert bad.returncode == 2 and bad.stderr.splitlines() == [
     f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"

@@ -93,6 +93,7 @@ def main(argv=None) -> int:
         num_iters=args.num_iters,
         tol=args.tol,
         seed=args.seed,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
       )
       print(f"sharpness={result['sharpness']:.6g}")
     elif args.command == "forgetting":
