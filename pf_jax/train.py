@@ -468,7 +468,7 @@ def train_and_evaluate(
           ),
         )
       if save:
-        checkpointing.save(checkpoints, step, state, force=preempted)
+        checkpointing.save(checkpoints, step, state, force=preempted, config=c)
         report.checkpoint(step, checkpoints.directory)
       if preempted:
         checkpoints.wait_until_finished()
