@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 import pf_jax.datasets  # noqa: F401  (registers `digits`)
 from pf_jax import input_pipeline as ip
+from pf_jax import preprocessing
 
 N_TRAIN, N_TEST = 1438, 359
 
@@ -302,11 +303,11 @@ def test_eval_image_is_the_central_crop_of_the_resized_image():
   import tensorflow as tf
 
   image = _crafted(8, 12)
-  got = ip._eval_image(tf.constant(image), 7).numpy()
+  got = preprocessing.eval_image(tf.constant(image), 7).numpy()
   np.testing.assert_allclose(got, image[0:7, 2:9] / 127.5 - 1.0, atol=1e-6)
   # A portrait image: the crop is centred vertically instead, rows (12 - 7) // 2 = 2..8.
   tall = _crafted(12, 8)
-  got = ip._eval_image(tf.constant(tall), 7).numpy()
+  got = preprocessing.eval_image(tf.constant(tall), 7).numpy()
   np.testing.assert_allclose(got, tall[2:9, 0:7] / 127.5 - 1.0, atol=1e-6)
 
 
@@ -318,11 +319,11 @@ def test_train_image_is_the_image_or_its_mirror():
 
   image = _crafted(6, 6)
   want = image / 127.5 - 1.0
-  key = ip._root_key(0, 0, 0)
+  key = preprocessing.root_key(0, 0, 0)
   kinds = []
   for i in range(16):
-    seed = ip._fold(key, i)
-    got = ip._train_image(
+    seed = preprocessing.fold(key, i)
+    got = preprocessing.train_image(
       tf.constant(image), seed, encoded=False, image_size=6, crop_area_min=1.0, flip=True
     ).numpy()
     if np.allclose(got, want, atol=1e-6):
@@ -330,7 +331,7 @@ def test_train_image_is_the_image_or_its_mirror():
     else:
       np.testing.assert_allclose(got, want[:, ::-1], atol=1e-6)
       kinds.append("mirror")
-    again = ip._train_image(
+    again = preprocessing.train_image(
       tf.constant(image), seed, encoded=False, image_size=6, crop_area_min=1.0, flip=True
     ).numpy()
     np.testing.assert_array_equal(got, again)
