@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Analysis (pf_jax/analysis): Section 6.1 output collection and sharpness.
   c.analysis = ml_collections.ConfigDict()
   c.analysis.collect_every_steps = 0  # record outputs at theta and theta^p every N steps; 0: off
+  c.analysis.predictions = "softmax"  # Section 6.1 bins softmax outputs; "sigmoid": per class
   c.analysis.dataset = ""  # forgetting split's dataset (its eval split); "": eval_datasets[0]
   c.analysis.max_raw_values = (
     1_000_000  # also store raw likelihoods when examples x classes <= this

@@ -227,6 +227,10 @@ FIELDS = {
     Int(0),
     "record outputs at theta and theta^p every N steps; 0: off",
   ),
+  "analysis.predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "likelihoods binned by the forgetting analysis: softmax (Section 6.1) or per-class sigmoid",
+  ),
   "analysis.dataset": (
     Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
     "dataset of the forgetting split; '': eval_datasets[0]",
