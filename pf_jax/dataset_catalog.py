@@ -17,8 +17,7 @@ class DatasetSpec:
     tfds_name: TFDS builder name.
     train_split: default training split (None: evaluation-only dataset).
     eval_splits: evaluation split(s); the first one is the default.
-    num_classes: size of the label space of the batches (imagenet_r: 200,
-      labels are positions in `imagenet_r_class_indices()`).
+    num_classes: size of the label space of the batches (imagenet_r: 200).
     image_key / label_key: TFDS feature names.
     real_label_key: multi-label feature (ImageNet-ReaL) or None.
     in_memory: training decodes the split once and keeps it in RAM (small,
@@ -27,6 +26,8 @@ class DatasetSpec:
     flip: default of `train_iterator(flip=None)` (digits are never flipped).
     train_examples: size of the training split as published (0: eval-only);
       config validation counts steps with it before any data is read.
+    logit_subset: the ImageNet-1k logits the dataset's classes are (labels are
+      positions in it), or None: all logits, labels as stored.
   """
 
   tfds_name: str
@@ -40,6 +41,26 @@ class DatasetSpec:
   auto_prepare: bool = False
   flip: bool = True
   train_examples: int = 0
+  logit_subset: tuple[int, ...] | None = None
+
+
+# ImageNet-R's 200 classes (github.com/hendrycks/imagenet-r) as ImageNet-1k label indices (TFDS
+# imagenet2012 order: sorted WordNet ids), ascending. TFDS stores ImageNet-R labels as 1k indices;
+# the pipeline maps them to positions here (0..199) and the evaluator keeps only these logits.
+IMAGENET_R_CLASSES = tuple(
+  int(i)
+  for i in """
+1 2 4 6 8 9 11 13 22 23 26 29 31 39 47 63 71 76 79 84 90 94 96 97 99 100 105 107 113 122 125
+130 132 144 145 147 148 150 151 155 160 161 162 163 171 172 178 187 195 199 203 207 208 219
+231 232 234 235 242 245 247 250 251 254 259 260 263 265 267 269 276 277 281 288 289 291 292
+293 296 299 301 308 309 310 311 314 315 319 323 327 330 334 335 337 338 340 341 344 347 353
+355 361 362 365 366 367 368 372 388 390 393 397 401 407 413 414 425 428 430 435 437 441 447
+448 457 462 463 469 470 471 472 476 483 487 515 546 555 558 570 579 583 587 593 594 596 609
+613 617 621 629 637 657 658 701 717 724 763 768 774 776 779 780 787 805 812 815 820 824 833
+847 852 866 875 883 889 895 907 928 931 932 933 934 936 937 943 945 947 948 949 951 953 954
+957 963 965 967 980 981 983 988
+""".split()
+)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -56,7 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {
     real_label_key="real_label",
   ),
   "imagenet_v2": DatasetSpec("imagenet_v2", None, ("test",), 1000),
-  "imagenet_r": DatasetSpec("imagenet_r", None, ("test",), 200),
+  "imagenet_r": DatasetSpec("imagenet_r", None, ("test",), 200, logit_subset=IMAGENET_R_CLASSES),
   "imagenet_sketch": DatasetSpec("imagenet_sketch", None, ("test",), 1000),
   "cifar10": DatasetSpec("cifar10", "train", ("test",), 10, in_memory=True, train_examples=50_000),
   "cifar100": DatasetSpec(

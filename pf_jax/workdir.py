@@ -18,7 +18,7 @@ from etils import epath
 
 CONFIG_FILE = "config.json"
 # Fields that change neither the training trajectory nor the meaning of the results: a run may be
-# continued with new values (README "Runs are safe").
+# continued with new values (docs/runs-safe.md).
 # Fields that do not change what is trained (the analysis only reads the run).
 SAFE_TO_CHANGE = (
   "data_dir",

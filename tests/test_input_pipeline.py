@@ -240,12 +240,20 @@ def test_cifar10_and_imagenet_with_mock_data(tmp_path):
     np.testing.assert_array_equal(b["real_label"].sum(1) > 0, b["real_valid"] > 0)
 
 
-def test_imagenet_r_class_indices():
-  idx = ip.imagenet_r_class_indices()
-  assert len(idx) == 200 and list(idx) == sorted(set(idx))
-  assert len(ip.IMAGENET_R_WNIDS) == 200
-  assert list(ip.IMAGENET_R_WNIDS) == sorted(ip.IMAGENET_R_WNIDS)
-  assert idx == ip._IMAGENET_R_CLASS_INDICES_CONST  # pylint: disable=protected-access
+def test_imagenet_r_classes_are_the_published_wordnet_ids():
+  """The index table names, in TFDS's ImageNet-1k label order, the published ImageNet-R classes
+  (github.com/hendrycks/imagenet-r: first, last and a few between)."""
+  idx = ip.DATASETS["imagenet_r"].logit_subset
+  assert len(idx) == 200 and list(idx) == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < 1000
+  names = tfds.builder_cls("imagenet2012")(data_dir="/nonexistent").info.features["label"].names
+  wnids = [names[i] for i in idx]
+  assert wnids[:3] == ["n01443537", "n01484850", "n01494475"] and wnids[-1] == "n12267677"
+  assert [wnids[i] for i in (50, 99, 150, 198)] == [
+    "n02098286",
+    "n02423022",
+    "n03710193",
+    "n10565667",
+  ]
   np.testing.assert_array_equal(ip.class_subset("imagenet_r"), idx)
   assert ip.class_subset("imagenet2012") is None
   assert ip.DATASETS["imagenet_r"].num_classes == 200

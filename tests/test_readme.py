@@ -1,6 +1,6 @@
-"""The README's "use it in your own Flax loop" examples run as pasted and agree with a sequential
-re-implementation; its links stay inside
-the repository; docs/sam-family.md names what the code has."""
+"""The Python examples of README.md and docs/ run as pasted and agree with a sequential
+re-implementation; every Python block there is such an example; their links stay inside the
+repository; docs/sam-family.md names what the code has."""
 
 import pathlib
 import re
@@ -20,15 +20,34 @@ from pf_jax import sam_family
 from tests import reference as ref
 
 ROOT = pathlib.Path(__file__).parents[1]
+DOCS = [
+  "README.md",
+  "launch/README.md",
+  *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
+]
+# Each executed example, by the name in its `<!-- example:NAME -->` marker.
+EXAMPLES = ("nnx", "linen", "shard_map", "pmap")
 
 
 def _example(name: str) -> dict:
-  """Runs the README block `name` exactly as written; returns its globals."""
-  text = (ROOT / "README.md").read_text()
-  pattern = rf"<!-- readme-example:{name} -->\s*```python\n(.*?)```"
+  """Runs the documentation block `name` exactly as written; returns its globals."""
+  pattern = rf"<!-- example:{name} -->\s*```python\n(.*?)```"
+  found = [(d, m) for d in DOCS if (m := re.search(pattern, (ROOT / d).read_text(), re.S))]
+  assert len(found) == 1, (name, [d for d, _ in found])
+  doc, match = found[0]
   scope = {}
-  exec(compile(re.search(pattern, text, re.S).group(1), f"README.md[{name}]", "exec"), scope)
+  exec(compile(match.group(1), f"{doc}[{name}]", "exec"), scope)
   return scope
+
+
+def test_every_python_block_is_an_executed_example():
+  """A Python block in the docs is either run by a test here or not there at all."""
+  for doc in DOCS:
+    text = (ROOT / doc).read_text()
+    blocks = len(re.findall(r"^```python$", text, re.M))
+    names = re.findall(r"<!-- example:(\w+) -->\s*```python\n", text)
+    assert blocks == len(names), (doc, blocks, names)
+    assert set(names) <= set(EXAMPLES), (doc, names)
 
 
 def _sequential_sam_grad(loss_at, params, chunks, rho, ascent_at=None):
@@ -129,13 +148,13 @@ def test_readme_data_parallel_examples(name):
 
 def _paths(text):
   """Markdown link targets and `backticked` strings that look like files of the repository."""
-  links = re.findall(r"\]\(([^)]+)\)", text)
+  links = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text)]
   ticked = [t for t in re.findall(r"`([^`\s]+)`", text) if re.search(r"\.(py|md)$", t)]
   return links + ticked
 
 
 def test_readme_links_stay_in_the_repository():
-  for doc in ("README.md", "docs/sam-family.md", "launch/README.md"):
+  for doc in DOCS:
     base = (ROOT / doc).parent
     for target in _paths((ROOT / doc).read_text()):
       assert "://" not in target and not target.startswith("/"), (doc, target)
@@ -144,7 +163,10 @@ def test_readme_links_stay_in_the_repository():
       )
       assert path.is_relative_to(ROOT), (doc, target)
       assert path.exists(), (doc, target)
-  assert "docs/sam-family.md" in (ROOT / "README.md").read_text()
+  readme = (ROOT / "README.md").read_text()
+  for page in ROOT.glob("docs/*.md"):  # README is the front door to every page
+    assert f"(docs/{page.name})" in readme, page.name
+  assert len(readme.splitlines()) <= 200  # the front door; the rest lives in docs/
 
 
 def test_sam_family_doc_matches_the_code():
