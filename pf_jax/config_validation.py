@@ -246,7 +246,8 @@ FIELDS = {
   "analysis.sharpness_tol": (Float(0.0, lo_open=True), "relative tolerance of the power iteration"),
   "init_from": (
     Text(),
-    "workdir or checkpoint directory to finetune from (head replaced); '': off",
+    "workdir, checkpoint directory or PyTorch .pth/.pth.tar (same model) to finetune from "
+    "(head replaced); '': off",
   ),
   "log_every_steps": (Int(1), "steps between train log lines and summaries"),
   "eval_every_steps": (Int(1), "steps between evaluations (and at the end)"),
@@ -423,7 +424,9 @@ def objective(c):
 def _check_init_from(c):
   path = c.init_from
   if path and "://" not in path and not os.path.exists(path):
-    raise ConfigError("init_from", path, "a workdir or checkpoint directory that exists")
+    raise ConfigError(
+      "init_from", path, "a workdir, checkpoint directory or .pth/.pth.tar file that exists"
+    )
 
 
 def _check_analysis(c):

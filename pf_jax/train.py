@@ -274,6 +274,21 @@ def load_variables(path: str):
   return restored["params"], restored.get("batch_stats", {}), step
 
 
+def pretrained_variables(path: str, model_name: str):
+  """(params, batch_stats) to fine-tune from: a pf_jax workdir/checkpoint directory, or a PyTorch
+  checkpoint file (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same
+  model, converted with `models.from_torch`. Raises config_validation.ConfigError (one line)."""
+  try:
+    if models.torch_weights.is_torch_checkpoint(path):
+      state_dict = models.torch_weights.read_checkpoint(path)
+      variables = models.from_torch(model_name, state_dict)
+      return variables["params"], variables["batch_stats"]
+    params, batch_stats, _ = load_variables(path)
+    return params, batch_stats
+  except ValueError as e:
+    raise config_validation.ConfigError("init_from", path, str(e)) from None
+
+
 def _merge_pretrained(fresh, pretrained, path=""):
   """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
   if isinstance(fresh, dict):
@@ -294,10 +309,7 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
   params = flax.core.unfreeze(variables["params"])
   batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
   if c.init_from:
-    try:
-      pre_params, pre_stats, _ = load_variables(c.init_from)
-    except ValueError as e:
-      raise ValueError(f"config.init_from: {e}") from None
+    pre_params, pre_stats = pretrained_variables(c.init_from, c.model)
     params = _merge_pretrained(params, pre_params)
     batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
   return TrainState(
@@ -470,7 +482,7 @@ def train_and_evaluate(
           ),
         )
       if save:
-        checkpointing.save(checkpoints, step, state, force=preempted)
+        checkpointing.save(checkpoints, step, state, force=preempted, config=c)
         report.checkpoint(step, checkpoints.directory)
       if preempted:
         checkpoints.wait_until_finished()
