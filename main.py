@@ -253,6 +253,8 @@ def _train(checkpointing, input_pipeline, train, workdir_lib):
     )
   except (workdir_lib.ConfigMismatchError, workdir_lib.DamagedFileError) as e:  # one per field
     fail(str(e))
+  except config_validation.ConfigError as e:  # found late, e.g. a config.init_from checkpoint
+    fail(str(e))
   except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
     fail(str(e), code=1)
   except checkpointing.Preempted as e:

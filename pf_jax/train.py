@@ -214,11 +214,13 @@ def make_collect_step(c, model, mesh, rho):
 
   For the forgetting analysis (pf_jax/analysis/collect.py): the model in inference mode; theta^p
   per m-chunk of the batch from `sam_family.perturbed_logits` with the run's own `SamSpec`, the
-  rho and PRNG key of the next training step. Sigmoid likelihoods for sigmoid_xent, else softmax.
+  rho and PRNG key of the next training step. Likelihoods are the softmax of the logits whatever
+  the loss, as Section 6.1 bins "the model's softmax outputs"; `analysis.predictions = "sigmoid"`
+  bins per-class sigmoids instead (an explicit option, e.g. to look at what a BCE run optimizes).
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   task_loss = losses.get_loss(c.loss, c.label_smoothing)
-  predict = jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax
+  predict = jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid
   spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 
@@ -272,6 +274,21 @@ def load_variables(path: str):
   return restored["params"], restored.get("batch_stats", {}), step
 
 
+def pretrained_variables(path: str, model_name: str):
+  """(params, batch_stats) to fine-tune from: a pf_jax workdir/checkpoint directory, or a PyTorch
+  checkpoint file (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same
+  model, converted with `models.from_torch`. Raises config_validation.ConfigError (one line)."""
+  try:
+    if models.torch_weights.is_torch_checkpoint(path):
+      state_dict = models.torch_weights.read_checkpoint(path)
+      variables = models.from_torch(model_name, state_dict)
+      return variables["params"], variables["batch_stats"]
+    params, batch_stats, _ = load_variables(path)
+    return params, batch_stats
+  except ValueError as e:
+    raise config_validation.ConfigError("init_from", path, str(e)) from None
+
+
 def _merge_pretrained(fresh, pretrained, path=""):
   """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
   if isinstance(fresh, dict):
@@ -292,10 +309,7 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
   params = flax.core.unfreeze(variables["params"])
   batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
   if c.init_from:
-    try:
-      pre_params, pre_stats, _ = load_variables(c.init_from)
-    except ValueError as e:
-      raise ValueError(f"config.init_from: {e}") from None
+    pre_params, pre_stats = pretrained_variables(c.init_from, c.model)
     params = _merge_pretrained(params, pre_params)
     batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
   return TrainState(
