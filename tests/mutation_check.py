@@ -85,8 +85,8 @@ MUTATIONS = (
   Mutation(
     "OBF predictions swapped (config)",
     "pf_jax/config_validation.py",
-    'predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"',
-    'predictions = "softmax" if c.loss == "sigmoid_xent" else "sigmoid"',
+    "    predictions=s.obf_predictions,",
+    '    predictions="softmax",',
     (f"{MAP}[vit_s32_imagenet-sam_obf]", f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]"),
   ),
   Mutation(
