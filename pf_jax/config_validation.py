@@ -216,6 +216,10 @@ FIELDS = {
     Float(0.0, 1.0, negative_means="off: alpha from lambda and gamma"),
     "fixed OBF alpha (Table B.2)",
   ),
+  "sam.obf_predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "OBF's predictions p: per-class sigmoid (the authors' OBF, every paper run) or softmax",
+  ),
   "sam.gsam_alpha": (Float(0.0, 1.0), "GSAM's xi; 0: SAM"),
   "sam.gsam_normalized_backup": (Bool(), "GSAM decomposes the normalized ascent direction"),
   "sam.asam": (
@@ -226,6 +230,10 @@ FIELDS = {
   "analysis.collect_every_steps": (
     Int(0),
     "record outputs at theta and theta^p every N steps; 0: off",
+  ),
+  "analysis.predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "likelihoods binned by the forgetting analysis: softmax (Section 6.1) or per-class sigmoid",
   ),
   "analysis.dataset": (
     Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
@@ -397,20 +405,19 @@ LIBRARY_ARGS = {
   "gamma": "sam.obf_gamma",
   "alpha": "sam.obf_alpha",
   "perturbation": "sam.perturbation",
-  "predictions": "loss",
+  "predictions": "sam.obf_predictions",
 }
 
 
 def objective(c):
   """The perturbation objective of `c` (a name or an OBF callable)."""
   s = c.sam
-  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
   return perturbations.get_objective(
     s.perturbation,
     lam=s.obf_lambda,
     gamma=s.obf_gamma,
     alpha=s.obf_alpha if s.obf_alpha >= 0 else None,
-    predictions=predictions,
+    predictions=s.obf_predictions,
   )
 
 

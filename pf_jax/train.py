@@ -214,11 +214,13 @@ def make_collect_step(c, model, mesh, rho):
 
   For the forgetting analysis (pf_jax/analysis/collect.py): the model in inference mode; theta^p
   per m-chunk of the batch from `sam_family.perturbed_logits` with the run's own `SamSpec`, the
-  rho and PRNG key of the next training step. Sigmoid likelihoods for sigmoid_xent, else softmax.
+  rho and PRNG key of the next training step. Likelihoods are the softmax of the logits whatever
+  the loss, as Section 6.1 bins "the model's softmax outputs"; `analysis.predictions = "sigmoid"`
+  bins per-class sigmoids instead (an explicit option, e.g. to look at what a BCE run optimizes).
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   task_loss = losses.get_loss(c.loss, c.label_smoothing)
-  predict = jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax
+  predict = jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid
   spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 

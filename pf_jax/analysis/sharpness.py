@@ -1,7 +1,8 @@
 """The paper's "SHARPNESS" column for a trained run: `python -m pf_jax.analysis sharpness`.
 
 The dominant Hessian eigenvalue (`hessian.hessian_top_eigenvalue`) of the run's training loss
-(its config's loss, label smoothing included) at the latest checkpoint, on the first
+(its config's loss without label smoothing, as the authors' compute_hessian_*.sh run
+validate.py with its default --smoothing 0) at the latest checkpoint, on the first
 `analysis.sharpness_examples` examples of the training split in their stored order, without
 augmentation (the evaluation center crop), in batches of `analysis.sharpness_batch_size`.
 The model runs in inference mode: BatchNorm uses its running statistics, so the loss is a fixed
@@ -75,7 +76,7 @@ def checkpoint_sharpness(
   model = models.build_model(
     c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=jnp.float32
   )
-  loss = losses.get_loss(c.loss, c.label_smoothing)
+  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing
   variables = {"batch_stats": batch_stats} if batch_stats else {}
 
   def loss_fn(p, batch):
