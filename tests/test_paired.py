@@ -44,6 +44,12 @@ class PowerTest(parameterized.TestCase):
       self.assertLess(power(n - 1), 0.8)
     self.assertGreaterEqual(n, paired.normal_pairs(sd, delta))  # the t-test needs more
 
+  def test_large_effect_needs_few_pairs(self):
+    # sd/delta = 0.2: power(3) = 0.975 by the noncentral t; n = 2 has 1 degree of freedom and
+    # critical value 12.7 against a noncentrality of 7.1: power 0.42.
+    self.assertEqual(paired.required_pairs(0.2, 1.0), 3)
+    self.assertAlmostEqual(paired.t_power(30, 1.47, 5.0), 1.0)  # scipy's nan tail is 0 here
+
   def test_bad_inputs_refused(self):
     with self.assertRaisesRegex(ValueError, "sd > 0"):
       paired.required_pairs(0.0, 1.0)

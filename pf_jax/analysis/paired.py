@@ -38,7 +38,8 @@ def t_power(n: int, sd: float, delta: float, alpha: float = 0.05) -> float:
   """Power of the two-sided paired t-test with n pairs (noncentral t, df = n − 1)."""
   df, ncp = n - 1, delta * math.sqrt(n) / sd
   crit = stats.t.ppf(1 - alpha / 2, df)
-  return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+  wrong_side = stats.nct.cdf(-crit, df, ncp)  # ~0 for delta > 0; scipy gives nan at large ncp
+  return float(stats.nct.sf(crit, df, ncp) + np.nan_to_num(wrong_side, nan=0.0))
 
 
 def required_pairs(sd: float, delta: float, alpha: float = 0.05, power: float = 0.8) -> int:
