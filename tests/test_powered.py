@@ -38,6 +38,18 @@ def test_search_grids_are_fair(powered):
   assert len(powered.SEARCH_SEEDS) >= 3
 
 
+@pytest.mark.parametrize("benchmark", ["digits", "spurious"])
+def test_search_reads_only_the_validation_carve_out(powered, benchmark):
+  from configs import reproduce
+  from pf_jax import dataset_catalog
+
+  for _, method, _ in powered.SEARCH:
+    c = reproduce.get_config(f"{benchmark}_val,{method}")
+    assert c.dataset.endswith("_val") and tuple(c.eval_datasets) == (c.dataset,)
+    spec = dataset_catalog.DATASETS[c.dataset]
+    assert spec.train_split == "train[:1150]" and spec.eval_splits == ("train[1150:]",)
+
+
 @pytest.mark.parametrize(
   "peak, want_points, want_winner",
   [
