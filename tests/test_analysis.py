@@ -292,7 +292,7 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
     m=m,
     asam=asam,
     asam_eta=0.01,
-    objective=pf_jax.obf(0.25, 1.0) if objective == "obf" else "steepest",
+    objective=pf_jax.obf(0.25, 1.0, "softmax") if objective == "obf" else "steepest",
   )
   with jax.enable_x64(True):
     clean, perturbed = jax.jit(
