@@ -87,7 +87,7 @@ MUTATIONS = (
     "pf_jax/config_validation.py",
     "    predictions=s.obf_predictions,",
     '    predictions="softmax",',
-    (f"{MAP}[vit_s32_imagenet-sam_obf]", f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]"),
+    (f"{MAP}[vit_s32_imagenet-sam_obf]",),
   ),
   Mutation(
     "OBF predictions swapped (objective)",
@@ -101,14 +101,14 @@ MUTATIONS = (
     "pf_jax/train.py",
     "  return optax.chain(*parts), lr, rho",
     "  return optax.chain(*parts[::-1]), lr, rho",
-    (f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]",),
+    (f"{STEP}[cifar_finetune:vit_s32,cifar10,sam_obf:accum1]",),
   ),
   Mutation(
     "clipping dropped",
     "pf_jax/train.py",
     "  parts = [optax.clip_by_global_norm(c.clip_grad_norm)] if c.clip_grad_norm else []",
     "  parts = []",
-    (f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]",),
+    (f"{STEP}[cifar_finetune:vit_s32,cifar10,sam_obf:accum1]",),
   ),
   Mutation(
     "label smoothing ignored",
