@@ -342,7 +342,7 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
     analysis.binned_information(last["probs"], last["labels"], analysis.thresholds())[0],
   )
   assert not np.allclose(last["probs"], last["probs_p"])
-  assert abs(float(last["epoch"]) - 6 * 64 / 1437) < 1e-3
+  assert float(last["epoch"]) == pytest.approx(6 * 64 / 1438, rel=1e-12)  # digits train: 1,438
 
   # A run stopped right after its step-3 checkpoint, before collecting (e.g. preempted there),
   # collects step 3 when it resumes; every point is what the uninterrupted run recorded.
@@ -499,3 +499,52 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   assert bad.returncode == 2 and bad.stderr.splitlines() == [
     f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"
   ]
+
+
+def test_checkpoint_sharpness_is_the_top_eigenvalue_of_a_known_hessian(tmp_path, monkeypatch):
+  """A linear model z = W x + b under the sigmoid loss (mean over examples, sum over classes) has
+  the block-diagonal Hessian H_c = mean_i s_ic (1 - s_ic) [x_i; 1] [x_i; 1]^T, s = sigmoid(z):
+  the sharpness of its checkpoint is the largest eigenvalue of any block (numpy's eigh)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pf_jax import models  # pylint: disable=g-import-not-at-top
+  from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
+
+  class Linear(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(self.num_classes, name="head")(x.reshape((x.shape[0], -1)))
+
+  monkeypatch.setattr(models, "build_model", lambda name, **kw: Linear(kw["num_classes"]))
+  c = _tiny_digits_config("steepest", 4)
+  c.data_dir = str(tmp_path / "data")
+  assert c.loss == "sigmoid_xent" and c.label_smoothing == 0
+  workdir = tmp_path / "run"
+  rng = np.random.default_rng(0)
+  w = (0.05 * rng.normal(size=(8 * 8 * 3, 10))).astype(np.float32)
+  # Class 0 near s = 1/2 (curvature 1/4), the others near s = 0.02: one block dominates, so the
+  # power iteration converges fast (close top eigenvalues of several blocks would not).
+  b = np.array([0.0] + [-4.0] * 9, np.float32)
+  with ocp.CheckpointManager(
+    workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True)
+  ) as mngr:
+    checkpointing.save(
+      mngr, 7, {"step": jnp.int32(7), "params": {"head": {"kernel": w, "bias": b}}}
+    )
+  workdir_lib.save_config(str(workdir), c)
+
+  got = sharpness.checkpoint_sharpness(
+    str(workdir), num_examples=128, batch_size=64, tol=1e-7, num_iters=300
+  )
+  images = sharpness.training_batches(c, 128, 64)["image"].reshape(128, -1).astype(np.float64)
+  x1 = np.concatenate([images, np.ones((128, 1))], axis=1)
+  s = 1 / (1 + np.exp(-(images @ w + b)))
+  curv = s * (1 - s)  # [examples, classes]
+  top = max(np.linalg.eigvalsh((x1 * curv[:, [k]]).T @ x1 / 128)[-1] for k in range(10))
+  assert got["step"] == 7 and got["num_examples"] == 128
+  np.testing.assert_allclose(got["sharpness"], top, rtol=1e-3)

@@ -194,10 +194,13 @@ def test_no_spec_is_the_plain_gradient(problem):
 
 
 def test_accumulation_is_chunking_of_the_micro_batches(problem):
-  """2 micro-batches of 16 with m = 8 are the same 4 chunks of 8 as one batch with m = 8."""
+  """m=None with 2 micro-batches of 16: each micro-batch is one chunk, i.e. the reference with
+  m = 16, not m = 32 (the whole batch, what ignoring accumulation would compute)."""
   p, x, y = problem
-  want = ref.sam_grad(p, x, y, 8, rho=0.2, objective="steepest", loss="softmax")
-  spec = pf_jax.SamSpec(rho=0.2, m=8)
+  want = ref.sam_grad(p, x, y, 16, rho=0.2, objective="steepest", loss="softmax")
+  whole = ref.sam_grad(p, x, y, 32, rho=0.2, objective="steepest", loss="softmax")
+  assert _rel_err(whole, want) > 1e-3  # the two differ: the test can fail
+  spec = pf_jax.SamSpec(rho=0.2, m=None)
   with jax.enable_x64(True):
     got = sam_grad(
       jax.tree.map(jnp.asarray, p), x, y, pf_jax.softmax_cross_entropy, spec, accum_steps=2
