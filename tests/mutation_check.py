@@ -230,6 +230,27 @@ MUTATIONS = (
     ("tests/test_input_pipeline.py::test_train_image_is_the_image_or_its_mirror",),
   ),
   Mutation(
+    "ImageNet-R subset ignored",
+    "pf_jax/train.py",
+    "      logits = logits[:, jnp.asarray(subset)]",
+    "      logits = logits",
+    ("tests/test_train.py::test_evaluation_counts_top1_real_and_subset_by_hand",),
+  ),
+  Mutation(
+    "ReaL counts examples without real labels",
+    "pf_jax/train.py",
+    '      valid = batch["real_valid"] * mask',
+    "      valid = mask",
+    ("tests/test_train.py::test_evaluation_counts_top1_real_and_subset_by_hand",),
+  ),
+  Mutation(
+    "sharpness of the softmax loss for a sigmoid run",
+    "pf_jax/analysis/sharpness.py",
+    "  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing",
+    '  loss = losses.get_loss("softmax_xent", 0.0)',
+    ("tests/test_analysis.py::test_checkpoint_sharpness_is_the_top_eigenvalue_of_a_known_hessian",),
+  ),
+  Mutation(
     "non-finite step kept (reaches the checkpoint)",
     "pf_jax/train.py",
     '    finite = checkpointing.all_finite((metrics["loss"], grads, params, new_stats, opt_state))',
