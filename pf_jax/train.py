@@ -424,7 +424,7 @@ def train_and_evaluate(
     jax.process_count(),
     workdir,
   )
-  pending, fetched, results, streak = [], [], {}, 0
+  pending, fetched, results, streak, saving = [], [], {}, 0, None
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -467,9 +467,20 @@ def train_and_evaluate(
             c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train
           ),
         )
+      # A save is reported once it completed (asynchronous; a failure is one StorageError line).
+      if saving and (
+        save or (jax.process_count() == 1 and not checkpoints.is_saving_in_progress())
+      ):
+        checkpointing.finish(checkpoints, saving)
+        report.checkpoint(saving, checkpoints.directory)
+        saving = None
       if save:
         checkpointing.save(checkpoints, step, state, force=preempted, config=c)
-        report.checkpoint(step, checkpoints.directory)
+        saving = step
+      if saving and (preempted or last):
+        checkpointing.finish(checkpoints, saving)
+        report.checkpoint(saving, checkpoints.directory)
+        saving = None
       if preempted:
         checkpoints.wait_until_finished()
         checkpoints.close()
