@@ -171,6 +171,18 @@ FIELDS = {
   ),
   "image_size": (Int(1), "side of the square input images (a multiple of a ViT's patch size)"),
   "crop_area_min": (Float(0.0, 1.0, lo_open=True), "smallest area fraction of the Inception crop"),
+  "image_normalization": (
+    Choice(tuple(dataset_catalog.NORMALIZATIONS)),
+    "pixel values: minus_one_to_one (p / 127.5 - 1) or imagenet (ImageNet mean / std)",
+  ),
+  "eval_image_size": (
+    Int(1, off=-1, off_means="image_size"),
+    "side of evaluation images (a ViT evaluates at its image_size)",
+  ),
+  "eval_interpolation": (
+    Choice(dataset_catalog.INTERPOLATIONS),
+    "resize method of evaluation (and forgetting) images",
+  ),
   "shuffle_buffer": (Int(1), "shuffle buffer of streamed datasets (ImageNet)"),
   "model": (Choice(models.model_names), "model name (pf_jax/models)"),
   "head_bias_init": (Float(), "initial bias of the classification head"),
@@ -216,6 +228,10 @@ FIELDS = {
     Float(0.0, 1.0, negative_means="off: alpha from lambda and gamma"),
     "fixed OBF alpha (Table B.2)",
   ),
+  "sam.obf_predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "OBF's predictions p: per-class sigmoid (the authors' OBF, every paper run) or softmax",
+  ),
   "sam.gsam_alpha": (Float(0.0, 1.0), "GSAM's xi; 0: SAM"),
   "sam.gsam_normalized_backup": (Bool(), "GSAM decomposes the normalized ascent direction"),
   "sam.asam": (
@@ -226,6 +242,10 @@ FIELDS = {
   "analysis.collect_every_steps": (
     Int(0),
     "record outputs at theta and theta^p every N steps; 0: off",
+  ),
+  "analysis.predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "likelihoods binned by the forgetting analysis: softmax (Section 6.1) or per-class sigmoid",
   ),
   "analysis.dataset": (
     Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
@@ -238,7 +258,8 @@ FIELDS = {
   "analysis.sharpness_tol": (Float(0.0, lo_open=True), "relative tolerance of the power iteration"),
   "init_from": (
     Text(),
-    "workdir or checkpoint directory to finetune from (head replaced); '': off",
+    "workdir, checkpoint directory or PyTorch .pth/.pth.tar (same model) to finetune from "
+    "(head replaced); '': off",
   ),
   "log_every_steps": (Int(1), "steps between train log lines and summaries"),
   "eval_every_steps": (Int(1), "steps between evaluations (and at the end)"),
@@ -329,6 +350,12 @@ def _check_batches(c, num_devices: int, num_processes: int):
     raise ConfigError(
       "image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}"
     )
+  if multiple > 1 and c.eval_image_size not in (-1, c.image_size):
+    raise ConfigError(
+      "eval_image_size",
+      c.eval_image_size,
+      f"-1 or image_size ({c.image_size}): {c.model}'s position embeddings fix its input size",
+    )
 
 
 def _check_sam(c, num_devices: int):
@@ -396,27 +423,36 @@ LIBRARY_ARGS = {
   "gamma": "sam.obf_gamma",
   "alpha": "sam.obf_alpha",
   "perturbation": "sam.perturbation",
-  "predictions": "loss",
+  "predictions": "sam.obf_predictions",
 }
 
 
 def objective(c):
   """The perturbation objective of `c` (a name or an OBF callable)."""
   s = c.sam
-  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
   return perturbations.get_objective(
     s.perturbation,
     lam=s.obf_lambda,
     gamma=s.obf_gamma,
     alpha=s.obf_alpha if s.obf_alpha >= 0 else None,
-    predictions=predictions,
+    predictions=s.obf_predictions,
   )
 
 
 def _check_init_from(c):
   path = c.init_from
-  if path and "://" not in path and not os.path.exists(path):
-    raise ConfigError("init_from", path, "a workdir or checkpoint directory that exists")
+  if not path or "://" in path:
+    return
+  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar file"
+  if not os.path.exists(path):
+    raise ConfigError("init_from", path, allowed + " (it does not exist)")
+  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar")):
+    return
+  # A checkpoint is a step-numbered folder in the workdir's checkpoints/ or the directory itself.
+  sub = os.path.join(path, "checkpoints")
+  directory = sub if os.path.isdir(sub) else path
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise ConfigError("init_from", path, allowed + f" (no step folder in {directory!r})")
 
 
 def _check_analysis(c):
@@ -459,8 +495,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _check_analysis(c)
 
 
-def check_workdir(workdir: str) -> None:
-  """The workdir is (or can become) a writable directory; remote (gs://) paths are not checked."""
+def check_workdir(workdir: str, create: bool = True) -> None:
+  """The workdir is (or can become) a writable directory, created unless `create` is False
+  (--check_only); remote (gs://) paths are not checked."""
   if "://" in workdir:
     return
   path = os.path.abspath(workdir)
@@ -470,6 +507,10 @@ def check_workdir(workdir: str) -> None:
   if not os.path.isdir(existing):
     what = "is a file" if existing == path else f"is under {existing!r}, which is a file"
     raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory; it {what}")
+  if not create:
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be written")
+    return
   try:  # creating it is what the run does first anyway
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test.{os.getpid()}")
