@@ -136,13 +136,13 @@ BATCH, ACCUM, M, NUM_CLASSES = 16, 2, 4, 10
 # Table 1's method rows (plus the Appendix B baselines), by each config file's method names.
 ROWS = {
   "vit_s32_imagenet": [
+    ("SAM-OBF", "sam_obf"),
+    ("GSAM-OBF", "gsam_obf"),
+    ("ASAM-OBF", "asam_obf"),
     ("AdamW", "adamw"),
     ("SAM", "sam_steep"),
-    ("SAM-OBF", "sam_obf"),
     ("GSAM", "gsam_steep"),
-    ("GSAM-OBF", "gsam_obf"),
     ("ASAM", "asam_steep"),
-    ("ASAM-OBF", "asam_obf"),
     ("random", "random"),
     ("label smoothing", "label_smooth"),
     ("shrink-and-perturb", "shrink_perturb"),
@@ -370,6 +370,7 @@ def main():
   parser.add_argument("--out", default="results/equivalence.md")
   parser.add_argument("--skip-large", action="store_true", help="logits: only vit_s32, resnet50")
   parser.add_argument("--only", choices=[*ROWS, "logits"], help="one part of the table")
+  parser.add_argument("--rows", default="", help="comma-separated method names (default: all)")
   args = parser.parse_args()
   torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
   lines = [
@@ -405,6 +406,8 @@ def main():
     if args.only not in (None, config_name):
       continue
     for label, method in rows:
+      if args.rows and method not in args.rows.split(","):
+        continue
       start = time.time()
       e = step_errors(config_name, method)
       bs = f"{e['batch_stats']:.1e}" if "batch_stats" in e else "-"
