@@ -15,7 +15,7 @@ Needs torch and timm (`pip install -e .[bench]`). Two measurements:
   generator, clipping, gradient accumulation and shrink-and-perturb), from the same weights on the
   same batches. Model, image and batch are reduced (ViT: timm VisionTransformer of `vit_digits`'
   shape on 8x8 images; ResNet: timm's Bottleneck ResNet, one block per stage, 8-64 channels, on
-  32x32 images); 16 images per step as 2 accumulated micro-batches of two m = 4 chunks each;
+  64x64 images, learning rates / 100); 16 images per step as 2 accumulated micro-batches of two m = 4 chunks each;
   the schedules are compressed to 2 warmup steps of 6.
   Errors: `params` = max|theta_jax - theta_torch| / max|theta_torch| after the 5 steps (the
   criterion, <= 1e-4); `update` = ||delta_jax - delta_torch|| / ||delta_torch|| of the total
@@ -148,13 +148,13 @@ ROWS = {
     ("shrink-and-perturb", "shrink_perturb"),
   ],
   "resnet50_imagenet": [
-    ("SGD", "sgd"),
-    ("SAM", "sam_steep"),
     ("SAM-OBF", "sam_obf"),
+    ("SGD", "sgd"),
     ("GSAM", "gsam_steep"),
+    ("ASAM-OBF", "asam_obf"),
+    ("SAM", "sam_steep"),
     ("GSAM-OBF", "gsam_obf"),
     ("ASAM", "asam_steep"),
-    ("ASAM-OBF", "asam_obf"),
     ("random", "random"),
     ("label smoothing", "label_smooth"),
     ("shrink-and-perturb", "shrink_perturb"),
@@ -173,7 +173,11 @@ def reduced_config(config_name: str, method: str):
   if c.model.startswith("vit"):
     c.model, c.image_size = "vit_digits", 8
   else:
-    c.image_size = 32
+    # At lr 1.6 the tiny ResNet on random data is chaotic: two PyTorch runs of it, float32 and
+    # float64, end 48% apart after 5 steps, so no comparison could see anything. 1/100 of the
+    # learning rates (same schedule shape, same rho policy) keeps rounding from being amplified.
+    c.image_size = 64
+    c.lr_max, c.lr_min = c.lr_max / 100, c.lr_min / 100
   return c
 
 
