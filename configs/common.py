@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sam.obf_lambda = 0.0
   c.sam.obf_gamma = 1.0
   c.sam.obf_alpha = -1.0  # >= 0: fixed alpha (Table B.2) instead of lambda/gamma
+  c.sam.obf_predictions = "sigmoid"  # p in OBF's alpha and target; the authors' OBF: sigmoid
   c.sam.gsam_alpha = 0.0  # GSAM's xi; 0: SAM
   c.sam.gsam_normalized_backup = False
   c.sam.asam = ""  # "": off
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Analysis (pf_jax/analysis): Section 6.1 output collection and sharpness.
   c.analysis = ml_collections.ConfigDict()
   c.analysis.collect_every_steps = 0  # record outputs at theta and theta^p every N steps; 0: off
+  c.analysis.predictions = "softmax"  # Section 6.1 bins softmax outputs; "sigmoid": per class
   c.analysis.dataset = ""  # forgetting split's dataset (its eval split); "": eval_datasets[0]
   c.analysis.max_raw_values = (
     1_000_000  # also store raw likelihoods when examples x classes <= this
@@ -84,6 +86,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 10  # non-finite steps are skipped; this many in a row stop the run
   c.profile = False  # clu profiling hook: trace a few steps to workdir
   c.eval_batch_size = 512
+  return c
+
+
+def authors_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Settings every run of the authors' release shares (their train.py / validate.py defaults
+  and scripts/compute_hessian_*.sh), for the paper configs."""
+  c.crop_area_min = 0.05  # train.py --scale default (0.05, 1.0), big_vision's Inception crop
+  c.sam.obf_predictions = "sigmoid"  # train.py builds OutputBiasForget(C, gamma): sigmoid=True
+  # compute_hessian_*.sh: validate.py --split "train[:8192]", batch 256, 100 iters, tol 1e-4.
+  c.analysis.sharpness_examples = 8192
+  c.analysis.sharpness_batch_size = 256
+  c.analysis.sharpness_iters = 100
+  c.analysis.sharpness_tol = 1e-4
   return c
 
 

@@ -216,6 +216,10 @@ FIELDS = {
     Float(0.0, 1.0, negative_means="off: alpha from lambda and gamma"),
     "fixed OBF alpha (Table B.2)",
   ),
+  "sam.obf_predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "OBF's predictions p: per-class sigmoid (the authors' OBF, every paper run) or softmax",
+  ),
   "sam.gsam_alpha": (Float(0.0, 1.0), "GSAM's xi; 0: SAM"),
   "sam.gsam_normalized_backup": (Bool(), "GSAM decomposes the normalized ascent direction"),
   "sam.asam": (
@@ -226,6 +230,10 @@ FIELDS = {
   "analysis.collect_every_steps": (
     Int(0),
     "record outputs at theta and theta^p every N steps; 0: off",
+  ),
+  "analysis.predictions": (
+    Choice(perturbations.PREDICTIONS),
+    "likelihoods binned by the forgetting analysis: softmax (Section 6.1) or per-class sigmoid",
   ),
   "analysis.dataset": (
     Choice(lambda: ("",) + tuple(sorted(dataset_catalog.DATASETS))),
@@ -397,29 +405,36 @@ LIBRARY_ARGS = {
   "gamma": "sam.obf_gamma",
   "alpha": "sam.obf_alpha",
   "perturbation": "sam.perturbation",
-  "predictions": "loss",
+  "predictions": "sam.obf_predictions",
 }
 
 
 def objective(c):
   """The perturbation objective of `c` (a name or an OBF callable)."""
   s = c.sam
-  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
   return perturbations.get_objective(
     s.perturbation,
     lam=s.obf_lambda,
     gamma=s.obf_gamma,
     alpha=s.obf_alpha if s.obf_alpha >= 0 else None,
-    predictions=predictions,
+    predictions=s.obf_predictions,
   )
 
 
 def _check_init_from(c):
   path = c.init_from
-  if path and "://" not in path and not os.path.exists(path):
-    raise ConfigError(
-      "init_from", path, "a workdir, checkpoint directory or .pth/.pth.tar file that exists"
-    )
+  if not path or "://" in path:
+    return
+  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar file"
+  if not os.path.exists(path):
+    raise ConfigError("init_from", path, allowed + " (it does not exist)")
+  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar")):
+    return
+  # A checkpoint is a step-numbered folder in the workdir's checkpoints/ or the directory itself.
+  sub = os.path.join(path, "checkpoints")
+  directory = sub if os.path.isdir(sub) else path
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise ConfigError("init_from", path, allowed + f" (no step folder in {directory!r})")
 
 
 def _check_analysis(c):
@@ -462,8 +477,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _check_analysis(c)
 
 
-def check_workdir(workdir: str) -> None:
-  """The workdir is (or can become) a writable directory; remote (gs://) paths are not checked."""
+def check_workdir(workdir: str, create: bool = True) -> None:
+  """The workdir is (or can become) a writable directory, created unless `create` is False
+  (--check_only); remote (gs://) paths are not checked."""
   if "://" in workdir:
     return
   path = os.path.abspath(workdir)
@@ -473,6 +489,10 @@ def check_workdir(workdir: str) -> None:
   if not os.path.isdir(existing):
     what = "is a file" if existing == path else f"is under {existing!r}, which is a file"
     raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory; it {what}")
+  if not create:
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be written")
+    return
   try:  # creating it is what the run does first anyway
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test.{os.getpid()}")

@@ -140,6 +140,12 @@ def step_key(c, step) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
 
 
+def top1(logits, labels) -> jax.Array:
+  """Fraction of examples whose top logit is the label (or the largest target of [B, C] ones)."""
+  labels = jnp.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+  return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
 def make_train_step(c, model, tx, rho, mesh, lr=None):
   """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated.
 
@@ -152,13 +158,22 @@ def make_train_step(c, model, tx, rho, mesh, lr=None):
   spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 
+  def forward(params, batch_stats, b):
+    """(logits, (new batch statistics, top-1 of the chunk)): the aux of the pass at theta."""
+    logits, new_stats = apply(params, batch_stats, b["image"], True)
+    return logits, (new_stats, top1(logits, b["label"]))
+
   def step(state: TrainState, batch):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
-    forward = lambda p, b: apply(p, state.batch_stats, b["image"], True)
     grad_fn = sam_lib.sam_value_and_grad(
-      forward, task_loss, spec, has_aux=True, axis_name=AXIS, accum_steps=c.grad_accum_steps
+      lambda p, b: forward(p, state.batch_stats, b),
+      task_loss,
+      spec,
+      has_aux=True,
+      axis_name=AXIS,
+      accum_steps=c.grad_accum_steps,
     )
-    (_, new_stats, metrics), grads = grad_fn(
+    (_, (new_stats, train_top1), metrics), grads = grad_fn(
       state.params, batch, step=state.step, rng=step_key(c, state.step)
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -173,7 +188,10 @@ def make_train_step(c, model, tx, rho, mesh, lr=None):
       lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1)
     )
     metrics = dict(
-      metrics, grad_norm=optax.tree.norm(grads), nonfinite=1 - finite.astype(jnp.float32)
+      metrics,
+      top1=train_top1,
+      grad_norm=optax.tree.norm(grads),
+      nonfinite=1 - finite.astype(jnp.float32),
     )
     if lr is not None:
       metrics["lr"] = lr(state.step)
@@ -191,6 +209,8 @@ def make_eval_step(c, model, mesh, subset: np.ndarray | None):
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   dtype = compute_dtype(c)
+  task_loss = losses.get_loss(c.loss, c.label_smoothing)  # the training loss, per example below
+  per_example = jax.vmap(lambda z, y: task_loss(z[None], y[None]))
 
   def step(params, batch_stats, totals, batch):
     logits, _ = apply(params, batch_stats, batch["image"].astype(dtype), False)
@@ -198,7 +218,11 @@ def make_eval_step(c, model, mesh, subset: np.ndarray | None):
       logits = logits[:, jnp.asarray(subset)]
     pred = jnp.argmax(logits, axis=-1)
     mask = batch["mask"]
-    out = {"correct": jnp.sum((pred == batch["label"]) * mask), "count": jnp.sum(mask)}
+    out = {
+      "correct": jnp.sum((pred == batch["label"]) * mask),
+      "count": jnp.sum(mask),
+      "loss": jnp.sum(per_example(logits.astype(jnp.float32), batch["label"]) * mask),
+    }
     if "real_label" in batch:  # ReaL: correct if the prediction is any of the real labels
       valid = batch["real_valid"] * mask
       hit = jnp.take_along_axis(batch["real_label"], pred[:, None], axis=-1)[:, 0]
@@ -214,11 +238,13 @@ def make_collect_step(c, model, mesh, rho):
 
   For the forgetting analysis (pf_jax/analysis/collect.py): the model in inference mode; theta^p
   per m-chunk of the batch from `sam_family.perturbed_logits` with the run's own `SamSpec`, the
-  rho and PRNG key of the next training step. Sigmoid likelihoods for sigmoid_xent, else softmax.
+  rho and PRNG key of the next training step. Likelihoods are the softmax of the logits whatever
+  the loss, as Section 6.1 bins "the model's softmax outputs"; `analysis.predictions = "sigmoid"`
+  bins per-class sigmoids instead (an explicit option, e.g. to look at what a BCE run optimizes).
   """
   apply = _model_apply(model, models.has_batch_norm(c.model))
   task_loss = losses.get_loss(c.loss, c.label_smoothing)
-  predict = jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax
+  predict = jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid
   spec = sam_spec(c, rho)
   dtype = compute_dtype(c)
 
@@ -255,6 +281,7 @@ def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
       totals = eval_step(state.params, state.batch_stats, totals, batch)
     totals = jax.device_get(totals)
     results[f"eval/{name}/top1"] = float(totals["correct"] / max(totals["count"], 1))
+    results[f"eval/{name}/loss"] = float(totals["loss"] / max(totals["count"], 1))
     if "real_count" in totals:
       results[f"eval/{name}/real_top1"] = float(
         totals["real_correct"] / max(totals["real_count"], 1)
@@ -316,14 +343,19 @@ def create_state(c, model, tx, num_classes: int) -> TrainState:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  note: str | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
   Raises checkpointing.Preempted once the current step is saved after SIGTERM/SIGINT or a
   preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
   (unless `allow_config_change`), checkpointing.NonFiniteError after
-  `config.max_consecutive_nonfinite` skipped non-finite steps.
+  `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
+  what a `,local` variant changed).
   """
   c = config
   validate_config(c)
@@ -363,8 +395,6 @@ def train_and_evaluate(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target
     )
     latest, state = checkpointing.restore_latest(checkpoints, target)
-    if state is not None:
-      logging.info("Resumed from step %d in %s", latest, workdir)
   if state is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
     state = jax.jit(
       functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated
@@ -383,7 +413,7 @@ def train_and_evaluate(
         for k, v in workdir_lib.flatten(c.to_dict()).items()
       }
     )
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
+  hooks = []  # steps_per_sec is written with every train log (the Reporter's rate)
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
@@ -435,12 +465,22 @@ def train_and_evaluate(
     jax.device_count(),
     jax.process_count(),
     workdir,
+    method=reporting.describe_method(c, jax.device_count()),
+    note=note,
   )
+  if start_step:
+    report.resumed(start_step, checkpoint_dir)
   pending, fetched, results, streak = [], [], {}, 0
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
+      first = step == start_step + 1
+      if first:
+        report.compiling()
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(train_iter))
+      if first:  # the only wait outside logging: compilation time, then the steady rate
+        jax.block_until_ready(metrics)
+        report.compiled(step)
       pending.append(
         metrics
       )  # device arrays; fetched only when logging or saving (no per-step sync)
@@ -464,8 +504,8 @@ def train_and_evaluate(
         pending = []
       if step % c.log_every_steps == 0 or last:
         summary = _summarize(fetched)
+        summary["steps_per_sec"] = report.train(step, summary)
         writer.write_scalars(step, summary)
-        report.train(step, summary)
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()

@@ -170,7 +170,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
     _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
   )
   assert again.returncode == 0, again.stderr[-3000:]
-  assert f"Resumed from step {stopped}" in again.stderr
+  assert f"resumed: step {stopped} from " in again.stderr
   a, b = _restore(ref, steps), _restore(run, steps)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
   jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
