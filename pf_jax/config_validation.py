@@ -171,6 +171,18 @@ FIELDS = {
   ),
   "image_size": (Int(1), "side of the square input images (a multiple of a ViT's patch size)"),
   "crop_area_min": (Float(0.0, 1.0, lo_open=True), "smallest area fraction of the Inception crop"),
+  "image_normalization": (
+    Choice(tuple(dataset_catalog.NORMALIZATIONS)),
+    "pixel values: minus_one_to_one (p / 127.5 - 1) or imagenet (ImageNet mean / std)",
+  ),
+  "eval_image_size": (
+    Int(1, off=-1, off_means="image_size"),
+    "side of evaluation images (a ViT evaluates at its image_size)",
+  ),
+  "eval_interpolation": (
+    Choice(dataset_catalog.INTERPOLATIONS),
+    "resize method of evaluation (and forgetting) images",
+  ),
   "shuffle_buffer": (Int(1), "shuffle buffer of streamed datasets (ImageNet)"),
   "model": (Choice(models.model_names), "model name (pf_jax/models)"),
   "head_bias_init": (Float(), "initial bias of the classification head"),
@@ -337,6 +349,12 @@ def _check_batches(c, num_devices: int, num_processes: int):
   if c.image_size % multiple:
     raise ConfigError(
       "image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}"
+    )
+  if multiple > 1 and c.eval_image_size not in (-1, c.image_size):
+    raise ConfigError(
+      "eval_image_size",
+      c.eval_image_size,
+      f"-1 or image_size ({c.image_size}): {c.model}'s position embeddings fix its input size",
     )
 
 

@@ -141,3 +141,12 @@ _add_spurious("spurious_digits", "patch")
 def training_datasets() -> tuple[str, ...]:
   """Names of the datasets that have a training split, sorted."""
   return tuple(sorted(k for k, v in DATASETS.items() if v.train_split is not None))
+
+
+# Image preprocessing choices (pf_jax/preprocessing.py), named here without TensorFlow.
+# normalization -> (mean, std) per channel of p / 255; None: p / 127.5 - 1 exactly.
+NORMALIZATIONS = {
+  "minus_one_to_one": None,  # mean = std = 0.5: timm's "inception" statistics (the authors' ViT)
+  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the authors' ResNet
+}
+INTERPOLATIONS = ("bilinear", "bicubic")  # evaluation resize

@@ -268,7 +268,12 @@ def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
   local_batch = c.eval_batch_size // jax.process_count()
   for name, eval_step in eval_steps.items():
     it = input_pipeline.eval_iterator(
-      name, data_dir=c.data_dir, image_size=c.image_size, local_batch_size=local_batch
+      name,
+      data_dir=c.data_dir,
+      image_size=c.eval_image_size if c.eval_image_size > 0 else c.image_size,
+      local_batch_size=local_batch,
+      interpolation=c.eval_interpolation,
+      normalization=c.image_normalization,
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -451,6 +456,7 @@ def train_and_evaluate(
     start_step=start_step,
     shuffle_buffer=c.shuffle_buffer,
     crop_area_min=c.crop_area_min,
+    normalization=c.image_normalization,
   )
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 

@@ -244,3 +244,17 @@ def test_default_demo_is_the_reproduction_row_with_the_search_winners():
   safe = {k for k in differ if k in workdir.SAFE_TO_CHANGE or k.startswith("analysis.")}
   assert differ - safe == {"lr_max", "sam.rho_max"}
   assert (a["lr_max"], a["sam.rho_max"], a["sam.asam"]) == (1e-2, 0.3, "after")
+
+
+def test_eval_image_size_is_the_resnets_own():
+  """validate_rn*.sh evaluate ResNets at 288; a ViT's position embeddings fix its size."""
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+
+  c = load("resnet50_imagenet").get_config("sgd")
+  assert (c.image_size, c.eval_image_size) == (224, 288)
+  config_validation.validate(c)
+  assert load("resnet50_imagenet").get_config("sgd,local").eval_image_size == -1
+  c = load("vit_s32_imagenet").get_config("adamw")
+  c.eval_image_size = 288
+  with pytest.raises(config_validation.ConfigError, match=r"^config\.eval_image_size: 288 "):
+    config_validation.validate(c)

@@ -336,3 +336,26 @@ def test_train_image_is_the_image_or_its_mirror():
     ).numpy()
     np.testing.assert_array_equal(got, again)
   assert set(kinds) == {"same", "mirror"}
+
+
+@pytest.mark.parametrize("normalization", ["minus_one_to_one", "imagenet"])
+def test_normalization_by_hand(normalization):
+  pixels = np.array([[[0, 128, 255], [10, 20, 30]]], np.uint8)  # [1, 2, 3]
+  got = preprocessing.normalize(pixels, normalization).numpy()
+  if normalization == "minus_one_to_one":
+    want = pixels / 127.5 - 1.0
+  else:  # (p / 255 - mean) / std with ImageNet's statistics, by channel
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    want = (pixels / 255.0 - mean) / std
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_interpolation_is_the_resize_method():
+  # A 4x4 checkerboard evaluated at 7x7 (resize to 8, crop 7): the two kernels weigh the
+  # neighbours differently, so the pixel values differ; both stay in [-1, 1] (clipped, as PIL).
+  board = (np.indices((4, 4)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+  bilinear = preprocessing.eval_image(board, 7, interpolation="bilinear").numpy()
+  bicubic = preprocessing.eval_image(board, 7, interpolation="bicubic").numpy()
+  assert bilinear.shape == bicubic.shape == (7, 7, 3)
+  assert np.abs(bilinear).max() <= 1.0 and np.abs(bicubic).max() <= 1.0
+  assert not np.allclose(bilinear, bicubic, atol=1e-3)

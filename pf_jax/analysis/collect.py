@@ -61,6 +61,8 @@ def collect(
     data_dir=c.data_dir,
     image_size=c.image_size,
     local_batch_size=local_batch_size,
+    interpolation=c.eval_interpolation,
+    normalization=c.image_normalization,
   )
   outputs, labels, masks = [], [], []
   for batch in _wrap_around(it):

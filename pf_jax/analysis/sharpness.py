@@ -42,6 +42,8 @@ def training_batches(c, num_examples: int, batch_size: int, counted: dict | None
     local_batch_size=batch_size,
     process_index=0,
     process_count=1,
+    interpolation="bilinear",  # the authors' Hessian: the eval crop with the training resize
+    normalization=c.image_normalization,
   )
   batches = []
   for batch in it:
