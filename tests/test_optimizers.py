@@ -100,6 +100,14 @@ def test_adamw_decay_is_decoupled_and_masked():
   np.testing.assert_allclose(u["b"], [0.0], atol=1e-12)
 
 
+def test_obf_states_its_predictions():
+  """OBF's p = softmax(z) or sigmoid(z) must match the task loss: passed, never assumed."""
+  with pytest.raises(TypeError, match="predictions"):
+    pf_jax.obf(0.1, 1.0)
+  with pytest.raises(TypeError, match="predictions"):
+    pf_jax.obf_fixed_alpha(0.5)
+
+
 def test_base_optimizers_state_their_decay():
   """What decides the optimization is passed, not assumed: weight decay (and SGD's momentum)."""
   with pytest.raises(TypeError, match="weight_decay"):
