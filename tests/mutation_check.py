@@ -87,7 +87,7 @@ MUTATIONS = (
     "pf_jax/config_validation.py",
     "    predictions=s.obf_predictions,",
     '    predictions="softmax",',
-    (f"{MAP}[vit_s32_imagenet-sam_obf]", f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]"),
+    (f"{MAP}[vit_s32_imagenet-sam_obf]",),
   ),
   Mutation(
     "OBF predictions swapped (objective)",
@@ -101,14 +101,14 @@ MUTATIONS = (
     "pf_jax/train.py",
     "  return optax.chain(*parts), lr, rho",
     "  return optax.chain(*parts[::-1]), lr, rho",
-    (f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]",),
+    (f"{STEP}[cifar_finetune:vit_s32,cifar10,sam_obf:accum1]",),
   ),
   Mutation(
     "clipping dropped",
     "pf_jax/train.py",
     "  parts = [optax.clip_by_global_norm(c.clip_grad_norm)] if c.clip_grad_norm else []",
     "  parts = []",
-    (f"{STEP}[vit_s32_imagenet:gsam_obf:accum1]",),
+    (f"{STEP}[cifar_finetune:vit_s32,cifar10,sam_obf:accum1]",),
   ),
   Mutation(
     "label smoothing ignored",
@@ -228,6 +228,27 @@ MUTATIONS = (
     "    image = tf.image.stateless_random_flip_left_right(image, flip_seed)",
     "    image = tf.image.stateless_random_flip_up_down(image, flip_seed)",
     ("tests/test_input_pipeline.py::test_train_image_is_the_image_or_its_mirror",),
+  ),
+  Mutation(
+    "ImageNet-R subset ignored",
+    "pf_jax/train.py",
+    "      logits = logits[:, jnp.asarray(subset)]",
+    "      logits = logits",
+    ("tests/test_train.py::test_evaluation_counts_top1_real_and_subset_by_hand",),
+  ),
+  Mutation(
+    "ReaL counts examples without real labels",
+    "pf_jax/train.py",
+    '      valid = batch["real_valid"] * mask',
+    "      valid = mask",
+    ("tests/test_train.py::test_evaluation_counts_top1_real_and_subset_by_hand",),
+  ),
+  Mutation(
+    "sharpness of the softmax loss for a sigmoid run",
+    "pf_jax/analysis/sharpness.py",
+    "  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing",
+    '  loss = losses.get_loss("softmax_xent", 0.0)',
+    ("tests/test_analysis.py::test_checkpoint_sharpness_is_the_top_eigenvalue_of_a_known_hessian",),
   ),
   Mutation(
     "non-finite step kept (reaches the checkpoint)",

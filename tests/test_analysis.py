@@ -292,7 +292,7 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
     m=m,
     asam=asam,
     asam_eta=0.01,
-    objective=pf_jax.obf(0.25, 1.0) if objective == "obf" else "steepest",
+    objective=pf_jax.obf(0.25, 1.0, "softmax") if objective == "obf" else "steepest",
   )
   with jax.enable_x64(True):
     clean, perturbed = jax.jit(
@@ -306,7 +306,7 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
     )(jax.tree.map(jnp.asarray, p))
   want = []
   for i in range(0, B, m):
-    pt, _, _ = ref.perturb(
+    pt = ref.perturb(
       p,
       x[i : i + m],
       y[i : i + m],
@@ -316,7 +316,7 @@ def test_perturbed_logits_use_each_chunks_own_training_perturbation(objective, a
       obf_kw=obf_kw,
       asam=asam,
       eta=0.01,
-    )
+    )[0]  # theta^p
     want.append(ref.forward(pt, x[i : i + m])[0])
   np.testing.assert_allclose(clean, ref.forward(p, x)[0], rtol=1e-12)
   np.testing.assert_allclose(perturbed, np.concatenate(want), rtol=1e-9, atol=1e-12)

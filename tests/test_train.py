@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -218,7 +219,7 @@ def test_default_run_from_the_command_line(tmp_path):
   assert "compiling the train step" in out.stderr and "compiled the train step" in out.stderr
   seconds = lambda l: sum(int(x) * f for x, f in zip(l[:8].split(":"), (3600, 60, 1)))
   done = seconds(next(l for l in first if " done: " in l))
-  train_lines = [l for l in first if " train step " in l]
+  train_lines = [l for l in first if l[9:].startswith("train step ")]
   assert len(train_lines) == 6
   for line in train_lines[1:]:
     eta = line.rsplit("ETA ", 1)[1]
@@ -276,3 +277,51 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   assert seen[0]["rho"] < seen[-1]["rho"]
   assert summary["train/rho"] == pytest.approx(float(seen[-1]["rho"]))
   assert summary["train/loss"] == pytest.approx(np.mean([m["loss"] for m in seen]), rel=1e-6)
+
+
+class _ImageIsLogits(nn.Module):
+  """A parameter-free model whose logits are the image's first values: crafted predictions."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return x.reshape((x.shape[0], -1))[:, : self.num_classes]
+
+
+@pytest.mark.parametrize("subset", [None, (1, 3, 5)], ids=["imagenet_real", "imagenet_r"])
+def test_evaluation_counts_top1_real_and_subset_by_hand(subset):
+  """Counts of one batch on 8 devices against numpy: top-1 over the masked examples, the loss;
+  ReaL: a hit if the prediction is any real label, over examples with real labels; ImageNet-R:
+  the argmax over its subset's logits only (labels index the subset)."""
+  from tests import reference as ref  # pylint: disable=g-import-not-at-top
+
+  c = default_config.get_config()
+  rng = np.random.default_rng(0)
+  b, n = 16, 6
+  logits = rng.normal(size=(b, n))
+  k = n if subset is None else len(subset)
+  batch = {
+    "image": logits.reshape(b, 1, 2, 3).astype(np.float32),
+    "label": rng.integers(0, k, size=b).astype(np.int32),
+    "mask": np.array([1] * 13 + [0] * 3, np.int32),  # the last 3: padding
+  }
+  if subset is None:
+    batch["real_label"] = (rng.random((b, n)) < 0.3).astype(np.int32)
+    batch["real_valid"] = (rng.random(b) < 0.8).astype(np.int32)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  step = train.make_eval_step(
+    c, _ImageIsLogits(n), mesh, None if subset is None else np.asarray(subset)
+  )
+  got = jax.device_get(step({}, {}, {}, jax.device_put(batch, NamedSharding(mesh, P("data")))))
+  z = logits if subset is None else logits[:, list(subset)]
+  pred, y, mask = z.argmax(-1), batch["label"], batch["mask"]
+  assert int(got["correct"]) == int(np.sum((pred == y) * mask)) and int(got["count"]) == 13
+  loss = sum(ref.task_loss("sigmoid", z[i : i + 1], y[i : i + 1]) for i in range(13))
+  assert c.loss == "sigmoid_xent"
+  np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+  if subset is None:
+    valid = batch["real_valid"] * mask
+    hits = batch["real_label"][np.arange(b), pred] * valid
+    assert int(got["real_correct"]) == int(hits.sum()) and int(got["real_count"]) == valid.sum()
+    assert 0 < hits.sum() < valid.sum()  # a crafted batch with hits and misses
