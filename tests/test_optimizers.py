@@ -60,6 +60,8 @@ def test_weight_decay_mask():
     "pos_embedding": jnp.ones((1, 4, 4)),
     "norm": {"scale": jnp.ones(4)},
     "head": {"kernel": jnp.ones((4, 2))},
+    # flax attention's [heads, head_dim] bias: a bias (timm's qkv.bias), so no decay.
+    "query": {"kernel": jnp.ones((4, 2, 2)), "bias": jnp.ones((2, 2))},
   }
   mask = pf_jax.weight_decay_mask(params)
   assert mask == {
@@ -67,6 +69,7 @@ def test_weight_decay_mask():
     "pos_embedding": False,
     "norm": {"scale": False},
     "head": {"kernel": True},
+    "query": {"kernel": True, "bias": False},
   }
 
 
