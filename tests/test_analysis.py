@@ -400,7 +400,9 @@ def _fake_run(
   c = digits_msweep.get_config(f"{perturbation},{m}")
   c.seed = seed
   workdir_lib.save_config(workdir, c)
-  workdir_lib.save_results(workdir, 660, {"eval/digits/top1": accuracy})
+  workdir_lib.save_results(
+    workdir, 660, {"eval/digits/top1": accuracy, "eval/digits/loss": 1.0 - accuracy}
+  )
   if sharpness is not None:
     with open(os.path.join(workdir, "sharpness.json"), "w") as f:
       json.dump({"sharpness": sharpness, "step": sharpness_step}, f)
@@ -543,7 +545,8 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   assert len(open(os.path.join(analysis_dir, "forgetting.csv")).read().splitlines()) == 1 + 2 * 101
   assert os.path.getsize(os.path.join(analysis_dir, "figure2.png")) > 10_000
   table = open(os.path.join(analysis_dir, "results.md")).read()
-  assert table.count("| vit_digits | SAM |") == 4
+  assert table.count("| vit_digits | digits | SAM |") == 4
+  assert "LOSS" not in table  # top-1 columns only (results.json also holds the eval loss)
   again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
   assert "main.py" not in again and "pf_jax.analysis sharpness" not in again  # restartable
   workdir = os.path.join(pool_root, "steep-4")

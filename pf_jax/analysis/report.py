@@ -42,7 +42,10 @@ def table(runs: list[pool.Run]):
   groups: dict[str, list[pool.Run]] = {}
   for run in runs:
     groups.setdefault(run.experiment, []).append(run)
-  metrics = sorted({k for r in runs for k in r.results if k.startswith("eval/")})
+  # Top-1 columns (in %); the eval losses stay in results.json and the events.
+  metrics = sorted(
+    {k for r in runs for k in r.results if k.startswith("eval/") and k.endswith("top1")}
+  )
   rows = []
   for members in groups.values():
     first = members[0]
