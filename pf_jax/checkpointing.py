@@ -254,3 +254,18 @@ def restore_arrays(path, sharding) -> Any:
     meta = getattr(meta, "tree", meta)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
     return mngr.restore(step, args=ocp.args.StandardRestore(target)), step
+
+
+def load_variables(path) -> tuple[Any, Any, int]:
+  """The model variables of the latest checkpoint of a workdir (or checkpoint directory).
+
+  Args:
+    path: a workdir or its `checkpoints/` directory (any `etils.epath` path).
+
+  Returns:
+    (params, batch_stats ({} without BatchNorm), step): raw arrays on one local device, whatever
+    device count the checkpoint was saved on.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored, step = restore_arrays(path, sharding)
+  return restored["params"], restored.get("batch_stats", {}), step

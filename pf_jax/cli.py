@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from pf_jax import config_fields
 from pf_jax import config_validation
 
 DASH = config_validation.DASH
@@ -105,7 +106,8 @@ def _parse_value(config, field: str, text: str):
       field, text, f"a group of fields; set config.{field}.<field>"
     )
   kind = holder.get_type(leaf)
-  if current is None and text == "None":
+  declared = config_fields.BY_NAME.get(field)
+  if text == "None" and (current is None or (declared is not None and declared.none)):
     return holder, leaf, None
   if kind is bool:
     low = text.lower()
@@ -138,7 +140,7 @@ def _parse_value(config, field: str, text: str):
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
   """Sets each (field, text) in `config`; ConfigError for an unknown field or a bad value."""
-  known = config_validation.field_names(config)
+  known = config_fields.field_names(config)
   groups = {n.rsplit(".", 1)[0] for n in known if "." in n}
   for field, text in overrides:
     if field not in known and field not in groups:
@@ -173,7 +175,7 @@ def help_text(spec: str | None, flags_help: str) -> str:
     flags_help,
     "",
     f"config fields (defaults of {source}; override with --config.FIELD=VALUE):",
-    config_validation.help_text(config),
+    config_fields.help_text(config),
     "",
     "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
   ]

@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
 from pf_jax import checkpointing
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
@@ -185,11 +187,11 @@ def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
   c = default_config.get_config()
   c.model, c.global_batch_size, c.sam.perturbation = "resnet_tiny", 16, "none"
   c.optimizer, c.lr_max = "sgdw", 0.5
+  c.num_train_steps, c.warmup_steps = 10, 0
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=0)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh)
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=2)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = lambda: {
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -456,7 +458,7 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
   assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
   assert not (tmp_path / "gs:").exists()
-  train.validate_config(
+  config_validation.validate(
     _config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8, num_processes=1
   )
 
@@ -464,9 +466,9 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
 def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
   out, workdir = tmp_path / "pretrained.npz", _copy(finished, tmp_path)
   script = (
-    "import json, sys, jax, numpy as np; from pf_jax import train, workdir; "
+    "import json, sys, jax, numpy as np; from pf_jax import checkpointing, train, workdir; "
     "assert jax.device_count() == 1; "
-    "p, _, _ = train.load_variables(sys.argv[1]); "
+    "p, _, _ = checkpointing.load_variables(sys.argv[1]); "
     "np.savez(sys.argv[2], **{'/'.join(map(str, k)): v for k, v in "
     "jax.tree_util.tree_flatten_with_path(p)[0]}); "
     "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))"
@@ -508,4 +510,4 @@ def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile)
 def test_max_consecutive_nonfinite_must_be_positive(value):
   c = _config("/tmp", max_consecutive_nonfinite=value)
   with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
-    train.validate_config(c, num_devices=8, num_processes=1)
+    config_validation.validate(c, num_devices=8, num_processes=1)
