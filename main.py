@@ -10,8 +10,50 @@ compilation. A bad value therefore stops the run in about a second, before anyth
 import contextlib
 import difflib
 import os
+import signal
 import sys
+import threading
 import traceback
+
+PREEMPTED_EXIT_CODE = 75  # checkpointing.PREEMPTED_EXIT_CODE (this runs before any import of it)
+_LOCK = None  # the workdir lock, released on every exit
+
+
+def _exit_preempted(signum: int) -> None:
+  """Outside the training loop a signal ends the run at once: before it nothing is trained yet (a
+  restored state is in its checkpoint); after it the last checkpoint is saved. Exit 75: requeue."""
+  if _LOCK is not None:
+    _LOCK.release()
+  os.write(
+    2,
+    f"preempted ({signal.Signals(signum).name}) outside the training loop: nothing unsaved; "
+    f"restart the same command to continue (exit code {PREEMPTED_EXIT_CODE})\n".encode(),
+  )
+  os._exit(PREEMPTED_EXIT_CODE)  # pylint: disable=protected-access
+
+
+def _catch_signals_from_the_start() -> None:
+  """SIGTERM/SIGINT exit 75 from the first second, also while the main thread is inside C++
+  (data checks, restore, XLA compilation), where a Python handler would wait: the signal wakes a
+  thread through `signal.set_wakeup_fd`. The training loop's `checkpointing.SignalCatcher`
+  suspends this (it checkpoints first)."""
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def watch():
+    while True:
+      data = os.read(read_fd, 1)
+      if data and data[0] in (signal.SIGTERM, signal.SIGINT):
+        _exit_preempted(data[0])
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: _exit_preempted(signum))
+  threading.Thread(target=watch, daemon=True, name="pf_jax_signals").start()
+
+
+if __name__ == "__main__":
+  _catch_signals_from_the_start()
 
 # Library C++ logs (TensorFlow, XLA) are silenced unless asked for; this must precede their import.
 _VERBOSE = any(
@@ -173,6 +215,33 @@ def main(argv):
     from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if not (_VERBOSE or FLAGS.verbose):
     input_pipeline.tfds.disable_progress_bar()
+  _lock_workdir(workdir_lib)
+  try:
+    _train(checkpointing, input_pipeline, train, workdir_lib)
+  finally:
+    _LOCK.release()
+
+
+def _lock_workdir(workdir_lib):
+  """Process 0 takes the workdir lock; the others wait for its decision (one line, exit 1)."""
+  global _LOCK
+  _LOCK = workdir_lib.WorkdirLock(FLAGS.workdir)
+  error = ""
+  if jax.process_index() == 0:
+    try:
+      _LOCK.acquire()
+    except (workdir_lib.WorkdirLockedError, OSError) as e:
+      error = str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    if not multihost_utils.broadcast_one_to_all(not error) and not error:
+      error = f"--workdir: {FLAGS.workdir} is in use (process 0 could not take its lock)"
+  if error:
+    fail(error, code=1)
+
+
+def _train(checkpointing, input_pipeline, train, workdir_lib):
   preempted = None
   try:
     results = train.train_and_evaluate(
@@ -182,15 +251,15 @@ def main(argv):
     fail(
       f"config.data_dir: {_CONFIG.data_dir!r} {config_validation.DASH} " + str(e).replace("\n", " ")
     )
-  except workdir_lib.ConfigMismatchError as e:  # one line per changed field
+  except (workdir_lib.ConfigMismatchError, workdir_lib.DamagedFileError) as e:  # one per field
+    fail(str(e))
+  except config_validation.ConfigError as e:  # found late, e.g. a config.init_from checkpoint
     fail(str(e))
   except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
     fail(str(e), code=1)
   except checkpointing.Preempted as e:
     preempted = str(e)
-  if (
-    preempted
-  ):  # outside `except`: the run's arrays are freed now, not in a slow interpreter teardown
+  if preempted:  # outside `except`: the run's arrays are freed now, not in a slow teardown
     logging.warning("%s", preempted)
     sys.exit(checkpointing.PREEMPTED_EXIT_CODE)  # a distinct code: schedulers and launchers requeue
   if jax.process_index() == 0:

@@ -19,6 +19,19 @@ def base_config() -> ml_collections.ConfigDict:
   return config_fields.defaults()
 
 
+def authors_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Settings every run of the authors' release shares (their train.py / validate.py defaults
+  and scripts/compute_hessian_*.sh), for the paper configs."""
+  c.crop_area_min = 0.05  # train.py --scale default (0.05, 1.0), big_vision's Inception crop
+  c.sam.obf_predictions = "sigmoid"  # train.py builds OutputBiasForget(C, gamma): sigmoid=True
+  # compute_hessian_*.sh: validate.py --split "train[:8192]", batch 256, 100 iters, tol 1e-4.
+  c.analysis.sharpness_examples = 8192
+  c.analysis.sharpness_batch_size = 256
+  c.analysis.sharpness_iters = 100
+  c.analysis.sharpness_tol = 1e-4
+  return c
+
+
 IMAGENET_EVALS = (
   "imagenet2012",
   "imagenet2012_real",

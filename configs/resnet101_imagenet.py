@@ -1,8 +1,9 @@
 """ResNet-101 trained from scratch on ImageNet (paper Table C.1, rows "ResNet-101, IMAGENET TRAIN").
 
-Table C.1's ResNet-101 rows equal its ResNet-50 rows except for the model, so this config is
-configs/resnet50_imagenet.py with model resnet101 (see there for every value). Table B.1 reports
-the ASAM and baseline rows for ResNet-50 only; they are offered here with ResNet-50's values.
+scripts/train_rn101.sh equals train_rn50.sh except for the model, so this config is
+configs/resnet50_imagenet.py with model resnet101 (see there for every value) and the five
+ResNet-101 runs of the authors' scripts/run_experiments.sh (rn101_*), whose settings are
+ResNet-50's.
 
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf
   python main.py --workdir=... --config=configs/resnet101_imagenet.py:sam_obf,local   # offline: tiny model on digits
@@ -10,9 +11,10 @@ the ASAM and baseline rows for ResNet-50 only; they are offered here with ResNet
 
 from configs import resnet50_imagenet
 
-METHODS = resnet50_imagenet.METHODS
-ARGS = resnet50_imagenet.ARGS
+RUNS = ("sgd", "sam_steep", "sam_obf", "gsam_steep", "gsam_obf")  # run_experiments.sh, rn101_*
+METHODS = {k: resnet50_imagenet.METHODS[k] for k in RUNS}
+ARGS = f"METHOD[,local] with METHOD in {', '.join(METHODS)} (default sam_obf)"
 
 
 def get_config(arg=None):
-  return resnet50_imagenet.get_config(arg, model="resnet101")
+  return resnet50_imagenet.get_config(arg, model="resnet101", methods=METHODS)

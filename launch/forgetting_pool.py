@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Train Section 6.1's pool on digits, then its sharpness, Figure 2 and results table.
+"""Train Section 6.1's pool, then its sharpness, Figure 2 and results table.
 
-  python launch/forgetting_pool.py --root=/tmp/pool
+  python launch/forgetting_pool.py --root=/tmp/pool                                  # digits, a laptop
+  python launch/forgetting_pool.py --config=configs/cifar10_msweep.py --root=DIR     # the paper's pool
 
-trains every run of configs/digits_msweep.py (perturbations x m) with main.py in ROOT/<p>-<m>,
+trains every run of the config (its PERTURBATIONS x M_VALUES) with main.py in ROOT/<p>-<m>,
 computes each run's sharpness, then writes ROOT/analysis/{figure2.png, forgetting.csv,
 results.md, results.csv}. Restartable: finished runs (results.json) and measured sharpness
 (sharpness.json) are skipped, and an interrupted run resumes from its checkpoint.
+`--dry_run` prints the commands. On a GPU host each main.py uses every local GPU; on a TPU pod
+run the printed main.py commands with launch/tpu_pod.py.
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,9 +22,17 @@ import time
 from common import override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "configs/digits_msweep.py"
-PERTURBATIONS = ("steep", "obf", "obf_gamma0")
-M_VALUES = (1, 2, 4, 8, 16, 32, 64)
+POOLS = ("configs/digits_msweep.py", "configs/cifar10_msweep.py")
+
+
+def pool_axes(config: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """The config's perturbations and m values (its PERTURBATIONS and M_VALUES)."""
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)  # the config files import `configs.common`
+  spec = importlib.util.spec_from_file_location("_pool_config", os.path.join(REPO_ROOT, config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return tuple(module.PERTURBATIONS), tuple(module.M_VALUES)
 
 
 def _csv(kind):
@@ -32,15 +44,11 @@ def main(argv=None) -> int:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--root", required=True, help="one workdir per run is made under it")
+  parser.add_argument("--config", choices=POOLS, default=POOLS[0], help="the pool's config file")
   parser.add_argument(
-    "--perturbations",
-    type=_csv(str),
-    default=list(PERTURBATIONS),
-    help="comma separated, of %(default)s",
+    "--perturbations", type=_csv(str), help="comma separated (default: all of the config's)"
   )
-  parser.add_argument(
-    "--m", type=_csv(int), default=list(M_VALUES), help="comma separated m values"
-  )
+  parser.add_argument("--m", type=_csv(int), help="comma separated (default: all of the config's)")
   parser.add_argument(
     "--override",
     type=override_to_flag,
@@ -49,10 +57,16 @@ def main(argv=None) -> int:
     help="config field=value for every run (e.g. num_epochs=2), repeatable",
   )
   parser.add_argument("--num_permutations", type=int, default=10_000)
+  parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(argv)
+  perturbations, m_values = pool_axes(args.config)
+  args.perturbations = args.perturbations or list(perturbations)
+  args.m = args.m or list(m_values)
 
   def run(cmd):
     print("+", " ".join(cmd), flush=True)
+    if args.dry_run:
+      return
     code = subprocess.run(cmd, cwd=REPO_ROOT).returncode
     if code:
       print(
@@ -69,7 +83,7 @@ def main(argv=None) -> int:
       workdirs.append(workdir)
       if not os.path.exists(os.path.join(workdir, "results.json")):
         run(
-          [sys.executable, "main.py", f"--config={CONFIG}:{p},{m}", f"--workdir={workdir}"]
+          [sys.executable, "main.py", f"--config={args.config}:{p},{m}", f"--workdir={workdir}"]
           + args.override
         )
       if not os.path.exists(os.path.join(workdir, "sharpness.json")):
@@ -89,7 +103,8 @@ def main(argv=None) -> int:
     ]
   )
   run([sys.executable, "-m", "pf_jax.analysis", "report", "--out", out, "--workdirs", *workdirs])
-  print(f"pool of {len(workdirs)} runs done in {time.time() - start:.0f} s; see {out}")
+  if not args.dry_run:
+    print(f"pool of {len(workdirs)} runs done in {time.time() - start:.0f} s; see {out}")
   return 0
 
 

@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from pf_jax import workdir as workdir_lib
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
 BROKEN_DIR = "checkpoints.broken"
 
@@ -71,6 +73,7 @@ class SignalCatcher:
   def __init__(self):
     self.received: int | None = None
     self._previous = {}
+    self._wakeup_fd = -1
 
   def _handle(self, signum, frame):
     del frame
@@ -86,11 +89,15 @@ class SignalCatcher:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
+      # main.py's start-up watcher (exit 75 at once) wakes on this fd: off while we checkpoint.
+      self._wakeup_fd = signal.set_wakeup_fd(-1)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if self._previous:
+      signal.set_wakeup_fd(self._wakeup_fd, warn_on_full_buffer=False)
     self._previous = {}
 
 
@@ -112,8 +119,14 @@ def last_good(mngr: ocp.CheckpointManager) -> str:
   return f"step {step} in {mngr.directory}" if step is not None else f"none in {mngr.directory}"
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> None:
-  """Saves `state` unless it holds a non-finite value (then raises NonFiniteError)."""
+def save(
+  mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False, config=None
+) -> None:
+  """Saves `state` unless it holds a non-finite value (then raises NonFiniteError).
+
+  `config` (the run's ConfigDict) is stored with the checkpoint: the run's identity even without
+  config.json (`workdir.check_config`).
+  """
   if not bool(jax.device_get(all_finite(state))):
     raise NonFiniteError(
       f"the training state at step {step} holds a non-finite value: not saved; "
@@ -123,7 +136,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, *, force: bool = Fa
     step,
     args=ocp.args.StandardSave(state),
     force=force,
-    custom_metadata={"num_devices": jax.device_count()},
+    custom_metadata={"num_devices": jax.device_count()}
+    | ({"config": workdir_lib.config_metadata(config)} if config is not None else {}),
   )
 
 

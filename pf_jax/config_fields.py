@@ -191,7 +191,7 @@ FIELDS: tuple[Field, ...] = (
   F("model", "vit_digits", Choice(models.model_names), "model name (pf_jax/models)"),
   F("head_bias_init", 0.0, Float(), "initial bias of the classification head", args=("build_model.head_bias_init",)),
   F("mixed_precision", False, Bool(), "bfloat16 compute; parameters and optimizer stay float32"),
-  F("init_from", None, Path(), "workdir or checkpoint directory to finetune from (head replaced)", none="train from scratch"),
+  F("init_from", None, Path(), "workdir, checkpoint directory or PyTorch .pth/.pth.tar (same model) to finetune from (head replaced)", none="train from scratch"),
   # Loss (pf_jax/losses.py).
   F("loss", "softmax_xent", Choice(lambda: tuple(losses.LOSSES)), "softmax_xent (the paper's CE) or sigmoid_xent (BCE)"),
   F("label_smoothing", 0.0, UNIT_OPEN, "label smoothing of the loss", args=("get_loss.label_smoothing",)),
@@ -228,12 +228,14 @@ FIELDS: tuple[Field, ...] = (
   F("sam.obf_lambda", 0.0, UNIT_OPEN, "OBF's lambda (the paper uses 1/C)", args=("obf.lam",)),
   F("sam.obf_gamma", 1.0, Float(0.0, 1.0), "OBF's gamma", args=("obf.gamma",)),
   F("sam.obf_alpha", None, Float(0.0, 1.0), "fixed OBF alpha (Table B.2)", none="alpha from lambda and gamma", args=("obf_fixed_alpha.alpha",)),
+  F("sam.obf_predictions", "sigmoid", Choice(perturbations.PREDICTIONS), "OBF's predictions p: per-class sigmoid (the authors' OBF, every paper run) or softmax", args=("obf.predictions", "obf_fixed_alpha.predictions")),
   F("sam.gsam_alpha", 0.0, Float(0.0, 1.0), "GSAM's xi; 0: SAM", args=("SamSpec.gsam_alpha",)),
   F("sam.gsam_normalized_backup", False, Bool(), "GSAM decomposes the normalized ascent direction", args=("SamSpec.gsam_normalized_backup",)),
   F("sam.asam", "none", Choice(("none",) + sam_family.ASAM_MODES), "ASAM's operator: none (off), before, after or both", args=("SamSpec.asam",)),
   F("sam.asam_eta", 0.0, Float(0.0), "ASAM's eta added to |theta|", args=("SamSpec.asam_eta",)),
   # Analysis (pf_jax/analysis): they only read the run.
   F("analysis.collect_every_steps", None, Int(1), "record outputs at theta and theta^p every N steps", none="off", safe=True),
+  F("analysis.predictions", "softmax", Choice(perturbations.PREDICTIONS), "likelihoods binned by the forgetting analysis: softmax (Section 6.1) or per-class sigmoid"),
   F("analysis.dataset", None, Choice(_all_datasets), "dataset of the forgetting split", none="eval_datasets[0]", safe=True),
   F("analysis.max_raw_values", 1_000_000, Int(0), "store raw likelihoods when examples x classes <= this", safe=True),
   F("analysis.sharpness_examples", 2048, Int(1), "training examples for the Hessian's top eigenvalue", safe=True),

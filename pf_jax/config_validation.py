@@ -140,7 +140,9 @@ def _check_sam(c, num_devices: int):
 def _check_init_from(c):
   path = c.init_from
   if path is not None and "://" not in path and not os.path.exists(path):
-    raise ConfigError("init_from", path, "a workdir or checkpoint directory that exists")
+    raise ConfigError(
+      "init_from", path, "a workdir, checkpoint directory or .pth/.pth.tar file that exists"
+    )
 
 
 def _check_analysis(c):

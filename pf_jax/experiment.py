@@ -78,17 +78,14 @@ def forgetting_dataset(c: ml_collections.ConfigDict) -> str:
 
 
 def objective(c: ml_collections.ConfigDict) -> perturbations.Objective:
-  """The ascent objective of `sam.perturbation`: a name, or an OBF function of the loss's
-  predictions (softmax or sigmoid)."""
+  """The ascent objective of `sam.perturbation`: a name, or an OBF function (fixed alpha when
+  `sam.obf_alpha` is set, else alpha from lambda and gamma)."""
   name = c.sam.perturbation
   if name != "obf":
     return name
-  predictions = "sigmoid" if c.loss == "sigmoid_xent" else "softmax"
   if c.sam.obf_alpha is not None:
-    return perturbations.obf_fixed_alpha(
-      **config_fields.library_kwargs(c, "obf_fixed_alpha"), predictions=predictions
-    )
-  return perturbations.obf(**config_fields.library_kwargs(c, "obf"), predictions=predictions)
+    return perturbations.obf_fixed_alpha(**config_fields.library_kwargs(c, "obf_fixed_alpha"))
+  return perturbations.obf(**config_fields.library_kwargs(c, "obf"))
 
 
 def sam_spec(c: ml_collections.ConfigDict, rho) -> sam_family.SamSpec | None:
@@ -155,7 +152,7 @@ class Experiment:
     has_batch_norm: the model keeps BatchNorm statistics.
     dtype: compute dtype (bfloat16 with `mixed_precision`); parameters stay float32.
     task_loss: (logits, batch) -> scalar, the loss that is minimized.
-    predict: logits -> likelihoods (sigmoid for sigmoid_xent, else softmax).
+    predict: logits -> the likelihoods the forgetting analysis bins (`analysis.predictions`).
     spec: the `SamSpec`, or None without a perturbation.
     tx: the optax transformation applied to the final gradient.
     lr: the learning-rate schedule.
@@ -267,7 +264,7 @@ def build(
     has_batch_norm=models.has_batch_norm(c.model),
     dtype=dtype,
     task_loss=losses.get_loss(c.loss, **config_fields.library_kwargs(c, "get_loss")),
-    predict=jax.nn.sigmoid if c.loss == "sigmoid_xent" else jax.nn.softmax,
+    predict=jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid,
     spec=sam_spec(c, rho),
     tx=tx,
     lr=lr,

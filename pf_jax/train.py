@@ -31,8 +31,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
+from pf_jax import config_validation
 from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
+from pf_jax import models
 from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import workdir as workdir_lib
@@ -153,7 +155,9 @@ def make_collect_step(exp: experiment_lib.Experiment, mesh: Mesh):
 
   The model runs in inference mode; theta^p per m-chunk of the batch comes from
   `sam_family.perturbed_logits` with the run's own `SamSpec`, the rho and PRNG key of the next
-  training step. Likelihoods: `exp.predict` (sigmoid for sigmoid_xent, else softmax).
+  training step. Likelihoods: `exp.predict`, the softmax of the logits whatever the loss, as
+  Section 6.1 bins "the model's softmax outputs" (`analysis.predictions = "sigmoid"`: per-class
+  sigmoids, an explicit option, e.g. to look at what a BCE run optimizes).
 
   Args:
     exp: the run.
@@ -217,6 +221,32 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
   return results
 
 
+def pretrained_variables(path: str, model_name: str):
+  """The variables to fine-tune from.
+
+  Args:
+    path: a pf_jax workdir or checkpoint directory, or a PyTorch checkpoint file
+      (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same model,
+      converted with `models.from_torch`.
+    model_name: config.model.
+
+  Returns:
+    (params, batch_stats).
+
+  Raises:
+    config_validation.ConfigError: one line naming config.init_from.
+  """
+  try:
+    if models.torch_weights.is_torch_checkpoint(path):
+      state_dict = models.torch_weights.read_checkpoint(path)
+      variables = models.from_torch(model_name, state_dict)
+      return variables["params"], variables["batch_stats"]
+    params, batch_stats, _ = checkpointing.load_variables(path)
+    return params, batch_stats
+  except ValueError as e:
+    raise config_validation.ConfigError("init_from", path, str(e)) from None
+
+
 def _merge_pretrained(fresh, pretrained, path=""):
   """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
   if isinstance(fresh, dict):
@@ -237,19 +267,16 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
   Args:
     exp: the run (its optimizer starts again from the loaded parameters).
     state: a fresh state (`Experiment.init_state`), on the host.
-    path: a workdir or checkpoint directory (config.init_from).
+    path: config.init_from (`pretrained_variables`).
 
   Returns:
     The state with every leaf but the classification head read from `path`'s latest checkpoint,
     and a fresh optimizer state for those parameters.
 
   Raises:
-    ValueError: "config.init_from: ..." when the checkpoint cannot be read or does not fit.
+    config_validation.ConfigError: the checkpoint cannot be read; ValueError: it does not fit.
   """
-  try:
-    pre_params, pre_stats, _ = checkpointing.load_variables(path)
-  except ValueError as e:
-    raise ValueError(f"config.init_from: {e}") from None
+  pre_params, pre_stats = pretrained_variables(path, exp.config.model)
   params = _merge_pretrained(state.params, pre_params)
   batch_stats = _merge_pretrained(state.batch_stats, pre_stats) if state.batch_stats else {}
   return state.replace(params=params, batch_stats=batch_stats, opt_state=exp.tx.init(params))
@@ -406,7 +433,7 @@ def train_and_evaluate(
           collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=step),
         )
       if save:
-        checkpointing.save(checkpoints, step, state, force=preempted)
+        checkpointing.save(checkpoints, step, state, force=preempted, config=c)
         report.checkpoint(step, checkpoints.directory)
       if preempted:
         checkpoints.wait_until_finished()

@@ -1,7 +1,8 @@
 """Human-readable files a run keeps in its workdir, beside `checkpoints/` and the events.
 
 - `config.json`: the resolved config of the run (written at its start);
-- `results.json`: the final evaluation of a finished run (`{"step": N, "eval/<set>/top1": ...}`).
+- `results.json`: the final evaluation of a finished run (`{"step": N, "eval/<set>/top1": ...}`);
+- `lock.json`: who is running in the workdir (`WorkdirLock`), while a run is.
 
 One run per workdir: `check_config` refuses to continue a run with a config that differs in
 anything but `SAFE_TO_CHANGE`.
@@ -9,7 +10,14 @@ anything but `SAFE_TO_CHANGE`.
 Paths go through `etils.epath`, so `gs://` workdirs work like local ones.
 """
 
+import datetime
+import fcntl
 import json
+import os
+import socket
+import threading
+import time
+import uuid
 from typing import Any
 
 import ml_collections
@@ -51,19 +59,62 @@ def save_config(workdir, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run was started with (lists where the config had tuples)."""
+  """The config a run was started with (lists where the config had tuples).
+
+  Raises FileNotFoundError if there is none, DamagedFileError (one line) if it cannot be read.
+  """
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a pf_jax workdir?")
-  stored = json.loads(path.read_text())
-  for name, off in _STORED_OFF.items():  # earlier runs' "off" values
+  try:
+    stored = json.loads(path.read_text())
+    if not isinstance(stored, dict):
+      raise ValueError(f"a JSON {type(stored).__name__}, not an object")
+  except (ValueError, UnicodeDecodeError) as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise DamagedFileError(
+      f"{path} is damaged ({reason}): restore it, or delete it (a run is then checked against the "
+      "config its checkpoints carry)"
+    ) from None
+  return ml_collections.ConfigDict(_upgrade(stored))
+
+
+CHECKPOINT_METADATA = (
+  "_CHECKPOINT_METADATA"  # orbax's file per step; checkpointing.save adds the config
+)
+
+
+def checkpoint_config(checkpoint_dir) -> ml_collections.ConfigDict | None:
+  """The config stored with the newest checkpoint in `checkpoint_dir` that carries one, or None."""
+  directory = epath.Path(checkpoint_dir)
+  if not directory.exists():
+    return None
+  steps = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: -int(p.name))
+  for step in steps:
+    try:
+      config = json.loads((step / CHECKPOINT_METADATA).read_text())["custom_metadata"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if isinstance(config, dict):
+      return ml_collections.ConfigDict(_upgrade(config))
+  return None
+
+
+def config_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as stored with each checkpoint (plain JSON, as in config.json)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _upgrade(stored: dict[str, Any]) -> dict[str, Any]:
+  """A stored config with earlier runs' "off" values (`_STORED_OFF`) read as None / "none"."""
+  for name, off in _STORED_OFF.items():
     *groups, leaf = name.split(".")
     holder = stored
     for g in groups:
       holder = holder.get(g, {})
     if leaf in holder and holder[leaf] == off and not isinstance(holder[leaf], bool):
       holder[leaf] = "none" if name == "sam.asam" else None
-  return ml_collections.ConfigDict(stored)
+  return stored
 
 
 def save_results(workdir, step: int, results: dict[str, float]) -> None:
@@ -112,16 +163,28 @@ def check_config(
   """Refuses (ConfigMismatchError) to continue the run in `workdir` with a different config.
 
   `has_run`: the workdir holds training progress (a checkpoint); without one nothing can be mixed
-  and the stored config is simply replaced. With `allow_change` the differences are logged and the
-  old config is kept as config.<N>.json (N = 1, 2, ...).
+  and the stored config is simply replaced. The run's config is the one its newest checkpoint
+  carries (config.json for checkpoints written before they carried it), so deleting config.json
+  checks nothing less. With `allow_change` the differences are logged and the old config.json is
+  kept as config.<N>.json (N = 1, 2, ...).
   """
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not has_run or not path.exists():
+  if not has_run:
     return
-  diffs = config_differences(load_config(workdir), config)
+  path = epath.Path(workdir) / CONFIG_FILE
+  stored = load_config(workdir) if path.exists() else None  # a damaged one: DamagedFileError
+  stored = checkpoint_config(epath.Path(workdir) / "checkpoints") or stored
+  if stored is None:
+    diffs = [
+      f"{workdir} holds checkpoints but neither {CONFIG_FILE} nor a config stored with them: "
+      f"restore {CONFIG_FILE}, or pass {OVERRIDE_FLAG} to continue it with this config"
+    ]
+  else:
+    diffs = config_differences(stored, config)
   if not diffs:
     return
   if not allow_change:
+    if stored is None:
+      raise ConfigMismatchError(diffs[0])
     raise ConfigMismatchError(
       "\n".join(
         diffs
@@ -131,9 +194,164 @@ def check_config(
         ]
       )
     )
-  i = 1
-  while (epath.Path(workdir) / f"config.{i}.json").exists():
-    i += 1
-  path.rename(epath.Path(workdir) / f"config.{i}.json")
+  if path.exists():
+    i = 1
+    while (epath.Path(workdir) / f"config.{i}.json").exists():
+      i += 1
+    path.rename(epath.Path(workdir) / f"config.{i}.json")
   for line in diffs:
     logging.warning("Continuing with a changed config (%s): %s", OVERRIDE_FLAG, line)
+
+
+class WorkdirLockedError(RuntimeError):
+  """The workdir is in use by another live process (one-line message naming it)."""
+
+
+class DamagedFileError(ValueError):
+  """A workdir file cannot be read (one-line message naming it and what to do)."""
+
+
+LOCK_FILE = "lock.json"
+# Object-store lock (gs://): how long a start waits after writing the lock before reading it back,
+# how often the holder refreshes it and when a lock that is not refreshed counts as abandoned.
+SETTLE_S = 5.0
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 120.0
+
+
+class WorkdirLock:
+  """One process per workdir (README "Runs are safe").
+
+  Local paths: an exclusive `flock` on `lock.json`, which the kernel drops when the holder dies,
+  so a lock left by a killed process is taken over at once (with a warning naming it).
+  Object stores (gs://) and filesystems without `flock`: `lock.json` is written, read back after
+  `SETTLE_S` (a concurrent start overwrote it: this one stops), refreshed every `HEARTBEAT_S`, and
+  taken over once not refreshed for `STALE_AFTER_S`. `acquire` raises WorkdirLockedError naming
+  the holder (host, pid, start time).
+
+  Example:
+    with WorkdirLock("/tmp/run"):
+      ...  # a second WorkdirLock("/tmp/run").acquire() raises WorkdirLockedError
+  """
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / LOCK_FILE
+    self.local = "://" not in str(workdir)
+    self._fd = None
+    self._token = uuid.uuid4().hex
+    self._stop = threading.Event()
+    self._thread = None
+    self.info = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+      "token": self._token,
+    }
+
+  def _holder(self, info) -> str:
+    return (
+      f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')} "
+      f"(lock {self.path})"
+    )
+
+  def _read(self):
+    try:
+      info = json.loads(self.path.read_text())
+    except (OSError, ValueError):  # absent, or being written
+      return None
+    return info if isinstance(info, dict) else None
+
+  def _refuse(self, info):
+    raise WorkdirLockedError(
+      f"--workdir: {self.path.parent} is in use by {self._holder(info)}: wait for that run to end, "
+      "or use another --workdir"
+    )
+
+  def acquire(self) -> "WorkdirLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.local:
+      try:
+        return self._acquire_flock()
+      except OSError as e:  # e.g. ENOLCK on some network filesystems
+        logging.warning("No flock on %s (%s): locking by heartbeat", self.path, e.strerror)
+    return self._acquire_heartbeat()
+
+  def _acquire_flock(self):
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        self._refuse(self._read() or {})
+      except BaseException:
+        os.close(fd)
+        raise
+      try:  # the holder may have removed the file between our open and flock: lock the new one
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    left = self._read()
+    if left:
+      logging.warning("Taking over the lock of %s, which is no longer running", self._holder(left))
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(self.info).encode())
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def _acquire_heartbeat(self):
+    for _ in range(3):
+      held = self._read()
+      if held and time.time() - held.get("heartbeat", 0) < STALE_AFTER_S:
+        self._refuse(held)
+      if held:
+        logging.warning(
+          "Taking over the lock of %s: not refreshed for %d s", self._holder(held), STALE_AFTER_S
+        )
+      self._write()
+      time.sleep(SETTLE_S)
+      mine = self._read()
+      if mine and mine.get("token") == self._token:
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="pf_jax_lock")
+        self._thread.start()
+        return self
+    self._refuse(self._read() or {})
+
+  def _write(self):
+    self.path.write_text(json.dumps(dict(self.info, heartbeat=time.time())))
+
+  def _beat(self):
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        self._write()
+      except OSError as e:
+        logging.warning("Cannot refresh the workdir lock %s: %s", self.path, e)
+
+  def release(self) -> None:
+    """Removes the lock (idempotent; safe from a signal handler's exit path)."""
+    if self._fd is not None:
+      fd, self._fd = self._fd, None
+      try:
+        self.path.unlink()  # before unlocking: a waiting opener then re-checks the inode
+      except OSError:
+        pass
+      os.close(fd)
+    if self._thread is not None:
+      self._stop.set()
+      self._thread = None
+      held = self._read()
+      if held and held.get("token") == self._token:
+        try:
+          self.path.unlink()
+        except OSError:
+          pass
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()

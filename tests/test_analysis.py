@@ -332,7 +332,11 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
   assert int(last["num_examples"]) == 359 == last["probs"].shape[0] == last["probs_p"].shape[0]
   # Accuracy at theta is the trainer's own evaluation of the same parameters.
   assert abs(float(last["accuracy"]) - results["eval/digits/top1"]) < 1e-6
-  assert np.all((last["probs"] > 0) & (last["probs"] < 1))  # sigmoid likelihoods
+  # Softmax likelihoods (Section 6.1) although the run's loss is sigmoid cross-entropy.
+  assert c.loss == "sigmoid_xent" and c.analysis.predictions == "softmax"
+  for k in ("probs", "probs_p"):
+    assert np.all(last[k] > 0)
+    np.testing.assert_allclose(last[k].sum(axis=-1), 1.0, rtol=1e-5, err_msg=k)
   np.testing.assert_allclose(
     last["cond"],
     analysis.binned_information(last["probs"], last["labels"], analysis.thresholds())[0],

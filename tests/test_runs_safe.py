@@ -179,6 +179,78 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   assert out.stdout == again.stdout  # the same final evaluation line
 
 
+def test_sigterm_during_start_up_exits_75_without_a_checkpoint(tmp_path):
+  """Before the training loop (imports, data checks, restore, compilation) nothing is unsaved."""
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
+  seed = random.randrange(10**6)
+  delay = random.Random(seed).uniform(0.5, 4.0)
+  proc = subprocess.Popen(
+    _cmd(tmp_path / "run", data_dir, 5),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, (delay, seed, log[-3000:])
+  if "train step" not in log:  # still starting: the start-up line, no checkpoint
+    assert log.splitlines()[-1].startswith("preempted (SIGTERM) outside the training loop"), log
+    steps = _steps(tmp_path / "run") if os.path.isdir(tmp_path / "run" / "checkpoints") else []
+    assert steps == []
+  assert not os.path.exists(tmp_path / "run" / "lock.json")
+  print(f"SIGTERM after {delay:.2f} s (seed {seed}): exit 75")
+
+
+def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
+  run = tmp_path / "run"
+  procs = [
+    subprocess.Popen(
+      _cmd(run, data_dir, 30) + [f"--config.seed={seed}"],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for seed in (0, 1)
+  ]
+  outs = [p.communicate(timeout=600) for p in procs]
+  codes = [p.returncode for p in procs]
+  assert sorted(codes) == [0, 1], [(c, o[1][-2000:]) for c, o in zip(codes, outs)]
+  winner, loser = codes.index(0), codes.index(1)
+  (line,) = outs[loser][1].strip().splitlines()
+  assert line.startswith(f"error: --workdir: {run} is in use by pid {procs[winner].pid} on host ")
+  # The workdir is the winner's: its config, its checkpoints' config, its result.
+  assert workdir_lib.load_config(run).seed == winner
+  assert workdir_lib.checkpoint_config(run / "checkpoints").seed == winner
+  assert _steps(run) == [30]
+  assert workdir_lib.load_results(run)["step"] == 30
+  assert not os.path.exists(run / "lock.json")
+  assert len([f for f in os.listdir(run) if f.startswith("events.out")]) == 1
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path, caplog):
+  run = tmp_path / "run"
+  first = workdir_lib.WorkdirLock(run).acquire()
+  with pytest.raises(workdir_lib.WorkdirLockedError, match=f"in use by pid {os.getpid()} on host"):
+    workdir_lib.WorkdirLock(run).acquire()
+  os.close(first._fd)  # what the kernel does when the holder dies: the file stays, unlocked
+  first._fd = None
+  with workdir_lib.WorkdirLock(run):
+    assert json.loads((run / "lock.json").read_text())["pid"] == os.getpid()
+  assert any("Taking over the lock of pid" in r.getMessage() for r in caplog.records)
+  assert not (run / "lock.json").exists()
+
+
 # --- Non-finite steps ---------------------------------------------------------------------------
 
 
@@ -407,6 +479,43 @@ def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finishe
   train.train_and_evaluate(c, workdir, allow_config_change=True)
   assert workdir_lib.load_config(workdir).sam.m == 8
   assert json.loads(open(os.path.join(workdir, "config.1.json")).read())["sam"]["m"] == 16
+
+
+def test_a_deleted_config_json_is_replaced_by_the_config_the_checkpoints_carry(
+  finished, tmp_path, no_compile
+):
+  workdir = _copy(finished, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(workdir_lib.ConfigMismatchError) as err:
+    train.train_and_evaluate(_config(finished[1], seed=1, lr_max=0.5), workdir)
+  lines = str(err.value).splitlines()
+  assert lines[0].startswith("config.lr_max: ") and lines[0].endswith(" in this workdir, 0.5 now")
+  assert lines[1] == "config.seed: 0 in this workdir, 1 now"
+  assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_checkpoints_without_any_config_are_refused(finished, tmp_path, no_compile):
+  workdir = _copy(finished, tmp_path)
+  os.remove(os.path.join(workdir, "config.json"))
+  for step in _steps(workdir):  # checkpoints as written before they carried the config
+    meta = os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
+    d = json.loads(open(meta).read())
+    del d["custom_metadata"]["config"]
+    open(meta, "w").write(json.dumps(d))
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="neither config.json nor a config"):
+    train.train_and_evaluate(_config(finished[1]), workdir)
+
+
+@pytest.mark.parametrize("content", [b'{"seed": 0, "sam": {"m"', b"\xff\xfe garbage", b"[1, 2]"])
+def test_a_damaged_config_json_is_one_line_naming_the_file(finished, tmp_path, no_compile, content):
+  workdir = _copy(finished, tmp_path)
+  path = os.path.join(workdir, "config.json")
+  open(path, "wb").write(content)
+  with pytest.raises(workdir_lib.DamagedFileError) as err:
+    train.train_and_evaluate(_config(finished[1]), workdir)
+  message = str(err.value)
+  assert "\n" not in message and message.startswith(f"{path} is damaged (")
+  assert "restore it, or delete it" in message
 
 
 def test_a_workdir_without_checkpoints_takes_the_new_config(tmp_path):

@@ -74,13 +74,15 @@ DEFAULT = [
   # OBF objective, ViT, sigmoid BCE, AdamW + clipping; 5 eval sets incl. ReaL and ImageNet-R.
   ("vit_s32_imagenet", "sam_obf"),
   # No perturbation (plain AdamW) + label smoothing (of the sigmoid loss).
-  ("vit_s16_imagenet", "label_smooth"),
+  ("vit_s32_imagenet", "label_smooth"),
+  # GSAM with the normalized backup + OBF on the ViT.
+  ("vit_s16_imagenet", "gsam_obf"),
   # ResNet (BatchNorm), SGDW, softmax CE, ASAM ("before") + OBF with gamma = 1e-12.
   ("resnet50_imagenet", "asam_obf"),
   # Steepest ascent + GSAM (normalized backup), lr-proportional rho.
   ("resnet101_imagenet", "gsam_steep"),
   # Random perturbation (per-step, per-chunk keys).
-  ("resnet101_imagenet", "random"),
+  ("resnet50_imagenet", "random"),
   # Finetuning from the resnet50 run above (init_from, BatchNorm statistics, new 100-way head).
   ("cifar_finetune", "resnet50,cifar100,sam_steep"),
   # m = 1: two m-chunks per device (vmap), OBF with gamma = 0.

@@ -1,7 +1,8 @@
 """The paper's "SHARPNESS" column for a trained run: `python -m pf_jax.analysis sharpness`.
 
 The dominant Hessian eigenvalue (`hessian.hessian_top_eigenvalue`) of the run's training loss
-(its config's loss, label smoothing included) at the latest checkpoint, on the first
+(its config's loss without label smoothing, as the authors' compute_hessian_*.sh run
+validate.py with its default --smoothing 0) at the latest checkpoint, on the first
 `analysis.sharpness_examples` examples of the training split in their stored order, without
 augmentation (the evaluation center crop), in batches of `analysis.sharpness_batch_size`.
 The model runs in inference mode: BatchNorm uses its running statistics, so the loss is a fixed
@@ -19,6 +20,7 @@ from etils import epath
 from pf_jax import checkpointing
 from pf_jax import dataset_catalog
 from pf_jax import experiment
+from pf_jax import losses
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import hessian
 
@@ -77,11 +79,12 @@ def checkpoint_sharpness(
     num_devices=jax.device_count(),
   )
   model = exp.model_in(jnp.float32)
+  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing
   variables = {"batch_stats": batch_stats} if batch_stats else {}
 
   def loss_fn(p, batch):
     logits = model.apply(dict(variables, params=p), batch["image"], train=False)
-    return exp.task_loss(logits, batch["label"])
+    return loss(logits, batch["label"])
 
   batches = training_batches(c, num_examples, batch_size)
   params = jax.tree.map(jnp.asarray, params)

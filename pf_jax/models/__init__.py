@@ -1,8 +1,10 @@
 """Model zoo: a name -> constructor registry so configs can pick models by name.
 
 All models share `__call__(x, train: bool = False) -> float32 logits [B, C]`,
-take NHWC images, keep float32 params, and have a zero-kernel head named
-`head` whose bias starts at `head_bias_init`.
+take NHWC images, keep float32 params, and have a head named `head` whose bias
+starts at `head_bias_init`. The paper names (`vit_s32`, `vit_s16`, `resnet50`,
+`resnet101`) compute the functions of the timm models the authors train and load
+their weights with `from_torch`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from pf_jax.models.resnet import ResNet
 from pf_jax.models.resnet import ResNet50
 from pf_jax.models.resnet import ResNet101
 from pf_jax.models.resnet import ResNetTiny
+from pf_jax.models.torch_weights import from_torch
 from pf_jax.models.vit import ViT
 
 __all__ = [
   "MODELS",
   "build_model",
+  "from_torch",
   "has_batch_norm",
   "input_multiple",
   "model_names",

@@ -1,16 +1,16 @@
-"""ResNet v1.5 in flax.linen, following flax `examples/imagenet/models.py`.
+"""ResNet v1.5 in flax.linen: the function and initialization of timm's `resnet50`/`resnet101`,
+which the paper's authors train (`pf_jax.models.from_torch` loads their weights).
 
 v1.5 puts the stride-2 of a downsampling bottleneck on the 3x3 conv (not the
-first 1x1), which is the torchvision / MLPerf variant (~+0.5% top-1).
+first 1x1), as torchvision and timm do. Padding is PyTorch's: symmetric (k-1)/2 on
+every convolution and 1 on the 3x3/2 max-pool (XLA's 'SAME' would pad a stride-2 window
+only on the bottom/right, computing a shifted function).
 
-The last BatchNorm of every residual block has its scale initialised to zero
-("zero-init residual", Goyal et al. 2017), so each block starts as the identity
-and large-batch training is stabler.
-
-The classifier head uses a zero kernel and a constant bias `head_bias_init`
-(the same choice as ViT): at init every logit equals the bias exactly, which is
-what a sigmoid-loss prior such as -10 is meant to achieve; a zero kernel still
-receives gradients because the pooled features are non-zero.
+Initialization as timm's: conv kernels He-normal over fan-out (`kaiming_normal_(mode='fan_out')`),
+BatchNorm scale 1 and bias 0 except the last BatchNorm of every residual block, whose scale
+starts at zero (timm's `zero_init_last`), and a head with PyTorch's default Linear kernel
+U(+-1/sqrt(fan_in)). The head bias is the constant `head_bias_init` (the scripts'
+`--head-init-bias`; without it PyTorch draws U(+-1/sqrt(2048)) = U(+-0.022)).
 
 BatchNorm statistics live in the `batch_stats` collection: apply with
 `train=True, mutable=['batch_stats']` to update them.
@@ -28,6 +28,12 @@ import jax.numpy as jnp
 
 Dtype = Any
 ModuleDef = Any
+
+
+def _torch_conv(features, kernel_size, strides=(1, 1), **kwargs) -> nn.Conv:
+  """nn.Conv padded as PyTorch's `Conv2d(padding=(k - 1) // 2)`: symmetric on every side."""
+  padding = [((k - 1) // 2, (k - 1) // 2) for k in kernel_size]
+  return nn.Conv(features, kernel_size, strides, padding=padding, **kwargs)
 
 
 class BottleneckBlock(nn.Module):
@@ -95,7 +101,13 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      _torch_conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    )
     norm = functools.partial(
       nn.BatchNorm,
       use_running_average=not train,
@@ -106,10 +118,10 @@ class ResNet(nn.Module):
     )
 
     if self.stem == "imagenet":
-      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+      x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(x)
       x = norm(name="bn_init")(x)
       x = self.act(x)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == "small":
       x = conv(self.num_filters, (3, 3), name="conv_init")(x)
       x = norm(name="bn_init")(x)
@@ -130,7 +142,7 @@ class ResNet(nn.Module):
       self.num_classes,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
-      kernel_init=nn.initializers.zeros,
+      kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),  # torch Linear
       bias_init=nn.initializers.constant(self.head_bias_init),
       name="head",
     )(x)

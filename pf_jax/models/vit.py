@@ -1,12 +1,15 @@
-"""Vision Transformer (ViT) in flax.linen, following big_vision's `vit.py`.
+"""Vision Transformer (ViT) in flax.linen: the function of the paper authors' timm model.
 
-Differences from the original ViT paper that are deliberate here:
-  * no class token: tokens are globally average pooled ("GAP"), which big_vision
-    found as good or better and which keeps the token count a power of two;
-  * the classifier head has a zero kernel and a constant bias
-    (`head_bias_init`), so at init every logit equals that bias. With sigmoid
-    cross-entropy a bias of -10 makes the initial predicted probability ~4.5e-5
-    per class, avoiding a huge initial loss from 1000 independent sigmoids.
+The authors train timm's `vit_small_patch{32,16}_224` with `class_token=False, global_pool='avg'`,
+so this ViT computes exactly that (`pf_jax.models.from_torch` loads its weights):
+  * no class token: patch tokens are averaged ("GAP") and the final LayerNorm is applied to the
+    pooled vector (timm's `fc_norm`; its pre-pool `norm` is the identity);
+  * exact (erf) GELU, LayerNorm epsilon 1e-6, q/k/v with biases, scale 1/sqrt(head_dim);
+  * the authors' (JAX-style) initialization: Xavier-uniform Dense kernels (q, k, v each on
+    [width, width]), MLP biases N(0, 1e-6), other biases 0, lecun-normal (truncated) patch
+    kernel, position embedding N(0, 1/width), and a classifier head with a zero kernel and a
+    constant bias (`head_bias_init`, the scripts' `--head-init-bias`), so at init every logit
+    equals that bias.
 
 Parameters are always float32 (`param_dtype`); `dtype` only sets the compute
 dtype (e.g. bfloat16), and the logits are returned in float32 regardless.
@@ -68,7 +71,7 @@ class MlpBlock(nn.Module):
       name=name,
     )
     x = dense(self.mlp_dim, "Dense_0")(x)
-    x = nn.gelu(x)
+    x = nn.gelu(x, approximate=False)  # torch.nn.GELU's default
     return dense(width, "Dense_1")(x)
 
 
@@ -96,7 +99,7 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Stack of `depth` pre-LN blocks followed by a final LayerNorm."""
+  """Stack of `depth` pre-LN blocks (the final LayerNorm comes after pooling, in `ViT`)."""
 
   depth: int
   mlp_dim: int
@@ -109,11 +112,11 @@ class Encoder(nn.Module):
       x = Encoder1DBlock(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype, name=f"encoderblock_{i}"
       )(x)
-    return nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name="encoder_norm")(x)
+    return x
 
 
 class ViT(nn.Module):
-  """ViT classifier with GAP pooling (no class token).
+  """ViT classifier: GAP pooling (no class token), then LayerNorm, then the head.
 
   Input: images [B, H, W, C] with H, W divisible by `patch_size`.
   Output: float32 logits [B, num_classes].
@@ -139,7 +142,7 @@ class ViT(nn.Module):
 
     # Named exactly `pos_embedding`: the weight-decay mask matches this name.
     pos = self.param(
-      "pos_embedding", nn.initializers.normal(stddev=0.02), (1, h * w, c), jnp.float32
+      "pos_embedding", nn.initializers.normal(stddev=c**-0.5), (1, h * w, c), jnp.float32
     )
     x = x + pos.astype(x.dtype)
 
@@ -151,9 +154,10 @@ class ViT(nn.Module):
       name="Transformer",
     )(x)
 
-    # GAP and the head run in float32: they are cheap, and it keeps the logits
-    # (and e.g. a -10 bias) exact regardless of the compute dtype.
+    # GAP, the final LayerNorm (timm's `fc_norm`) and the head run in float32: they are cheap,
+    # and it keeps the logits (and e.g. a -10 bias) exact regardless of the compute dtype.
     x = jnp.mean(x.astype(jnp.float32), axis=1)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name="fc_norm")(x)
     x = nn.Dense(
       self.num_classes,
       dtype=jnp.float32,
