@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
+from pf_jax import config_fields
 from pf_jax import config_validation
 from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
@@ -198,10 +199,9 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
   """
   c = exp.config
   results = {}
-  local_batch = exp.local_eval_batch_size
   for name, eval_step in eval_steps.items():
     it = input_pipeline.eval_iterator(
-      name, data_dir=c.data_dir, image_size=c.image_size, local_batch_size=local_batch
+      name, data_dir=c.data_dir, image_size=c.image_size, local_batch_size=exp.local_eval_batch_size
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -320,7 +320,9 @@ def train_and_evaluate(
 
   checkpoints = ocp.CheckpointManager(
     checkpoint_dir,
-    options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True),
+    options=ocp.CheckpointManagerOptions(
+      **config_fields.library_kwargs(c, "CheckpointManagerOptions"), create=True
+    ),
   )
   state = None
   if has_run:  # restore into the structure and shardings of a fresh state

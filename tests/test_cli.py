@@ -236,7 +236,8 @@ def test_every_library_argument_is_fed_by_one_declared_field():
     c.sam.perturbation, c.sam.rho_min, c.shrink_perturb, c.clip_grad_norm = "obf", 0.0, 0.1, 1.0
   exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=8)
   assert exp.spec.m == c.sam.m and exp.spec.asam == "after" and exp.spec.asam_eta == 0.01
-  assert config_fields.library_kwargs(c, "obf") == {"lam": c.sam.obf_lambda, "gamma": 1.0}
+  want = {"lam": c.sam.obf_lambda, "gamma": 1.0, "predictions": c.sam.obf_predictions}
+  assert config_fields.library_kwargs(c, "obf") == want
   assert config_fields.field_for("SamSpec", "m") == "sam.m"
   assert config_fields.field_for("obf_fixed_alpha", "alpha") == "sam.obf_alpha"
   c.sam.asam = "none"  # the named choice is the library's None
