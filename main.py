@@ -123,6 +123,7 @@ flags.DEFINE_integer(
 )
 
 _CONFIG = None  # the parsed config (set by parse_flags)
+_NOTE = None  # what a `,local` variant is and changed (set by parse_flags)
 DASH_ALLOWED = f"{config_validation.DASH} a directory for checkpoints and events (--workdir=DIR)"
 _HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
@@ -146,7 +147,7 @@ def _flags_help() -> str:
 
 def parse_flags(argv):
   """absl flags plus the config (cli.py); every problem is one `error:` line and exit 2."""
-  global _CONFIG
+  global _CONFIG, _NOTE
   try:
     rest, overrides = cli.split_overrides(argv)
   except cli.UsageError as e:
@@ -169,6 +170,7 @@ def parse_flags(argv):
     fail("--workdir: missing " + DASH_ALLOWED)
   try:
     _CONFIG = cli.build_config(FLAGS.config, overrides)
+    _NOTE = cli.local_note(FLAGS.config, _CONFIG, overrides)
   except (cli.UsageError, config_validation.ConfigError) as e:
     fail(str(e))
   return rest
@@ -193,14 +195,16 @@ def main(argv):
   del argv  # parse_flags has checked it
   if not (_VERBOSE or FLAGS.verbose or FLAGS["verbosity"].present):
     reporting.quiet_library_logs()
-  if FLAGS.check_only:
+  if FLAGS.check_only:  # creates nothing
+    num_devices = FLAGS.num_devices or jax.device_count()
     try:
-      config_validation.validate(_CONFIG, FLAGS.num_devices or jax.device_count(), 1)
+      config_validation.validate(_CONFIG, num_devices, 1)
       if FLAGS.workdir:
-        config_validation.check_workdir(FLAGS.workdir)
+        config_validation.check_workdir(FLAGS.workdir, create=False)
     except ValueError as e:
       fail(str(e))
     print("config OK")
+    print(reporting.describe_run(_CONFIG, num_devices, FLAGS.workdir, _NOTE))
     return
   _init_distributed()
   try:
@@ -245,7 +249,7 @@ def _train(checkpointing, input_pipeline, train, workdir_lib):
   preempted = None
   try:
     results = train.train_and_evaluate(
-      _CONFIG, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
+      _CONFIG, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change, note=_NOTE
     )
   except input_pipeline.DatasetNotPreparedError as e:
     fail(

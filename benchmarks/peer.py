@@ -209,16 +209,15 @@ class JaxBench:
     return f
 
   def pf_jax_sam_tx(self, variant: Variant):
-    """pf_jax.sam(base, spec) as an optax transformation, fed the caller's gradient (which
+    """pf_jax.sam(base, spec, loss_fn) as an optax transformation, fed the caller's gradient (which
     steepest SAM with one chunk reuses as its ascent direction)."""
-    tx = pf_jax.sam(self.tx, pf_jax_spec(variant, self.num_classes), has_aux=self.has_bn)
+    spec = pf_jax_spec(variant, self.num_classes)
+    tx = pf_jax.sam(self.tx, spec, self.loss_fn, has_aux=self.has_bn)
     state = jax.jit(tx.init)(self.params)
 
     def f(params, stats, state, batch, step):
       grads, aux = jax.grad(self._loss(stats), has_aux=True)(params, batch)
-      updates, new_state = tx.update(
-        grads, state, params, forward=self.forward(stats), batch=batch, loss_fn=self.loss_fn
-      )
+      updates, new_state = tx.update(grads, state, params, forward=self.forward(stats), batch=batch)
       return (optax.apply_updates(params, updates), new_state), aux
 
     return f, (self.params, self.stats, state) + self.args()[3:]

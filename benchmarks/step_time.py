@@ -76,12 +76,12 @@ def main():
     f"OBF-SAM m={m} scan": dict(rho=0.6, objective=obf, m=m, chunk_mode="scan"),
     f"OBF-SAM m={m} unroll": dict(rho=0.6, objective=obf, m=m, chunk_mode="unroll"),
   }.items():
-    tx = pf_jax.sam(base, pf_jax.SamSpec(**kw))
+    tx = pf_jax.sam(base, pf_jax.SamSpec(**kw), loss_fn)
     forward = lambda q, batch: apply_fn(q, batch[0])
 
     def step(p, s, tx=tx, forward=forward):
       g = jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)
-      u, s = tx.update(g, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
+      u, s = tx.update(g, s, p, forward=forward, batch=(x, y))
       return optax.apply_updates(p, u), s
 
     variants[name] = (tx, step)

@@ -23,6 +23,13 @@ def authors_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Settings every run of the authors' release shares (their train.py / validate.py defaults
   and scripts/compute_hessian_*.sh), for the paper configs."""
   c.crop_area_min = 0.05  # train.py --scale default (0.05, 1.0), big_vision's Inception crop
+  # The models' pretrained_cfg: ViT mean = std = 0.5 (= [-1, 1]), ResNet ImageNet mean / std;
+  # evaluation resizes with the models' "bicubic" (training: --train-interpolation bilinear).
+  c.image_normalization = "imagenet" if c.model.startswith("resnet") else "minus_one_to_one"
+  c.eval_interpolation = "bicubic"
+  # scripts/validate_rn*.sh: validate.py uses the ResNet cfg's test_input_size 288 (crop 0.875 of
+  # a 329 short side); ViTs have no test size.
+  c.eval_image_size = 288 if c.model.startswith("resnet") else None
   c.sam.obf_predictions = "sigmoid"  # train.py builds OutputBiasForget(C, gamma): sigmoid=True
   # compute_hessian_*.sh: validate.py --split "train[:8192]", batch 256, 100 iters, tol 1e-4.
   c.analysis.sharpness_examples = 8192
@@ -81,6 +88,7 @@ def make_local(
   c.eval_datasets = ("digits",)
   c.model = model
   c.image_size = image_size
+  c.eval_image_size = None
   c.global_batch_size = 16
   c.eval_batch_size = 16
   c.sam.m = 4

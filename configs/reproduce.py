@@ -4,7 +4,8 @@ Arg "BENCHMARK,METHOD":
   BENCHMARK  digits    train on digits, evaluate on its test split;
              spurious  train on spurious_digits (a red patch whose position names a class agrees
                        with the label on 90% of the training images), evaluate on its test_id
-                       (same correlation) and test_ood (the patch names label + 1) splits;
+                       (same correlation), test_ood (the patch names label + 1) and test_ood_all
+                       (each test image with each of the 9 wrong patches) splits;
              digits_val, spurious_val   the same, trained on the first 1150 training images and
                        evaluated on the other 288 (the hyperparameter search; no test split).
   METHOD     one row of METHODS (Table B.1's rows).
@@ -22,7 +23,10 @@ from configs import common
 
 BENCHMARKS = {
   "digits": ("digits", ("digits",)),
-  "spurious": ("spurious_digits", ("spurious_digits", "spurious_digits_ood")),
+  "spurious": (
+    "spurious_digits",
+    ("spurious_digits", "spurious_digits_ood", "spurious_digits_ood_all"),
+  ),
   "digits_val": ("digits_val", ("digits_val",)),
   "spurious_val": ("spurious_digits_val", ("spurious_digits_val",)),
 }
@@ -44,6 +48,17 @@ METHODS = {
   "label_smoothing": {**common.sam_row("none", 0.0), "label_smoothing": 0.1},
   "shrink_perturb": {**common.sam_row("none", 0.0), "shrink_perturb": 1e-3},
 }
+# The paired comparisons (label, base method, other method; the difference is other − base) and
+# the reference rows: launch/reproduce.py and launch/powered.py tabulate these.
+COMPARED = (
+  ("SAM: OBF − STEEP", "sam_steep", "sam_obf"),
+  ("GSAM: OBF − STEEP", "gsam_steep", "gsam_obf"),
+  ("ASAM: OBF − STEEP", "asam_steep", "asam_obf"),
+)
+REFERENCES = (
+  ("label smoothing − AdamW", "adamw", "label_smoothing"),
+  ("shrink-and-perturb − AdamW", "adamw", "shrink_perturb"),
+)
 
 ARGS = f"BENCHMARK,METHOD with BENCHMARK in {', '.join(BENCHMARKS)}, METHOD in {', '.join(METHODS)}"
 

@@ -64,8 +64,7 @@ USES = {
   "label_smoothing": ("lr",),
   "shrink_perturb": ("lr",),
 }
-PAIRS = (("SAM", "sam_steep", "sam_obf"), ("GSAM", "gsam_steep", "gsam_obf"))
-PAIRS += (("ASAM", "asam_steep", "asam_obf"),)
+PAIRS = tuple((label.split(":")[0], a, b) for label, a, b in reproduce.COMPARED)
 
 
 def _csv(kind):

@@ -23,6 +23,7 @@ from pf_jax.sam_family import sam_value_and_grad
 from pf_jax.schedules import lr_proportional_rho
 from pf_jax.schedules import warmup_linear_decay
 from pf_jax.sharding import group_mean
+from pf_jax.train_state import TrainState
 
 __all__ = [
   "adamw",
@@ -39,6 +40,7 @@ __all__ = [
   "sam_value_and_grad",
   "SamSpec",
   "SamState",
+  "TrainState",
   "sgdw",
   "shrink_and_perturb",
   "sigmoid_cross_entropy",

@@ -94,6 +94,34 @@ def load_config(spec: str | None) -> ml_collections.ConfigDict:
   return config
 
 
+LOCAL_NOTE = (
+  "a ,local variant: a smoke test of the method (tiny model on digits, {steps} steps, about "
+  "chance accuracy), not a result"
+)
+
+
+def local_note(spec: str | None, config, overrides=()) -> str | None:
+  """For a `...:<arg>,local` config: says it is a smoke test and which method fields (`sam.*`,
+  loss, optimizer, accumulation) the local variant changed from the full run's, e.g. 'sam.m 64 ->
+  4'. None for other configs. Fields the user set with --config.<field> are theirs, not listed."""
+  path, _, arg = (spec or DEFAULT_CONFIG).partition(":")
+  parts = arg.split(",")
+  if "local" not in parts:
+    return None
+  rest = ",".join(p for p in parts if p != "local")
+  full = load_config(f"{path}:{rest}" if rest else path)
+  mine = {field for field, _ in overrides}
+  method = ("loss", "label_smoothing", "optimizer", "grad_accum_steps")
+  show, get = config_fields.show, config_fields.get
+  changed = [
+    f"{name} {show(full_value)} -> {show(value)}"
+    for name, full_value, value in ((n, get(full, n), get(config, n)) for n in config_fields.NAMES)
+    if (name.startswith("sam.") or name in method) and name not in mine and full_value != value
+  ]
+  note = LOCAL_NOTE.format(steps=config.num_train_steps)
+  return note + (f"; it changes {', '.join(changed)}" if changed else "")
+
+
 def _parse_value(config, field: str, text: str):
   """The override `text` as the type of the field's current value."""
   *parents, leaf = field.split(".")

@@ -185,6 +185,9 @@ FIELDS: tuple[Field, ...] = (
   F("data_dir", None, Path(), "TFDS data directory", none="$TFDS_DATA_DIR or ~/tensorflow_datasets", safe=True),
   F("eval_datasets", ("digits",), NameList(_all_datasets), "datasets evaluated on their test split", safe=True),
   F("image_size", 8, Int(1), "side of the square input images (a multiple of a ViT's patch size)"),
+  F("image_normalization", "minus_one_to_one", Choice(lambda: tuple(dataset_catalog.NORMALIZATIONS)), "pixel values: minus_one_to_one (p / 127.5 - 1) or imagenet (ImageNet mean / std)"),
+  F("eval_image_size", None, Int(1), "side of evaluation images (a ViT evaluates at its image_size)", none="image_size"),
+  F("eval_interpolation", "bilinear", Choice(lambda: tuple(dataset_catalog.INTERPOLATIONS)), "resize method of evaluation (and forgetting) images"),
   F("crop_area_min", 0.08, Float(0.0, 1.0, lo_open=True), "smallest area fraction of the Inception crop"),
   F("shuffle_buffer", 50_000, Int(1), "shuffle buffer of streamed datasets (ImageNet)"),
   # Model (pf_jax/models).

@@ -92,6 +92,12 @@ def _check_batches(c, num_devices: int, num_processes: int):
     raise ConfigError(
       "image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}"
     )
+  if multiple > 1 and c.eval_image_size not in (None, c.image_size):
+    raise ConfigError(
+      "eval_image_size",
+      c.eval_image_size,
+      f"None or image_size ({c.image_size}): {c.model}'s position embeddings fix its input size",
+    )
 
 
 def _check_sam(c, num_devices: int):
@@ -139,10 +145,18 @@ def _check_sam(c, num_devices: int):
 
 def _check_init_from(c):
   path = c.init_from
-  if path is not None and "://" not in path and not os.path.exists(path):
-    raise ConfigError(
-      "init_from", path, "a workdir, checkpoint directory or .pth/.pth.tar file that exists"
-    )
+  if path is None or "://" in path:
+    return
+  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar file"
+  if not os.path.exists(path):
+    raise ConfigError("init_from", path, allowed + " (it does not exist)")
+  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar")):
+    return
+  # A checkpoint is a step-numbered folder in the workdir's checkpoints/ or the directory itself.
+  sub = os.path.join(path, "checkpoints")
+  directory = sub if os.path.isdir(sub) else path
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise ConfigError("init_from", path, allowed + f" (no step folder in {directory!r})")
 
 
 def _check_analysis(c):
@@ -188,8 +202,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _check_analysis(c)
 
 
-def check_workdir(workdir: str) -> None:
-  """The workdir is (or can become) a writable directory; remote (gs://) paths are not checked."""
+def check_workdir(workdir: str, create: bool = True) -> None:
+  """The workdir is (or can become) a writable directory, created unless `create` is False
+  (--check_only); remote (gs://) paths are not checked."""
   if "://" in workdir:
     return
   path = os.path.abspath(workdir)
@@ -199,6 +214,10 @@ def check_workdir(workdir: str) -> None:
   if not os.path.isdir(existing):
     what = "is a file" if existing == path else f"is under {existing!r}, which is a file"
     raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory; it {what}")
+  if not create:
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be written")
+    return
   try:  # creating it is what the run does first anyway
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test.{os.getpid()}")

@@ -115,8 +115,9 @@ def validation_carve_out(spec: DatasetSpec) -> DatasetSpec:
 
 # Builder configs of `spurious_digits` (pf_jax/datasets/spurious_digits.py, CUE_SPECS). Config
 # CFG gives `spurious_digits_CFG` (train; eval on test_id, the training correlation),
-# `spurious_digits_CFG_ood` (test_ood only) and `spurious_digits_CFG_val`; "patch" is also
-# plain `spurious_digits`, `spurious_digits_ood` and `spurious_digits_val`.
+# `spurious_digits_CFG_ood` (test_ood only), `spurious_digits_CFG_ood_all` (test_ood_all: each
+# test image with each of the 9 wrong cues) and `spurious_digits_CFG_val`; "patch" is also plain
+# `spurious_digits`, `spurious_digits_ood`, `spurious_digits_ood_all` and `spurious_digits_val`.
 SPURIOUS_DIGITS_CONFIGS = ("patch", "tint", "patch_random", "patch16")
 
 
@@ -127,6 +128,7 @@ def _add_spurious(name: str, config: str) -> None:
     tfds_name, "train", ("test_id",), 10, train_examples=DIGITS_TRAIN, **common
   )
   DATASETS[f"{name}_ood"] = DatasetSpec(tfds_name, None, ("test_ood",), 10, **common)
+  DATASETS[f"{name}_ood_all"] = DatasetSpec(tfds_name, None, ("test_ood_all",), 10, **common)
   DATASETS[f"{name}_val"] = validation_carve_out(DATASETS[name])
 
 
@@ -139,3 +141,12 @@ _add_spurious("spurious_digits", "patch")
 def training_datasets() -> tuple[str, ...]:
   """Names of the datasets that have a training split, sorted."""
   return tuple(sorted(k for k, v in DATASETS.items() if v.train_split is not None))
+
+
+# Image preprocessing choices (pf_jax/preprocessing.py), named here without TensorFlow.
+# normalization -> (mean, std) per channel of p / 255; None: p / 127.5 - 1 exactly.
+NORMALIZATIONS = {
+  "minus_one_to_one": None,  # mean = std = 0.5: timm's "inception" statistics (the authors' ViT)
+  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the authors' ResNet
+}
+INTERPOLATIONS = ("bilinear", "bicubic")  # evaluation resize

@@ -162,6 +162,7 @@ class Experiment:
     local_micro_batch_size: one micro-batch's examples read by each process (the forgetting
       split is cut into these, so m chunks it as in training).
     local_eval_batch_size: evaluation examples per batch read by each process.
+    eval_image_size: side of evaluation images.
   """
 
   config: ml_collections.ConfigDict
@@ -185,6 +186,7 @@ class Experiment:
   local_batch_size: int
   local_micro_batch_size: int
   local_eval_batch_size: int
+  eval_image_size: int
 
   def apply(self, params, batch_stats, images, train: bool):
     """(logits, new batch_stats): train mode updates BatchNorm statistics, eval mode reads them."""
@@ -273,4 +275,5 @@ def build(
     local_batch_size=c.global_batch_size // num_processes,
     local_micro_batch_size=c.global_batch_size // c.grad_accum_steps // num_processes,
     local_eval_batch_size=c.eval_batch_size // num_processes,
+    eval_image_size=c.eval_image_size if c.eval_image_size is not None else c.image_size,
   )

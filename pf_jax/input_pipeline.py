@@ -5,8 +5,8 @@ keys). `digits` (pf_jax.datasets.digits) is prepared automatically and offline;
 every other dataset must already be prepared in `data_dir` (a clear error says
 how otherwise).
 
-Image values: every batch carries `image` float32 [B, H, W, 3] in [-1, 1]
-(uint8 pixel p -> p / 127.5 - 1). Labels are int32.
+Image values: every batch carries `image` float32 [B, H, W, 3], by default in [-1, 1]
+(uint8 pixel p -> p / 127.5 - 1; `normalization`: pf_jax/preprocessing.py). Labels are int32.
 
 Training stream (`train_iterator`) -- deterministic and step-addressable:
   * The stream is epochs e = 0, 1, 2, ... of this process's examples (its
@@ -225,6 +225,7 @@ def train_dataset(
   crop_area_min: float = 0.08,
   flip: bool | None = None,
   in_memory: bool | None = None,
+  normalization: str = "minus_one_to_one",
 ) -> tf.data.Dataset:
   """Infinite tf.data.Dataset of training batches; see `train_iterator`."""
   spec = _spec(dataset)
@@ -247,7 +248,11 @@ def train_dataset(
   aug_key = preprocessing.root_key(seed, 2, process_index)
   label_fn = _label_fn(dataset)
   preprocess = functools.partial(
-    preprocessing.train_image, image_size=image_size, crop_area_min=crop_area_min, flip=flip
+    preprocessing.train_image,
+    image_size=image_size,
+    crop_area_min=crop_area_min,
+    flip=flip,
+    normalization=normalization,
   )
 
   def example_seed(epoch, pos):
@@ -335,7 +340,8 @@ def train_iterator(dataset: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
   are streamed through a `shuffle_buffer`-sized buffer. `flip=None` uses the
   dataset default (`DatasetSpec.flip`: True, except False for digits).
   `crop_area_min` is the Inception crop's minimum area fraction (1.0 = no
-  crop, just resize).
+  crop, just resize). `normalization`: `preprocessing.NORMALIZATIONS` (the
+  default gives [-1, 1]).
   """
   return iter(train_dataset(dataset, **kwargs).as_numpy_iterator())
 
@@ -370,6 +376,8 @@ def eval_dataset(
   local_batch_size: int,
   process_index: int | None = None,
   process_count: int | None = None,
+  interpolation: str = "bilinear",
+  normalization: str = "minus_one_to_one",
 ) -> tf.data.Dataset:
   """Finite tf.data.Dataset of eval batches; see `eval_iterator`."""
   spec = _spec(dataset)
@@ -383,7 +391,12 @@ def eval_dataset(
 
   def prepare(ex):
     out = {
-      "image": preprocessing.eval_image(preprocessing.decode(ex[spec.image_key]), image_size),
+      "image": preprocessing.eval_image(
+        preprocessing.decode(ex[spec.image_key]),
+        image_size,
+        interpolation=interpolation,
+        normalization=normalization,
+      ),
       "label": label_fn(ex[spec.label_key]),
       "mask": tf.constant(1.0, tf.float32),
     }

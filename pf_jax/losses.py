@@ -40,12 +40,26 @@ def _check_smoothing(label_smoothing: float) -> None:
     raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
+def _targets(name: str, logits, batch, label_smoothing: float, min_classes: int) -> jax.Array:
+  """The smoothed targets of `batch`, refused where a classification loss cannot apply (a
+  regression model trained with it would get a zero or meaningless gradient, silently)."""
+  _check_smoothing(label_smoothing)
+  labels = labels_of(batch)
+  integer = jnp.issubdtype(labels.dtype, jnp.integer)
+  ok_labels = (labels.ndim == 1 and integer) or (labels.ndim == 2 and labels.shape == logits.shape)
+  if logits.ndim != 2 or logits.shape[-1] < min_classes or not ok_labels:
+    raise ValueError(
+      f"{name} is a classification loss: it needs logits [B, C] (C >= {min_classes}) and integer "
+      f"labels [B] or targets [B, C], got logits {logits.shape} and labels {labels.dtype} "
+      f"{labels.shape}; for regression pass your own loss, e.g. lambda out, batch: "
+      "jnp.mean((out - batch[1]) ** 2)"
+    )
+  return smoothed_targets(labels, logits.shape[-1], label_smoothing).astype(logits.dtype)
+
+
 def softmax_cross_entropy(logits: jax.Array, batch, label_smoothing: float = 0.0) -> jax.Array:
   """mean_b [ -sum_c t_bc log softmax(z_b)_c ]."""
-  _check_smoothing(label_smoothing)
-  targets = smoothed_targets(labels_of(batch), logits.shape[-1], label_smoothing).astype(
-    logits.dtype
-  )
+  targets = _targets("softmax_cross_entropy", logits, batch, label_smoothing, 2)
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
 
 
@@ -54,9 +68,7 @@ def sigmoid_cross_entropy(logits: jax.Array, batch, label_smoothing: float = 0.0
 
   Summed (not averaged) over classes, so its scale matches softmax cross-entropy.
   """
-  _check_smoothing(label_smoothing)
-  targets = smoothed_targets(labels_of(batch), logits.shape[-1], label_smoothing)
-  targets = targets.astype(logits.dtype)
+  targets = _targets("sigmoid_cross_entropy", logits, batch, label_smoothing, 1)
   per_class = -(
     targets * jax.nn.log_sigmoid(logits) + (1.0 - targets) * jax.nn.log_sigmoid(-logits)
   )

@@ -25,12 +25,16 @@ def weight_decay_mask(params) -> Any:
 
 def sgdw(
   learning_rate: ScalarOrSchedule,
-  momentum: float = 0.9,
-  weight_decay: float = 0.0,
+  *,
+  momentum: float,
+  weight_decay: float,
   mask=weight_decay_mask,
 ) -> optax.GradientTransformation:
   """SGD with momentum and decoupled weight decay:
-  v <- momentum * v + g;   theta <- theta - lr_t * v - lr_t * wd * theta  (masked)."""
+  v <- momentum * v + g;   theta <- theta - lr_t * v - lr_t * wd * theta  (masked).
+
+  `momentum` and `weight_decay` are required (0 turns either off): they change what is optimized.
+  """
   if not 0.0 <= momentum < 1.0:
     raise ValueError(f"momentum must be in [0, 1), got {momentum}")
   if weight_decay < 0:
@@ -44,13 +48,18 @@ def sgdw(
 
 def adamw(
   learning_rate: ScalarOrSchedule,
+  *,
+  weight_decay: float,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-8,
-  weight_decay: float = 0.0,
   mask=weight_decay_mask,
 ) -> optax.GradientTransformation:
-  """AdamW (decoupled: theta <- theta - lr_t * (adam_step + wd * theta), masked)."""
+  """AdamW (decoupled: theta <- theta - lr_t * (adam_step + wd * theta), masked).
+
+  `weight_decay` is required (0 turns it off; optax's own default is 1e-4); b1, b2, eps default to
+  Adam's published values.
+  """
   if weight_decay < 0:
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)

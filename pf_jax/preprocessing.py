@@ -6,14 +6,19 @@ position), so an example's augmentation does not depend on where reading started
 Training augmentation: Inception crop (`stateless_sample_distorted_bounding_box`
 with area range (crop_area_min, 1) and aspect ratio (3/4, 4/3)), bilinear
 (antialiased) resize to image_size x image_size, optional horizontal flip.
-Evaluation: resize (aspect-preserving) so the short side is
-round(image_size / 0.875), then a central image_size crop; the same math is used
+Evaluation: resize (aspect-preserving, `interpolation`: bilinear or bicubic, antialiased) so the
+short side is round(image_size / 0.875), then a central image_size crop; the same math is used
 for 8x8 digits and 32x32 CIFAR.
+Pixel values: `normalization` "minus_one_to_one" maps p to p / 127.5 - 1 (mean = std = 0.5, the
+authors' ViT statistics); "imagenet" to (p / 255 - mean) / std with ImageNet's mean and std (the
+authors' ResNet statistics).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+
+from pf_jax.dataset_catalog import NORMALIZATIONS
 
 EVAL_CROP_FRACTION = 0.875
 RNG_ALG = "philox"  # Fixed algorithm: results never depend on the device.
@@ -35,10 +40,14 @@ def fold(key, data):
   return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=RNG_ALG)
 
 
-def _to_unit_range(image: tf.Tensor) -> tf.Tensor:
-  """uint8-valued (any dtype) image -> float32 in [-1, 1]."""
+def normalize(image: tf.Tensor, normalization: str = "minus_one_to_one") -> tf.Tensor:
+  """uint8-valued (any dtype) image -> float32 by `NORMALIZATIONS[normalization]`."""
   image = tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
-  return image / 127.5 - 1.0
+  stats = NORMALIZATIONS[normalization]
+  if stats is None:
+    return image / 127.5 - 1.0
+  mean, std = (tf.constant(v, tf.float32) for v in stats)
+  return (image / 255.0 - mean) / std
 
 
 def _sample_crop(shape, seed, crop_area_min):
@@ -76,7 +85,14 @@ def _random_crop_encoded(raw, seed, crop_area_min):
 
 
 def train_image(
-  image_or_raw, seed, *, encoded: bool, image_size: int, crop_area_min: float, flip: bool
+  image_or_raw,
+  seed,
+  *,
+  encoded: bool,
+  image_size: int,
+  crop_area_min: float,
+  flip: bool,
+  normalization: str = "minus_one_to_one",
 ) -> tf.Tensor:
   crop_seed = fold(seed, 0)
   flip_seed = fold(seed, 1)
@@ -87,11 +103,18 @@ def train_image(
   image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  image = _to_unit_range(image)
+  image = normalize(image, normalization)
   return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
-def eval_image(image, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+def eval_image(
+  image,
+  image_size: int,
+  crop_fraction: float = EVAL_CROP_FRACTION,
+  *,
+  interpolation: str = "bilinear",
+  normalization: str = "minus_one_to_one",
+) -> tf.Tensor:
   """Short side -> round(image_size / crop_fraction), central crop."""
   resize = max(int(round(image_size / crop_fraction)), image_size)
   shape = tf.shape(image)
@@ -100,11 +123,11 @@ def eval_image(image, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION
   scale = float(resize) / tf.minimum(h, w)
   new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), resize)
   new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), resize)
-  image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+  image = tf.image.resize(image, tf.stack([new_h, new_w]), method=interpolation, antialias=True)
   oy = (new_h - image_size) // 2
   ox = (new_w - image_size) // 2
   image = tf.slice(image, tf.stack([oy, ox, 0]), [image_size, image_size, 3])
-  return tf.ensure_shape(_to_unit_range(image), [image_size, image_size, 3])
+  return tf.ensure_shape(normalize(image, normalization), [image_size, image_size, 3])
 
 
 def decode(raw) -> tf.Tensor:

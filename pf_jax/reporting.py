@@ -75,6 +75,10 @@ def quiet_native_stderr():
         os.write(2, "".join(kept).encode())
 
 
+def _seconds(seconds: float) -> str:
+  return f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds)
+
+
 def format_duration(seconds: float) -> str:
   """'42 s' under a minute, '3 min 05 s' under an hour, else '2 h 07 min'."""
   s = int(round(seconds))
@@ -83,6 +87,81 @@ def format_duration(seconds: float) -> str:
   if s < 3600:
     return f"{s // 60} min {s % 60:02d} s"
   return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def plural(n: int, noun: str) -> str:
+  """'1 device', '8 devices'."""
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def describe_method(c, num_devices: int) -> str:
+  """What is optimized, in words: perturbation, rho, m and its chunks, accumulation, loss.
+
+  E.g. 'ASAM (after, eta 0.01) steepest ascent, rho 0.3 constant, m 32 (1 chunk per device,
+  one chunk), no accumulation; loss softmax_xent; optimizer adamw (weight decay 0.1)'.
+  """
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top  (jax only)
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+
+  s = c.sam
+  smoothing = f" (label smoothing {c.label_smoothing:g})" if c.label_smoothing else ""
+  opt = (
+    f"optimizer {c.optimizer} (lr {c.lr_max:g} -> {c.lr_min:g}, weight decay {c.weight_decay:g})"
+  )
+  accum = (
+    f"accumulation over {c.grad_accum_steps} micro-batches"
+    if c.grad_accum_steps > 1
+    else "no accumulation"
+  )
+  tail = f"{accum}; loss {c.loss}{smoothing}; {opt}"
+  if s.perturbation == "none":
+    return f"no perturbation (plain {c.optimizer}), {tail}"
+  if s.perturbation == "obf":
+    if s.obf_alpha is not None:
+      ascent = f"OBF (fixed alpha {s.obf_alpha:g})"
+    else:
+      ascent = f"OBF (lambda {s.obf_lambda:.4g}, gamma {s.obf_gamma:g})"
+  else:
+    ascent = {"steepest": "steepest ascent", "random": "random direction"}[s.perturbation]
+  name = "SAM"
+  if s.gsam_alpha:
+    name = f"GSAM (xi {s.gsam_alpha:g}{', normalized backup' if s.gsam_normalized_backup else ''})"
+  if s.asam != "none":
+    name = f"A{name} ({s.asam}, eta {s.asam_eta:g})"
+  if s.rho_min is not None:
+    rho = f"rho {s.rho_max:g} -> {s.rho_min:g} (proportional to the lr)"
+  else:
+    rho = f"rho {s.rho_max:g} constant"
+  per_device = experiment.per_device_batch(c, num_devices)
+  n_chunks, group = sam_family.chunking(s.m, per_device, num_devices)
+  if group > 1:
+    chunks = f"one chunk spans {group} devices"
+  else:
+    strategy = sam_family.chunk_strategy(s.chunk_mode, n_chunks)
+    chunks = plural(n_chunks, "chunk") + " per device" + (f", {strategy}" if n_chunks > 1 else "")
+  return f"{name} with {ascent}, {rho}, m {s.m} ({chunks}), {tail}"
+
+
+def describe_run(c, num_devices: int, workdir: str | None, note: str | None = None) -> str:
+  """--check_only's lines: the resolved run (data, model, steps, batch), its method, the workdir."""
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+
+  num_train = dataset_catalog.DATASETS[c.dataset].train_examples
+  total, warmup, per_epoch = config_validation.schedule(c, num_train)
+  lines = [
+    f"run: {c.model} on {c.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
+    f"eval on {', '.join(c.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "
+    f"global batch {c.global_batch_size} on {plural(num_devices, 'device')}, seed {c.seed}",
+    f"method: {describe_method(c, num_devices)}",
+  ]
+  if note:
+    lines.append(f"note: {note}")
+  if workdir:
+    exists = os.path.isdir(os.path.join(workdir, "checkpoints"))
+    state = "holds a run: it would be resumed" if exists else "a new run"
+    lines.append(f"workdir: {workdir} ({state}; nothing created by --check_only)")
+  return "\n".join(lines)
 
 
 def _count(n: int) -> str:
@@ -101,6 +180,10 @@ class Reporter:
     self.start_time = time.time()
     self.last_time, self.last_step = self.start_time, start_step
     self.start_step = start_step
+    # The steady rate (for the ETA): steps and seconds since the first step finished compiling,
+    # evaluation excluded.
+    self.steady_time, self.steady_step, self.paused = None, None, 0.0
+    self.compile_time = None
 
   def _info(self, msg, *args):
     if self.enabled:
@@ -117,12 +200,14 @@ class Reporter:
     devices: int,
     processes: int,
     workdir: str,
+    method: str = "",
+    note: str | None = None,
   ):
     evals = ", ".join(f"{k} {v}" for k, v in eval_sizes.items())
     resumed = f", resuming at step {self.start_step}" if self.start_step else ""
     self._info(
       "start: %s (%s parameters), %s %d train examples, eval on %s; %d steps (warmup %d)%s; "
-      "devices %d%s; workdir %s",
+      "%s%s; method: %s%s; workdir %s",
       model,
       _count(num_params),
       dataset,
@@ -131,33 +216,62 @@ class Reporter:
       self.total,
       warmup,
       resumed,
-      devices,
+      plural(devices, "device"),
       f" ({processes} processes)" if processes > 1 else "",
+      method,
+      f"; {note}" if note else "",
       workdir,
     )
 
-  def train(self, step: int, summary: dict[str, float]):
+  def resumed(self, step: int, directory):
+    self._info("resumed: step %d from %s", step, directory)
+
+  def compiling(self):
+    self._info("compiling the train step (the first step waits for it)")
+    self.compile_start = time.time()
+
+  def compiled(self, step: int):
+    """The first step of this process is done: compilation included, so the rate starts here."""
+    now = time.time()
+    self.compile_time = now - self.compile_start
+    self._info("compiled the train step and ran step %d in %s", step, _seconds(self.compile_time))
+    self.last_time, self.last_step = now, step
+    self.steady_time, self.steady_step, self.paused = now, step, 0.0
+
+  def eta(self, step: int, now: float) -> str:
+    """Remaining steps at the steady rate since compilation (evaluation time excluded)."""
+    if self.steady_step is None or step <= self.steady_step:
+      return "?"
+    rate = (step - self.steady_step) / max(now - self.steady_time - self.paused, 1e-9)
+    return format_duration((self.total - step) / rate)
+
+  def train(self, step: int, summary: dict[str, float]) -> float:
+    """Logs the train line; returns steps/s since the last one (evaluation time excluded)."""
     now = time.time()
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
-    eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
+    eta = self.eta(step, now)
     rho = f" rho {summary['train/rho']:.3g}" if "train/rho" in summary else ""
     lr = f" lr {summary['train/lr']:.3g}" if "train/lr" in summary else ""
+    top1 = f" top1 {summary['train/top1']:.4f}" if "train/top1" in summary else ""
     self._info(
-      "train step %d/%d: loss %.4f%s%s, %.2f steps/s, ETA %s",
+      "train step %d/%d: loss %.4f%s%s%s, %.2f steps/s, ETA %s",
       step,
       self.total,
       summary["train/loss"],
+      top1,
       lr,
       rho,
       rate,
       eta,
     )
+    return rate
 
   def eval(self, step: int, results: dict[str, float], seconds: float):
     text = ", ".join(f"{k[len('eval/') :]} {v:.4f}" for k, v in sorted(results.items()))
     self._info("eval step %d: %s (%.1f s)", step, text, seconds)
     self.last_time += seconds  # evaluation time is not training speed
+    self.paused += seconds
 
   def checkpoint(self, step: int, directory: str):
     self._info("checkpoint step %d: %s", step, directory)

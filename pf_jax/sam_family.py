@@ -44,6 +44,29 @@ METRIC_NAMES = ("loss", "perturbed_loss", "ascent_norm", "rho")
 Forward = Callable[[Any, Any], Any]  # (params, batch) -> logits, or (logits, aux) if has_aux
 LossFn = losses.LossFn  # (logits, batch) -> scalar mean task loss
 
+LOSS_FN_HELP = (
+  "the task loss (logits, batch) -> scalar mean that training minimizes, e.g. "
+  "pf_jax.softmax_cross_entropy for classification or "
+  "lambda out, batch: jnp.mean((out - batch[1]) ** 2) for regression"
+)
+
+
+def _checked_loss(loss_fn, where: str) -> LossFn:
+  """`loss_fn`, refused unless callable and, when traced, returning a scalar."""
+  if loss_fn is None or not callable(loss_fn):
+    raise TypeError(f"{where} needs loss_fn=, {LOSS_FN_HELP}; got {loss_fn!r}")
+
+  def checked(logits, batch):
+    loss = loss_fn(logits, batch)
+    if jnp.shape(loss) != ():
+      raise ValueError(
+        f"{where}: loss_fn must return a scalar mean, got shape {jnp.shape(loss)}; "
+        f"loss_fn is {LOSS_FN_HELP}"
+      )
+    return loss
+
+  return checked
+
 
 @dataclasses.dataclass(frozen=True)
 class SamSpec:
@@ -139,7 +162,17 @@ def _index(tree, i: int):
 
 
 def _logits(out, has_aux: bool):
-  return out[0] if has_aux else out
+  if has_aux:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise TypeError(f"with has_aux=True forward must return (logits, aux), got {type(out)}")
+    return out[0]
+  if isinstance(out, (tuple, list)):
+    raise TypeError(
+      f"forward returned a {type(out).__name__} of {len(out)}; it must return the logits array "
+      "(pf_jax.perturbed_logits: logits only, e.g. the model in inference mode; "
+      "sam and sam_value_and_grad: has_aux=True for (logits, aux))"
+    )
+  return out
 
 
 def _perturb(spec, forward, loss_fn, has_aux, axis_name, group, params, rho, batch, key, g_p=None):
@@ -263,6 +296,7 @@ def sam_value_and_grad(
   """
   if not isinstance(accum_steps, int) or accum_steps < 1:
     raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+  loss_fn = _checked_loss(loss_fn, "pf_jax.sam_value_and_grad")
 
   def micro(params, batch, rho, key, num_devices):
     if spec is None:
@@ -329,6 +363,7 @@ def perturbed_logits(
   Returns:
     (logits at theta, logits at theta^p), each [local batch, ...] in the order of the batch.
   """
+  loss_fn = _checked_loss(loss_fn, "pf_jax.perturbed_logits")
   local_batch = _batch_size(batch)
   num_devices = 1 if axis_name is None else sharding.axis_size(axis_name)
   n_chunks, group = chunking(spec.m, local_batch, num_devices)
@@ -356,9 +391,17 @@ class SamState(NamedTuple):
   base_state: optax.OptState  # the base optimizer's state
 
 
+UPDATE_HELP = (
+  "pf_jax.sam's update needs forward= and batch=: call "
+  "tx.update(grads, opt_state, params, forward=forward, batch=batch), or with Flax use "
+  "pf_jax.TrainState and state.apply_gradients(grads=grads, forward=forward, batch=batch)"
+)
+
+
 def sam(
   base: optax.GradientTransformation,
   spec: SamSpec,
+  loss_fn: LossFn | None = None,
   *,
   has_aux: bool = False,
   axis_name: sharding.AxisName | None = None,
@@ -366,38 +409,48 @@ def sam(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `base` (any optax optimizer) so that it steps with the SAM-family gradient of `spec`.
 
-  `update(updates, state, params, *, forward, batch, loss_fn=softmax_cross_entropy, rng=None,
-  **extra)`: `updates` is the caller's gradient of `loss_fn` at `params` on `batch`. For
-  steepest ascent with one chunk per device it *is* the ascent gradient g_p, so only the
-  perturbed pass is added (two forward+backward passes per step in all); otherwise the gradient
-  is computed by `sam_value_and_grad` (and `updates` ignored). `base.update` then sees the final
-  averaged SAM gradient (chain clipping etc. inside `base`). `forward`, `has_aux`, `axis_name`
-  and `rng` are as in `sam_value_and_grad`; rho_t follows the state's step count.
+  Args:
+    base: the optimizer that steps with the final averaged SAM gradient (chain clipping,
+      weight decay etc. inside it).
+    spec: the method (`SamSpec`).
+    loss_fn: required, the task loss (logits, batch) -> scalar mean that is minimized, e.g.
+      `pf_jax.softmax_cross_entropy`; the same one your `updates` are the gradient of.
+    has_aux, axis_name: as in `sam_value_and_grad`.
+    updates_are_ascent: None decides from the method and, under shard_map, from the type of
+      `updates` (device-varying: this device's own gradient; invariant: already averaged, not
+      reusable). Under pmap types cannot tell: pass True when `updates` are each device's own
+      gradient before any pmean.
 
-  `updates_are_ascent`: None decides from the method and, under shard_map, from the type of
-  `updates` (device-varying: this device's own gradient; invariant: already averaged, not
-  reusable). Under pmap types cannot tell: pass True when `updates` are each device's own
-  gradient before any pmean.
+  Returns:
+    A transformation whose `update(updates, state, params, *, forward, batch, rng=None,
+    **extra)` takes `updates`, the caller's gradient of `loss_fn` at `params` on `batch`. For
+    steepest ascent with one chunk per device it *is* the ascent gradient g_p, so only the
+    perturbed pass is added (two forward+backward passes per step in all); otherwise the
+    gradient is computed by `sam_value_and_grad` (and `updates` ignored). `forward` and `rng`
+    are as in `sam_value_and_grad`; rho_t follows the state's step count.
+
+  Example:
+    >>> tx = pf_jax.sam(optax.sgd(0.1), pf_jax.SamSpec(rho=0.05), pf_jax.softmax_cross_entropy)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, forward=forward, batch=batch)
   """
-
+  if not isinstance(spec, SamSpec):
+    raise TypeError(f"pf_jax.sam(base, spec, loss_fn): spec must be a pf_jax.SamSpec, got {spec!r}")
+  loss_fn = _checked_loss(loss_fn, "pf_jax.sam(base, spec, loss_fn)")
   base = optax.with_extra_args_support(base)
 
   def init_fn(params):
     return SamState(jnp.zeros((), jnp.int32), base.init(params))
 
-  def update_fn(
-    updates,
-    state,
-    params=None,
-    *,
-    forward,
-    batch,
-    loss_fn=losses.softmax_cross_entropy,
-    rng=None,
-    **extra,
-  ):
+  def update_fn(updates, state, params=None, *, forward=None, batch=None, rng=None, **extra):
     if params is None:
       raise ValueError("pf_jax.sam's update needs params")
+    if forward is None or batch is None:
+      raise TypeError(UPDATE_HELP)
+    if "loss_fn" in extra:
+      raise TypeError(
+        "pf_jax.sam's update takes no loss_fn: the task loss is set once, "
+        "pf_jax.sam(base, spec, loss_fn)"
+      )
     num_devices = 1 if axis_name is None else sharding.axis_size(axis_name)
     n_chunks, group = chunking(spec.m, _batch_size(batch), num_devices)
     reuse = updates_are_ascent

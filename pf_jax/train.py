@@ -67,6 +67,12 @@ def make_experiment(c: ml_collections.ConfigDict) -> experiment_lib.Experiment:
   )
 
 
+def top1(logits, labels) -> jax.Array:
+  """Fraction of examples whose top logit is the label (or the largest target of [B, C] ones)."""
+  labels = jnp.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+  return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
 def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
   """The compiled training step.
 
@@ -84,18 +90,22 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
   """
   dtype = exp.dtype
 
+  def forward(params, batch_stats, b):
+    """(logits, (new batch statistics, top-1 of the chunk)): the aux of the pass at theta."""
+    logits, new_stats = exp.apply(params, batch_stats, b["image"], True)
+    return logits, (new_stats, top1(logits, b["label"]))
+
   def step(state: TrainState, batch):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
-    forward = lambda p, b: exp.apply(p, state.batch_stats, b["image"], True)
     grad_fn = sam_lib.sam_value_and_grad(
-      forward,
+      lambda p, b: forward(p, state.batch_stats, b),
       exp.task_loss,
       exp.spec,
       has_aux=True,
       axis_name=AXIS,
       accum_steps=exp.config.grad_accum_steps,
     )
-    (_, new_stats, metrics), grads = grad_fn(
+    (_, (new_stats, train_top1), metrics), grads = grad_fn(
       state.params, batch, step=state.step, rng=exp.step_key(state.step)
     )
     updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
@@ -110,7 +120,10 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
       lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1)
     )
     metrics = dict(
-      metrics, grad_norm=optax.tree.norm(grads), nonfinite=1 - finite.astype(jnp.float32)
+      metrics,
+      top1=train_top1,
+      grad_norm=optax.tree.norm(grads),
+      nonfinite=1 - finite.astype(jnp.float32),
     )
     metrics["lr"] = exp.lr(state.step)
     return new, metrics
@@ -133,6 +146,8 @@ def make_eval_step(exp: experiment_lib.Experiment, mesh: Mesh, subset: np.ndarra
   Returns:
     jit(shard_map): (params, batch_stats, totals, batch) -> totals + this batch's counts.
   """
+  # The training loss, per example.
+  per_example = jax.vmap(lambda z, y: exp.task_loss(z[None], y[None]))
 
   def step(params, batch_stats, totals, batch):
     logits, _ = exp.apply(params, batch_stats, batch["image"].astype(exp.dtype), False)
@@ -140,7 +155,11 @@ def make_eval_step(exp: experiment_lib.Experiment, mesh: Mesh, subset: np.ndarra
       logits = logits[:, jnp.asarray(subset)]
     pred = jnp.argmax(logits, axis=-1)
     mask = batch["mask"]
-    out = {"correct": jnp.sum((pred == batch["label"]) * mask), "count": jnp.sum(mask)}
+    out = {
+      "correct": jnp.sum((pred == batch["label"]) * mask),
+      "count": jnp.sum(mask),
+      "loss": jnp.sum(per_example(logits.astype(jnp.float32), batch["label"]) * mask),
+    }
     if "real_label" in batch:  # ReaL: correct if the prediction is any of the real labels
       valid = batch["real_valid"] * mask
       hit = jnp.take_along_axis(batch["real_label"], pred[:, None], axis=-1)[:, 0]
@@ -201,7 +220,12 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
   results = {}
   for name, eval_step in eval_steps.items():
     it = input_pipeline.eval_iterator(
-      name, data_dir=c.data_dir, image_size=c.image_size, local_batch_size=exp.local_eval_batch_size
+      name,
+      data_dir=c.data_dir,
+      image_size=exp.eval_image_size,
+      local_batch_size=exp.local_eval_batch_size,
+      interpolation=c.eval_interpolation,
+      normalization=c.image_normalization,
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -214,6 +238,7 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
       totals = eval_step(state.params, state.batch_stats, totals, batch)
     totals = jax.device_get(totals)
     results[f"eval/{name}/top1"] = float(totals["correct"] / max(totals["count"], 1))
+    results[f"eval/{name}/loss"] = float(totals["loss"] / max(totals["count"], 1))
     if "real_count" in totals:
       results[f"eval/{name}/real_top1"] = float(
         totals["real_correct"] / max(totals["real_count"], 1)
@@ -283,14 +308,19 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  allow_config_change: bool = False,
+  note: str | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
   Raises checkpointing.Preempted once the current step is saved after SIGTERM/SIGINT or a
   preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
   (unless `allow_config_change`), checkpointing.NonFiniteError after
-  `config.max_consecutive_nonfinite` skipped non-finite steps.
+  `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
+  what a `,local` variant changed).
   """
   c = config
   workdir = checkpointing.as_path(workdir)
@@ -330,9 +360,7 @@ def train_and_evaluate(
     target = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target
     )
-    latest, state = checkpointing.restore_latest(checkpoints, target)
-    if state is not None:
-      logging.info("Resumed from step %d in %s", latest, workdir)
+    _, state = checkpointing.restore_latest(checkpoints, target)
   if state is None:  # compiled init: much faster than op-by-op for large models
     state = jax.jit(exp.init_state, out_shardings=replicated)()
     if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
@@ -349,7 +377,7 @@ def train_and_evaluate(
         for k, v in workdir_lib.flatten(c.to_dict()).items()
       }
     )
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)]
+  hooks = []  # steps_per_sec is written with every train log (the Reporter's rate)
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
@@ -378,6 +406,7 @@ def train_and_evaluate(
     start_step=start_step,
     shuffle_buffer=c.shuffle_buffer,
     crop_area_min=c.crop_area_min,
+    normalization=c.image_normalization,
   )
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
@@ -392,12 +421,22 @@ def train_and_evaluate(
     jax.device_count(),
     jax.process_count(),
     workdir,
+    method=reporting.describe_method(c, jax.device_count()),
+    note=note,
   )
+  if start_step:
+    report.resumed(start_step, checkpoint_dir)
   pending, fetched, results, streak = [], [], {}, 0
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
+      first = step == start_step + 1
+      if first:
+        report.compiling()
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(train_iter))
+      if first:  # the only wait outside logging: compilation time, then the steady rate
+        jax.block_until_ready(metrics)
+        report.compiled(step)
       pending.append(
         metrics
       )  # device arrays; fetched only when logging or saving (no per-step sync)
@@ -421,8 +460,8 @@ def train_and_evaluate(
         pending = []
       if step % c.log_every_steps == 0 or last:
         summary = _summarize(fetched)
+        summary["steps_per_sec"] = report.train(step, summary)
         writer.write_scalars(step, summary)
-        report.train(step, summary)
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()

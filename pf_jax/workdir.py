@@ -42,6 +42,7 @@ _STORED_OFF = {
   "init_from": "",
   "analysis.dataset": "",
   "analysis.collect_every_steps": 0,
+  "eval_image_size": -1,
 }
 OVERRIDE_FLAG = "--allow_config_change"
 RESULTS_FILE = "results.json"

@@ -76,6 +76,32 @@ def test_power_iteration_keeps_the_sign_of_a_negative_dominant_eigenvalue():
   assert abs(got + 3.0) < 1e-3
 
 
+def test_power_iteration_reports_progress():
+  """Every iteration reports (i, estimate); the last estimate is the result. With H = diag(2, 1)
+  and start v, iteration k's estimate is v_k^T H v_k of the normalized H^(k-1) v (by hand)."""
+  h = np.diag([2.0, 1.0])
+  seen = []
+  got = analysis.hessian_top_eigenvalue(
+    lambda p, b: 0.5 * jnp.dot(p, b["h"] @ p),
+    jnp.ones(2),
+    {"h": h[None].astype(np.float32)},
+    num_iters=5,
+    tol=0.0,
+    rng=jax.random.PRNGKey(1),
+    progress=lambda i, e: seen.append((i, e)),
+  )
+  assert [i for i, _ in sorted(seen)] == [1, 2, 3, 4, 5]
+  assert sorted(seen)[-1][1] == pytest.approx(got)
+  import optax  # pylint: disable=g-import-not-at-top
+
+  start = optax.tree.random_like(jax.random.PRNGKey(1), jnp.ones(2), jax.random.normal)
+  v = np.asarray(start, np.float64)  # the start vector, as optax draws it
+  for _, e in sorted(seen):
+    v = v / np.linalg.norm(v)
+    assert e == pytest.approx(v @ h @ v, rel=1e-5)
+    v = h @ v
+
+
 # ---------------------------------------------------------------------------------------------
 # Binned information, by hand.
 
@@ -342,7 +368,7 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
     analysis.binned_information(last["probs"], last["labels"], analysis.thresholds())[0],
   )
   assert not np.allclose(last["probs"], last["probs_p"])
-  assert abs(float(last["epoch"]) - 6 * 64 / 1437) < 1e-3
+  assert float(last["epoch"]) == pytest.approx(6 * 64 / 1438, rel=1e-12)  # digits train: 1,438
 
   # A run stopped right after its step-3 checkpoint, before collecting (e.g. preempted there),
   # collects step 3 when it resumes; every point is what the uninterrupted run recorded.
@@ -495,7 +521,166 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
     [sys.executable, "-m", "pf_jax.analysis", *a], cwd=root, env=env, capture_output=True, text=True
   )
   assert run("sharpness", f"--workdir={workdir}").stdout.strip() == f"sharpness={value:.6g}"
+  # More examples than the split holds: 5 full batches of 256 of digits' 1438 (by hand), said on
+  # stderr with the progress and recorded.
+  more = run("sharpness", f"--workdir={workdir}", "--num_examples=2048", "--batch_size=256")
+  note = "1280 of 2048 examples: the digits training split holds 1438, in full batches of 256"
+  assert more.returncode == 0 and note in more.stderr and "power iterations (tol" in more.stderr
+  assert json.load(open(os.path.join(workdir, "sharpness.json")))["note"] == note
   bad = run("sharpness", f"--workdir={tmp_path / 'nope'}")
   assert bad.returncode == 2 and bad.stderr.splitlines() == [
     f"error: {tmp_path / 'nope' / 'config.json'} does not exist: is '{tmp_path / 'nope'}' a pf_jax workdir?"
   ]
+
+
+def test_figure2_marks_small_panels_and_draws_sharpness_only_where_measured(tmp_path, capsys):
+  """6 steepest runs with sharpness: a result; 2 OBF runs without sharpness: drawn marked 'too few
+  runs' (CSV and stderr say so), no sharpness line; 1 OBF gamma-0 run: no tau at all, left out."""
+  from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+
+  workdirs = []
+  for i, m in enumerate((1, 2, 4, 8, 16, 32)):
+    workdirs.append(str(tmp_path / f"steep-{m}"))
+    _fake_run(
+      workdirs[-1],
+      perturbation="steep",
+      m=m,
+      seed=0,
+      accuracy=0.5 + 0.05 * i,
+      sharpness=10.0 - i,
+      forget=0.1 * (i + 1),
+    )
+  for i, m in enumerate((4, 8)):
+    workdirs.append(str(tmp_path / f"obf-{m}"))
+    _fake_run(
+      workdirs[-1], perturbation="obf", m=m, seed=0, accuracy=0.6 + 0.1 * i, forget=0.1 * (i + 1)
+    )
+  workdirs.append(str(tmp_path / "gamma0-8"))
+  _fake_run(workdirs[-1], perturbation="obf_gamma0", m=8, seed=0, accuracy=0.7, forget=0.2)
+  results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=99)
+  err = capsys.readouterr().err.splitlines()
+  obf = "SAM OBF lambda=0.1 gamma=1"
+  assert sorted(results) == [obf, "SAM STEEP"]
+  assert sorted(err) == [
+    "note: panel 'SAM OBF lambda=0.1 gamma=0' left out: no defined tau (1 run)",
+    f"note: panel '{obf}' has 2 runs (< 4): drawn marked 'too few runs', not a result",
+  ]
+  title, labels = results[obf]["drawn"]
+  assert title == f"{obf} (2 runs, too few)" and not any("sharpness" in l for l in labels)
+  title, labels = results["SAM STEEP"]["drawn"]
+  assert title == "SAM STEEP (6 runs)" and "sharpness" in labels
+  rows = [l.split(",") for l in open(str(tmp_path / "out" / "forgetting.csv")).read().splitlines()]
+  assert rows[0][:4] == ["panel", "adjusted_threshold", "runs", "too_few_runs"]
+  assert {(r[0], r[2], r[3]) for r in rows[1:]} == {(obf, "2", "1"), ("SAM STEEP", "6", "0")}
+
+
+def _fake_events(workdir, losses):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  writer = metric_writers.create_default_writer(workdir)
+  for step, loss in enumerate(losses, 1):
+    writer.write_scalars(step, {"train/loss": loss, "eval/digits/top1": 1.0 - loss})
+  writer.close()
+
+
+def test_report_plots_label_runs_uniquely_from_a_stated_baseline(tmp_path):
+  """Rows differing in m or OBF's lambda get their own labels; bars start at a multiple of 10 below
+  the lowest bar (mean - std: 91 - 0 -> 90, by hand); `report --plots` writes nothing on stderr."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from pf_jax.analysis import plots  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
+
+  workdirs = []
+  for p, m, acc in (("steep", 8, 0.97), ("steep", 64, 0.91), ("obf", 8, 0.95)):
+    workdirs.append(str(tmp_path / f"{p}-{m}"))
+    _fake_run(workdirs[-1], perturbation=p, m=m, seed=0, accuracy=acc, forget=0.0)
+    _fake_events(workdirs[-1], [0.5, 0.3])
+  rows, _ = report.table(pf_jax.analysis.pool.load_runs(workdirs))
+  assert sorted(plots.row_labels(rows)) == [
+    "SAM OBF lambda=0.1 gamma=1 m=8",
+    "SAM STEEP m=64",
+    "SAM STEEP m=8",
+  ]
+  steep8 = next(r for r in rows if plots.row_label(r) == "SAM STEEP m=8")
+  same = [dict(steep8, model="a"), dict(steep8, model="b"), dict(steep8, model="b")]
+  assert plots.row_labels(same) == [
+    "SAM STEEP m=8 a",
+    "SAM STEEP m=8 b #1",
+    "SAM STEEP m=8 b #2",
+  ]
+  assert plots.baseline(91.0) == 90.0 and plots.baseline(90.0) == 80.0 and plots.baseline(3) == 0
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, "-m", "pf_jax.analysis", "report", "--plots", "--out", str(tmp_path / "o")]
+    + ["--workdirs", *workdirs],
+    cwd=root,
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0 and out.stderr == "", out.stderr
+  assert os.path.getsize(str(tmp_path / "o" / "curves.png")) > 10_000
+
+
+def test_every_analysis_option_has_a_help_line():
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from pf_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
+
+  parser = cli.build_parser()
+  commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+  assert sorted(commands.choices) == ["forgetting", "report", "sharpness"]
+  for name, sub in commands.choices.items():
+    for action in sub._actions:
+      if not isinstance(action, argparse._HelpAction):
+        assert action.help, (name, action.option_strings)
+
+
+def test_checkpoint_sharpness_is_the_top_eigenvalue_of_a_known_hessian(tmp_path, monkeypatch):
+  """A linear model z = W x + b under the sigmoid loss (mean over examples, sum over classes) has
+  the block-diagonal Hessian H_c = mean_i s_ic (1 - s_ic) [x_i; 1] [x_i; 1]^T, s = sigmoid(z):
+  the sharpness of its checkpoint is the largest eigenvalue of any block (numpy's eigh)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from pf_jax import models  # pylint: disable=g-import-not-at-top
+  from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
+
+  class Linear(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(self.num_classes, name="head")(x.reshape((x.shape[0], -1)))
+
+  monkeypatch.setattr(models, "build_model", lambda name, **kw: Linear(kw["num_classes"]))
+  c = _tiny_digits_config("steepest", 4)
+  c.data_dir = str(tmp_path / "data")
+  assert c.loss == "sigmoid_xent" and c.label_smoothing == 0
+  workdir = tmp_path / "run"
+  rng = np.random.default_rng(0)
+  w = (0.05 * rng.normal(size=(8 * 8 * 3, 10))).astype(np.float32)
+  # Class 0 near s = 1/2 (curvature 1/4), the others near s = 0.02: one block dominates, so the
+  # power iteration converges fast (close top eigenvalues of several blocks would not).
+  b = np.array([0.0] + [-4.0] * 9, np.float32)
+  with ocp.CheckpointManager(
+    workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True)
+  ) as mngr:
+    checkpointing.save(
+      mngr, 7, {"step": jnp.int32(7), "params": {"head": {"kernel": w, "bias": b}}}
+    )
+  workdir_lib.save_config(str(workdir), c)
+
+  got = sharpness.checkpoint_sharpness(
+    str(workdir), num_examples=128, batch_size=64, tol=1e-7, num_iters=300
+  )
+  images = sharpness.training_batches(c, 128, 64)["image"].reshape(128, -1).astype(np.float64)
+  x1 = np.concatenate([images, np.ones((128, 1))], axis=1)
+  s = 1 / (1 + np.exp(-(images @ w + b)))
+  curv = s * (1 - s)  # [examples, classes]
+  top = max(np.linalg.eigvalsh((x1 * curv[:, [k]]).T @ x1 / 128)[-1] for k in range(10))
+  assert got["step"] == 7 and got["num_examples"] == 128
+  np.testing.assert_allclose(got["sharpness"], top, rtol=1e-3)

@@ -111,6 +111,16 @@ MODELS = {
   "resnet50": "resnet50",
   "resnet101": "resnet101",
 }
+# The models' pretrained_cfg (models/vision_transformer.py, models/resnet.py), which train.py's
+# resolve_data_config uses for normalization and the evaluation resize: ViT mean = std = 0.5
+# (IMAGENET_INCEPTION_*), ResNet IMAGENET_DEFAULT_*; interpolation "bicubic" for both.
+# validate.py (scripts/validate_*.sh) evaluates at the cfg's test_input_size: ResNet 288, ViT none.
+MODEL_DATA = {
+  "vit_small_patch32_224": ("minus_one_to_one", "bicubic", None),
+  "vit_small_patch16_224": ("minus_one_to_one", "bicubic", None),
+  "resnet50": ("imagenet", "bicubic", 288),
+  "resnet101": ("imagenet", "bicubic", 288),
+}
 
 
 def parse(command: str) -> dict:
@@ -150,6 +160,9 @@ def expected(script: str, run: str, num_classes: int) -> dict:
     "lr_min": float(f["min-lr"]),
     "weight_decay": float(f["weight-decay"]),
     "crop_area_min": float(f["scale"]),
+    "image_normalization": MODEL_DATA[f["model"]][0],
+    "eval_interpolation": MODEL_DATA[f["model"]][1],
+    "eval_image_size": MODEL_DATA[f["model"]][2],
     # compute_hessian_*.sh: validate.py --split "train[:8192]", BATCH_SIZE=256, its defaults.
     "analysis.sharpness_examples": 8192,
     "analysis.sharpness_batch_size": 256,

@@ -79,6 +79,7 @@ INVALID = [
   (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
   (["--config.eval_datasets=digits,mnist"], "config.eval_datasets"),
   (["--config.init_from=/nonexistent/run"], "config.init_from"),
+  (["--config.init_from=docs"], "config.init_from"),  # exists, holds no checkpoint
   # Rules across fields.
   (["--config.warmup_epochs=100"], "config.warmup_epochs"),  # longer than the 40 epochs
   (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
@@ -210,7 +211,30 @@ def test_check_only_accepts_every_paper_config():
     f"configs/{n}.py" for n in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS
   ]:
     r = _main(["--check_only", f"--config={spec}"])
-    assert r.returncode == 0 and r.stdout.strip() == "config OK", (spec, r.stderr)
+    assert r.returncode == 0 and r.stdout.startswith("config OK\n"), (spec, r.stderr)
+
+
+def test_check_only_states_the_method_and_creates_nothing(tmp_path):
+  """The resolved run: m 4 of the local variant spans 2 of 8 devices (per-device batch 16 / 8 =
+  2, by hand), the note says the variant changed m from 64; the workdir is not created."""
+  workdir = tmp_path / "new" / "run"
+  r = _main(
+    ["--check_only", "--config=configs/cifar10_msweep.py:obf,64,local", f"--workdir={workdir}"]
+  )
+  assert r.returncode == 0, r.stderr
+  lines = dict(l.split(": ", 1) for l in r.stdout.splitlines()[1:])
+  assert "20 steps (warmup 2)" in lines["run"] and "global batch 16 on 8 devices" in lines["run"]
+  method = lines["method"]
+  assert method.startswith("SAM with OBF (lambda ") and "rho " in method
+  assert "m 4 (one chunk spans 2 devices)" in method and "no accumulation" in method
+  assert "loss " in method
+  assert "smoke test" in lines["note"] and "sam.m 64 -> 4" in lines["note"]
+  assert not (tmp_path / "new").exists()
+  # The default: 128 / 8 devices = 16 per device, m 32 spans 2; on 1 device 4 chunks, unrolled.
+  r = _main(["--check_only", "--num_devices=1"])
+  method = dict(l.split(": ", 1) for l in r.stdout.splitlines()[1:])["method"]
+  assert method.startswith("ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant, ")
+  assert "m 32 (4 chunks per device, unroll)" in method and "note" not in r.stdout
 
 
 def test_help_lists_fields_defaults_and_paper_configs():
@@ -361,3 +385,34 @@ def test_default_run_logs(tmp_path):
   assert sum(l.startswith("checkpoint step ") for l in body) == 2
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
   assert len(lines) <= 12, r.stderr
+
+
+def test_reporter_eta_uses_the_steady_rate(monkeypatch):
+  """Compilation (10 s) and evaluation (5 s) are not training speed: with steps of 0.1 s the ETA
+  is remaining steps x 0.1 s from the first train line on (by hand), and steps/s is 10."""
+  clock = [0.0]
+  monkeypatch.setattr(reporting.time, "time", lambda: clock[0])
+  lines = []
+  report = reporting.Reporter(total_steps=101, start_step=0)
+  monkeypatch.setattr(report, "_info", lambda msg, *args: lines.append(msg % args))
+  report.compiling()
+  clock[0] = 10.0
+  report.compiled(1)
+  assert lines[-1] == "compiled the train step and ran step 1 in 10.0 s"
+  clock[0] += 0.1 * 10  # steps 2..11
+  assert report.train(11, {"train/loss": 1.0}) == pytest.approx(10.0)
+  assert lines[-1].endswith("10.00 steps/s, ETA 9 s")  # 90 steps left
+  report.eval(11, {"eval/digits/top1": 0.5}, 5.0)
+  clock[0] += 5.0 + 0.1 * 40  # evaluation, then steps 12..51
+  assert report.train(51, {"train/loss": 1.0}) == pytest.approx(10.0)
+  assert lines[-1].endswith("ETA 5 s")  # 50 steps left
+
+
+def test_start_line_says_devices_and_resume_in_its_own_words(monkeypatch):
+  lines = []
+  report = reporting.Reporter(total_steps=10, start_step=4)
+  monkeypatch.setattr(report, "_info", lambda msg, *args: lines.append(msg % args))
+  report.start("m", 10, "digits", 100, {"digits": 50}, 1, 1, 1, "/w", method="SAM ...", note="n")
+  report.resumed(4, "/w/checkpoints")
+  assert "; 1 device; method: SAM ...; n; workdir /w" in lines[0]
+  assert lines[1] == "resumed: step 4 from /w/checkpoints"

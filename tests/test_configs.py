@@ -12,6 +12,7 @@ import pathlib
 import pytest
 
 from configs import common
+from pf_jax import config_validation
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -80,35 +81,38 @@ def test_method_tables_match_the_test_list():
   assert sorted(load("resnet101_imagenet").METHODS) == sorted(["sgd"] + AUTHORS_FIVE)
 
 
-@pytest.mark.parametrize("local", [False, True], ids=["full", "local"])
-@pytest.mark.parametrize("name,arg", ARGS)
-def test_loads(name, arg, local):
+def _check_loaded(name, arg, local):
   c = load(name).get_config(arg + (",local" if local else ""))
   # No typo'd field: exactly the fields of the base config.
   assert _keys(c) == _keys(common.base_config())
-  assert c.sam.perturbation in ("none", "steepest", "obf", "random")
-  assert c.sam.asam in ("none", "before", "after", "both")
-  assert c.loss in ("softmax_xent", "sigmoid_xent")
-  assert c.optimizer in ("adamw", "sgdw")
-  assert c.global_batch_size % c.sam.m == 0
-  if c.sam.perturbation != "none":
-    assert c.sam.rho_max > 0
-  else:
+  # Every value allowed (the trainer's own one-line checks), on 8 devices and 1 process.
+  config_validation.validate(c, 8, 1)
+  if c.sam.perturbation == "none":
     assert c.sam.gsam_alpha == 0 and c.sam.asam == "none"
-  if c.sam.rho_min is not None:  # lr-proportional rho needs a decaying lr
-    assert c.lr_max > c.lr_min
   if local:
     assert c.dataset == "digits" and c.eval_datasets == ("digits",)
-    assert c.model in ("vit_ti4", "resnet_tiny")
-    assert c.image_size == 32
-    assert c.global_batch_size == 16 and 16 % c.sam.m == 0
-    assert c.num_train_steps > 0
     resnet = name.startswith("resnet") or arg.startswith("resnet")
     assert c.model == ("resnet_tiny" if resnet else "vit_ti4")
+    assert c.image_size == 32 and c.global_batch_size == 16 and c.num_train_steps > 0
   else:
     assert c.model in ("vit_s32", "vit_s16", "resnet50", "resnet101")
     assert c.image_size == 224
     assert c.num_train_steps is None and c.warmup_steps is None
+
+
+def test_every_config_and_its_local_variant_load_and_validate():
+  """Every method of every paper config, full and local: the base config's fields exactly, every
+  value valid (config_validation, 8 devices), local variants tiny and offline. (Their values are
+  pinned row by row in test_train_reference and test_authors_runs.)"""
+  problems = []
+  for name, arg in ARGS:
+    for local in (False, True):
+      try:
+        _check_loaded(name, arg, local)
+      except Exception as e:  # noqa: BLE001  (collect every row's problem)
+        problems.append(f"{name}:{arg}{',local' if local else ''}: {type(e).__name__}: {e}")
+  assert not problems, "\n".join(problems)
+  assert len(ARGS) == 18 + 5 + 10 + 5 + 12 + 30  # vit_s32, vit_s16, resnet50, resnet101, ft, sweep
 
 
 def test_local_keeps_method_and_runs_offline():
@@ -244,3 +248,17 @@ def test_default_demo_is_the_reproduction_row_with_the_search_winners():
   safe = {k for k in differ if k in workdir.SAFE_TO_CHANGE or k.startswith("analysis.")}
   assert differ - safe == {"lr_max", "sam.rho_max"}
   assert (a["lr_max"], a["sam.rho_max"], a["sam.asam"]) == (1e-2, 0.3, "after")
+
+
+def test_eval_image_size_is_the_resnets_own():
+  """validate_rn*.sh evaluate ResNets at 288; a ViT's position embeddings fix its size."""
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+
+  c = load("resnet50_imagenet").get_config("sgd")
+  assert (c.image_size, c.eval_image_size) == (224, 288)
+  config_validation.validate(c)
+  assert load("resnet50_imagenet").get_config("sgd,local").eval_image_size is None
+  c = load("vit_s32_imagenet").get_config("adamw")
+  c.eval_image_size = 288
+  with pytest.raises(config_validation.ConfigError, match=r"^config\.eval_image_size: 288 "):
+    config_validation.validate(c)

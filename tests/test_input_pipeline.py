@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 import pf_jax.datasets  # noqa: F401  (registers `digits`)
 from pf_jax import input_pipeline as ip
+from pf_jax import preprocessing
 
 N_TRAIN, N_TEST = 1438, 359
 
@@ -287,3 +288,74 @@ def test_prefetch_to_device(data_dir):
     np.testing.assert_array_equal(np.asarray(x["mask"]), y["mask"])
   plain = list(ip.prefetch_to_device(iter(batches), 3))
   np.testing.assert_array_equal(np.asarray(plain[-1]["label"]), batches[-1]["label"])
+
+
+def _crafted(h, w):
+  """uint8 image whose every pixel is distinct: 3 * (10 y + x) + c."""
+  y, x, c = np.meshgrid(np.arange(h), np.arange(w), np.arange(3), indexing="ij")
+  return (3 * (10 * y + x) + c).astype(np.uint8)
+
+
+def test_eval_image_is_the_central_crop_of_the_resized_image():
+  """image_size 7 at crop fraction 0.875: the short side is resized to round(7 / 0.875) = 8 (an
+  8x12 image stays as it is), then the central 7x7 crop: rows 0..6, columns (12 - 7) // 2 = 2..8,
+  each pixel p -> p / 127.5 - 1."""
+  import tensorflow as tf
+
+  image = _crafted(8, 12)
+  got = preprocessing.eval_image(tf.constant(image), 7).numpy()
+  np.testing.assert_allclose(got, image[0:7, 2:9] / 127.5 - 1.0, atol=1e-6)
+  # A portrait image: the crop is centred vertically instead, rows (12 - 7) // 2 = 2..8.
+  tall = _crafted(12, 8)
+  got = preprocessing.eval_image(tf.constant(tall), 7).numpy()
+  np.testing.assert_allclose(got, tall[2:9, 0:7] / 127.5 - 1.0, atol=1e-6)
+
+
+def test_train_image_is_the_image_or_its_mirror():
+  """With crop_area_min = 1 the Inception crop of a square image is the whole image, resizing to
+  its own size is the identity: each training image is the image or its left-right mirror, both
+  appear, and the same seed gives the same image."""
+  import tensorflow as tf
+
+  image = _crafted(6, 6)
+  want = image / 127.5 - 1.0
+  key = preprocessing.root_key(0, 0, 0)
+  kinds = []
+  for i in range(16):
+    seed = preprocessing.fold(key, i)
+    got = preprocessing.train_image(
+      tf.constant(image), seed, encoded=False, image_size=6, crop_area_min=1.0, flip=True
+    ).numpy()
+    if np.allclose(got, want, atol=1e-6):
+      kinds.append("same")
+    else:
+      np.testing.assert_allclose(got, want[:, ::-1], atol=1e-6)
+      kinds.append("mirror")
+    again = preprocessing.train_image(
+      tf.constant(image), seed, encoded=False, image_size=6, crop_area_min=1.0, flip=True
+    ).numpy()
+    np.testing.assert_array_equal(got, again)
+  assert set(kinds) == {"same", "mirror"}
+
+
+@pytest.mark.parametrize("normalization", ["minus_one_to_one", "imagenet"])
+def test_normalization_by_hand(normalization):
+  pixels = np.array([[[0, 128, 255], [10, 20, 30]]], np.uint8)  # [1, 2, 3]
+  got = preprocessing.normalize(pixels, normalization).numpy()
+  if normalization == "minus_one_to_one":
+    want = pixels / 127.5 - 1.0
+  else:  # (p / 255 - mean) / std with ImageNet's statistics, by channel
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    want = (pixels / 255.0 - mean) / std
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_interpolation_is_the_resize_method():
+  # A 4x4 checkerboard evaluated at 7x7 (resize to 8, crop 7): the two kernels weigh the
+  # neighbours differently, so the pixel values differ; both stay in [-1, 1] (clipped, as PIL).
+  board = (np.indices((4, 4)).sum(0) % 2 * 255).astype(np.uint8)[..., None].repeat(3, -1)
+  bilinear = preprocessing.eval_image(board, 7, interpolation="bilinear").numpy()
+  bicubic = preprocessing.eval_image(board, 7, interpolation="bicubic").numpy()
+  assert bilinear.shape == bicubic.shape == (7, 7, 3)
+  assert np.abs(bilinear).max() <= 1.0 and np.abs(bicubic).max() <= 1.0
+  assert not np.allclose(bilinear, bicubic, atol=1e-3)

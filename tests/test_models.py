@@ -243,6 +243,15 @@ def test_small_models_learn(name, small_runs):
   assert losses[-1] < 0.85 * losses[0], losses
 
 
+def _vit_s_count(patch, tokens, classes=1000, width=384, depth=12, mlp=1536):
+  """ViT-S by hand: patch embedding, position embedding, blocks (2 LayerNorms, qkv, projection,
+  2 MLP layers), the final LayerNorm and the head."""
+  block = 2 * 2 * width + (width * 3 * width + 3 * width) + (width * width + width)
+  block += (width * mlp + mlp) + (mlp * width + width)
+  embed = patch * patch * 3 * width + width + tokens * width
+  return embed + depth * block + 2 * width + width * classes + classes
+
+
 @pytest.mark.parametrize(
   "name,expected",
   [
@@ -259,7 +268,10 @@ def test_full_size_param_counts(name, expected):
   x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
   n = _count(shapes["params"])
-  assert n == expected
+  assert n == expected  # exact: one missing LayerNorm or bias is 384 or 1000 parameters
+  if name.startswith("vit"):
+    patch = int(name[-2:])
+    assert expected == _vit_s_count(patch, (224 // patch) ** 2)
   # Headline numbers from the papers, also within 1%.
   headline = {"vit_s16": 22.0e6, "vit_s32": 22.9e6, "resnet50": 25.6e6, "resnet101": 44.5e6}[name]
   assert abs(n - headline) <= 0.01 * headline, n

@@ -141,20 +141,18 @@ def test_optax_transformation_under_shard_map_matches_one_device(spec_kw):
   loss_fn = pf_jax.softmax_cross_entropy
   local_grad = lambda p, x, y: jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)
   spec = pf_jax.SamSpec(rho=0.3, **dict(spec_kw, m=4))
-  tx1 = pf_jax.sam(BASE, spec)
+  tx1 = pf_jax.sam(BASE, spec, loss_fn)
   one = _run(
     tx1,
     jax.jit(
-      lambda s, p, x, y: tx1.update(
-        local_grad(p, x, y), s, p, forward=forward, batch=(x, y), loss_fn=loss_fn
-      )
+      lambda s, p, x, y: tx1.update(local_grad(p, x, y), s, p, forward=forward, batch=(x, y))
     ),
     params,
     x,
     y,
   )
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  tx8 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, **spec_kw), axis_name="data")
+  tx8 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, **spec_kw), loss_fn, axis_name="data")
   traces, steps = [], []
 
   def counting_forward(p, batch):
@@ -164,7 +162,7 @@ def test_optax_transformation_under_shard_map_matches_one_device(spec_kw):
   def step(s, p, x, y):
     steps.append(1)
     g = local_grad(jax.lax.pcast(p, "data", to="varying"), x, y)  # this device's own gradient
-    return tx8.update(g, s, p, forward=counting_forward, batch=(x, y), loss_fn=loss_fn)
+    return tx8.update(g, s, p, forward=counting_forward, batch=(x, y))
 
   step8 = jax.jit(
     jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P()))
@@ -180,21 +178,19 @@ def test_optax_transformation_under_pmap_reuses_declared_gradient():
   params, x, y = make_problem(32)
   loss_fn = pf_jax.softmax_cross_entropy
   spec = pf_jax.SamSpec(rho=0.3)
-  tx1 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, m=4))
+  tx1 = pf_jax.sam(BASE, pf_jax.SamSpec(rho=0.3, m=4), loss_fn)
   one = _run(
     tx1,
-    jax.jit(
-      lambda s, p, x, y: tx1.update(None, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
-    ),
+    jax.jit(lambda s, p, x, y: tx1.update(None, s, p, forward=forward, batch=(x, y))),
     params,
     x,
     y,
   )
-  tx8 = pf_jax.sam(BASE, spec, axis_name="batch", updates_are_ascent=True)
+  tx8 = pf_jax.sam(BASE, spec, loss_fn, axis_name="batch", updates_are_ascent=True)
 
   def step(s, p, x, y):
     g = jax.grad(lambda q: loss_fn(forward(q, (x, y)), y))(p)  # per device, not averaged
-    return tx8.update(g, s, p, forward=forward, batch=(x, y), loss_fn=loss_fn)
+    return tx8.update(g, s, p, forward=forward, batch=(x, y))
 
   pstep = jax.pmap(step, axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
   eight = _run(tx8, pstep, params, x.reshape(8, -1, 5), y.reshape(8, -1))

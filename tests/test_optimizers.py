@@ -97,6 +97,14 @@ def test_adamw_decay_is_decoupled_and_masked():
   np.testing.assert_allclose(u["b"], [0.0], atol=1e-12)
 
 
+def test_base_optimizers_state_their_decay():
+  """What decides the optimization is passed, not assumed: weight decay (and SGD's momentum)."""
+  with pytest.raises(TypeError, match="weight_decay"):
+    pf_jax.adamw(0.1)
+  with pytest.raises(TypeError, match="momentum"):
+    pf_jax.sgdw(0.1, weight_decay=0.0)
+
+
 def test_shrink_and_perturb_by_hand():
   p0 = {"w": jnp.array([1.0, 2.0])}
   lr = lambda step: 0.5 * (step + 1)  # lr_t: 0.5, 1.0; lr_max = 1.0

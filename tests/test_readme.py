@@ -26,7 +26,7 @@ DOCS = [
   *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
 ]
 # Each executed example, by the name in its `<!-- example:NAME -->` marker.
-EXAMPLES = ("nnx", "linen", "shard_map", "pmap")
+EXAMPLES = ("nnx", "regression", "linen", "shard_map", "pmap")
 
 
 def _example(name: str) -> dict:
@@ -67,6 +67,76 @@ def _assert_close(got, want, tol=1e-6):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * 1e-2)
 
 
+def test_readme_regression_example_trains():
+  """A regression model trained through pf_jax.sam as the README shows: its first step is
+  -lr * the sequential SAM gradient of its MSE, and its loss falls (before, update() assumed
+  softmax cross-entropy and a regression stayed where it started)."""
+  ex = _example("regression")
+  forward, mse, batch = ex["forward"], ex["mse"], ex["batch"]
+  params = {"w": jnp.zeros(8), "b": jnp.zeros(())}
+  loss_at = lambda p, b: mse(forward(p, b), b)
+  first, _, loss0 = ex["train_step"](params, ex["tx"].init(params), batch)
+  g = _sequential_sam_grad(loss_at, params, [batch], rho=0.05)
+  _assert_close(first, jax.tree.map(lambda p, gi: p - 0.05 * gi, params, g), 1e-5)
+  final = float(loss_at(ex["params"], batch))
+  assert float(loss0) == pytest.approx(float(loss_at(params, batch)))
+  assert final < 0.01 * float(loss0), (float(loss0), final)
+
+
+def test_sam_needs_the_task_loss():
+  """pf_jax.sam states the task loss where the method is set up; a missing or wrong one is
+  refused with a message saying what to pass."""
+  spec = pf_jax.SamSpec(rho=0.05)
+  with pytest.raises(TypeError, match="needs loss_fn=, the task loss"):
+    pf_jax.sam(optax.sgd(0.1), spec)
+  with pytest.raises(TypeError, match="needs loss_fn="):
+    pf_jax.sam(optax.sgd(0.1), spec, "softmax_xent")
+  with pytest.raises(TypeError, match="spec must be a pf_jax.SamSpec"):
+    pf_jax.sam(optax.sgd(0.1), 0.05, pf_jax.softmax_cross_entropy)
+  params, batch = {"w": jnp.ones((3, 2))}, (jnp.ones((4, 3)), jnp.arange(4) % 2)
+  forward = lambda p, b: b[0] @ p["w"]
+  per_example = lambda logits, b: jnp.sum(logits, axis=-1)
+  tx = pf_jax.sam(optax.sgd(0.1), spec, per_example)
+  with pytest.raises(ValueError, match="must return a scalar mean, got shape \\(4,\\)"):
+    tx.update(params, tx.init(params), params, forward=forward, batch=batch)
+  tx = pf_jax.sam(optax.sgd(0.1), spec, pf_jax.softmax_cross_entropy)
+  with pytest.raises(TypeError, match="takes no loss_fn: the task loss is set once"):
+    tx.update(params, tx.init(params), params, forward=forward, batch=batch, loss_fn=per_example)
+  with pytest.raises(TypeError, match="needs forward= and batch=.*pf_jax.TrainState"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_classification_losses_refuse_regression_targets():
+  """Softmax over one output is constant and float targets [B] are not classes: both refused."""
+  out, y = jnp.ones((4, 1)), jnp.arange(4.0)
+  with pytest.raises(ValueError, match="softmax_cross_entropy is a classification loss"):
+    pf_jax.softmax_cross_entropy(out, (None, y))
+  with pytest.raises(ValueError, match="sigmoid_cross_entropy is a classification loss"):
+    pf_jax.sigmoid_cross_entropy(out, y)
+  with pytest.raises(ValueError, match="for regression pass your own loss"):
+    pf_jax.softmax_cross_entropy(jnp.ones((4, 3)), y)
+
+
+def test_perturbed_logits_refuses_a_tuple_forward():
+  params, batch = {"w": jnp.ones((3, 2))}, (jnp.ones((4, 3)), jnp.arange(4) % 2)
+  forward = lambda p, b: (b[0] @ p["w"], {})
+  spec = pf_jax.SamSpec(rho=0.05, objective=pf_jax.obf(0.5))
+  with pytest.raises(TypeError, match="forward returned a tuple of 2; it must return the logits"):
+    pf_jax.perturbed_logits(forward, pf_jax.softmax_cross_entropy, spec, params, batch)
+
+
+def test_plain_flax_train_state_names_the_call_to_use():
+  """Flax's own TrainState cannot pass forward/batch on: the error names pf_jax.TrainState."""
+  from flax.training import train_state
+
+  params, batch = {"w": jnp.ones((3, 2))}, (jnp.ones((4, 3)), jnp.arange(4) % 2)
+  forward = lambda p, b: b[0] @ p["w"]
+  tx = pf_jax.sam(optax.sgd(0.1), pf_jax.SamSpec(rho=0.05), pf_jax.softmax_cross_entropy)
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  with pytest.raises(TypeError, match="state.apply_gradients\\(grads=grads, forward=forward"):
+    state.apply_gradients(grads=params, forward=forward, batch=batch)
+
+
 def test_readme_linen_batchnorm_example():
   with jax.enable_x64(True):
     ex = _example("linen")
@@ -97,7 +167,7 @@ def test_readme_nnx_example():
     ex = _example("nnx")
     model = ex["MLP"](nnx.Rngs(0))  # the example's model before training, in float64
     nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))
-    optimizer = nnx.Optimizer(model, pf_jax.sam(optax.sgd(0.1), ex["spec"]), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, ex["tx"], wrt=nnx.Param)
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     x, y = ex["batch"]
@@ -130,14 +200,16 @@ def test_readme_data_parallel_examples(name):
     x, y = jnp.asarray(rng.normal(size=(64, 16))), jnp.asarray(rng.integers(0, 10, 64))
     spec = pf_jax.SamSpec(rho=0.05)
     if name == "shard_map":
-      ex["tx"] = tx = pf_jax.sam(optax.sgd(1.0), spec, axis_name="data")
+      ex["tx"] = tx = pf_jax.sam(optax.sgd(1.0), spec, loss_fn, axis_name="data")
       mesh = ex["mesh"]
       step = jax.jit(
         jax.shard_map(ex["step"], mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P(), P()))
       )
       new, _ = step(params, tx.init(params), jax.device_put((x, y), NamedSharding(mesh, P("data"))))
     else:
-      ex["tx"] = tx = pf_jax.sam(optax.sgd(1.0), spec, axis_name="batch", updates_are_ascent=True)
+      ex["tx"] = tx = pf_jax.sam(
+        optax.sgd(1.0), spec, loss_fn, axis_name="batch", updates_are_ascent=True
+      )
       step = jax.pmap(ex["step"], axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
       new, _ = step(params, tx.init(params), x.reshape(8, 8, 16), y.reshape(8, 8))
     loss_at = lambda p, b: loss_fn(forward(p, b), b)

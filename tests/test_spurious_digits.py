@@ -107,6 +107,34 @@ def test_cue_agreement_matches_config(config, data_dir):
       assert within(agree, 0.1, N[split]), agree
 
 
+@pytest.mark.parametrize("config", ["patch", "tint"])
+def test_ood_all_is_each_test_image_with_each_wrong_cue(config, data_dir):
+  """test_ood_all: 359 x 9 examples; test image k with cue (label + j) mod 10 at 9k + j - 1."""
+  spec = sd.CUE_SPECS[config]
+  images, labels = stored(config, "test_ood_all", data_dir)
+  gray, want = sklearn_digits("test")
+  assert images.shape == (359 * 9, 8, 8, 3)
+  np.testing.assert_array_equal(labels, want.repeat(9))
+  read = patch_cue if spec.cue == "patch" else (lambda im, cell, strength: tint_cue(im))
+  cues = np.array([read(im, 1, spec.strength) for im in images]).reshape(359, 9)
+  for k in range(359):
+    # Each of the 9 wrong classes exactly once, in order, on the same digit.
+    assert list(cues[k]) == [(want[k] + j) % 10 for j in range(1, 10)], k
+    for j in range(9):
+      im = images[9 * k + j]
+      if spec.cue == "patch":
+        r, c = CELLS[cues[k, j]]
+        keep = np.ones((8, 8), bool)
+        keep[r, c] = False
+        np.testing.assert_array_equal(im[..., 1][keep], gray[k][keep])
+      else:
+        assert np.all(im[gray[k] == 0] == 0) and np.all(im[gray[k] > 0].max(-1) > 0)
+  # Its first example of every nine is the "shifted" test_ood, pixel for pixel.
+  if spec.ood == "shifted":
+    ood, _ = stored(config, "test_ood", data_dir)
+    np.testing.assert_array_equal(images[::9], ood)
+
+
 def test_ood_absent_and_other_settings_from_arrays():
   """Settings without a builder config: the cue is gone only where the config says."""
   spec = sd.CueSpec("tint", correlation=0.5, strength=0.3, resolution=8, ood="absent")
@@ -127,6 +155,8 @@ def test_catalog_names_every_builder_config():
   for cfg in sd.CUE_SPECS:
     assert dataset_catalog.DATASETS[f"spurious_digits_{cfg}"].eval_splits == ("test_id",)
     assert dataset_catalog.DATASETS[f"spurious_digits_{cfg}_ood"].eval_splits == ("test_ood",)
+    all_splits = dataset_catalog.DATASETS[f"spurious_digits_{cfg}_ood_all"].eval_splits
+    assert all_splits == ("test_ood_all",)
   with pytest.raises(ValueError):
     sd.CueSpec(resolution=12)
 

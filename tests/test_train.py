@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -91,25 +92,41 @@ def test_train_step_same_on_1_and_8_devices(model, perturbation, extra):
   )
 
 
-def test_gradient_accumulation_matches_one_big_step_with_same_chunks():
-  """accum=2 with m=2 equals accum=1 with m=2: the mean over the same 8 chunks."""
-  rng = np.random.default_rng(1)
-  batch = [
-    {
-      "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-      "label": rng.integers(0, 10, size=16).astype(np.int32),
-    }
-  ]
-  c1 = _small_config("vit_digits", "steepest")
-  c2 = _small_config("vit_digits", "steepest")
-  c2.grad_accum_steps = 2
-  # On 2 devices: accum=1 has device shards [0:8], [8:16]; accum=2 has micro-batches [0:8] (split
-  # over devices [0:4], [4:8]) then [8:16]. Same 8 chunks of 2 in total, only summed in another order.
-  a, _ = _run_steps(c1, 2, batch)
-  b, _ = _run_steps(c2, 2, batch)
-  jax.tree.map(
-    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a.params, b.params
-  )
+# Gradient accumulation against an independent re-implementation, where it changes the answer
+# (BatchNorm statistics of each micro-batch, the PRNG key of each micro-batch): test_train_reference
+# (rows "accum2"); sam_value_and_grad with m=None: test_sam.
+
+
+def read_events(workdir) -> tuple[dict[str, dict[int, float]], dict]:
+  """({tag: {step: value}}, hyperparameters) of the TensorBoard events in `workdir`, read with
+  TensorBoard's own reader (what its dashboards show)."""
+  from tensorboard.backend.event_processing import event_accumulator as ea
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  from tensorboard.util import tensor_util
+
+  acc = ea.EventAccumulator(str(workdir), size_guidance={ea.TENSORS: 0})
+  acc.Reload()
+  scalars = {
+    tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+    for tag in acc.Tags()["tensors"]
+    if not tag.startswith("_hparams_")
+  }
+  content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+  info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+  return scalars, dict(info.hparams)
+
+
+def check_events(workdir, log_steps, eval_steps, eval_name, hparams):
+  """steps_per_sec at every train log, train top-1, eval loss per eval dataset, hyperparameters."""
+  scalars, found = read_events(workdir)
+  assert sorted(scalars["steps_per_sec"]) == log_steps
+  assert all(v > 0 for v in scalars["steps_per_sec"].values())
+  assert sorted(scalars["train/top1"]) == log_steps
+  assert all(0 <= v <= 1 for v in scalars["train/top1"].values())
+  assert sorted(scalars[f"eval/{eval_name}/loss"]) == eval_steps
+  assert sorted(scalars[f"eval/{eval_name}/top1"]) == eval_steps
+  for name, value in hparams.items():
+    assert found[name].number_value == pytest.approx(value), name
 
 
 def _quick(workdir_config_overrides=None):
@@ -143,7 +160,9 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
   pa, pb = _final_params(a, 6), _final_params(b, 6)
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
   assert res_a == res_b
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(a))
+  check_events(a, [2, 4, 6], [6], "digits", {"sam.rho_max": c.sam.rho_max, "lr_max": c.lr_max})
+  # Eval loss: the mean task loss over the eval split (its top-1 is the one the run returns).
+  assert res_a["eval/digits/loss"] > 0 and set(res_a) == {"eval/digits/loss", "eval/digits/top1"}
   # A finished run restarted does not train again.
   assert train.train_and_evaluate(c, a) == res_a
 
@@ -191,7 +210,29 @@ def test_default_run_from_the_command_line(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run"))
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0
-  assert "Resumed from step" in again.stderr
+  lines = again.stderr.splitlines()
+  assert (
+    "resumed: step 275 from " in lines[[i for i, l in enumerate(lines) if "start:" in l][0] + 1]
+  )
+  # TensorBoard: steps_per_sec at every train log (every 50 steps and the last), eval every 200.
+  check_events(
+    tmp_path / "run", [50, 100, 150, 200, 250, 275], [200, 275], "digits", {"sam.rho_max": 0.3}
+  )
+  # The start line states the method; the ETA of every train line from the second on is within
+  # 2x of the time the run really took from there (1 s log resolution allowed for).
+  first = out.stderr.splitlines()
+  start = next(l for l in first if " start: " in l)
+  assert "method: ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant, m 32" in start
+  assert "compiling the train step" in out.stderr and "compiled the train step" in out.stderr
+  seconds = lambda l: sum(int(x) * f for x, f in zip(l[:8].split(":"), (3600, 60, 1)))
+  done = seconds(next(l for l in first if " done: " in l))
+  train_lines = [l for l in first if " train step " in l]
+  assert len(train_lines) == 6
+  for line in train_lines[1:]:
+    eta = line.rsplit("ETA ", 1)[1]
+    eta = sum(int(n) * {"s": 1, "min": 60, "h": 3600}[u] for n, u in zip(*[iter(eta.split())] * 2))
+    real = done - seconds(line)
+    assert real / 2 - 2 <= eta <= 2 * real + 2, (line, real)
 
 
 def test_mixed_precision_keeps_float32_params_and_tracks_float32():
@@ -215,7 +256,7 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
 
 
 def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
-  """lr comes from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
+  """Train top-1 and lr come from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
   c = _small_config("vit_digits", "steepest")
   c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
@@ -228,13 +269,65 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
     "label": rng.integers(0, 10, size=16).astype(np.int32),
   }
-  seen = []
+  seen, want_top1 = [], []
   for _ in range(3):
+    logits = exp.model.apply({"params": state.params}, batch["image"], train=True)  # at theta
+    want_top1.append(np.mean(np.argmax(np.asarray(logits), -1) == batch["label"]))
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
     seen.append(jax.device_get(metrics))
   np.testing.assert_allclose([m["lr"] for m in seen], [0.0, 0.25, 0.5], atol=1e-7)
+  # Train top-1: of the pass at theta, before the step's update (by hand above).
+  np.testing.assert_allclose([m["top1"] for m in seen], want_top1, atol=1e-7)
   summary = train._summarize(seen)
   assert summary["train/lr"] == pytest.approx(0.5)
   assert seen[0]["rho"] < seen[-1]["rho"]
   assert summary["train/rho"] == pytest.approx(float(seen[-1]["rho"]))
   assert summary["train/loss"] == pytest.approx(np.mean([m["loss"] for m in seen]), rel=1e-6)
+
+
+class _ImageIsLogits(nn.Module):
+  """A parameter-free model whose logits are the image's first values: crafted predictions."""
+
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return x.reshape((x.shape[0], -1))[:, : self.num_classes]
+
+
+@pytest.mark.parametrize("subset", [None, (1, 3, 5)], ids=["imagenet_real", "imagenet_r"])
+def test_evaluation_counts_top1_real_and_subset_by_hand(subset):
+  """Counts of one batch on 8 devices against numpy: top-1 over the masked examples, the loss;
+  ReaL: a hit if the prediction is any real label, over examples with real labels; ImageNet-R:
+  the argmax over its subset's logits only (labels index the subset)."""
+  from tests import reference as ref  # pylint: disable=g-import-not-at-top
+
+  c = default_config.get_config()
+  rng = np.random.default_rng(0)
+  b, n = 16, 6
+  logits = rng.normal(size=(b, n))
+  k = n if subset is None else len(subset)
+  batch = {
+    "image": logits.reshape(b, 1, 2, 3).astype(np.float32),
+    "label": rng.integers(0, k, size=b).astype(np.int32),
+    "mask": np.array([1] * 13 + [0] * 3, np.int32),  # the last 3: padding
+  }
+  if subset is None:
+    batch["real_label"] = (rng.random((b, n)) < 0.3).astype(np.int32)
+    batch["real_valid"] = (rng.random(b) < 0.8).astype(np.int32)
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  step = train.make_eval_step(
+    c, _ImageIsLogits(n), mesh, None if subset is None else np.asarray(subset)
+  )
+  got = jax.device_get(step({}, {}, {}, jax.device_put(batch, NamedSharding(mesh, P("data")))))
+  z = logits if subset is None else logits[:, list(subset)]
+  pred, y, mask = z.argmax(-1), batch["label"], batch["mask"]
+  assert int(got["correct"]) == int(np.sum((pred == y) * mask)) and int(got["count"]) == 13
+  loss = sum(ref.task_loss("sigmoid", z[i : i + 1], y[i : i + 1]) for i in range(13))
+  assert c.loss == "sigmoid_xent"
+  np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+  if subset is None:
+    valid = batch["real_valid"] * mask
+    hits = batch["real_label"][np.arange(b), pred] * valid
+    assert int(got["real_correct"]) == int(hits.sum()) and int(got["real_count"]) == valid.sum()
+    assert 0 < hits.sum() < valid.sum()  # a crafted batch with hits and misses

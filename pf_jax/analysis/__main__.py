@@ -17,7 +17,8 @@ def _quiet():
   tensorflow.config.set_visible_devices([], "GPU")  # the analysis' TF reads data only
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The sub-commands and their options (each with a help line)."""
   parser = argparse.ArgumentParser(prog="python -m pf_jax.analysis", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser(
@@ -25,24 +26,58 @@ def main(argv=None) -> int:
     help="dominant Hessian eigenvalue of a run's training loss "
     "at its latest checkpoint; prints sharpness=<value>, writes W/sharpness.json",
   )
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--num_examples", type=int, help="default: config.analysis.sharpness_examples")
-  p.add_argument("--batch_size", type=int, help="default: config.analysis.sharpness_batch_size")
-  p.add_argument("--num_iters", type=int, help="default: config.analysis.sharpness_iters")
-  p.add_argument("--tol", type=float, help="default: config.analysis.sharpness_tol")
+  p.add_argument("--workdir", required=True, help="a finished run's workdir (main.py --workdir)")
+  p.add_argument(
+    "--num_examples",
+    type=int,
+    help="training examples for the Hessian (default: config.analysis.sharpness_examples)",
+  )
+  p.add_argument(
+    "--batch_size",
+    type=int,
+    help="batch size of the Hessian-vector products (default: config.analysis.sharpness_batch_size)",
+  )
+  p.add_argument(
+    "--num_iters",
+    type=int,
+    help="maximum power iterations (default: config.analysis.sharpness_iters)",
+  )
+  p.add_argument(
+    "--tol",
+    type=float,
+    help="relative tolerance that stops the power iteration (default: config.analysis.sharpness_tol)",
+  )
   p.add_argument("--seed", type=int, default=0, help="seed of the power iteration's start vector")
-  p = sub.add_parser("forgetting", help="Figure 2: DIR/forgetting.csv and DIR/figure2.png")
-  p.add_argument("--workdirs", nargs="+", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--num_permutations", type=int, default=10_000)
-  p.add_argument("--seed", type=int, default=0)
+  p = sub.add_parser(
+    "forgetting",
+    help="Figure 2: DIR/forgetting.csv and DIR/figure2.png (panels of fewer than 4 runs are "
+    "marked 'too few runs')",
+  )
+  p.add_argument(
+    "--workdirs",
+    nargs="+",
+    required=True,
+    help="finished runs with collected outputs (config.analysis.collect_every_steps > 0)",
+  )
+  p.add_argument("--out", required=True, help="output directory DIR (created)")
+  p.add_argument(
+    "--num_permutations",
+    type=int,
+    default=10_000,
+    help="permutations of the p-value of each Kendall tau (default 10000)",
+  )
+  p.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
   p = sub.add_parser("report", help="Table 1 layout: DIR/results.md and DIR/results.csv")
-  p.add_argument("--workdirs", nargs="+", required=True)
-  p.add_argument("--out", required=True)
+  p.add_argument("--workdirs", nargs="+", required=True, help="finished runs (any number)")
+  p.add_argument("--out", required=True, help="output directory DIR (created)")
   p.add_argument(
     "--plots", action="store_true", help="also DIR/accuracy.png (error bars) and DIR/curves.png"
   )
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     if args.command == "sharpness":
       from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
@@ -58,6 +93,7 @@ def main(argv=None) -> int:
         num_iters=args.num_iters,
         tol=args.tol,
         seed=args.seed,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
       )
       print(f"sharpness={result['sharpness']:.6g}")
     elif args.command == "forgetting":
@@ -74,7 +110,7 @@ def main(argv=None) -> int:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
 
       if args.plots:
-        _quiet()  # the training curves read event files with TensorFlow
+        _quiet()  # TensorBoard's event reader may import TensorFlow: quietly, here
       print(report.report(args.workdirs, args.out, plots=args.plots), end="")
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -67,6 +67,8 @@ def collect(exp, state, collect_step, batch_sharding) -> dict[str, np.ndarray]:
     data_dir=c.data_dir,
     image_size=c.image_size,
     local_batch_size=exp.local_micro_batch_size,
+    interpolation=c.eval_interpolation,
+    normalization=c.image_normalization,
   )
   outputs, labels, masks = [], [], []
   for batch in _wrap_around(it):

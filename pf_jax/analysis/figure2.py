@@ -9,22 +9,31 @@
   p <= 0.05 and dotted elsewhere, sharpness as a horizontal line, and a hatch where forgetting's
   correlation is significant and larger than the magnitude of sharpness's (our reading of "where
   forgetting correlates with generalization more strongly than flatness").
+
+A rank correlation of fewer than `MIN_RUNS` runs is not a result: such a panel is drawn greyed
+and marked "too few runs", its CSV rows say so (`too_few_runs`), and a line on stderr names it. A
+panel without any defined tau is left out (said on stderr); the sharpness line is drawn only where
+sharpness was measured on at least 2 runs of the panel (its legend says on how many).
 """
 
 import csv
 import os
+import sys
 
 import numpy as np
 
+from pf_jax import reporting
 from pf_jax.analysis import correlation
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import pool
 
 SIGNIFICANT = 0.05
+MIN_RUNS = 4  # fewer runs per panel: drawn marked "too few runs", not presented as a result
 COLUMNS = (
   "panel",
   "adjusted_threshold",
   "runs",
+  "too_few_runs",
   "tau_forgetting",
   "p_forgetting",
   "tau_task_information",
@@ -69,6 +78,7 @@ def correlations(
   )
   out["tau_sharpness"] = np.full(forgetting.NUM_ADJUSTED, tau_s)
   out["p_sharpness"] = np.full(forgetting.NUM_ADJUSTED, p_s)
+  out["sharpness_runs"] = int(known.sum())
   return out
 
 
@@ -77,11 +87,14 @@ def write_csv(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[
     writer = csv.writer(f)
     writer.writerow(COLUMNS)
     for panel, r in results.items():
+      small = int(sizes[panel] < MIN_RUNS)
       for i, a in enumerate(forgetting.ADJUSTED_THRESHOLDS):
-        writer.writerow([panel, f"{a:.2f}", sizes[panel]] + [f"{r[k][i]:.6g}" for k in COLUMNS[3:]])
+        values = [f"{r[k][i]:.6g}" for k in COLUMNS[4:]]
+        writer.writerow([panel, f"{a:.2f}", sizes[panel], small] + values)
 
 
-def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> None:
+def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> dict:
+  """Draws the panels; returns {panel: (title, legend labels)} of what was drawn."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -92,6 +105,20 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
     1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False, sharey=True
   )
   for ax, (panel, r) in zip(axes[0], results.items()):
+    small = sizes[panel] < MIN_RUNS
+    if small:
+      ax.set_facecolor("0.93")
+      ax.text(
+        0.5,
+        0.5,
+        f"too few runs ({sizes[panel]} < {MIN_RUNS}):\nnot a result",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=12,
+        color="0.4",
+        zorder=0,
+      )
     for name, color, label in (
       ("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
       ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)"),
@@ -100,13 +127,15 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
       ax.plot(x, tau, color=color, linestyle=":", linewidth=1)
       ax.plot(x, np.where(sig, tau, np.nan), color=color, linewidth=2, label=label)
     tau_s = r["tau_sharpness"][0]
-    ax.axhline(
-      tau_s,
-      color="tab:blue",
-      linewidth=2 if r["p_sharpness"][0] <= SIGNIFICANT else 1,
-      linestyle="-" if r["p_sharpness"][0] <= SIGNIFICANT else ":",
-      label="sharpness",
-    )
+    if np.isfinite(tau_s):  # measured (on >= 2 runs): a line, else none
+      k = r["sharpness_runs"]
+      ax.axhline(
+        tau_s,
+        color="tab:blue",
+        linewidth=2 if r["p_sharpness"][0] <= SIGNIFICANT else 1,
+        linestyle="-" if r["p_sharpness"][0] <= SIGNIFICANT else ":",
+        label="sharpness" + ("" if k == sizes[panel] else f" ({k} of {sizes[panel]} runs)"),
+      )
     beats = (r["tau_forgetting"] > abs(tau_s)) & (r["p_forgetting"] <= SIGNIFICANT)
     if np.isfinite(tau_s):
       ax.fill_between(
@@ -120,14 +149,22 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
         linewidth=0,
       )
     ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.set_title(f"{panel} ({sizes[panel]} runs)", fontsize=9)
+    runs = reporting.plural(sizes[panel], "run")
+    ax.set_title(f"{panel} ({runs}{', too few' if small else ''})", fontsize=9)
     ax.set_xlabel("adjusted threshold")
     ax.set_ylim(-1.05, 1.05)
   axes[0][0].set_ylabel("Kendall's τ with test accuracy")
-  axes[0][0].legend(fontsize=7, loc="lower left")
+  for ax in axes[0]:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7, loc="lower left")
+  drawn = {
+    panel: (ax.get_title(), ax.get_legend_handles_labels()[1])
+    for ax, panel in zip(axes[0], results)
+  }
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return drawn
 
 
 def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, seed: int = 0):
@@ -140,7 +177,23 @@ def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, se
   results = {
     k: correlations(v, num_permutations=num_permutations, seed=seed) for k, v in groups.items()
   }
+  taus = ("tau_forgetting", "tau_task_information")
+  for panel in list(results):
+    if not any(np.isfinite(results[panel][k]).any() for k in taus):  # would be an empty panel
+      runs = reporting.plural(sizes[panel], "run")
+      print(f"note: panel {panel!r} left out: no defined tau ({runs})", file=sys.stderr)
+      del results[panel]
+    elif sizes[panel] < MIN_RUNS:
+      print(
+        f"note: panel {panel!r} has {sizes[panel]} runs (< {MIN_RUNS}): drawn marked "
+        "'too few runs', not a result",
+        file=sys.stderr,
+      )
+  if not results:
+    raise ValueError(f"figure 2: no panel has a defined tau (runs per panel: {sizes})")
   os.makedirs(out, exist_ok=True)
   write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
-  plot(os.path.join(out, "figure2.png"), results, sizes)
+  drawn = plot(os.path.join(out, "figure2.png"), results, sizes)
+  for panel, r in results.items():
+    r["drawn"] = drawn[panel]
   return results

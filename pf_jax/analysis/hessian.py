@@ -35,6 +35,7 @@ def hessian_top_eigenvalue(
   tol: float = 1e-4,
   rng: jax.Array,
   devices: Sequence[jax.Device] | None = None,
+  progress: Callable[[int, float], None] | None = None,
 ) -> float:
   """Dominant eigenvalue of the Hessian of mean_b loss_fn(params, batches[b]).
 
@@ -47,6 +48,8 @@ def hessian_top_eigenvalue(
     tol: stop when |lambda_k - lambda_{k-1}| <= tol * |lambda_k|.
     rng: PRNG key of the random start vector.
     devices: devices to spread the batches over (default: this process's devices).
+    progress: called on the host as progress(iteration, eigenvalue estimate) after every
+      iteration (a host callback; None: none).
 
   Returns:
     The eigenvalue estimate of largest magnitude, as a Python float.
@@ -93,6 +96,8 @@ def hessian_top_eigenvalue(
       i, eig, _, v = carry
       hv = hvp(params, v, xs, ws)
       new_eig = optax.tree.vdot(v, hv)
+      if progress is not None:
+        jax.debug.callback(lambda k, e: progress(int(k), float(e)), i + 1, new_eig)
       return i + 1, new_eig, eig, optax.tree.scale(1.0 / optax.tree.norm(hv), hv)
 
     zero = jnp.zeros((), dtype)

@@ -2,11 +2,14 @@
 
 `python -m pf_jax.analysis report --plots` writes, next to results.md:
   accuracy.png  one panel per eval set (e.g. ID and OOD): mean top-1 (%) of every row of the
-                table, error bars = the table's standard deviation over seeds;
+                table, error bars = the table's standard deviation over seeds; bars start at a
+                baseline stated on the axis (a multiple of 10 below the lowest bar);
   curves.png    training loss and first-eval-set top-1 against the step, mean over each row's
-                seeds (read from the runs' TensorBoard event files).
+                seeds (read from the runs' TensorBoard event files with TensorBoard's reader).
+Every row has its own label: method, m, OBF's lambda and gamma, then the model where needed.
 """
 
+import collections
 import glob
 import os
 
@@ -20,27 +23,47 @@ from pf_jax.analysis import pool  # noqa: E402
 
 
 def row_label(row) -> str:
-  """Short method name of a table row, e.g. 'SAM OBF' or 'ADAMW'."""
-  perturb = row["perturb"].split(" ")[0]
-  return row["algo"] if perturb == "NONE" else f"{row['algo']} {perturb}"
+  """Method of a table row: ALGO, PERTURB with OBF's lambda/gamma (or alpha), and m, e.g.
+  'SAM OBF lambda=0.1 gamma=1 m=8' or 'ADAMW'."""
+  if row["perturb"].startswith("NONE"):
+    return row["algo"]
+  return f"{row['algo']} {row['perturb']} m={row['m']}"
+
+
+def row_labels(rows) -> list[str]:
+  """`row_label` of every row, made unique: the model added where labels repeat, then '#i'."""
+  labels = [row_label(r) for r in rows]
+  counts = collections.Counter(labels)
+  labels = [f"{l} {r['model']}" if counts[l] > 1 else l for l, r in zip(labels, rows)]
+  counts, seen = collections.Counter(labels), collections.Counter()
+  out = []
+  for l in labels:
+    seen[l] += 1
+    out.append(f"{l} #{seen[l]}" if counts[l] > 1 else l)
+  return out
+
+
+def baseline(lowest: float) -> float:
+  """Where bars start: the multiple of 10 (%) below `lowest`, at least 0."""
+  return max(0.0, 10.0 * np.floor(lowest / 10.0 - 1e-9)) if np.isfinite(lowest) else 0.0
 
 
 def accuracy_plot(rows, metrics, path: str) -> None:
-  """Bars of mean top-1 with std error bars, one panel per eval metric."""
+  """Bars of mean top-1 with std error bars from a stated baseline, one panel per eval metric."""
   fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5), squeeze=False)
-  labels = [row_label(r) for r in rows]
+  labels = row_labels(rows)
   x = np.arange(len(rows))
   for ax, k in zip(axes[0], metrics):
     means = np.array([r[k][0] for r in rows])
     stds = np.nan_to_num(np.array([r[k][1] for r in rows]))
-    ax.bar(x, means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
-    finite = means[np.isfinite(means)]
-    if finite.size:
-      lo = max(0.0, float(np.min(finite - stds[np.isfinite(means)])) - 2.0)
-      ax.set_ylim(lo, min(100.0, float(np.max(finite + stds[np.isfinite(means)])) + 1.0))
+    finite = np.isfinite(means)
+    base = baseline(float(np.min(means[finite] - stds[finite]))) if finite.any() else 0.0
+    ax.bar(x, means - base, bottom=base, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+    top = float(np.max(means[finite] + stds[finite])) if finite.any() else 100.0
+    ax.set_ylim(base, min(100.0, top + 1.0) if top < 100 else 100.0)
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
     ax.set_title(k[len("eval/") :].replace("/top1", ""))
-    ax.set_ylabel("top-1 (%), mean ± std over seeds")
+    ax.set_ylabel(f"top-1 (%), mean ± std over seeds; bars start at {base:g}%")
     ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -49,14 +72,16 @@ def accuracy_plot(rows, metrics, path: str) -> None:
 
 def scalar_history(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value), ...]} of every scalar in a workdir's event files, sorted by step."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (event files: only here)
+  # TensorBoard's own reader: no TensorFlow, no deprecation notices on stderr.
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
   out: dict[str, dict[int, float]] = {}
   for f in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in tf.compat.v1.train.summary_iterator(f):
+    for event in event_file_loader.LegacyEventFileLoader(f).Load():
       for v in event.summary.value:
         if v.HasField("tensor") and not v.tensor.string_val:
-          array = np.asarray(tf.make_ndarray(v.tensor))
+          array = np.asarray(tensor_util.make_ndarray(v.tensor))
           if array.size != 1:  # hyperparameters and other non-scalars
             continue
           value = float(array.reshape(-1)[0])

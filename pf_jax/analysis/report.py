@@ -95,6 +95,6 @@ def report(workdirs: list[str], out: str, *, plots: bool = False) -> str:
     from pf_jax.analysis import plots as plots_lib  # pylint: disable=g-import-not-at-top
 
     plots_lib.accuracy_plot(rows, metrics, os.path.join(out, "accuracy.png"))
-    groups = [(plots_lib.row_label(r), r["members"]) for r in rows]
+    groups = list(zip(plots_lib.row_labels(rows), [r["members"] for r in rows]))
     plots_lib.training_curves(groups, os.path.join(out, "curves.png"))
   return text

@@ -7,7 +7,9 @@ validate.py with its default --smoothing 0) at the latest checkpoint, on the fir
 augmentation (the evaluation center crop), in batches of `analysis.sharpness_batch_size`.
 The model runs in inference mode: BatchNorm uses its running statistics, so the loss is a fixed
 function of the parameters (train-mode statistics would make it depend on the batching).
-Computed in float32 even for mixed-precision runs. Result in `<workdir>/sharpness.json`.
+Computed in float32 even for mixed-precision runs. Result in `<workdir>/sharpness.json`; when
+the split holds fewer full batches than configured, it records (and says) how many examples were
+used and why (`num_examples` of `num_examples_configured`, `note`).
 """
 
 import json
@@ -27,8 +29,10 @@ from pf_jax.analysis import hessian
 RESULT_FILE = "sharpness.json"
 
 
-def training_batches(c, num_examples: int, batch_size: int) -> dict[str, np.ndarray]:
-  """The first num_examples // batch_size full batches of the training split, stacked."""
+def training_batches(c, num_examples: int, batch_size: int, counted: dict | None = None):
+  """The first num_examples // batch_size full batches of the training split, stacked.
+
+  `counted`, if given, gets "split_examples": how many the split holds when it ends first."""
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
 
   split = input_pipeline.DATASETS[c.dataset].train_split
@@ -40,10 +44,16 @@ def training_batches(c, num_examples: int, batch_size: int) -> dict[str, np.ndar
     local_batch_size=batch_size,
     process_index=0,
     process_count=1,
+    interpolation="bilinear",  # the authors' Hessian: the eval crop with the training resize
+    normalization=c.image_normalization,
   )
   batches = []
   for batch in it:
-    if len(batches) * batch_size >= num_examples or batch["mask"].min() < 1:
+    if len(batches) * batch_size >= num_examples:
+      break
+    if batch["mask"].min() < 1:  # the split ends inside this batch
+      if counted is not None:
+        counted["split_examples"] = len(batches) * batch_size + int(batch["mask"].sum())
       break
     batches.append({"image": batch["image"], "label": batch["label"]})
   if not batches:
@@ -62,8 +72,12 @@ def checkpoint_sharpness(
   num_iters: int | None = None,
   tol: float | None = None,
   seed: int = 0,
+  log=None,
 ) -> dict[str, float]:
-  """Sharpness of the run in `workdir` (module doc); also written to `<workdir>/sharpness.json`."""
+  """Sharpness of the run in `workdir` (module doc); also written to `<workdir>/sharpness.json`.
+
+  `log(line)`, if given, receives progress lines (examples used, every 10th power iteration)."""
+  log = log or (lambda line: None)
   c = workdir_lib.load_config(workdir)
   a = c.analysis
   num_examples = num_examples or a.sharpness_examples
@@ -86,19 +100,48 @@ def checkpoint_sharpness(
     logits = model.apply(dict(variables, params=p), batch["image"], train=False)
     return loss(logits, batch["label"])
 
-  batches = training_batches(c, num_examples, batch_size)
+  counted = {}
+  batches = training_batches(c, num_examples, batch_size, counted)
+  used = int(jax.tree.leaves(batches)[0].shape[0] * batch_size)
+  note = None
+  if used < num_examples:
+    why = (
+      f"the {c.dataset} training split holds {counted['split_examples']}"
+      if "split_examples" in counted
+      else f"{num_examples} is not a multiple of the batch size"
+    )
+    note = f"{used} of {num_examples} examples: {why}, in full batches of {batch_size}"
+  log(
+    f"sharpness of step {int(step)}: {used} examples in batches of {batch_size}"
+    + (f" ({note})" if note else "")
+    + f", up to {num_iters} power iterations (tol {tol:g})"
+  )
+
+  def progress(i, eig):
+    if i % 10 == 0:
+      log(f"  iteration {i}: {eig:.6g}")
+
   params = jax.tree.map(jnp.asarray, params)
   value = hessian.hessian_top_eigenvalue(
-    loss_fn, params, batches, num_iters=num_iters, tol=tol, rng=jax.random.PRNGKey(seed)
+    loss_fn,
+    params,
+    batches,
+    num_iters=num_iters,
+    tol=tol,
+    rng=jax.random.PRNGKey(seed),
+    progress=progress,
   )
   result = {
     "sharpness": value,
     "step": int(step),
-    "num_examples": int(jax.tree.leaves(batches)[0].shape[0] * batch_size),
+    "num_examples": used,
+    "num_examples_configured": num_examples,
     "num_iters": num_iters,
     "tol": tol,
     "seed": seed,
   }
+  if note:
+    result["note"] = note
   path = epath.Path(workdir) / RESULT_FILE
   path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
   return result

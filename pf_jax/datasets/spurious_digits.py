@@ -17,7 +17,11 @@ Cue class per split, drawn with numpy.random.RandomState(seed of the split):
   * train and test_id: c = label with probability `correlation`, else uniform over the other 9
     classes (so the cue agrees with the label on a `correlation` fraction, in expectation);
   * test_ood, by `ood`: "random" (c uniform over all 10 classes, independent of the label),
-    "shifted" (c = (label + 1) mod 10: always a wrong class), "absent" (no cue at all).
+    "shifted" (c = (label + 1) mod 10: always a wrong class), "absent" (no cue at all);
+  * test_ood_all (every config): each test image 9 times, once with each wrong cue class,
+    c = (label + j) mod 10 for j = 1..9 (example 9k + j − 1 is test image k with shift j):
+    3,231 OOD examples instead of 359, so test-set sampling noise shrinks (its first example of
+    every nine is the "shifted" test_ood).
 Images are the digits' gray values scaled to 0..255 as in `digits`, nearest-upsampled from 8x8
 to `resolution` x `resolution` before the cue is added. Features: image uint8
 (resolution, resolution, 3), label ClassLabel(10), cue int64 (the cue class, -1 when absent).
@@ -45,6 +49,7 @@ RING = (
 )
 PATCH_CELLS = tuple(RING[3 * c] for c in range(NUM_CLASSES))  # (row, col) of class c's patch
 SPLIT_SEEDS = {"train": 1, "test_id": 2, "test_ood": 3}
+SPLITS = (*SPLIT_SEEDS, "test_ood_all")
 OOD_MODES = ("random", "shifted", "absent")
 
 
@@ -89,6 +94,9 @@ def tint_rgb(c: int) -> np.ndarray:
 def cue_classes(labels: np.ndarray, split: str, spec: CueSpec) -> np.ndarray:
   """The cue class of every example of `split` (-1: no cue), deterministic."""
   labels = np.asarray(labels, np.int64)
+  if split == "test_ood_all":  # labels already repeated 9 times per image (load_split_arrays)
+    shifts = np.tile(np.arange(1, NUM_CLASSES), len(labels) // (NUM_CLASSES - 1))
+    return (labels + shifts) % NUM_CLASSES
   rng = np.random.RandomState(SPLIT_SEEDS[split])
   n = len(labels)
   if split == "test_ood":
@@ -120,6 +128,8 @@ def load_split_arrays(split: str, spec: CueSpec):
   images, labels = digits.load_split_arrays(base)
   up = spec.resolution // GRID
   gray = images[..., 0].repeat(up, axis=1).repeat(up, axis=2)
+  if split == "test_ood_all":  # each image once per wrong cue class
+    gray, labels = gray.repeat(NUM_CLASSES - 1, axis=0), labels.repeat(NUM_CLASSES - 1)
   cues = cue_classes(labels, split, spec)
   out = np.stack([add_cue(g, c, spec) for g, c in zip(gray, cues)])
   return out, labels, cues
@@ -136,8 +146,11 @@ class SpuriousDigitsConfig(tfds.core.BuilderConfig):
 class SpuriousDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn 8x8 digits with a spurious class cue, prepared offline (module doc)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "test_ood_all: every test image with each of the 9 wrong cues.",
+  }
   BUILDER_CONFIGS = [SpuriousDigitsConfig(name=k, spec=v) for k, v in CUE_SPECS.items()]
 
   @tfds.core.utils.classproperty
@@ -164,7 +177,7 @@ class SpuriousDigits(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Offline.
-    return {s: self._generate_examples(split=s) for s in SPLIT_SEEDS}
+    return {s: self._generate_examples(split=s) for s in SPLITS}
 
   def _generate_examples(self, split):
     images, labels, cues = load_split_arrays(split, self.builder_config.spec)
