@@ -144,11 +144,11 @@ def describe_method(c, num_devices: int) -> str:
 
 def describe_run(c, num_devices: int, workdir: str | None, note: str | None = None) -> str:
   """--check_only's lines: the resolved run (data, model, steps, batch), its method, the workdir."""
-  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top
 
   num_train = dataset_catalog.DATASETS[c.dataset].train_examples
-  total, warmup, per_epoch = config_validation.schedule(c, num_train)
+  total, warmup, per_epoch = experiment.schedule(c, num_train)
   lines = [
     f"run: {c.model} on {c.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
     f"eval on {', '.join(c.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "
