@@ -21,6 +21,7 @@ from pf_jax import config_fields
 from pf_jax import dataset_catalog
 from pf_jax import experiment
 from pf_jax import models
+from pf_jax import reporting
 from pf_jax import sam_family
 from pf_jax.errors import ArgumentError
 
@@ -85,7 +86,9 @@ def _check_batches(c, num_devices: int, num_processes: int):
     )
   if c.eval_batch_size % num_devices or c.eval_batch_size % num_processes:
     raise ConfigError(
-      "eval_batch_size", c.eval_batch_size, f"a multiple of the {num_devices} devices"
+      "eval_batch_size",
+      c.eval_batch_size,
+      f"a multiple of the {reporting.plural(num_devices, 'device')}",
     )
   multiple = models.input_multiple(c.model)
   if c.image_size % multiple:
@@ -119,8 +122,8 @@ def _check_sam(c, num_devices: int):
       "sam.m",
       s.m,
       f"a divisor of the per-device micro-batch {per_device} (global batch "
-      f"/ ({num_devices} devices x {c.grad_accum_steps} accumulation steps)) or a "
-      f"multiple of it spanning a divisor of the {num_devices} devices",
+      f"/ ({reporting.plural(num_devices, 'device')} x {c.grad_accum_steps} accumulation steps)) "
+      f"or a multiple of it spanning a divisor of the {reporting.plural(num_devices, 'device')}",
     ) from None
   if s.rho_min is not None:
     if s.rho_min > s.rho_max:

@@ -35,7 +35,7 @@ def obf_alpha(p_y: jax.Array, lam: float, gamma: float) -> jax.Array:
   return gamma * jnp.maximum((1.0 - lam / p_y) / (1.0 - lam), 0.0)
 
 
-def obf(lam: float, gamma: float = 1.0, predictions: str = "softmax") -> ObjectiveFn:
+def obf(lam: float, gamma: float, predictions: str) -> ObjectiveFn:
   """Output-bias forgetting objective (Eq. 15-17, Algorithm A.1), alpha from Eq. 17.
 
   Per example, with p = softmax(z) or sigmoid(z) and alpha held constant,
@@ -43,7 +43,11 @@ def obf(lam: float, gamma: float = 1.0, predictions: str = "softmax") -> Objecti
   i.e. the gradient of (1 - alpha) CE(y, z) - CE(uniform, z) for softmax. Mean over examples.
   `lam` is the paper's lambda in [0, 1) (1/C in the paper), `gamma` in [0, 1]. The labels are
   read from the batch (`losses.labels_of`); targets [B, C] stand in for onehot(y) and give
-  p_y = <p, t>.
+  p_y = <p, t>. `predictions` ("softmax" or "sigmoid") must match the task loss: nothing is
+  assumed (the paper: gamma 1, lam 1/C, sigmoid for its BCE-trained ViTs).
+
+  Example:
+    >>> objective = pf_jax.obf(lam=1 / 10, gamma=1.0, predictions="softmax")
   """
   _check_unit("obf", "gamma", gamma, closed=True)
   _check_unit("obf", "lam", lam, closed=False)
@@ -55,7 +59,7 @@ def obf(lam: float, gamma: float = 1.0, predictions: str = "softmax") -> Objecti
   return _obf_objective(alpha_fn, predictions)
 
 
-def obf_fixed_alpha(alpha: float, predictions: str = "softmax") -> ObjectiveFn:
+def obf_fixed_alpha(alpha: float, predictions: str) -> ObjectiveFn:
   """OBF with a constant forgetting strength alpha in [0, 1] (ablation of Table B.2)."""
   _check_unit("obf_fixed_alpha", "alpha", alpha, closed=True)
   _check_predictions("obf_fixed_alpha", predictions)

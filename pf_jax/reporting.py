@@ -30,6 +30,8 @@ class _OwnInfoOnly(std_logging.Filter):
   def filter(self, record):
     if record.pathname.startswith(_OWN_DIRS):
       return True
+    if record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False  # a failed save: checkpointing.StorageError says it in one line
     return record.levelno >= std_logging.WARNING and not any(
       w in record.getMessage() for w in _EXPECTED_WARNINGS
     )

@@ -426,7 +426,7 @@ def train_and_evaluate(
   )
   if start_step:
     report.resumed(start_step, checkpoint_dir)
-  pending, fetched, results, streak = [], [], {}, 0
+  pending, fetched, results, streak, saving = [], [], {}, 0, None
   with checkpointing.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
       first = step == start_step + 1
@@ -473,9 +473,20 @@ def train_and_evaluate(
           step,
           collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=step),
         )
+      # A save is reported once it completed (asynchronous; a failure is one StorageError line).
+      if saving and (
+        save or (jax.process_count() == 1 and not checkpoints.is_saving_in_progress())
+      ):
+        checkpointing.finish(checkpoints, saving)
+        report.checkpoint(saving, checkpoints.directory)
+        saving = None
       if save:
         checkpointing.save(checkpoints, step, state, force=preempted, config=c)
-        report.checkpoint(step, checkpoints.directory)
+        saving = step
+      if saving and (preempted or last):
+        checkpointing.finish(checkpoints, saving)
+        report.checkpoint(saving, checkpoints.directory)
+        saving = None
       if preempted:
         checkpoints.wait_until_finished()
         checkpoints.close()

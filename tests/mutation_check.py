@@ -120,8 +120,8 @@ MUTATIONS = (
   Mutation(
     "weight decay on 1-D parameters",
     "pf_jax/optimizers.py",
-    "    return jnp.ndim(leaf) > 1 and not any(n in NO_DECAY_NAMES for n in names)",
-    "    return jnp.ndim(leaf) > 0 and not any(n in NO_DECAY_NAMES for n in names)",
+    "    return jnp.ndim(leaf) > 1 and not is_bias and not any(n in NO_DECAY_NAMES for n in names)",
+    "    return jnp.ndim(leaf) > 0 and not is_bias and not any(n in NO_DECAY_NAMES for n in names)",
     (f"{STEP}[resnet50_imagenet:shrink_perturb:accum1]",),
   ),
   Mutation(

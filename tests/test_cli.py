@@ -79,7 +79,6 @@ INVALID = [
   (["--config.dataset=imagenet_v2"], "config.dataset"),  # evaluation-only
   (["--config.eval_datasets=digits,mnist"], "config.eval_datasets"),
   (["--config.init_from=/nonexistent/run"], "config.init_from"),
-  (["--config.init_from=docs"], "config.init_from"),  # exists, holds no checkpoint
   # Rules across fields.
   (["--config.warmup_epochs=100"], "config.warmup_epochs"),  # longer than the 40 epochs
   (["--config.num_train_steps=10", "--config.warmup_steps=11"], "config.warmup_steps"),
@@ -230,11 +229,35 @@ def test_check_only_states_the_method_and_creates_nothing(tmp_path):
   assert "loss " in method
   assert "smoke test" in lines["note"] and "sam.m 64 -> 4" in lines["note"]
   assert not (tmp_path / "new").exists()
-  # The default: 128 / 8 devices = 16 per device, m 32 spans 2; on 1 device 4 chunks, unrolled.
-  r = _main(["--check_only", "--num_devices=1"])
-  method = dict(l.split(": ", 1) for l in r.stdout.splitlines()[1:])["method"]
-  assert method.startswith("ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant, ")
-  assert "m 32 (4 chunks per device, unroll)" in method and "note" not in r.stdout
+
+
+@pytest.mark.parametrize(
+  "devices,chunks", [(1, "4 chunks per device, unroll"), (8, "one chunk spans 2 devices")]
+)
+def test_method_of_the_default_config(devices, chunks):
+  """configs/default.py by hand: batch 128, m 32: 128 per device -> 4 chunks ("auto" unrolls up to
+  16), or 16 per device on 8 devices -> one chunk spans 2."""
+  method = reporting.describe_method(default.get_config(), devices)
+  assert method == (
+    f"ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant, m 32 ({chunks}), "
+    "no accumulation; loss sigmoid_xent; optimizer adamw (lr 0.01 -> 3e-05, weight decay 0.05)"
+  )
+  c = default.get_config()
+  c.sam.rho_min, c.grad_accum_steps, c.sam.perturbation = 0.0, 2, "obf"
+  method = reporting.describe_method(c, 1)
+  assert "OBF (lambda" in method and "rho 0.3 -> 0 (proportional to the lr)" in method
+  assert "m 32 (2 chunks per device, unroll), accumulation over 2 micro-batches" in method
+
+
+def test_init_from_without_a_checkpoint_is_refused_before_compiling(tmp_path):
+  """An existing directory with no step folder: the config error main.py prints before compiling."""
+  c = default.get_config()
+  c.init_from = str(tmp_path)
+  with pytest.raises(config_validation.ConfigError, match="no step folder") as e:
+    config_validation.validate(c, 8, 1)
+  assert str(e.value).startswith(f"config.init_from: '{tmp_path}' — a workdir or checkpoint")
+  (tmp_path / "checkpoints" / "12").mkdir(parents=True)
+  config_validation.validate(c, 8, 1)
 
 
 def test_help_lists_fields_defaults_and_paper_configs():

@@ -226,7 +226,7 @@ def test_default_run_from_the_command_line(tmp_path):
   assert "compiling the train step" in out.stderr and "compiled the train step" in out.stderr
   seconds = lambda l: sum(int(x) * f for x, f in zip(l[:8].split(":"), (3600, 60, 1)))
   done = seconds(next(l for l in first if " done: " in l))
-  train_lines = [l for l in first if " train step " in l]
+  train_lines = [l for l in first if l[9:].startswith("train step ")]
   assert len(train_lines) == 6
   for line in train_lines[1:]:
     eta = line.rsplit("ETA ", 1)[1]

@@ -7,6 +7,7 @@ that do not change training, `config_fields.SAFE_TO_CHANGE`) form one group.
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 
@@ -65,6 +66,10 @@ class Run:
     return self.results[f"eval/{self.config['eval_datasets'][0]}/top1"]
 
   @property
+  def dataset(self) -> str:
+    return self.config["dataset"]
+
+  @property
   def experiment(self) -> str:
     return json.dumps(
       {k: v for k, v in workdir_lib.flatten(self.config).items() if k not in NOT_EXPERIMENT},
@@ -72,17 +77,28 @@ class Run:
     )
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, notes: list[str] | None = None) -> Run:
+  """The run in `workdir`; a stale sharpness is not used (a line in `notes`, sharpness.load)."""
   return Run(
     workdir,
     workdir_lib.load_config(workdir).to_dict(),
     workdir_lib.load_results(workdir),
-    sharpness_lib.load(workdir),
+    sharpness_lib.load(workdir, notes),
   )
 
 
-def load_runs(workdirs: list[str]) -> list[Run]:
-  return [load_run(w) for w in workdirs]
+def load_runs(workdirs: list[str], notes: list[str] | None = None) -> list[Run]:
+  """One Run per distinct workdir (a workdir listed twice counts once: a line in `notes`)."""
+  seen, runs = {}, []
+  for w in workdirs:
+    key = w.rstrip("/") if "://" in w else os.path.realpath(w)
+    if key in seen:
+      if notes is not None:
+        notes.append(f"{w}: the same workdir as {seen[key]}: counted once")
+      continue
+    seen[key] = w
+    runs.append(load_run(w, notes))
+  return runs
 
 
 def run_forgetting(run: Run) -> tuple[np.ndarray, np.ndarray]:

@@ -147,6 +147,23 @@ def checkpoint_sharpness(
   return result
 
 
-def load(workdir) -> float | None:
+def load(workdir, notes: list[str] | None = None) -> float | None:
+  """The run's measured sharpness; None if there is none or it is stale.
+
+  Stale: measured at a step before the run's last (`results.json`); then a line saying so is
+  appended to `notes`. A `sharpness.json` without a step (written before it had one) is used.
+  """
   path = epath.Path(workdir) / RESULT_FILE
-  return json.loads(path.read_text())["sharpness"] if path.exists() else None
+  if not path.exists():
+    return None
+  stored = json.loads(path.read_text())
+  results = epath.Path(workdir) / workdir_lib.RESULTS_FILE
+  last = json.loads(results.read_text()).get("step") if results.exists() else None
+  if last is not None and stored.get("step") is not None and stored["step"] < last:
+    if notes is not None:
+      notes.append(
+        f"{workdir}: sharpness measured at step {stored['step']}, the run ended at step {last}: "
+        f"not used (measure it again: python -m pf_jax.analysis sharpness --workdir={workdir})"
+      )
+    return None
+  return stored["sharpness"]
