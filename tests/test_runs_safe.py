@@ -234,7 +234,7 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
       cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Resumed from step" in again.stderr
+    assert "resumed: step" in again.stderr
     a, b = _restore(ref, steps), _restore(run, steps)
     jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
     jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
