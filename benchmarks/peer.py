@@ -88,7 +88,7 @@ def variants(batch: int, ms, chunk_modes) -> list[Variant]:
 def pf_jax_spec(variant: Variant, num_classes: int) -> pf_jax.SamSpec:
   objective = variant.objective
   if objective == "obf":
-    objective = pf_jax.obf(1.0 / num_classes, 1.0)
+    objective = pf_jax.obf(1.0 / num_classes, 1.0, "softmax")
   kw = dict(chunk_mode=variant.chunk_mode) if variant.chunk_mode else {}
   return pf_jax.SamSpec(
     rho=RHO,

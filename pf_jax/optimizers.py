@@ -10,16 +10,18 @@ import optax
 from pf_jax.schedules import ScalarOrSchedule
 
 NO_DECAY_NAMES = ("pos_embedding",)
-CONFIG_NAMES = ("adamw", "sgdw")  # config.optimizer
 
 
 def weight_decay_mask(params) -> Any:
-  """True where weight decay applies: not on 1-D leaves (biases, norm scales) nor on
-  position embeddings (any leaf whose path contains 'pos_embedding')."""
+  """True where weight decay applies: not on 1-D leaves (norm scales), biases of any shape
+  (flax's attention biases are [heads, head_dim]), nor position embeddings (any leaf whose path
+  contains 'pos_embedding') -- the authors' groups: `ndim <= 1 or name.endswith('.bias')` and
+  timm's `no_weight_decay()`."""
 
   def decays(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return jnp.ndim(leaf) > 1 and not any(n in NO_DECAY_NAMES for n in names)
+    is_bias = bool(names) and names[-1] == "bias"
+    return jnp.ndim(leaf) > 1 and not is_bias and not any(n in NO_DECAY_NAMES for n in names)
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

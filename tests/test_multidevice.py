@@ -38,7 +38,12 @@ CASES = [
   ("m_lt_shard_vmap", 32, 8, dict(m=2, chunk_mode="vmap")),
   ("m_lt_shard_scan", 32, 8, dict(m=2, chunk_mode="scan")),
   ("m_spans_2", 32, 8, dict(m=8)),
-  ("m_spans_4_gsam_obf", 32, 8, dict(m=16, gsam_alpha=0.3, objective=pf_jax.obf(0.25))),
+  (
+    "m_spans_4_gsam_obf",
+    32,
+    8,
+    dict(m=16, gsam_alpha=0.3, objective=pf_jax.obf(0.25, 1.0, "softmax")),
+  ),
   ("m_spans_3_ring", 24, 6, dict(m=12, gsam_alpha=0.2, gsam_normalized_backup=True)),
   ("random_m_lt_shard", 32, 8, dict(m=2, objective="random")),
   ("random_m_spans_2", 32, 8, dict(m=8, objective="random")),
@@ -133,7 +138,9 @@ BASE = optax.chain(optax.clip_by_global_norm(0.1), pf_jax.adamw(1e-2, weight_dec
 
 
 @pytest.mark.parametrize(
-  "spec_kw", [dict(objective=pf_jax.obf(0.25), m=4), dict()], ids=["obf_m4", "steepest_reuse"]
+  "spec_kw",
+  [dict(objective=pf_jax.obf(0.25, 1.0, "softmax"), m=4), dict()],
+  ids=["obf_m4", "steepest_reuse"],
 )
 def test_optax_transformation_under_shard_map_matches_one_device(spec_kw):
   """8 devices with their own (device-varying) gradient as `updates` = one device with m = 4."""

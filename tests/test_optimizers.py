@@ -60,6 +60,8 @@ def test_weight_decay_mask():
     "pos_embedding": jnp.ones((1, 4, 4)),
     "norm": {"scale": jnp.ones(4)},
     "head": {"kernel": jnp.ones((4, 2))},
+    # flax attention's [heads, head_dim] bias: a bias (timm's qkv.bias), so no decay.
+    "query": {"kernel": jnp.ones((4, 2, 2)), "bias": jnp.ones((2, 2))},
   }
   mask = pf_jax.weight_decay_mask(params)
   assert mask == {
@@ -67,6 +69,7 @@ def test_weight_decay_mask():
     "pos_embedding": False,
     "norm": {"scale": False},
     "head": {"kernel": True},
+    "query": {"kernel": True, "bias": False},
   }
 
 
@@ -95,6 +98,14 @@ def test_adamw_decay_is_decoupled_and_masked():
   u, _ = tx.update(zero, tx.init(params), params)  # zero gradient: only decay moves w
   np.testing.assert_allclose(u["w"], [[-0.1 * 0.5 * 2.0]], rtol=1e-6)
   np.testing.assert_allclose(u["b"], [0.0], atol=1e-12)
+
+
+def test_obf_states_its_predictions():
+  """OBF's p = softmax(z) or sigmoid(z) must match the task loss: passed, never assumed."""
+  with pytest.raises(TypeError, match="predictions"):
+    pf_jax.obf(0.1, 1.0)
+  with pytest.raises(TypeError, match="predictions"):
+    pf_jax.obf_fixed_alpha(0.5)
 
 
 def test_base_optimizers_state_their_decay():

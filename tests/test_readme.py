@@ -120,7 +120,7 @@ def test_classification_losses_refuse_regression_targets():
 def test_perturbed_logits_refuses_a_tuple_forward():
   params, batch = {"w": jnp.ones((3, 2))}, (jnp.ones((4, 3)), jnp.arange(4) % 2)
   forward = lambda p, b: (b[0] @ p["w"], {})
-  spec = pf_jax.SamSpec(rho=0.05, objective=pf_jax.obf(0.5))
+  spec = pf_jax.SamSpec(rho=0.05, objective=pf_jax.obf(0.5, 1.0, "softmax"))
   with pytest.raises(TypeError, match="forward returned a tuple of 2; it must return the logits"):
     pf_jax.perturbed_logits(forward, pf_jax.softmax_cross_entropy, spec, params, batch)
 

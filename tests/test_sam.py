@@ -163,7 +163,7 @@ def test_auto_chunk_strategy():
 def test_chunk_modes_match_vmap(problem, mode):
   p, x, y = problem
   spec = lambda mode: pf_jax.SamSpec(
-    rho=0.2, m=4, gsam_alpha=0.2, chunk_mode=mode, objective=pf_jax.obf(0.25)
+    rho=0.2, m=4, gsam_alpha=0.2, chunk_mode=mode, objective=pf_jax.obf(0.25, 1.0, "softmax")
   )
   with jax.enable_x64(True):
     p = jax.tree.map(jnp.asarray, p)
@@ -211,7 +211,7 @@ def test_accumulation_is_chunking_of_the_micro_batches(problem):
 def test_dict_batch_soft_targets_and_aux(problem):
   """A dict batch with one-hot targets and an aux output gives the int-label gradient."""
   p, x, y = problem
-  spec = pf_jax.SamSpec(rho=0.2, m=8, objective=pf_jax.obf(0.25))
+  spec = pf_jax.SamSpec(rho=0.2, m=8, objective=pf_jax.obf(0.25, 1.0, "softmax"))
   want = ref.sam_grad(
     p,
     x,
@@ -252,7 +252,9 @@ def test_rho_zero_reproduces_base_optimizer(problem):
     batch = (jnp.asarray(x), jnp.asarray(y))
     loss = lambda q: pf_jax.softmax_cross_entropy(forward(q, batch), batch)
     tx = pf_jax.sam(
-      base, pf_jax.SamSpec(rho=0.0, m=8, objective=pf_jax.obf(0.25)), pf_jax.softmax_cross_entropy
+      base,
+      pf_jax.SamSpec(rho=0.0, m=8, objective=pf_jax.obf(0.25, 1.0, "softmax")),
+      pf_jax.softmax_cross_entropy,
     )
     s_sam, s_base = tx.init(params), base.init(params)
     for _ in range(3):
@@ -270,7 +272,7 @@ def test_rho_zero_reproduces_base_optimizer(problem):
     (dict(), 2),  # steepest, one chunk: the caller's gradient is g_p
     (dict(gsam_alpha=0.2, asam="before"), 2),  # still steepest: g_p reused, then scaled
     (dict(m=8, chunk_mode="vmap"), 3),  # chunks need their own g_p (vmap: traced once)
-    (dict(objective=pf_jax.obf(0.25)), 3),  # OBF ascends another objective
+    (dict(objective=pf_jax.obf(0.25, 1.0, "softmax")), 3),  # OBF ascends another objective
   ],
 )
 def test_transformation_reuses_incoming_gradient(problem, spec_kw, passes):
@@ -348,7 +350,10 @@ def test_obf_alpha_one_is_ascent_on_cross_entropy_to_uniform():
   # Closed form for softmax from the CE itself: the same as -grad of CE to uniform.
   ce_uniform = lambda z: -jnp.mean(jnp.sum(jax.nn.log_softmax(z) / 5, -1))
   np.testing.assert_allclose(
-    jax.grad(pf_jax.obf_fixed_alpha(1.0))(z, y), -jax.grad(ce_uniform)(z), rtol=1e-5, atol=1e-7
+    jax.grad(pf_jax.obf_fixed_alpha(1.0, "softmax"))(z, y),
+    -jax.grad(ce_uniform)(z),
+    rtol=1e-5,
+    atol=1e-7,
   )
 
 
@@ -410,12 +415,12 @@ def test_invalid_hyperparameters_at_construction(bad, match):
 @pytest.mark.parametrize(
   "factory,kw,match",
   [
-    (pf_jax.obf, dict(lam=0.1, gamma=1.5), "gamma"),
-    (pf_jax.obf, dict(lam=0.1, gamma=-0.1), "gamma"),
-    (pf_jax.obf, dict(lam=1.0, gamma=1.0), "lam"),
-    (pf_jax.obf, dict(lam=-0.1, gamma=1.0), "lam"),
-    (pf_jax.obf, dict(lam=0.1, predictions="tanh"), "predictions"),
-    (pf_jax.obf_fixed_alpha, dict(alpha=2.0), "alpha"),
+    (pf_jax.obf, dict(lam=0.1, gamma=1.5, predictions="softmax"), "gamma"),
+    (pf_jax.obf, dict(lam=0.1, gamma=-0.1, predictions="softmax"), "gamma"),
+    (pf_jax.obf, dict(lam=1.0, gamma=1.0, predictions="softmax"), "lam"),
+    (pf_jax.obf, dict(lam=-0.1, gamma=1.0, predictions="softmax"), "lam"),
+    (pf_jax.obf, dict(lam=0.1, gamma=1.0, predictions="tanh"), "predictions"),
+    (pf_jax.obf_fixed_alpha, dict(alpha=2.0, predictions="softmax"), "alpha"),
   ],
 )
 def test_invalid_obf_hyperparameters(factory, kw, match):

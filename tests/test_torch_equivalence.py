@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ pytest.importorskip("timm")
 
 from benchmarks import equivalence  # noqa: E402
 from configs import default as default_config  # noqa: E402
+from pf_jax import experiment  # noqa: E402
 from pf_jax import models  # noqa: E402
 from pf_jax import train  # noqa: E402
 
@@ -24,19 +26,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
-  "name",
+  "name,image_size",
   [
-    "vit_s32",
-    "resnet50",
-    pytest.param("vit_s16", marks=pytest.mark.slow),
-    pytest.param("resnet101", marks=pytest.mark.slow),
+    ("vit_s32", 64),
+    ("resnet50", 64),
+    pytest.param("vit_s16", 64, marks=pytest.mark.slow),
+    # ResNet-101 at 64x64 measured 2.0e-4 in train mode: 33 BatchNorm-ed blocks over the last
+    # stages' few values per channel amplify float32 rounding; 128x128 gives 4x the values.
+    pytest.param("resnet101", 128, marks=pytest.mark.slow),
   ],
 )
-def test_logits_equal_timms(name):
-  # 64x64 inputs, batch 4: train-mode BatchNorm over the last stage's 2x2x4 values per channel
-  # stays well conditioned in float32.
-  errors = equivalence.logits_errors(name, image_size=64, batch=4)
+def test_logits_equal_timms(name, image_size):
+  # Batch 4: train-mode BatchNorm over the last stage's (image_size / 32)^2 x 4 values per channel.
+  errors = equivalence.logits_errors(name, image_size=image_size, batch=4)
   assert errors["eval"] <= 1e-4 and errors["train"] <= 1e-4, errors
+
+
+# Rows measured to agree (docs/fidelity.md); each compiles one training step: minutes.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "config_name,method",
+  [
+    ("vit_s32_imagenet", "sam_obf"),
+    ("vit_s32_imagenet", "gsam_obf"),
+    ("vit_s32_imagenet", "asam_obf"),
+    ("vit_s32_imagenet", "adamw"),
+  ],
+)
+def test_training_steps_match_the_authors_loop(config_name, method):
+  errors = equivalence.step_errors(config_name, method)
+  assert errors["params"] <= 1e-4 and errors["update"] <= 1e-3, errors
 
 
 def _state_dict(name, num_classes=10, image_size=64):
@@ -144,9 +163,8 @@ def test_init_from_authors_checkpoint_end_to_end(tmp_path):
   path = str(tmp_path / "model_best.pth.tar")
   _authors_checkpoint(path, sd)
   c = _digits_config(init_from=path, data_dir=str(tmp_path / "data"))
-  model = train.build_model(c, 10)
-  tx, _, _ = train.create_optimizer(c, 2, 1)
-  state = train.create_state(c, model, tx, 10)
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=1)
+  state = train.load_pretrained(exp, jax.device_get(exp.init_state()), c.init_from)
   p = state.params
   np.testing.assert_array_equal(
     p["embedding"]["kernel"], sd["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0)

@@ -15,6 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +40,17 @@ def _small_config(model, perturbation, **sam):
   return c
 
 
+def _experiment(c, n_devices, total_steps=10, warmup_steps=2):
+  c.num_train_steps, c.warmup_steps = total_steps, warmup_steps
+  config_validation.validate(c, n_devices)
+  return experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=n_devices)
+
+
 def _run_steps(c, n_devices, batches):
   mesh = Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh)
+  exp = _experiment(c, n_devices)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   for batch in batches:
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
   return jax.device_get(state), jax.device_get(metrics)
@@ -78,7 +85,7 @@ def test_train_step_same_on_1_and_8_devices(model, perturbation, extra):
   )
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   assert int(eight.step) == 3
-  start = train.create_state(c, train.build_model(c, 10), train.create_optimizer(c, 10, 2)[0], 10)
+  start = _experiment(c, 1).init_state()
   assert any(
     not np.allclose(a, b)
     for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(one.params))
@@ -182,7 +189,7 @@ def test_invalid_config_is_a_one_line_error(field, value, match):
   target, name = (c.sam, field[4:]) if field.startswith("sam.") else (c, field)
   target[name] = value
   with pytest.raises(ValueError, match=match) as err:
-    train.validate_config(c, num_devices=8, num_processes=1)
+    config_validation.validate(c, num_devices=8, num_processes=1)
   assert "\n" not in str(err.value) and str(err.value).startswith(match + ":")
 
 
@@ -219,7 +226,7 @@ def test_default_run_from_the_command_line(tmp_path):
   assert "compiling the train step" in out.stderr and "compiled the train step" in out.stderr
   seconds = lambda l: sum(int(x) * f for x, f in zip(l[:8].split(":"), (3600, 60, 1)))
   done = seconds(next(l for l in first if " done: " in l))
-  train_lines = [l for l in first if " train step " in l]
+  train_lines = [l for l in first if l[9:].startswith("train step ")]
   assert len(train_lines) == 6
   for line in train_lines[1:]:
     eta = line.rsplit("ETA ", 1)[1]
@@ -254,10 +261,9 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   c = _small_config("vit_digits", "steepest")
   c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, lr, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh, lr)
+  exp = _experiment(c, 1)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -265,7 +271,7 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   }
   seen, want_top1 = [], []
   for _ in range(3):
-    logits = model.apply({"params": state.params}, batch["image"], train=True)  # at theta
+    logits = exp.model.apply({"params": state.params}, batch["image"], train=True)  # at theta
     want_top1.append(np.mean(np.argmax(np.asarray(logits), -1) == batch["label"]))
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
     seen.append(jax.device_get(metrics))

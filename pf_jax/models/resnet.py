@@ -94,6 +94,7 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   block_cls: ModuleDef = BottleneckBlock
   num_filters: int = 64
+  stem_filters: int | None = None  # the stem's channels; None: num_filters (timm: always 64)
   stem: str = "imagenet"
   head_bias_init: float = 0.0
   dtype: Dtype = jnp.float32
@@ -117,13 +118,14 @@ class ResNet(nn.Module):
       param_dtype=jnp.float32,
     )
 
+    stem_filters = self.stem_filters or self.num_filters
     if self.stem == "imagenet":
-      x = conv(self.num_filters, (7, 7), (2, 2), name="conv_init")(x)
+      x = conv(stem_filters, (7, 7), (2, 2), name="conv_init")(x)
       x = norm(name="bn_init")(x)
       x = self.act(x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == "small":
-      x = conv(self.num_filters, (3, 3), name="conv_init")(x)
+      x = conv(stem_filters, (3, 3), name="conv_init")(x)
       x = norm(name="bn_init")(x)
       x = self.act(x)
     else:

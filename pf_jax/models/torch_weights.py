@@ -36,7 +36,7 @@ _IGNORED = ("num_batches_tracked",)  # PyTorch BatchNorm's step counter: no flax
 def _numpy(value) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor (any dtype, any device)
     value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
+  return np.array(value, np.float32)  # a copy: never a view of the caller's (mutable) tensor
 
 
 def _natural(key: str) -> list:
@@ -94,7 +94,7 @@ def _vit_rule(path: tuple[str, ...], shape) -> tuple[str, tuple, Callable]:
   )
 
 
-def _resnet_rule(stage_sizes):
+def resnet_rule(stage_sizes):
   starts = np.cumsum((0, *stage_sizes))
 
   def rule(path: tuple[str, ...], shape) -> tuple[str, tuple, Callable]:
@@ -136,7 +136,7 @@ def _model_and_input(name: str, sd: Mapping[str, np.ndarray]):
   stem = "conv1.weight" if models.has_batch_norm(name) else "patch_embed.proj.weight"
   channels = int(sd[stem].shape[1]) if stem in sd and len(sd[stem].shape) == 4 else 3
   if models.has_batch_norm(name):
-    return model, (1, 64, 64, channels), _resnet_rule(kw["stage_sizes"])
+    return model, (1, 64, 64, channels), resnet_rule(kw["stage_sizes"])
   tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else 1
   side = math.isqrt(tokens) * kw["patch_size"]
   return model, (1, side, side, channels), _vit_rule
@@ -166,6 +166,13 @@ def from_torch(name: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     )
   sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items() if not k.endswith(_IGNORED)}
   model, shape, rule = _model_and_input(name, sd)
+  return convert(name, model, shape, rule, sd)
+
+
+def convert(name: str, model, shape, rule, sd: Mapping[str, Any]) -> dict[str, Any]:
+  """`from_torch` for any flax `model` whose leaves `rule` maps (e.g. a resized ResNet):
+  `shape` is an input shape for `model.init`, `name` names it in errors."""
+  sd = {re.sub(r"^module\.", "", k): v for k, v in sd.items() if not k.endswith(_IGNORED)}
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
   rules = {}  # flax (collection, *path) -> (torch key, torch shape, conversion)
   for collection in ("params", "batch_stats"):
