@@ -195,6 +195,8 @@ def main(argv):
   del argv  # parse_flags has checked it
   if not (_VERBOSE or FLAGS.verbose or FLAGS["verbosity"].present):
     reporting.quiet_library_logs()
+  if not (_VERBOSE or FLAGS.verbose):
+    sys.excepthook = _drop_closed_loop_errors(sys.excepthook)
   if FLAGS.check_only:  # creates nothing
     num_devices = FLAGS.num_devices or jax.device_count()
     try:
@@ -224,6 +226,17 @@ def main(argv):
     _train(checkpointing, input_pipeline, train, workdir_lib)
   finally:
     _LOCK.release()
+
+
+def _drop_closed_loop_errors(hook):
+  """After a failed save, tensorstore's callbacks into orbax's closed event loop print a traceback
+  each (through sys.excepthook); the failure itself is one StorageError line."""
+
+  def excepthook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      hook(kind, value, tb)
+
+  return excepthook
 
 
 def _lock_workdir(workdir_lib):
@@ -261,6 +274,13 @@ def _train(checkpointing, input_pipeline, train, workdir_lib):
     fail(str(e))
   except (checkpointing.CheckpointError, checkpointing.NonFiniteError) as e:
     fail(str(e), code=1)
+  except checkpointing.StorageError as e:  # orbax's threads may still fail: no interpreter teardown
+    if _VERBOSE or FLAGS.verbose:
+      traceback.print_exc()
+    _LOCK.release()
+    sys.stderr.write(f"error: {e}\n")
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
   except checkpointing.Preempted as e:
     preempted = str(e)
   if preempted:  # outside `except`: the run's arrays are freed now, not in a slow teardown

@@ -12,6 +12,7 @@ Paths are `etils.epath` paths: `gs://` works like a local directory.
 
 import gc
 import logging as py_logging
+import os
 import signal
 import threading
 from typing import Any
@@ -45,6 +46,10 @@ class NonFiniteError(FloatingPointError):
 
 class CheckpointError(ValueError):
   """No checkpoint in a directory can be restored."""
+
+
+class StorageError(OSError):
+  """A checkpoint could not be written (disk full, read-only or vanished directory): one line."""
 
 
 def as_path(path) -> epath.Path:
@@ -132,13 +137,48 @@ def save(
       f"the training state at step {step} holds a non-finite value: not saved; "
       f"last good checkpoint: {last_good(mngr)}"
     )
-  mngr.save(
-    step,
-    args=ocp.args.StandardSave(state),
-    force=force,
-    custom_metadata={"num_devices": jax.device_count()}
-    | ({"config": workdir_lib.config_metadata(config)} if config is not None else {}),
+  metadata = {"num_devices": jax.device_count()}
+  if config is not None:
+    metadata["config"] = workdir_lib.config_metadata(config)
+  try:
+    mngr.save(step, args=ocp.args.StandardSave(state), force=force, custom_metadata=metadata)
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
+    raise _storage_error(mngr, step, e) from None
+
+
+def finish(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Waits for the asynchronous save of `step`: StorageError (one line) if it failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _storage_error(mngr, step, e) from None
+
+
+# The OS errors behind a failed save, as tensorstore and orbax word them deep in their messages.
+_OS_REASONS = (
+  "No space left on device",
+  "Disk quota exceeded",
+  "Read-only file system",
+  "Permission denied",
+  "No such file or directory",
+)
+
+
+def _storage_error(mngr, step: int, e: Exception) -> StorageError:
+  reason = next((r for r in _OS_REASONS if r in str(e)), None) or _reason(e)[:300]
+  good = [s for s in _finished_steps(mngr.directory) if s != step]
+  return StorageError(
+    f"checkpoint of step {step} in {mngr.directory} failed ({reason}); newest good "
+    f"checkpoint: {f'step {max(good)}' if good else 'none'}; fix the storage and restart the "
+    "same command to continue from it"
   )
+
+
+def _finished_steps(directory) -> list[int]:
+  try:
+    return [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
+  except OSError:
+    return []
 
 
 def _move_aside(directory: epath.Path, name: str) -> epath.Path:
@@ -157,13 +197,25 @@ def tidy(directory) -> None:
   """Warns about stray entries of a checkpoint directory and moves empty step folders aside.
 
   An empty step folder (not written by orbax, which renames a finished temporary folder) would
-  otherwise count as the latest checkpoint.
+  otherwise count as the latest checkpoint. Removes the temporary folders of saves that did not
+  complete (`*.orbax-checkpoint-tmp`); raises StorageError if a local directory is not writable.
   """
   directory = epath.Path(directory)
   if not directory.exists():
     return
+  if jax.process_index() == 0:
+    _check_writable(directory)
   moved = False
   for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+    if ".orbax-checkpoint-tmp" in entry.name:  # a save that never completed
+      if jax.process_index() == 0:
+        if entry.is_dir():
+          entry.rmtree()
+        else:
+          entry.unlink()
+        logging.warning("Removed %s: a checkpoint save that did not complete", entry)
+      moved = True
+      continue
     if entry.name.isdigit():
       if entry.is_dir() and not any(entry.iterdir()):
         dst = _move_aside(directory, entry.name)
@@ -171,12 +223,26 @@ def tidy(directory) -> None:
           "Ignoring empty checkpoint folder %s (not a checkpoint): moved to %s", entry, dst
         )
         moved = True
-    elif ".orbax-checkpoint-tmp" not in entry.name:
+    else:
       logging.warning(
         "Ignoring %s: not a checkpoint (checkpoint folders are named by their step)", entry
       )
   if moved:
     _sync("pf_jax_tidy_checkpoints")
+
+
+def _check_writable(directory: epath.Path) -> None:
+  if "://" in str(directory):
+    return
+  probe = directory / f".write_test.{os.getpid()}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise StorageError(
+      f"{directory} is not writable ({e.strerror}): checkpoints cannot be saved; fix its "
+      "permissions or free space, then restart the same command"
+    ) from None
 
 
 def _reason(e: Exception) -> str:
@@ -254,17 +320,55 @@ def find_checkpoints(path) -> epath.Path:
 
 
 def restore_arrays(path, sharding) -> Any:
-  """(tree, step) of the latest checkpoint under `path`, every array placed with `sharding`.
+  """(tree, step) of the newest checkpoint under `path` that restores, every array placed with
+  `sharding`; a newer one that does not is skipped with a one-line warning (nothing is moved).
 
   The target comes from the checkpoint's metadata (shapes and dtypes only), so a checkpoint saved
   on any device count restores onto the current devices.
   """
   directory = find_checkpoints(path)
   with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-    step = mngr.latest_step()
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointError(f"no checkpoint in {str(directory)!r}")
-    meta = mngr.item_metadata(step)
-    meta = getattr(meta, "tree", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
-    return mngr.restore(step, args=ocp.args.StandardRestore(target)), step
+    failed = []
+    for step in steps:
+      try:
+        meta = mngr.item_metadata(step)
+        meta = getattr(meta, "tree", meta)
+        target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+        )
+        tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+        failed.append((step, _reason(e)))
+        _drop_failed_reads()
+        continue
+      for bad, reason in failed:
+        logging.warning(
+          "Checkpoint of step %d in %s cannot be restored (%s): using step %d",
+          bad,
+          directory,
+          reason,
+          step,
+        )
+      return tree, step
+  step, reason = failed[0]
+  raise CheckpointError(
+    f"no checkpoint in {directory} can be restored; the latest, step {step}, fails with {reason}"
+  )
+
+
+def load_variables(path) -> tuple[Any, Any, int]:
+  """The model variables of the latest checkpoint of a workdir (or checkpoint directory).
+
+  Args:
+    path: a workdir or its `checkpoints/` directory (any `etils.epath` path).
+
+  Returns:
+    (params, batch_stats ({} without BatchNorm), step): raw arrays on one local device, whatever
+    device count the checkpoint was saved on.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored, step = restore_arrays(path, sharding)
+  return restored["params"], restored.get("batch_stats", {}), step

@@ -387,9 +387,12 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forget=None):
-  """A finished run's files written by hand: config, results, sharpness and collection points
-  whose perturbed information curves are the unperturbed ones scaled by (1 - forget)."""
+def _fake_run(
+  workdir, *, perturbation, m, seed, accuracy, sharpness=None, forget=None, sharpness_step=660
+):
+  """A finished run's files written by hand: config, results (step 660), sharpness (measured at
+  `sharpness_step`) and collection points whose perturbed information curves are the unperturbed
+  ones scaled by (1 - forget)."""
   from configs import digits_msweep  # pylint: disable=g-import-not-at-top
   from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
@@ -400,7 +403,7 @@ def _fake_run(workdir, *, perturbation, m, seed, accuracy, sharpness=None, forge
   workdir_lib.save_results(workdir, 660, {"eval/digits/top1": accuracy})
   if sharpness is not None:
     with open(os.path.join(workdir, "sharpness.json"), "w") as f:
-      json.dump({"sharpness": sharpness}, f)
+      json.dump({"sharpness": sharpness, "step": sharpness_step}, f)
   r = information.THRESHOLD_EXPONENTS
   for step, peak in ((110, -2.0), (220, -5.0)):
     cond, rel = _bump(r, peak, 1.5), 0.5 * _bump(r, peak - 1, 1.0)
@@ -467,14 +470,43 @@ def test_report_groups_runs_that_differ_only_in_seed(tmp_path):
       workdirs[-1], perturbation=p, m=m, seed=seed, accuracy=acc, sharpness=sharp, forget=0.0
     )
   table = report.report(workdirs, str(tmp_path / "out")).splitlines()
-  assert table[0] == "| MODEL | ALGO | PERTURB | m | DIGITS | SHARPNESS | RUNS |"
+  assert table[0] == "| MODEL | DATASET | ALGO | PERTURB | m | DIGITS | SHARPNESS | RUNS |"
   # mean and sample std by hand: (90, 94, 95) -> 93.00 +- 2.65; sharpness (12, 14) -> 13.0 +- 1.4.
-  assert "| vit_digits | SAM | STEEP | 8 | 93.00 ± 2.65 | 13.0 ± 1.4 | 3 |" in table
-  assert "| vit_digits | SAM | STEEP | 64 | 91.00 | 30.0 | 1 |" in table
-  assert "| vit_digits | SAM | OBF lambda=0.1 gamma=1 | 8 | 97.00 | 20.0 | 1 |" in table
+  assert "| vit_digits | digits | SAM | STEEP | 8 | 93.00 ± 2.65 | 13.0 ± 1.4 | 3 |" in table
+  assert "| vit_digits | digits | SAM | STEEP | 64 | 91.00 | 30.0 | 1 |" in table
+  assert "| vit_digits | digits | SAM | OBF lambda=0.1 gamma=1 | 8 | 97.00 | 20.0 | 1 |" in table
   assert len(table) == 2 + 3
   csv_rows = open(str(tmp_path / "out" / "results.csv")).read().splitlines()
   assert len(csv_rows) == 1 + 3 and "0 1 2" in csv_rows[2]
+
+
+def test_report_counts_a_workdir_once_ignores_a_stale_sharpness_and_names_the_dataset(tmp_path):
+  from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
+
+  a, b, c = (str(tmp_path / n) for n in "abc")
+  _fake_run(a, perturbation="steep", m=8, seed=0, accuracy=0.90, sharpness=12.0, forget=0.0)
+  _fake_run(
+    b,
+    perturbation="steep",
+    m=8,
+    seed=1,
+    accuracy=0.94,
+    sharpness=99.0,
+    forget=0.0,
+    sharpness_step=60,
+  )
+  _fake_run(c, perturbation="steep", m=8, seed=0, accuracy=0.80, sharpness=5.0, forget=0.0)
+  config = workdir_lib.load_config(c)  # the same run on another training set: its own row
+  config.dataset = "spurious_digits"
+  workdir_lib.save_config(c, config)
+  text = report.report([a, b, a + "/", c], str(tmp_path / "out"))
+  table = text.splitlines()
+  # a and b: 2 runs (not 3), accuracy (90, 94) -> 92.00 +- 2.83; b's sharpness (step 60 < 660) unused.
+  assert "| vit_digits | digits | SAM | STEEP | 8 | 92.00 ± 2.83 | 12.0 | 2 |" in table
+  assert "| vit_digits | spurious_digits | SAM | STEEP | 8 | 80.00 | 5.00 | 1 |" in table
+  assert f"Note: {b}: sharpness measured at step 60, the run ended at step 660: not used" in text
+  assert f"Note: {a}/: the same workdir as {a}: counted once" in text
 
 
 @pytest.mark.slow

@@ -582,3 +582,20 @@ def test_gpu_sigterm_reaches_main_and_its_preemption_code_comes_back(tmp_path):
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=30) == 75
   assert (tmp_path / "saved").read_text() == "yes"
+
+
+def test_forgetting_pool_dry_run_lists_the_papers_pool(tmp_path):
+  """launch/forgetting_pool.py --config=configs/cifar10_msweep.py: 3 perturbations x m = 2^0..2^9,
+  each trained and its sharpness measured, then Figure 2 and the table over all 30 workdirs."""
+  pool = os.path.join(REPO, "launch", "forgetting_pool.py")
+  root = str(tmp_path / "pool")
+  cmd = [sys.executable, pool, f"--root={root}", "--config=configs/cifar10_msweep.py", "--dry_run"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+  trains = [line for line in out.splitlines() if " main.py " in line]
+  want = [f"{p},{2**k}" for p in ("steep", "obf", "obf_gamma0") for k in range(10)]
+  assert [
+    line.split("--config=configs/cifar10_msweep.py:")[1].split()[0] for line in trains
+  ] == want
+  assert out.count("pf_jax.analysis sharpness") == 30
+  assert out.count(f"{root}/obf_gamma0-512") == 4  # trained, sharpness, Figure 2, table
+  assert not os.path.exists(root)  # nothing ran

@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
 from pf_jax import checkpointing
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
@@ -314,6 +316,79 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_warning(tmp_path, ca
   assert not (run / "lock.json").exists()
 
 
+def _can_mount():
+  try:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+  except OSError:
+    return False
+
+
+_STORAGE_SCRIPT = """
+set -u
+M=$1; SRC=$2; OUT=$3; shift 3
+mkdir -p $M && mount -t tmpfs -o size=4m tmpfs $M || exit 99
+cp -a $SRC $M/run && rm -rf $M/run/checkpoints/6 $M/run/results.json
+# Fill the filesystem but for ~96 KiB: the lock, config.json and events fit, a checkpoint does not.
+dd if=/dev/zero of=$M/filler bs=4k count=$(( $(df -k --output=avail $M | tail -1) / 4 - 24 )) \
+  2>/dev/null
+"$@" > $OUT/full.out 2> $OUT/full.err; echo $? > $OUT/full.rc
+ls $M/run/checkpoints > $OUT/full.ls
+rm $M/filler
+mount --bind $M/run/checkpoints $M/run/checkpoints && mount -o remount,ro,bind $M/run/checkpoints
+"$@" > $OUT/ro.out 2> $OUT/ro.err; echo $? > $OUT/ro.rc
+umount $M/run/checkpoints
+"$@" > $OUT/again.out 2> $OUT/again.err; echo $? > $OUT/again.rc
+cp -a $M/run $OUT/run
+"""
+
+
+@pytest.mark.slow  # three main.py runs
+@pytest.mark.skipif(not _can_mount(), reason="needs `unshare -rm` (user and mount namespaces)")
+def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_nothing(
+  finished, tmp_path
+):
+  """A real full filesystem (a 4 MiB tmpfs): the save of step 6 fails; then `checkpoints/` is
+  mounted read-only; then the storage is fixed and the same command finishes the run."""
+  flags = dict(
+    num_train_steps=6, warmup_steps=2, checkpoint_every_steps=2, eval_every_steps=6,
+    log_every_steps=2, keep_checkpoints=10, global_batch_size=64, eval_batch_size=64,
+  )  # fmt: skip
+  mnt, out = tmp_path / "mnt", tmp_path / "out"
+  out.mkdir()
+  cmd = [sys.executable, "main.py", f"--workdir={mnt / 'run'}", f"--config.data_dir={finished[1]}"]
+  cmd += [f"--config.{k}={v}" for k, v in flags.items()] + ["--config.sam.m=16"]
+  script = ["unshare", "-rm", "bash", "-c", _STORAGE_SCRIPT, "-", str(mnt), finished[0], str(out)]
+  subprocess.run(script + cmd, cwd=ROOT, env=_env(), timeout=900, check=True)
+  read = lambda name: (out / name).read_text()
+  # Disk full: one line naming the path and the step, no "checkpoint step 6", step 4 intact.
+  assert read("full.rc").strip() == "1", read("full.err")[-3000:]
+  err = read("full.err").strip().splitlines()
+  assert "Traceback" not in read("full.err") and not err[-1].startswith(" ")
+  ckpts = mnt / "run" / "checkpoints"
+  assert err[-1] == (
+    f"error: checkpoint of step 6 in {ckpts} failed (No space left on device); newest good "
+    "checkpoint: step 4; fix the storage and restart the same command to continue from it"
+  )
+  assert not any(re.search(r"checkpoint step 6\b", l) for l in err)
+  assert read("full.ls").split() == ["2", "4", "6.orbax-checkpoint-tmp"]
+  # Read-only checkpoints/: one line before anything compiles.
+  assert read("ro.rc").strip() == "1"
+  (line,) = read("ro.err").strip().splitlines()[-1:]
+  assert line.startswith(f"error: {ckpts} is not writable (Read-only file system)"), read("ro.err")
+  assert "train step" not in read("ro.err") and "Traceback" not in read("ro.err")
+  # Fixed: the leftover is removed, the run resumes from step 4 and finishes.
+  assert read("again.rc").strip() == "0", read("again.err")[-3000:]
+  assert "6.orbax-checkpoint-tmp: a checkpoint save that did not complete" in read("again.err")
+  assert "Resumed from step 4" in read("again.err")
+  assert _steps(out / "run") == [2, 4, 6]
+  assert sorted(os.listdir(out / "run" / "checkpoints")) == ["2", "4", "6"]
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    _restore(finished[0], 4)["params"],
+    _restore(out / "run", 4)["params"],
+  )
+
+
 # --- Non-finite steps ---------------------------------------------------------------------------
 
 
@@ -322,11 +397,11 @@ def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
   c = default_config.get_config()
   c.model, c.global_batch_size, c.sam.perturbation = "resnet_tiny", 16, "none"
   c.optimizer, c.lr_max = "sgdw", 0.5
+  c.num_train_steps, c.warmup_steps = 10, 0
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=0)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh)
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=2)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = lambda: {
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -480,6 +555,19 @@ def test_damaged_latest_checkpoints_are_moved_aside_and_the_newest_good_one_resu
   )
 
 
+def test_the_analysis_reads_the_newest_checkpoint_that_restores_and_says_so(
+  finished, tmp_path, caplog
+):
+  workdir = _copy(finished, tmp_path)
+  _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "6"))
+  params, _, step = checkpointing.load_variables(workdir)  # what `sharpness` and `init_from` read
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, _restore(finished[0], 4)["params"], params)
+  (warning,) = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert warning.startswith("Checkpoint of step 6 in ") and warning.endswith(": using step 4")
+  assert _steps(workdir) == [2, 4, 6]  # an analysis moves nothing
+
+
 def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(
   finished, tmp_path, caplog
 ):
@@ -630,9 +718,34 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
   assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
   assert not (tmp_path / "gs:").exists()
-  train.validate_config(
+  config_validation.validate(
     _config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8, num_processes=1
   )
+
+
+def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
+  fake_gcs, monkeypatch, caplog
+):
+  monkeypatch.setattr(workdir_lib, "SETTLE_S", 0.0)
+  lock_file = fake_gcs / "bucket" / "run" / "lock.json"
+  with workdir_lib.WorkdirLock("gs://bucket/run") as held:
+    assert not held.local and json.loads(lock_file.read_text())["pid"] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirLockedError, match="gs://bucket/run is in use by pid"):
+      workdir_lib.WorkdirLock("gs://bucket/run").acquire()
+  # A concurrent start that writes its lock while this one waits to read back: this one stops.
+  other = {"host": "h2", "pid": 7, "started": "T", "token": "other"}
+  sneak = lambda _: lock_file.write_text(json.dumps(dict(other, heartbeat=time.time())))
+  with monkeypatch.context() as m:
+    m.setattr(time, "sleep", sneak)
+    with pytest.raises(workdir_lib.WorkdirLockedError, match="in use by pid 7 on host h2"):
+      workdir_lib.WorkdirLock("gs://bucket/run").acquire()
+  # That holder, not refreshed for longer than STALE_AFTER_S: abandoned, taken over.
+  other["heartbeat"] = time.time() - workdir_lib.STALE_AFTER_S - 1
+  lock_file.write_text(json.dumps(other))
+  with workdir_lib.WorkdirLock("gs://bucket/run"):
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+  assert any("pid 7 on host h2" in r.getMessage() for r in caplog.records)
+  assert not lock_file.exists()
 
 
 def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
@@ -642,18 +755,17 @@ def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tm
   out, workdir = tmp_path / "out", _copy(finished, tmp_path)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   script = (
-    "import json, sys, jax, numpy as np; from pf_jax import train, workdir\n"
+    "import json, sys, jax, numpy as np; from pf_jax import checkpointing, experiment, train, workdir\n"
     "assert jax.device_count() == 1\n"
     "flat = lambda t: {'/'.join(map(str, k)): np.asarray(v) for k, v in "
     "jax.tree_util.tree_flatten_with_path(t)[0]}\n"
-    "p, _, _ = train.load_variables(sys.argv[1])\n"
+    "p, _, _ = checkpointing.load_variables(sys.argv[1])\n"
     "np.savez(sys.argv[2] + '/loaded.npz', **flat(p))\n"
     "c = workdir.load_config(sys.argv[1])\n"
-    "for init_from, name in ((sys.argv[1], 'init_from'), ('', 'fresh')):\n"
-    "  with c.unlocked(): c.init_from = init_from\n"
-    "  tx = train.create_optimizer(c, 6, 2)[0]\n"
-    "  state = train.create_state(c, train.build_model(c, 10), tx, 10)\n"
-    "  np.savez(sys.argv[2] + f'/{name}.npz', **flat(state.params))\n"
+    "exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=1)\n"
+    "fresh = jax.device_get(exp.init_state())\n"
+    "np.savez(sys.argv[2] + '/init_from.npz', **flat(train.load_pretrained(exp, fresh, sys.argv[1]).params))\n"
+    "np.savez(sys.argv[2] + '/fresh.npz', **flat(fresh.params))\n"
     "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))"
   )
   os.makedirs(out)
@@ -728,4 +840,4 @@ def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile)
 def test_max_consecutive_nonfinite_must_be_positive(value):
   c = _config("/tmp", max_consecutive_nonfinite=value)
   with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
-    train.validate_config(c, num_devices=8, num_processes=1)
+    config_validation.validate(c, num_devices=8, num_processes=1)

@@ -2,21 +2,23 @@
 
 A run is a workdir with `config.json`, `results.json` (a finished run), optionally
 `sharpness.json` and `forgetting/step_*.npz`. Runs that differ only in their seed (and in fields
-that do not change training, `workdir.SAFE_TO_CHANGE`) form one group.
+that do not change training, `config_fields.SAFE_TO_CHANGE`) form one group.
 """
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 
+from pf_jax import config_fields
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import sharpness as sharpness_lib
 
 # Fields ignored when deciding whether two runs are the same experiment.
-NOT_EXPERIMENT = ("seed",) + workdir_lib.SAFE_TO_CHANGE
+NOT_EXPERIMENT = ("seed",) + config_fields.SAFE_TO_CHANGE
 
 
 @dataclasses.dataclass
@@ -40,7 +42,7 @@ class Run:
       if c["label_smoothing"]:
         return "LABELSMOOTH"
       return {"adamw": "ADAMW", "sgdw": "SGD"}[c["optimizer"]]
-    parts = (["GSAM"] if s["gsam_alpha"] else []) + (["ASAM"] if s["asam"] else [])
+    parts = (["GSAM"] if s["gsam_alpha"] else []) + (["ASAM"] if s["asam"] != "none" else [])
     return "+".join(parts) or "SAM"
 
   @property
@@ -49,7 +51,7 @@ class Run:
     s = self.config["sam"]
     p = s["perturbation"]
     if p == "obf":
-      if s["obf_alpha"] >= 0:
+      if s["obf_alpha"] is not None:
         return f"OBF alpha={s['obf_alpha']:g}"
       return f"OBF lambda={s['obf_lambda']:.3g} gamma={s['obf_gamma']:g}"
     return {"none": "NONE", "steepest": "STEEP", "random": "RANDOM"}[p]
@@ -64,6 +66,10 @@ class Run:
     return self.results[f"eval/{self.config['eval_datasets'][0]}/top1"]
 
   @property
+  def dataset(self) -> str:
+    return self.config["dataset"]
+
+  @property
   def experiment(self) -> str:
     return json.dumps(
       {k: v for k, v in workdir_lib.flatten(self.config).items() if k not in NOT_EXPERIMENT},
@@ -71,17 +77,28 @@ class Run:
     )
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, notes: list[str] | None = None) -> Run:
+  """The run in `workdir`; a stale sharpness is not used (a line in `notes`, sharpness.load)."""
   return Run(
     workdir,
     workdir_lib.load_config(workdir).to_dict(),
     workdir_lib.load_results(workdir),
-    sharpness_lib.load(workdir),
+    sharpness_lib.load(workdir, notes),
   )
 
 
-def load_runs(workdirs: list[str]) -> list[Run]:
-  return [load_run(w) for w in workdirs]
+def load_runs(workdirs: list[str], notes: list[str] | None = None) -> list[Run]:
+  """One Run per distinct workdir (a workdir listed twice counts once: a line in `notes`)."""
+  seen, runs = {}, []
+  for w in workdirs:
+    key = w.rstrip("/") if "://" in w else os.path.realpath(w)
+    if key in seen:
+      if notes is not None:
+        notes.append(f"{w}: the same workdir as {seen[key]}: counted once")
+      continue
+    seen[key] = w
+    runs.append(load_run(w, notes))
+  return runs
 
 
 def run_forgetting(run: Run) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,10 @@
 """Results tables in the layout of Tables 1 and B.1: `python -m pf_jax.analysis report`.
 
-One row per experiment (runs that differ only in seed, `pool.NOT_EXPERIMENT`): model, ALGO,
-PERTURB, m, top-1 (%) on every eval set of its config and sharpness, as mean ± standard
-deviation (ddof = 1, like "standard deviations ... with three trials") over its runs.
+One row per experiment (runs that differ only in seed, `pool.NOT_EXPERIMENT`): model, training
+dataset, ALGO, PERTURB, m, top-1 (%) on every eval set of its config and sharpness, as mean ±
+standard deviation (ddof = 1, like "standard deviations ... with three trials") over its runs.
+A workdir listed twice counts once; a sharpness measured before its run's last step is not used;
+both are said in notes below the table.
 Writes `DIR/results.md` and `DIR/results.csv` (numeric means and stds); `--plots` also
 `DIR/accuracy.png` and `DIR/curves.png` (pf_jax/analysis/plots.py).
 """
@@ -46,6 +48,7 @@ def table(runs: list[pool.Run]):
     first = members[0]
     row = {
       "model": first.model,
+      "dataset": first.dataset,
       "algo": first.algo,
       "perturb": first.perturbation,
       "m": "" if first.m is None else first.m,
@@ -57,38 +60,42 @@ def table(runs: list[pool.Run]):
       row[k] = _stats([100 * r.results[k] if k in r.results else None for r in members])
     row["sharpness"] = _stats([r.sharpness for r in members])
     rows.append(row)
-  rows.sort(key=lambda r: (r["model"], r["algo"], r["perturb"], r["m"] if r["m"] != "" else 0))
+  rows.sort(
+    key=lambda r: (r["model"], r["dataset"], r["algo"], r["perturb"], r["m"] if r["m"] != "" else 0)
+  )
   return rows, metrics
 
 
 def report(workdirs: list[str], out: str, *, plots: bool = False) -> str:
   """Writes the table (and with `plots`, accuracy.png and curves.png, see plots.py); returns it."""
-  rows, metrics = table(pool.load_runs(workdirs))
+  notes = []
+  rows, metrics = table(pool.load_runs(workdirs, notes))
   os.makedirs(out, exist_ok=True)
   names = [k[len("eval/") :].replace("/top1", "").replace("/real_top1", " ReaL") for k in metrics]
   lines = [
-    "| MODEL | ALGO | PERTURB | m | "
+    "| MODEL | DATASET | ALGO | PERTURB | m | "
     + " | ".join(n.upper() for n in names)
     + " | SHARPNESS | RUNS |",
-    "|" + "---|" * (len(metrics) + 6),
+    "|" + "---|" * (len(metrics) + 7),
   ]
   for r in rows:
-    cells = [r["model"], r["algo"], r["perturb"], str(r["m"])]
+    cells = [r["model"], r["dataset"], r["algo"], r["perturb"], str(r["m"])]
     cells += [_fmt(*r[k], 2) for k in metrics]
     cells += [_fmt(*r["sharpness"], _sharpness_decimals(r["sharpness"][0])), str(r["runs"])]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += [""] + [f"Note: {n}" for n in notes] if notes else []
   text = "\n".join(lines) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(
-      ["model", "algo", "perturb", "m", "runs", "seeds"]
+      ["model", "dataset", "algo", "perturb", "m", "runs", "seeds"]
       + [f"{k}/{s}" for k in metrics + ["sharpness"] for s in ("mean", "std")]
     )
     for r in rows:
       writer.writerow(
-        [r[k] for k in ("model", "algo", "perturb", "m", "runs", "seeds")]
+        [r[k] for k in ("model", "dataset", "algo", "perturb", "m", "runs", "seeds")]
         + [f"{v:.6g}" for k in metrics + ["sharpness"] for v in r[k]]
       )
   if plots:

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from pf_jax import checkpointing
+from pf_jax import dataset_catalog
+from pf_jax import experiment
 from pf_jax import losses
-from pf_jax import models
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import hessian
 
@@ -77,19 +79,20 @@ def checkpoint_sharpness(
   `log(line)`, if given, receives progress lines (examples used, every 10th power iteration)."""
   log = log or (lambda line: None)
   c = workdir_lib.load_config(workdir)
-  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from pf_jax import train  # pylint: disable=g-import-not-at-top  (TensorFlow)
-
   a = c.analysis
   num_examples = num_examples or a.sharpness_examples
   batch_size = min(batch_size or a.sharpness_batch_size, num_examples)
   num_iters = num_iters or a.sharpness_iters
   tol = tol or a.sharpness_tol
-  params, batch_stats, step = train.load_variables(workdir)
-  num_classes = input_pipeline.DATASETS[c.dataset].num_classes
-  model = models.build_model(
-    c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=jnp.float32
+  params, batch_stats, step = checkpointing.load_variables(workdir)
+  spec = dataset_catalog.DATASETS[c.dataset]
+  exp = experiment.build(
+    c,
+    num_classes=spec.num_classes,
+    num_train_examples=spec.train_examples,
+    num_devices=jax.device_count(),
   )
+  model = exp.model_in(jnp.float32)
   loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing
   variables = {"batch_stats": batch_stats} if batch_stats else {}
 
@@ -144,6 +147,23 @@ def checkpoint_sharpness(
   return result
 
 
-def load(workdir) -> float | None:
+def load(workdir, notes: list[str] | None = None) -> float | None:
+  """The run's measured sharpness; None if there is none or it is stale.
+
+  Stale: measured at a step before the run's last (`results.json`); then a line saying so is
+  appended to `notes`. A `sharpness.json` without a step (written before it had one) is used.
+  """
   path = epath.Path(workdir) / RESULT_FILE
-  return json.loads(path.read_text())["sharpness"] if path.exists() else None
+  if not path.exists():
+    return None
+  stored = json.loads(path.read_text())
+  results = epath.Path(workdir) / workdir_lib.RESULTS_FILE
+  last = json.loads(results.read_text()).get("step") if results.exists() else None
+  if last is not None and stored.get("step") is not None and stored["step"] < last:
+    if notes is not None:
+      notes.append(
+        f"{workdir}: sharpness measured at step {stored['step']}, the run ended at step {last}: "
+        f"not used (measure it again: python -m pf_jax.analysis sharpness --workdir={workdir})"
+      )
+    return None
+  return stored["sharpness"]
