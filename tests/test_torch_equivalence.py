@@ -51,6 +51,8 @@ def test_logits_equal_timms(name, image_size):
     ("vit_s32_imagenet", "gsam_obf"),
     ("vit_s32_imagenet", "asam_obf"),
     ("vit_s32_imagenet", "adamw"),
+    ("vit_s32_imagenet", "gsam_steep"),
+    ("vit_s32_imagenet", "shrink_perturb"),
   ],
 )
 def test_training_steps_match_the_authors_loop(config_name, method):

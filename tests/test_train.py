@@ -1,5 +1,6 @@
 """The training system: device-count invariance, exact resume, config validation, CLI."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -316,9 +317,9 @@ def test_evaluation_counts_top1_real_and_subset_by_hand(subset):
     batch["real_label"] = (rng.random((b, n)) < 0.3).astype(np.int32)
     batch["real_valid"] = (rng.random(b) < 0.8).astype(np.int32)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  step = train.make_eval_step(
-    c, _ImageIsLogits(n), mesh, None if subset is None else np.asarray(subset)
-  )
+  exp = experiment.build(c, num_classes=n, num_train_examples=1438, num_devices=8)
+  exp = dataclasses.replace(exp, model=_ImageIsLogits(n), has_batch_norm=False)
+  step = train.make_eval_step(exp, mesh, None if subset is None else np.asarray(subset))
   got = jax.device_get(step({}, {}, {}, jax.device_put(batch, NamedSharding(mesh, P("data")))))
   z = logits if subset is None else logits[:, list(subset)]
   pred, y, mask = z.argmax(-1), batch["label"], batch["mask"]
