@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import importlib
 import os
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import torch_sam
+from pf_jax import experiment
 from pf_jax import models
 from pf_jax import train
 from pf_jax.models import resnet as resnet_lib
@@ -185,7 +187,9 @@ def _models(c):
   """(pf_jax model, timm model) of the reduced size, timm's randomized (seed 0)."""
   if c.model == "vit_digits":
     net = timm_model("vit_digits", NUM_CLASSES, c.image_size)
-    model = train.build_model(c, NUM_CLASSES)
+    model = models.build_model(
+      c.model, num_classes=NUM_CLASSES, head_bias_init=c.head_bias_init, dtype=jnp.float32
+    )
     rule = torch_weights._vit_rule  # pylint: disable=protected-access
   else:
     from timm.models.resnet import Bottleneck  # pylint: disable=g-import-not-at-top
@@ -211,8 +215,11 @@ def _batches(c, seed=0):
 def jax_run(c, model, variables, batches):
   """STEPS steps of pf_jax's compiled training step; returns the final variables."""
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
-  tx, lr, rho = train.create_optimizer(c, TOTAL, WARMUP)
-  step = train.make_train_step(c, model, tx, rho, mesh, lr)
+  c.num_train_steps, c.warmup_steps = TOTAL, WARMUP
+  exp = experiment.build(c, num_classes=NUM_CLASSES, num_train_examples=BATCH, num_devices=1)
+  exp = dataclasses.replace(exp, model=model, has_batch_norm=bool(variables["batch_stats"]))
+  tx = exp.tx
+  step = train.make_train_step(exp, mesh)
   params = jax.tree.map(jnp.asarray, variables["params"])
   stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
   state = train.TrainState(
@@ -236,7 +243,7 @@ def authors_lr(c, t: int) -> float:
 def authors_rho(c, lr: float) -> float:
   """RhoGenerator: 'constant' rho, or 'lr_prop' between --min-rho and --rho."""
   s = c.sam
-  if s.rho_min < 0:
+  if s.rho_min is None:
     return s.rho_max
   frac = (lr - c.lr_min) / (c.lr_max - c.lr_min)
   return max(0.0, frac * (s.rho_max - s.rho_min) + s.rho_min)
@@ -269,7 +276,7 @@ def authors_spec(c, rho: float) -> torch_sam.Spec:
     m=s.m,
     gsam_alpha=s.gsam_alpha,
     gsam_normalized_backup=s.gsam_normalized_backup,
-    asam=s.asam or None,
+    asam=None if s.asam == "none" else s.asam,
     asam_eta=0.0,
   )
 

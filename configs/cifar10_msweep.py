@@ -29,18 +29,18 @@ from configs import common
 # Table C.1 (ViT-S/32, CIFAR FORGET VS. ACC): rho 0.2 constant in every row.
 #   PERTURB        rho      OBF lambda, gamma
 PERTURBATIONS = {
-  "steep": {"sam.perturbation": "steepest", "sam.rho_max": 0.2, "sam.rho_min": -1.0},
+  "steep": {"sam.perturbation": "steepest", "sam.rho_max": 0.2, "sam.rho_min": None},
   "obf": {
     "sam.perturbation": "obf",
     "sam.rho_max": 0.2,
-    "sam.rho_min": -1.0,
+    "sam.rho_min": None,
     "sam.obf_lambda": 1 / 3,
     "sam.obf_gamma": 1.0,
   },
   "obf_gamma0": {
     "sam.perturbation": "obf",
     "sam.rho_max": 0.2,
-    "sam.rho_min": -1.0,
+    "sam.rho_min": None,
     "sam.obf_lambda": 1 / 3,
     "sam.obf_gamma": 0.0,
   },

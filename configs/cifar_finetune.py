@@ -7,7 +7,7 @@ method in {none, sam_steep, sam_obf}. The ImageNet run to start from must be giv
       --config.init_from=/path/to/imagenet/workdir
   python main.py --workdir=... --config=configs/cifar_finetune.py:resnet50,cifar100,sam_obf,local
 
-`init_from` is left "" here. The local variant trains its tiny model from scratch on digits
+`init_from` is left None here. The local variant trains its tiny model from scratch on digits
 (offline) unless given an init_from of the same tiny model. The
 ImageNet run should use the same model (configs/vit_s32_imagenet.py, configs/resnet50_imagenet.py);
 its head is replaced by a new C-way head (bias init 0).
@@ -91,7 +91,7 @@ def get_config(arg=None):
   c.clip_grad_norm = 1.0
   c.sam.m = 64  # SHARPNESS_M=64
   common.authors_pipeline(c)
-  c.init_from = ""  # set with --config.init_from=/path/to/imagenet/workdir
+  c.init_from = None  # set with --config.init_from=/path/to/imagenet/workdir
   c.log_every_steps = 50
   c.eval_every_steps = 980  # ~10 epochs of 512 on CIFAR's 50k
   c.checkpoint_every_steps = 980

@@ -5,7 +5,7 @@ python main.py --workdir=/tmp/pf
 The setting the small-scale reproduction supports best (REPORT.md): its searches (on a
 validation carve-out) picked lr 1e-2 and, for ASAM with steepest ascent, rho 0.3, in both runs
 of the search; with them ASAM reached 97.21 +- 0.48 test top-1 over seeds 0-2, against
-96.47 +- 0.80 for plain AdamW (--config.sam.perturbation=none --config.sam.asam=), a gain
+96.47 +- 0.80 for plain AdamW (--config.sam.perturbation=none --config.sam.asam=none), a gain
 within the seed spread.
 This is the same training as `configs/reproduce.py:digits,asam_steep` with those winners.
 """

@@ -69,7 +69,7 @@ def get_config(arg=None, *, model="resnet50", methods=None):
   c.lr_max = 1.6
   c.lr_min = 0.016
   c.weight_decay = 1e-3
-  c.clip_grad_norm = 0.0  # Table C.1: N/A (no clipping)
+  c.clip_grad_norm = None  # Table C.1: N/A (no clipping)
   c.sam.m = 64  # SHARPNESS_M=64
   common.authors_pipeline(c)  # OBF with sigmoid predictions although the loss is CE
   c.log_every_steps = 100

@@ -107,12 +107,14 @@ class Runner:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     with reporting.quiet_native_stderr():
       from pf_jax import cli  # pylint: disable=g-import-not-at-top
+      from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
       from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top
       from pf_jax import train  # pylint: disable=g-import-not-at-top
       from pf_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
       from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
     input_pipeline.tfds.disable_progress_bar()
     self.cli, self.train, self.workdir_lib, self.sharpness = cli, train, workdir_lib, sharpness
+    self.validate = lambda c: config_validation.validate(c, jax.device_count(), jax.process_count())
     self.root = root
     self.overrides = overrides
     self.timings_path = os.path.join(root, "timings.json")
@@ -126,6 +128,7 @@ class Runner:
     if not os.path.exists(os.path.join(workdir, "results.json")):
       overrides = [(k, repr(v)) for k, v in fields.items()] + self.overrides
       config = self.cli.build_config(f"{CONFIG}:{arg}", overrides)
+      self.validate(config)  # the boundary: train_and_evaluate takes a valid config
       start = time.time()
       self.train.train_and_evaluate(config, workdir)
       self.record(workdir, "train", time.time() - start)

@@ -357,3 +357,18 @@ def restore_arrays(path, sharding) -> Any:
   raise CheckpointError(
     f"no checkpoint in {directory} can be restored; the latest, step {step}, fails with {reason}"
   )
+
+
+def load_variables(path) -> tuple[Any, Any, int]:
+  """The model variables of the latest checkpoint of a workdir (or checkpoint directory).
+
+  Args:
+    path: a workdir or its `checkpoints/` directory (any `etils.epath` path).
+
+  Returns:
+    (params, batch_stats ({} without BatchNorm), step): raw arrays on one local device, whatever
+    device count the checkpoint was saved on.
+  """
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restored, step = restore_arrays(path, sharding)
+  return restored["params"], restored.get("batch_stats", {}), step

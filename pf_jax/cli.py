@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from pf_jax import config_fields
 from pf_jax import config_validation
 
 DASH = config_validation.DASH
@@ -111,12 +112,10 @@ def local_note(spec: str | None, config, overrides=()) -> str | None:
   full = load_config(f"{path}:{rest}" if rest else path)
   mine = {field for field, _ in overrides}
   method = ("loss", "label_smoothing", "optimizer", "grad_accum_steps")
-  show, get = config_validation._show, config_validation._get  # pylint: disable=protected-access
+  show, get = config_fields.show, config_fields.get
   changed = [
     f"{name} {show(full_value)} -> {show(value)}"
-    for name, full_value, value in (
-      (n, get(full, n), get(config, n)) for n in config_validation.FIELDS
-    )
+    for name, full_value, value in ((n, get(full, n), get(config, n)) for n in config_fields.NAMES)
     if (name.startswith("sam.") or name in method) and name not in mine and full_value != value
   ]
   note = LOCAL_NOTE.format(steps=config.num_train_steps)
@@ -135,7 +134,8 @@ def _parse_value(config, field: str, text: str):
       field, text, f"a group of fields; set config.{field}.<field>"
     )
   kind = holder.get_type(leaf)
-  if current is None and text == "None":
+  declared = config_fields.BY_NAME.get(field)
+  if text == "None" and (current is None or (declared is not None and declared.none)):
     return holder, leaf, None
   if kind is bool:
     low = text.lower()
@@ -168,7 +168,7 @@ def _parse_value(config, field: str, text: str):
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
   """Sets each (field, text) in `config`; ConfigError for an unknown field or a bad value."""
-  known = config_validation.field_names(config)
+  known = config_fields.field_names(config)
   groups = {n.rsplit(".", 1)[0] for n in known if "." in n}
   for field, text in overrides:
     if field not in known and field not in groups:
@@ -203,7 +203,7 @@ def help_text(spec: str | None, flags_help: str) -> str:
     flags_help,
     "",
     f"config fields (defaults of {source}; override with --config.FIELD=VALUE):",
-    config_validation.help_text(config),
+    config_fields.help_text(config),
     "",
     "paper configs (--config=configs/FILE.py:ARG; append ,local for a tiny offline run on digits):",
   ]

@@ -10,7 +10,6 @@ import optax
 from pf_jax.schedules import ScalarOrSchedule
 
 NO_DECAY_NAMES = ("pos_embedding",)
-CONFIG_NAMES = ("adamw", "sgdw")  # config.optimizer
 
 
 def weight_decay_mask(params) -> Any:

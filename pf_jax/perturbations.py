@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pf_jax import losses
+from pf_jax.errors import ArgumentError
 
 ObjectiveFn = Callable[[jax.Array, Any], jax.Array]  # (logits, batch) -> scalar
 Objective = str | ObjectiveFn
@@ -27,8 +28,8 @@ def obf_alpha(p_y: jax.Array, lam: float, gamma: float) -> jax.Array:
 
   lam = 0 gives alpha = gamma exactly (also where p_y underflows to 0).
   """
-  _check_unit("gamma", gamma, closed=True)
-  _check_unit("lam", lam, closed=False)
+  _check_unit("obf_alpha", "gamma", gamma, closed=True)
+  _check_unit("obf_alpha", "lam", lam, closed=False)
   if lam == 0.0:
     return jnp.full_like(p_y, gamma)
   return gamma * jnp.maximum((1.0 - lam / p_y) / (1.0 - lam), 0.0)
@@ -48,9 +49,9 @@ def obf(lam: float, gamma: float, predictions: str) -> ObjectiveFn:
   Example:
     >>> objective = pf_jax.obf(lam=1 / 10, gamma=1.0, predictions="softmax")
   """
-  _check_unit("gamma", gamma, closed=True)
-  _check_unit("lam", lam, closed=False)
-  _check_predictions(predictions)
+  _check_unit("obf", "gamma", gamma, closed=True)
+  _check_unit("obf", "lam", lam, closed=False)
+  _check_predictions("obf", predictions)
 
   def alpha_fn(p, targets):
     return obf_alpha(jnp.sum(p * targets, axis=-1), lam, gamma)
@@ -60,8 +61,8 @@ def obf(lam: float, gamma: float, predictions: str) -> ObjectiveFn:
 
 def obf_fixed_alpha(alpha: float, predictions: str) -> ObjectiveFn:
   """OBF with a constant forgetting strength alpha in [0, 1] (ablation of Table B.2)."""
-  _check_unit("alpha", alpha, closed=True)
-  _check_predictions(predictions)
+  _check_unit("obf_fixed_alpha", "alpha", alpha, closed=True)
+  _check_predictions("obf_fixed_alpha", predictions)
   return _obf_objective(lambda p, targets: jnp.full(p.shape[:-1], alpha, p.dtype), predictions)
 
 
@@ -97,12 +98,16 @@ def get_objective(
   raise ValueError(f"perturbation must be one of {OBJECTIVE_NAMES + ('obf',)}, got {name!r}")
 
 
-def _check_unit(name: str, value: float, closed: bool) -> None:
+def _check_unit(function: str, name: str, value: float, closed: bool) -> None:
   ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
   if not ok:
-    raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {value}")
+    raise ArgumentError(
+      function, name, f"{name} must be in [0, 1{']' if closed else ')'}, got {value}"
+    )
 
 
-def _check_predictions(predictions: str) -> None:
+def _check_predictions(function: str, predictions: str) -> None:
   if predictions not in PREDICTIONS:
-    raise ValueError(f"predictions must be one of {PREDICTIONS}, got {predictions!r}")
+    raise ArgumentError(
+      function, "predictions", f"predictions must be one of {PREDICTIONS}, got {predictions!r}"
+    )

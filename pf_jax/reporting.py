@@ -102,7 +102,8 @@ def describe_method(c, num_devices: int) -> str:
   E.g. 'ASAM (after, eta 0.01) steepest ascent, rho 0.3 constant, m 32 (1 chunk per device,
   one chunk), no accumulation; loss softmax_xent; optimizer adamw (weight decay 0.1)'.
   """
-  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top  (jax only)
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top  (jax only)
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
 
   s = c.sam
   smoothing = f" (label smoothing {c.label_smoothing:g})" if c.label_smoothing else ""
@@ -118,7 +119,7 @@ def describe_method(c, num_devices: int) -> str:
   if s.perturbation == "none":
     return f"no perturbation (plain {c.optimizer}), {tail}"
   if s.perturbation == "obf":
-    if s.obf_alpha >= 0:
+    if s.obf_alpha is not None:
       ascent = f"OBF (fixed alpha {s.obf_alpha:g})"
     else:
       ascent = f"OBF (lambda {s.obf_lambda:.4g}, gamma {s.obf_gamma:g})"
@@ -127,13 +128,13 @@ def describe_method(c, num_devices: int) -> str:
   name = "SAM"
   if s.gsam_alpha:
     name = f"GSAM (xi {s.gsam_alpha:g}{', normalized backup' if s.gsam_normalized_backup else ''})"
-  if s.asam:
+  if s.asam != "none":
     name = f"A{name} ({s.asam}, eta {s.asam_eta:g})"
-  if s.rho_min >= 0:
+  if s.rho_min is not None:
     rho = f"rho {s.rho_max:g} -> {s.rho_min:g} (proportional to the lr)"
   else:
     rho = f"rho {s.rho_max:g} constant"
-  per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
+  per_device = experiment.per_device_batch(c, num_devices)
   n_chunks, group = sam_family.chunking(s.m, per_device, num_devices)
   if group > 1:
     chunks = f"one chunk spans {group} devices"
@@ -145,11 +146,11 @@ def describe_method(c, num_devices: int) -> str:
 
 def describe_run(c, num_devices: int, workdir: str | None, note: str | None = None) -> str:
   """--check_only's lines: the resolved run (data, model, steps, batch), its method, the workdir."""
-  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top
 
   num_train = dataset_catalog.DATASETS[c.dataset].train_examples
-  total, warmup, per_epoch = config_validation.schedule(c, num_train)
+  total, warmup, per_epoch = experiment.schedule(c, num_train)
   lines = [
     f"run: {c.model} on {c.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
     f"eval on {', '.join(c.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "

@@ -28,6 +28,7 @@ from jax import lax
 from pf_jax import losses
 from pf_jax import perturbations
 from pf_jax import sharding
+from pf_jax.errors import ArgumentError
 from pf_jax.schedules import ScalarOrSchedule
 
 EPS = 1e-12
@@ -95,22 +96,30 @@ class SamSpec:
 
   def __post_init__(self):
     if isinstance(self.rho, (int, float)) and not self.rho >= 0:
-      raise ValueError(f"rho must be >= 0 (or a schedule), got {self.rho}")
+      raise ArgumentError("SamSpec", "rho", f"rho must be >= 0 (or a schedule), got {self.rho}")
     if not callable(self.objective) and self.objective not in perturbations.OBJECTIVE_NAMES:
-      raise ValueError(
+      raise ArgumentError(
+        "SamSpec",
+        "objective",
         f"objective must be a callable or one of {perturbations.OBJECTIVE_NAMES}, "
-        f"got {self.objective!r}"
+        f"got {self.objective!r}",
       )
     if self.m is not None and (not isinstance(self.m, int) or self.m < 1):
-      raise ValueError(f"m must be a positive int or None, got {self.m!r}")
+      raise ArgumentError("SamSpec", "m", f"m must be a positive int or None, got {self.m!r}")
     if self.chunk_mode not in CHUNK_MODES:
-      raise ValueError(f"chunk_mode must be one of {CHUNK_MODES}, got {self.chunk_mode!r}")
+      raise ArgumentError(
+        "SamSpec", "chunk_mode", f"chunk_mode must be one of {CHUNK_MODES}, got {self.chunk_mode!r}"
+      )
     if not self.gsam_alpha >= 0:
-      raise ValueError(f"gsam_alpha (xi) must be >= 0, got {self.gsam_alpha}")
+      raise ArgumentError(
+        "SamSpec", "gsam_alpha", f"gsam_alpha (xi) must be >= 0, got {self.gsam_alpha}"
+      )
     if self.asam is not None and self.asam not in ASAM_MODES:
-      raise ValueError(f"asam must be None or one of {ASAM_MODES}, got {self.asam!r}")
+      raise ArgumentError(
+        "SamSpec", "asam", f"asam must be None or one of {ASAM_MODES}, got {self.asam!r}"
+      )
     if not self.asam_eta >= 0:
-      raise ValueError(f"asam_eta must be >= 0, got {self.asam_eta}")
+      raise ArgumentError("SamSpec", "asam_eta", f"asam_eta must be >= 0, got {self.asam_eta}")
 
   def rho_at(self, step) -> jax.Array:
     """rho_t: the schedule at `step`, or the constant."""

@@ -3,16 +3,20 @@
 Data parallel over a 1-D device mesh ('data'): the train step runs under `jax.jit` +
 `jax.shard_map`, each device holding a shard of the global batch and a replica of the state.
 The SAM-family gradient comes from `pf_jax.sam_value_and_grad` (per-device m-chunks, gradient
-accumulation, BatchNorm statistics from the unperturbed pass), then the base optimizer. Every random choice is a
-function of (config.seed, step) and the data order is step-addressable, so a run resumed from
-a checkpoint ends bit-identical to an uninterrupted one.
+accumulation, BatchNorm statistics from the unperturbed pass), then the base optimizer. Every
+random choice is a function of (config.seed, step) and the data order is step-addressable, so a
+run resumed from a checkpoint ends bit-identical to an uninterrupted one.
+
+Everything the steps use comes from one `experiment.Experiment`, built once per run. The config
+is validated before (main.py: `config_validation.validate`), not here.
+
+The one hook into `pf_jax.analysis`: `analysis.collect` (`collect_point`, `has_point`) records
+the forgetting split's outputs every `analysis.collect_every_steps` steps; the analysis itself
+never imports this module.
 """
 
-import functools
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,117 +31,40 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
+from pf_jax import config_fields
 from pf_jax import config_validation
+from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
-from pf_jax import losses
 from pf_jax import models
-from pf_jax import optimizers
 from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
-from pf_jax import schedules
 from pf_jax import workdir as workdir_lib
-from pf_jax.analysis import collect as collect_lib
+from pf_jax.analysis import collect as collect_lib  # the one hook (module doc)
+from pf_jax.experiment import TrainState  # noqa: F401  (re-exported)
 
 AXIS = "data"
 
 
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
+def make_experiment(c: ml_collections.ConfigDict) -> experiment_lib.Experiment:
+  """The run of `c` on this job's devices, with the training set's facts read from TFDS.
 
+  Args:
+    c: a validated config.
 
-def validate_config(
-  c: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int | None = None
-) -> None:
-  """`config_validation.validate` against this job's devices and processes (ConfigError)."""
-  num_devices = num_devices or jax.device_count()
-  num_processes = num_processes or jax.process_count()
-  config_validation.validate(c, num_devices, num_processes)
-  per_device = c.global_batch_size // (num_devices * c.grad_accum_steps)
-  if c.sam.perturbation != "none" and models.has_batch_norm(c.model) and c.sam.m > per_device:
-    logging.warning(
-      "config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
-      "statistics (not the whole chunk's)",
-      c.sam.m,
-      c.sam.m // per_device,
-    )
+  Returns:
+    `experiment.build(c, ...)` for `jax.device_count()` devices.
 
-
-def train_schedule(c, num_train_examples: int):
-  """(total steps, warmup steps) from epochs unless given directly."""
-  total, warmup, _ = config_validation.schedule(c, num_train_examples)
-  return total, min(warmup, total)
-
-
-def create_optimizer(c, total_steps: int, warmup_steps: int):
-  """(base optax transformation, lr schedule, rho: float or schedule)."""
-  lr = schedules.warmup_linear_decay(c.lr_max, c.lr_min, warmup_steps, total_steps)
-  if c.optimizer == "adamw":
-    base = optimizers.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
-  else:
-    base = optimizers.sgdw(lr, momentum=c.momentum, weight_decay=c.weight_decay)
-  parts = [optax.clip_by_global_norm(c.clip_grad_norm)] if c.clip_grad_norm else []
-  parts.append(base)
-  if c.shrink_perturb:
-    parts.append(optimizers.shrink_and_perturb(c.shrink_perturb, lr, lr_max=c.lr_max))
-  s = c.sam
-  rho = s.rho_max
-  if s.rho_min >= 0:
-    rho = schedules.lr_proportional_rho(lr, c.lr_max, c.lr_min, s.rho_max, s.rho_min)
-  return optax.chain(*parts), lr, rho
-
-
-def compute_dtype(c):
-  """bfloat16 activations with config.mixed_precision; parameters always stay float32."""
-  return jnp.bfloat16 if c.mixed_precision else jnp.float32
-
-
-def build_model(c, num_classes: int):
-  return models.build_model(
-    c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=compute_dtype(c)
+  Raises:
+    input_pipeline.DatasetNotPreparedError: the training dataset cannot be read.
+  """
+  num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
+  return experiment_lib.build(
+    c,
+    num_classes=num_classes,
+    num_train_examples=num_train,
+    num_devices=jax.device_count(),
+    num_processes=jax.process_count(),
   )
-
-
-def _model_apply(model, has_bn: bool):
-  """(params, batch_stats, images, train) -> (logits, new batch_stats)."""
-
-  def apply(params, batch_stats, images, train):
-    if not has_bn:
-      return model.apply({"params": params}, images, train=train), batch_stats
-    if not train:
-      return model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=False
-      ), batch_stats
-    logits, new = model.apply(
-      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-    )
-    return logits, new["batch_stats"]
-
-  return apply
-
-
-def sam_spec(c, rho) -> sam_lib.SamSpec | None:
-  """The run's SAM-family member with its rho (float or schedule); None without a perturbation."""
-  s = c.sam
-  if s.perturbation == "none":
-    return None
-  return sam_lib.SamSpec(
-    rho=rho,
-    objective=config_validation.objective(c),
-    m=s.m,
-    chunk_mode=s.chunk_mode,
-    gsam_alpha=s.gsam_alpha,
-    gsam_normalized_backup=s.gsam_normalized_backup,
-    asam=s.asam or None,
-    asam_eta=s.asam_eta,
-  )
-
-
-def step_key(c, step) -> jax.Array:
-  """PRNG key of training step `step + 1` (random perturbations); the analysis reuses it."""
-  return jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
 
 
 def top1(logits, labels) -> jax.Array:
@@ -146,37 +73,42 @@ def top1(logits, labels) -> jax.Array:
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def make_train_step(c, model, tx, rho, mesh, lr=None):
-  """jit(shard_map(step)): (state, batch) -> (state, metrics), metrics replicated.
+def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
+  """The compiled training step.
 
-  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`.
-  `lr`, the learning-rate schedule, adds the step's learning rate to the metrics (computed here,
-  so logging it runs no op outside the compiled step).
+  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`. The
+  metrics include the step's learning rate (computed in the step, so logging it runs no op
+  outside the compiled program).
+
+  Args:
+    exp: the run.
+    mesh: the 1-D device mesh (axis "data").
+
+  Returns:
+    jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated, the metrics
+    replicated.
   """
-  apply = _model_apply(model, models.has_batch_norm(c.model))
-  task_loss = losses.get_loss(c.loss, c.label_smoothing)
-  spec = sam_spec(c, rho)
-  dtype = compute_dtype(c)
+  dtype = exp.dtype
 
   def forward(params, batch_stats, b):
     """(logits, (new batch statistics, top-1 of the chunk)): the aux of the pass at theta."""
-    logits, new_stats = apply(params, batch_stats, b["image"], True)
+    logits, new_stats = exp.apply(params, batch_stats, b["image"], True)
     return logits, (new_stats, top1(logits, b["label"]))
 
   def step(state: TrainState, batch):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
     grad_fn = sam_lib.sam_value_and_grad(
       lambda p, b: forward(p, state.batch_stats, b),
-      task_loss,
-      spec,
+      exp.task_loss,
+      exp.spec,
       has_aux=True,
       axis_name=AXIS,
-      accum_steps=c.grad_accum_steps,
+      accum_steps=exp.config.grad_accum_steps,
     )
     (_, (new_stats, train_top1), metrics), grads = grad_fn(
-      state.params, batch, step=state.step, rng=step_key(c, state.step)
+      state.params, batch, step=state.step, rng=exp.step_key(state.step)
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
@@ -193,27 +125,32 @@ def make_train_step(c, model, tx, rho, mesh, lr=None):
       grad_norm=optax.tree.norm(grads),
       nonfinite=1 - finite.astype(jnp.float32),
     )
-    if lr is not None:
-      metrics["lr"] = lr(state.step)
+    metrics["lr"] = exp.lr(state.step)
     return new, metrics
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 
-def make_eval_step(c, model, mesh, subset: np.ndarray | None):
-  """jit(shard_map): (params, batch_stats, totals, batch) -> totals + this batch's counts.
+def make_eval_step(exp: experiment_lib.Experiment, mesh: Mesh, subset: np.ndarray | None):
+  """The compiled evaluation step.
 
   The running totals go through the compiled step (summed over all devices), so an evaluation
   runs no op-by-op `add` that would compile outside it; `evaluate` starts them at zero.
+
+  Args:
+    exp: the run.
+    mesh: the 1-D device mesh.
+    subset: the logits that compete (`input_pipeline.class_subset`), or None: all.
+
+  Returns:
+    jit(shard_map): (params, batch_stats, totals, batch) -> totals + this batch's counts.
   """
-  apply = _model_apply(model, models.has_batch_norm(c.model))
-  dtype = compute_dtype(c)
-  task_loss = losses.get_loss(c.loss, c.label_smoothing)  # the training loss, per example below
-  per_example = jax.vmap(lambda z, y: task_loss(z[None], y[None]))
+  # The training loss, per example.
+  per_example = jax.vmap(lambda z, y: exp.task_loss(z[None], y[None]))
 
   def step(params, batch_stats, totals, batch):
-    logits, _ = apply(params, batch_stats, batch["image"].astype(dtype), False)
+    logits, _ = exp.apply(params, batch_stats, batch["image"].astype(exp.dtype), False)
     if subset is not None:  # ImageNet-R: only its 200 classes' logits compete
       logits = logits[:, jnp.asarray(subset)]
     pred = jnp.argmax(logits, axis=-1)
@@ -233,28 +170,32 @@ def make_eval_step(c, model, mesh, subset: np.ndarray | None):
   return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P()))
 
 
-def make_collect_step(c, model, mesh, rho):
-  """jit(shard_map): (params, batch_stats, step, batch) -> likelihoods at theta (and theta^p).
+def make_collect_step(exp: experiment_lib.Experiment, mesh: Mesh):
+  """The compiled step that collects outputs for the forgetting analysis (`analysis.collect`).
 
-  For the forgetting analysis (pf_jax/analysis/collect.py): the model in inference mode; theta^p
-  per m-chunk of the batch from `sam_family.perturbed_logits` with the run's own `SamSpec`, the
-  rho and PRNG key of the next training step. Likelihoods are the softmax of the logits whatever
-  the loss, as Section 6.1 bins "the model's softmax outputs"; `analysis.predictions = "sigmoid"`
-  bins per-class sigmoids instead (an explicit option, e.g. to look at what a BCE run optimizes).
+  The model runs in inference mode; theta^p per m-chunk of the batch comes from
+  `sam_family.perturbed_logits` with the run's own `SamSpec`, the rho and PRNG key of the next
+  training step. Likelihoods: `exp.predict`, the softmax of the logits whatever the loss, as
+  Section 6.1 bins "the model's softmax outputs" (`analysis.predictions = "sigmoid"`: per-class
+  sigmoids, an explicit option, e.g. to look at what a BCE run optimizes).
+
+  Args:
+    exp: the run.
+    mesh: the 1-D device mesh.
+
+  Returns:
+    jit(shard_map): (params, batch_stats, step, batch) -> {"probs", "probs_p" (with a
+    perturbation)}, sharded like the batch.
   """
-  apply = _model_apply(model, models.has_batch_norm(c.model))
-  task_loss = losses.get_loss(c.loss, c.label_smoothing)
-  predict = jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid
-  spec = sam_spec(c, rho)
-  dtype = compute_dtype(c)
+  predict, spec = exp.predict, exp.spec
 
   def step(params, batch_stats, step, batch):
-    batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
-    forward = lambda p, b: apply(p, batch_stats, b["image"], False)[0].astype(jnp.float32)
+    batch = {"image": batch["image"].astype(exp.dtype), "label": batch["label"]}
+    forward = lambda p, b: exp.apply(p, batch_stats, b["image"], False)[0].astype(jnp.float32)
     if spec is None:
       return {"probs": predict(forward(params, batch))}
     clean, perturbed = sam_lib.perturbed_logits(
-      forward, task_loss, spec, params, batch, step=step, rng=step_key(c, step), axis_name=AXIS
+      forward, exp.task_loss, spec, params, batch, step=step, rng=exp.step_key(step), axis_name=AXIS
     )
     return {"probs": predict(clean), "probs_p": predict(perturbed)}
 
@@ -263,15 +204,26 @@ def make_collect_step(c, model, mesh, rho):
   )
 
 
-def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
+def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) -> dict[str, float]:
+  """Top-1 (and ReaL top-1) of `state` on each evaluation dataset.
+
+  Args:
+    exp: the run.
+    state: the training state.
+    eval_steps: {dataset: its `make_eval_step`}.
+    batch_sharding: how a batch is laid out over the devices.
+
+  Returns:
+    {"eval/<dataset>/top1": ..., "eval/<dataset>/real_top1": ... (ReaL only)}.
+  """
+  c = exp.config
   results = {}
-  local_batch = c.eval_batch_size // jax.process_count()
   for name, eval_step in eval_steps.items():
     it = input_pipeline.eval_iterator(
       name,
       data_dir=c.data_dir,
-      image_size=c.eval_image_size if c.eval_image_size > 0 else c.image_size,
-      local_batch_size=local_batch,
+      image_size=exp.eval_image_size,
+      local_batch_size=exp.local_eval_batch_size,
       interpolation=c.eval_interpolation,
       normalization=c.image_normalization,
     )
@@ -294,26 +246,27 @@ def evaluate(c, state, eval_steps, batch_sharding) -> dict[str, float]:
   return results
 
 
-def load_variables(path: str):
-  """(params, batch_stats, step) of the latest checkpoint of a workdir (or checkpoint directory).
-
-  Raw arrays on one local device, whatever device count the checkpoint was saved on.
-  """
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restored, step = checkpointing.restore_arrays(path, sharding)
-  return restored["params"], restored.get("batch_stats", {}), step
-
-
 def pretrained_variables(path: str, model_name: str):
-  """(params, batch_stats) to fine-tune from: a pf_jax workdir/checkpoint directory, or a PyTorch
-  checkpoint file (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same
-  model, converted with `models.from_torch`. Raises config_validation.ConfigError (one line)."""
+  """The variables to fine-tune from.
+
+  Args:
+    path: a pf_jax workdir or checkpoint directory, or a PyTorch checkpoint file
+      (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same model,
+      converted with `models.from_torch`.
+    model_name: config.model.
+
+  Returns:
+    (params, batch_stats).
+
+  Raises:
+    config_validation.ConfigError: one line naming config.init_from.
+  """
   try:
     if models.torch_weights.is_torch_checkpoint(path):
       state_dict = models.torch_weights.read_checkpoint(path)
       variables = models.from_torch(model_name, state_dict)
       return variables["params"], variables["batch_stats"]
-    params, batch_stats, _ = load_variables(path)
+    params, batch_stats, _ = checkpointing.load_variables(path)
     return params, batch_stats
   except ValueError as e:
     raise config_validation.ConfigError("init_from", path, str(e)) from None
@@ -333,18 +286,25 @@ def _merge_pretrained(fresh, pretrained, path=""):
   return jnp.asarray(pretrained, fresh.dtype)
 
 
-def create_state(c, model, tx, num_classes: int) -> TrainState:
-  dummy = jnp.zeros((1, c.image_size, c.image_size, 3), jnp.float32)
-  variables = model.init(jax.random.PRNGKey(c.seed), dummy, train=False)
-  params = flax.core.unfreeze(variables["params"])
-  batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
-  if c.init_from:
-    pre_params, pre_stats = pretrained_variables(c.init_from, c.model)
-    params = _merge_pretrained(params, pre_params)
-    batch_stats = _merge_pretrained(batch_stats, pre_stats) if batch_stats else batch_stats
-  return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=tx.init(params)
-  )
+def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str) -> TrainState:
+  """`state` with the parameters and BatchNorm statistics of another run, but its own head.
+
+  Args:
+    exp: the run (its optimizer starts again from the loaded parameters).
+    state: a fresh state (`Experiment.init_state`), on the host.
+    path: config.init_from (`pretrained_variables`).
+
+  Returns:
+    The state with every leaf but the classification head read from `path`'s latest checkpoint,
+    and a fresh optimizer state for those parameters.
+
+  Raises:
+    config_validation.ConfigError: the checkpoint cannot be read; ValueError: it does not fit.
+  """
+  pre_params, pre_stats = pretrained_variables(path, exp.config.model)
+  params = _merge_pretrained(state.params, pre_params)
+  batch_stats = _merge_pretrained(state.batch_stats, pre_stats) if state.batch_stats else {}
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=exp.tx.init(params))
 
 
 def train_and_evaluate(
@@ -363,23 +323,26 @@ def train_and_evaluate(
   what a `,local` variant changed).
   """
   c = config
-  validate_config(c)
   workdir = checkpointing.as_path(workdir)
   checkpoint_dir = workdir / "checkpoints"
   checkpointing.tidy(checkpoint_dir)
   has_run = checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir())
   workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_config_change)
-  # Every dataset the run will read is checked before anything compiles.
-  num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
   # Every dataset the run will read must be readable now, not after hours of training.
+  exp = make_experiment(c)
   eval_sizes = {
     name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets
   }
   if c.analysis.collect_every_steps:
-    input_pipeline.get_builder(collect_lib.forgetting_dataset(c), c.data_dir)
-  total_steps, warmup_steps = train_schedule(c, num_train)
-  model = build_model(c, num_classes)
-  tx, lr_schedule, rho = create_optimizer(c, total_steps, warmup_steps)
+    input_pipeline.get_builder(experiment_lib.forgetting_dataset(c), c.data_dir)
+  if exp.spec is not None and exp.has_batch_norm and exp.spec.m > exp.per_device_batch:
+    logging.warning(
+      "config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
+      "statistics (not the whole chunk's)",
+      exp.spec.m,
+      exp.spec.m // exp.per_device_batch,
+    )
+  total_steps = exp.total_steps
 
   mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
   replicated = NamedSharding(mesh, P())
@@ -387,25 +350,21 @@ def train_and_evaluate(
 
   checkpoints = ocp.CheckpointManager(
     checkpoint_dir,
-    options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True),
+    options=ocp.CheckpointManagerOptions(
+      **config_fields.library_kwargs(c, "CheckpointManagerOptions"), create=True
+    ),
   )
   state = None
-  if has_run:
-    # Restore into the structure and shardings of a fresh state (no pretrained load needed).
-    init_free = c.copy_and_resolve_references()
-    with init_free.unlocked():
-      init_free.init_from = ""
-    target = jax.eval_shape(lambda: create_state(init_free, model, tx, num_classes))
+  if has_run:  # restore into the structure and shardings of a fresh state
+    target = jax.eval_shape(exp.init_state)
     target = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target
     )
-    latest, state = checkpointing.restore_latest(checkpoints, target)
-  if state is None and not c.init_from:  # compiled init: much faster than op-by-op for large models
-    state = jax.jit(
-      functools.partial(create_state, c, model, tx, num_classes), out_shardings=replicated
-    )()
-  elif state is None:  # finetuning reads the other run's checkpoint on the host
-    state = jax.device_put(create_state(c, model, tx, num_classes), replicated)
+    _, state = checkpointing.restore_latest(checkpoints, target)
+  if state is None:  # compiled init: much faster than op-by-op for large models
+    state = jax.jit(exp.init_state, out_shardings=replicated)()
+    if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
+      state = jax.device_put(load_pretrained(exp, jax.device_get(state), c.init_from), replicated)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     workdir_lib.save_config(workdir, c)
@@ -422,13 +381,12 @@ def train_and_evaluate(
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
-  train_step = make_train_step(c, model, tx, rho, mesh, lr_schedule)
+  train_step = make_train_step(exp, mesh)
   eval_steps = {
-    name: make_eval_step(c, model, mesh, input_pipeline.class_subset(name))
-    for name in c.eval_datasets
+    name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)) for name in c.eval_datasets
   }
   collect_every = c.analysis.collect_every_steps
-  collect_step = make_collect_step(c, model, mesh, rho) if collect_every else None
+  collect_step = make_collect_step(exp, mesh) if collect_every else None
   if (
     collect_every
     and start_step
@@ -437,21 +395,13 @@ def train_and_evaluate(
   ):  # preempted right at a collection step
     writer.write_scalars(
       start_step,
-      collect_lib.collect_point(
-        c,
-        state,
-        collect_step,
-        batch_sharding,
-        workdir,
-        step=start_step,
-        num_train_examples=num_train,
-      ),
+      collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=start_step),
     )
   train_iter = input_pipeline.train_iterator(
     c.dataset,
     data_dir=c.data_dir,
     image_size=c.image_size,
-    local_batch_size=c.global_batch_size // jax.process_count(),
+    local_batch_size=exp.local_batch_size,
     seed=c.seed,
     start_step=start_step,
     shuffle_buffer=c.shuffle_buffer,
@@ -465,9 +415,9 @@ def train_and_evaluate(
     c.model,
     sum(x.size for x in jax.tree.leaves(state.params)),
     c.dataset,
-    num_train,
+    exp.num_train_examples,
     eval_sizes,
-    warmup_steps,
+    exp.warmup_steps,
     jax.device_count(),
     jax.process_count(),
     workdir,
@@ -515,15 +465,13 @@ def train_and_evaluate(
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()
-        results = evaluate(c, state, eval_steps, batch_sharding)
+        results = evaluate(exp, state, eval_steps, batch_sharding)
         writer.write_scalars(step, results)
         report.eval(step, results, time.time() - eval_start)
       if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
         writer.write_scalars(
           step,
-          collect_lib.collect_point(
-            c, state, collect_step, batch_sharding, workdir, step=step, num_train_examples=num_train
-          ),
+          collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=step),
         )
       # A save is reported once it completed (asynchronous; a failure is one StorageError line).
       if saving and (
@@ -550,7 +498,7 @@ def train_and_evaluate(
   checkpoints.wait_until_finished()
   checkpoints.close()
   if not results and start_step >= total_steps:  # already finished: report the final evaluation
-    results = evaluate(c, state, eval_steps, batch_sharding)
+    results = evaluate(exp, state, eval_steps, batch_sharding)
     writer.write_scalars(total_steps, results)
   writer.flush()
   final_step = int(jax.device_get(state.step))

@@ -24,28 +24,26 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from pf_jax import config_fields
+
 CONFIG_FILE = "config.json"
-# Fields that change neither the training trajectory nor the meaning of the results: a run may be
-# continued with new values (docs/runs-safe.md).
-# Fields that do not change what is trained (the analysis only reads the run).
-SAFE_TO_CHANGE = (
-  "data_dir",
-  "eval_datasets",
-  "eval_batch_size",
-  "log_every_steps",
-  "eval_every_steps",
-  "checkpoint_every_steps",
-  "keep_checkpoints",
-  "profile",
-  "max_consecutive_nonfinite",
-  "analysis.collect_every_steps",
-  "analysis.dataset",
-  "analysis.max_raw_values",
-  "analysis.sharpness_examples",
-  "analysis.sharpness_batch_size",
-  "analysis.sharpness_iters",
-  "analysis.sharpness_tol",
-)
+# Fields a run may continue with new values (docs/runs-safe.md): they change neither the
+# training trajectory nor the meaning of the results. Declared with each field.
+SAFE_TO_CHANGE = config_fields.SAFE_TO_CHANGE
+# Runs stored before options that can be off became None (or "none") wrote these values for off.
+_STORED_OFF = {
+  "sam.rho_min": -1.0,
+  "sam.obf_alpha": -1.0,
+  "sam.asam": "",
+  "num_train_steps": -1,
+  "warmup_steps": -1,
+  "clip_grad_norm": 0.0,
+  "shrink_perturb": 0.0,
+  "init_from": "",
+  "analysis.dataset": "",
+  "analysis.collect_every_steps": 0,
+  "eval_image_size": -1,
+}
 OVERRIDE_FLAG = "--allow_config_change"
 RESULTS_FILE = "results.json"
 
@@ -79,7 +77,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
       f"{path} is damaged ({reason}): restore it, or delete it (a run is then checked against the "
       "config its checkpoints carry)"
     ) from None
-  return ml_collections.ConfigDict(stored)
+  return ml_collections.ConfigDict(_upgrade(stored))
 
 
 CHECKPOINT_METADATA = (
@@ -99,13 +97,25 @@ def checkpoint_config(checkpoint_dir) -> ml_collections.ConfigDict | None:
     except (OSError, ValueError, KeyError, TypeError):
       continue
     if isinstance(config, dict):
-      return ml_collections.ConfigDict(config)
+      return ml_collections.ConfigDict(_upgrade(config))
   return None
 
 
 def config_metadata(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as stored with each checkpoint (plain JSON, as in config.json)."""
   return json.loads(config.to_json_best_effort())
+
+
+def _upgrade(stored: dict[str, Any]) -> dict[str, Any]:
+  """A stored config with earlier runs' "off" values (`_STORED_OFF`) read as None / "none"."""
+  for name, off in _STORED_OFF.items():
+    *groups, leaf = name.split(".")
+    holder = stored
+    for g in groups:
+      holder = holder.get(g, {})
+    if leaf in holder and holder[leaf] == off and not isinstance(holder[leaf], bool):
+      holder[leaf] = "none" if name == "sam.asam" else None
+  return stored
 
 
 def save_results(workdir, step: int, results: dict[str, float]) -> None:

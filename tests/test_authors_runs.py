@@ -116,8 +116,8 @@ MODELS = {
 # (IMAGENET_INCEPTION_*), ResNet IMAGENET_DEFAULT_*; interpolation "bicubic" for both.
 # validate.py (scripts/validate_*.sh) evaluates at the cfg's test_input_size: ResNet 288, ViT none.
 MODEL_DATA = {
-  "vit_small_patch32_224": ("minus_one_to_one", "bicubic", -1),
-  "vit_small_patch16_224": ("minus_one_to_one", "bicubic", -1),
+  "vit_small_patch32_224": ("minus_one_to_one", "bicubic", None),
+  "vit_small_patch16_224": ("minus_one_to_one", "bicubic", None),
   "resnet50": ("imagenet", "bicubic", 288),
   "resnet101": ("imagenet", "bicubic", 288),
 }
@@ -150,8 +150,9 @@ def expected(script: str, run: str, num_classes: int) -> dict:
     "optimizer": "adamw" if base == "adamw" else "sgdw",
     "loss": "sigmoid_xent" if f.get("bce-loss") else "softmax_xent",
     "label_smoothing": float(f["smoothing"]),
-    "shrink_perturb": float(f["snp-factor"]),
-    "clip_grad_norm": float(f.get("clip-grad", 0.0)),
+    # train.py's 0 (snp-factor, clip-grad): off, which our config writes None.
+    "shrink_perturb": float(f["snp-factor"]) or None,
+    "clip_grad_norm": float(f.get("clip-grad", 0.0)) or None,
     "global_batch_size": int(f["BATCH_SIZE"]),
     "num_epochs": float(f["epochs"]),
     "warmup_epochs": float(f["warmup-epochs"]),
@@ -181,11 +182,11 @@ def expected(script: str, run: str, num_classes: int) -> dict:
       "sam.perturbation": "random" if prefix == "randsam" else "steepest" if steepest else "obf",
       "sam.m": int(f["SHARPNESS_M"]),
       "sam.rho_max": float(f["rho"]),
-      "sam.rho_min": float(f["min-rho"]) if f["rho-policy"] == "lr_prop" else -1.0,
+      "sam.rho_min": float(f["min-rho"]) if f["rho-policy"] == "lr_prop" else None,
       "sam.gsam_alpha": float(f["gsam-alpha"]),
       "sam.gsam_normalized_backup": bool(f.get("backup-normalized", False)),
       "sam.asam": (
-        ("before" if f.get("asam-before-norm") else "after") if f.get("adaptive-sam") else ""
+        ("before" if f.get("asam-before-norm") else "after") if f.get("adaptive-sam") else "none"
       ),
       "sam.asam_eta": 0.0,  # optim/sam.py scales by |theta| alone
     }
@@ -195,7 +196,7 @@ def expected(script: str, run: str, num_classes: int) -> dict:
       {
         "sam.obf_lambda": 1.0 / float(f["obf-C"]),
         "sam.obf_gamma": float(f["obf-gamma"]),
-        "sam.obf_alpha": -1.0,  # alpha from lambda and gamma
+        "sam.obf_alpha": None,  # alpha from lambda and gamma
         "sam.obf_predictions": "sigmoid",  # OutputBiasForget(C, gamma): sigmoid=True
       }
     )

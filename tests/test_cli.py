@@ -5,6 +5,7 @@ every compilation to stderr) on the 8 simulated devices of conftest.py, and must
 with exactly one stderr line, `error: <field>: ...`, naming the field the user typed.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -12,11 +13,13 @@ import sys
 
 import pytest
 
-from configs import common
 from configs import default
 from pf_jax import cli
+from pf_jax import config_fields
 from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import reporting
+from pf_jax import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,6 +124,8 @@ INVALID_MORE = [
   (["--config.sam.chunk_mode=loop"], "config.sam.chunk_mode"),
   (["--config=configs/vit_s16_imagenet.py:obf_alpha_1"], "--config"),
   (["--config.sam.m=256"], "config.sam.m"),  # would span 16 of 8 devices
+  (["--config.sam.rho_min=-1"], "config.sam.rho_min"),  # off is None, not a negative number
+  (["--config.sam.asam="], "config.sam.asam"),  # off is "none"
 ]
 
 
@@ -258,8 +263,8 @@ def test_init_from_without_a_checkpoint_is_refused_before_compiling(tmp_path):
 def test_help_lists_fields_defaults_and_paper_configs():
   r = _main(["--help"])
   assert r.returncode == 0, r.stderr
-  for name, (_rule, meaning) in config_validation.FIELDS.items():
-    assert f"--config.{name}=" in r.stdout and meaning in r.stdout, name
+  for field in config_fields.FIELDS:
+    assert f"--config.{field.name}=" in r.stdout and field.meaning in r.stdout, field.name
   assert "--config.global_batch_size=128" in r.stdout  # configs/default.py's value
   assert "--config.sam.perturbation='steepest'" in r.stdout
   for name in cli.PAPER_CONFIGS + cli.OTHER_CONFIGS:
@@ -271,15 +276,55 @@ def test_help_lists_fields_defaults_and_paper_configs():
   assert "--config.global_batch_size=4096" in r.stdout and "--config.model='resnet50'" in r.stdout
 
 
-def test_fields_table_is_the_config():
-  """Every field of the base config has exactly one rule (and no rule lacks a field)."""
-  assert sorted(config_validation.FIELDS) == sorted(
-    config_validation.field_names(common.base_config())
-  )
+def test_every_library_argument_is_fed_by_one_declared_field():
+  """What `experiment` builds takes exactly the declared arguments (a typo would be a TypeError)."""
+  c = default.get_config()
+  with c.unlocked():
+    c.sam.perturbation, c.sam.rho_min, c.shrink_perturb, c.clip_grad_norm = "obf", 0.0, 0.1, 1.0
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=8)
+  assert exp.spec.m == c.sam.m and exp.spec.asam == "after" and exp.spec.asam_eta == 0.01
+  want = {"lam": c.sam.obf_lambda, "gamma": 1.0, "predictions": c.sam.obf_predictions}
+  assert config_fields.library_kwargs(c, "obf") == want
+  assert config_fields.field_for("SamSpec", "m") == "sam.m"
+  assert config_fields.field_for("obf_fixed_alpha", "alpha") == "sam.obf_alpha"
+  c.sam.asam = "none"  # the named choice is the library's None
+  assert config_fields.library_kwargs(c, "SamSpec")["asam"] is None
 
 
-def test_library_arguments_map_to_config_fields():
-  assert set(config_validation.LIBRARY_ARGS.values()) <= set(config_validation.FIELDS)
+@pytest.mark.parametrize(
+  "field,old_sentinel",
+  [
+    ("sam.rho_min", -1.0),
+    ("sam.obf_alpha", -1.0),
+    ("sam.asam", ""),
+    ("num_train_steps", -1),
+    ("warmup_steps", -1),
+    ("init_from", ""),
+    ("analysis.dataset", ""),
+    ("clip_grad_norm", 0.0),
+  ],
+)
+def test_off_is_none_not_a_sentinel(field, old_sentinel):
+  """An option that can be off is None (or "none"); the old special values are refused."""
+  c = default.get_config()
+  holder, leaf = (c, field) if "." not in field else (c[field.split(".")[0]], field.split(".")[1])
+  holder[leaf] = "none" if field == "sam.asam" else None
+  config_validation.validate(c, num_devices=8)
+  holder[leaf] = old_sentinel
+  with pytest.raises(config_validation.ConfigError, match=f"^config.{re.escape(field)}: "):
+    config_validation.validate(c, num_devices=8)
+
+
+def test_a_stored_config_with_old_off_values_reads_as_none(tmp_path):
+  """Workdirs written before None meant off still resume with the same config."""
+  c = default.get_config()
+  workdir.save_config(tmp_path, c)
+  stored = json.loads((tmp_path / "config.json").read_text())
+  stored["sam"]["rho_min"], stored["sam"]["asam"], stored["num_train_steps"] = -1.0, "", -1
+  stored["sam"]["obf_alpha"], stored["init_from"] = -1.0, ""
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  c.sam.asam = "none"
+  assert workdir.config_differences(workdir.load_config(tmp_path), c) == []
 
 
 @pytest.mark.parametrize(
@@ -290,14 +335,14 @@ def test_eta_is_in_seconds_under_a_minute(seconds, text):
   assert reporting.format_duration(seconds) == text
 
 
-@pytest.mark.parametrize("arg,value", [("gamma", 1.5), ("lam", 1.0), ("alpha", 2.0)])
-def test_objective_errors_name_the_config_field(arg, value):
+@pytest.mark.parametrize(
+  "field,value", [("sam.obf_gamma", 1.5), ("sam.obf_lambda", 1.0), ("sam.obf_alpha", 2.0)]
+)
+def test_library_errors_name_the_config_field(field, value):
   """Past the field rules (here: bypassed), the library's error still names the config field."""
-
   c = default.get_config()
   c.sam.perturbation = "obf"
-  c.sam.obf_gamma, c.sam.obf_lambda, c.sam.obf_alpha = 1.0, 0.1, -1.0
-  field = config_validation.LIBRARY_ARGS[arg]
+  c.sam.obf_gamma, c.sam.obf_lambda, c.sam.obf_alpha = 1.0, 0.1, None
   c.sam[field[4:]] = value
   with pytest.raises(config_validation.ConfigError) as err:
     config_validation._check_sam(c, 8)  # pylint: disable=protected-access

@@ -10,8 +10,7 @@ def test_every_mutation_applies_and_names_existing_tests():
 
 def test_check_reports_a_pattern_that_no_longer_occurs():
   gone = mutation_check.Mutation("gone", "pf_jax/train.py", "no such line", "x", ())
-  bad_test = mutation_check.Mutation(
-    "bad test", "pf_jax/train.py", "  if s.rho_min >= 0:", "x", ("tests/test_sam.py::test_nope",)
-  )
+  applies = mutation_check.MUTATIONS[0]  # a pattern that exists, with a test that does not
+  bad_test = applies._replace(name="bad test", tests=("tests/test_sam.py::test_nope",))
   problems = mutation_check.check((gone, bad_test))
   assert len(problems) == 2 and "0 times" in problems[0] and "does not exist" in problems[1]

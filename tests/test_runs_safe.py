@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
 from pf_jax import checkpointing
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
@@ -395,11 +397,11 @@ def test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm():
   c = default_config.get_config()
   c.model, c.global_batch_size, c.sam.perturbation = "resnet_tiny", 16, "none"
   c.optimizer, c.lr_max = "sgdw", 0.5
+  c.num_train_steps, c.warmup_steps = 10, 0
   mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=0)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh)
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=2)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = lambda: {
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -558,7 +560,7 @@ def test_the_analysis_reads_the_newest_checkpoint_that_restores_and_says_so(
 ):
   workdir = _copy(finished, tmp_path)
   _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "6"))
-  params, _, step = train.load_variables(workdir)  # what `sharpness` and `init_from` read
+  params, _, step = checkpointing.load_variables(workdir)  # what `sharpness` and `init_from` read
   assert step == 4
   jax.tree.map(np.testing.assert_array_equal, _restore(finished[0], 4)["params"], params)
   (warning,) = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
@@ -716,7 +718,7 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
   assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
   assert not (tmp_path / "gs:").exists()
-  train.validate_config(
+  config_validation.validate(
     _config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8, num_processes=1
   )
 
@@ -753,18 +755,17 @@ def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tm
   out, workdir = tmp_path / "out", _copy(finished, tmp_path)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   script = (
-    "import json, sys, jax, numpy as np; from pf_jax import train, workdir\n"
+    "import json, sys, jax, numpy as np; from pf_jax import checkpointing, experiment, train, workdir\n"
     "assert jax.device_count() == 1\n"
     "flat = lambda t: {'/'.join(map(str, k)): np.asarray(v) for k, v in "
     "jax.tree_util.tree_flatten_with_path(t)[0]}\n"
-    "p, _, _ = train.load_variables(sys.argv[1])\n"
+    "p, _, _ = checkpointing.load_variables(sys.argv[1])\n"
     "np.savez(sys.argv[2] + '/loaded.npz', **flat(p))\n"
     "c = workdir.load_config(sys.argv[1])\n"
-    "for init_from, name in ((sys.argv[1], 'init_from'), ('', 'fresh')):\n"
-    "  with c.unlocked(): c.init_from = init_from\n"
-    "  tx = train.create_optimizer(c, 6, 2)[0]\n"
-    "  state = train.create_state(c, train.build_model(c, 10), tx, 10)\n"
-    "  np.savez(sys.argv[2] + f'/{name}.npz', **flat(state.params))\n"
+    "exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=1)\n"
+    "fresh = jax.device_get(exp.init_state())\n"
+    "np.savez(sys.argv[2] + '/init_from.npz', **flat(train.load_pretrained(exp, fresh, sys.argv[1]).params))\n"
+    "np.savez(sys.argv[2] + '/fresh.npz', **flat(fresh.params))\n"
     "print(json.dumps(train.train_and_evaluate(workdir.load_config(sys.argv[3]), sys.argv[3])))"
   )
   os.makedirs(out)
@@ -839,4 +840,4 @@ def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile)
 def test_max_consecutive_nonfinite_must_be_positive(value):
   c = _config("/tmp", max_consecutive_nonfinite=value)
   with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
-    train.validate_config(c, num_devices=8, num_processes=1)
+    config_validation.validate(c, num_devices=8, num_processes=1)

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ pytest.importorskip("timm")
 
 from benchmarks import equivalence  # noqa: E402
 from configs import default as default_config  # noqa: E402
+from pf_jax import experiment  # noqa: E402
 from pf_jax import models  # noqa: E402
 from pf_jax import train  # noqa: E402
 
@@ -49,6 +51,8 @@ def test_logits_equal_timms(name, image_size):
     ("vit_s32_imagenet", "gsam_obf"),
     ("vit_s32_imagenet", "asam_obf"),
     ("vit_s32_imagenet", "adamw"),
+    ("vit_s32_imagenet", "gsam_steep"),
+    ("vit_s32_imagenet", "shrink_perturb"),
   ],
 )
 def test_training_steps_match_the_authors_loop(config_name, method):
@@ -161,9 +165,8 @@ def test_init_from_authors_checkpoint_end_to_end(tmp_path):
   path = str(tmp_path / "model_best.pth.tar")
   _authors_checkpoint(path, sd)
   c = _digits_config(init_from=path, data_dir=str(tmp_path / "data"))
-  model = train.build_model(c, 10)
-  tx, _, _ = train.create_optimizer(c, 2, 1)
-  state = train.create_state(c, model, tx, 10)
+  exp = experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=1)
+  state = train.load_pretrained(exp, jax.device_get(exp.init_state()), c.init_from)
   p = state.params
   np.testing.assert_array_equal(
     p["embedding"]["kernel"], sd["patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0)

@@ -1,5 +1,6 @@
 """The training system: device-count invariance, exact resume, config validation, CLI."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default as default_config
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +41,17 @@ def _small_config(model, perturbation, **sam):
   return c
 
 
+def _experiment(c, n_devices, total_steps=10, warmup_steps=2):
+  c.num_train_steps, c.warmup_steps = total_steps, warmup_steps
+  config_validation.validate(c, n_devices)
+  return experiment.build(c, num_classes=10, num_train_examples=1438, num_devices=n_devices)
+
+
 def _run_steps(c, n_devices, batches):
   mesh = Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, _, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh)
+  exp = _experiment(c, n_devices)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   for batch in batches:
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
   return jax.device_get(state), jax.device_get(metrics)
@@ -78,7 +86,7 @@ def test_train_step_same_on_1_and_8_devices(model, perturbation, extra):
   )
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   assert int(eight.step) == 3
-  start = train.create_state(c, train.build_model(c, 10), train.create_optimizer(c, 10, 2)[0], 10)
+  start = _experiment(c, 1).init_state()
   assert any(
     not np.allclose(a, b)
     for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(one.params))
@@ -182,7 +190,7 @@ def test_invalid_config_is_a_one_line_error(field, value, match):
   target, name = (c.sam, field[4:]) if field.startswith("sam.") else (c, field)
   target[name] = value
   with pytest.raises(ValueError, match=match) as err:
-    train.validate_config(c, num_devices=8, num_processes=1)
+    config_validation.validate(c, num_devices=8, num_processes=1)
   assert "\n" not in str(err.value) and str(err.value).startswith(match + ":")
 
 
@@ -254,10 +262,9 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   c = _small_config("vit_digits", "steepest")
   c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  model = train.build_model(c, num_classes=10)
-  tx, lr, rho = train.create_optimizer(c, total_steps=10, warmup_steps=2)
-  state = jax.device_put(train.create_state(c, model, tx, 10), NamedSharding(mesh, P()))
-  step = train.make_train_step(c, model, tx, rho, mesh, lr)
+  exp = _experiment(c, 1)
+  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = {
     "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
@@ -265,7 +272,7 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   }
   seen, want_top1 = [], []
   for _ in range(3):
-    logits = model.apply({"params": state.params}, batch["image"], train=True)  # at theta
+    logits = exp.model.apply({"params": state.params}, batch["image"], train=True)  # at theta
     want_top1.append(np.mean(np.argmax(np.asarray(logits), -1) == batch["label"]))
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
     seen.append(jax.device_get(metrics))
@@ -310,9 +317,9 @@ def test_evaluation_counts_top1_real_and_subset_by_hand(subset):
     batch["real_label"] = (rng.random((b, n)) < 0.3).astype(np.int32)
     batch["real_valid"] = (rng.random(b) < 0.8).astype(np.int32)
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
-  step = train.make_eval_step(
-    c, _ImageIsLogits(n), mesh, None if subset is None else np.asarray(subset)
-  )
+  exp = experiment.build(c, num_classes=n, num_train_examples=1438, num_devices=8)
+  exp = dataclasses.replace(exp, model=_ImageIsLogits(n), has_batch_norm=False)
+  step = train.make_eval_step(exp, mesh, None if subset is None else np.asarray(subset))
   got = jax.device_get(step({}, {}, {}, jax.device_put(batch, NamedSharding(mesh, P("data")))))
   z = logits if subset is None else logits[:, list(subset)]
   pred, y, mask = z.argmax(-1), batch["label"], batch["mask"]

@@ -29,6 +29,8 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
+from pf_jax import config_validation
+from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import models
 from pf_jax import train
@@ -158,6 +160,7 @@ class Runs:
       with tfds.testing.mock_data(
         num_examples=NUM_MOCK_EXAMPLES, data_dir=c.data_dir, policy=tfds.testing.MockPolicy.USE_CODE
       ):
+        config_validation.validate(c, jax.device_count())
         metrics = train.train_and_evaluate(c, workdir)
       self.done[(name, arg)] = (c, workdir, metrics)
     return self.done[(name, arg)]
@@ -207,13 +210,13 @@ def test_finetune_init_from(runs, model, dataset):
   pretrained = _restore_raw(pretrained_dir)
   num_classes = input_pipeline.DATASETS[dataset].num_classes
   states = {}
-  for init_from in (pretrained_dir, ""):
+  for init_from in (pretrained_dir, None):
     c = runs.config("cifar_finetune", f"{model},{dataset},sam_obf", init_from=init_from)
-    train.validate_config(c)
-    net = models.build_model(c.model, num_classes=num_classes, head_bias_init=c.head_bias_init)
-    tx = train.create_optimizer(c, 2, 1)[0]
-    states[init_from] = train.create_state(c, net, tx, num_classes)
-  state, fresh = states[pretrained_dir], states[""]
+    config_validation.validate(c, jax.device_count())
+    exp = experiment.build(c, num_classes=num_classes, num_train_examples=64, num_devices=1)
+    state = jax.device_get(exp.init_state())
+    states[init_from] = train.load_pretrained(exp, state, init_from) if init_from else state
+  state, fresh = states[pretrained_dir], states[None]
   assert int(state.step) == 0
 
   # Every non-head parameter (and BatchNorm statistic) is the ImageNet run's final value ...
@@ -267,5 +270,5 @@ def test_local_variant_runs_offline(name, arg, tmp_path_factory):
     c.checkpoint_every_steps = 2
     c.data_dir = str(tmp_path_factory.getbasetemp() / "digits_data")  # built once, shared
   workdir = str(tmp_path_factory.mktemp("local"))
-  train.validate_config(c)
+  config_validation.validate(c, jax.device_count())
   _check_run(c, workdir, train.train_and_evaluate(c, workdir))

@@ -9,10 +9,11 @@ rho schedules, clipping, shrink-and-perturb, the SAM-family member and its field
 - `test_trainer_step_equals_the_reference` (every distinct method, reduced size: a tiny net with
   the row's BatchNorm-ness, 2x2 images, 64 examples on 8 devices (m = 4), 3 steps through warmup): the
   trainer's compiled step (`train.make_train_step`, the config's optimizer from
-  `train.create_optimizer`) against the NumPy step driven by the table. A representative subset
+  `experiment.optimizer`) against the NumPy step driven by the table. A representative subset
   runs by default, every row with `-m slow`.
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -26,7 +27,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pf_jax import experiment
 from pf_jax import losses
+from pf_jax import models
 from pf_jax import train
 from tests import reference as ref
 
@@ -215,13 +218,13 @@ def test_config_maps_to_the_method(name, arg):
   else:
     assert c.momentum == want["opt"]["momentum"]
   assert (c.lr_max, c.lr_min) == want["lr"]
-  assert c.clip_grad_norm == want["clip"]
-  assert c.shrink_perturb == want.get("shrink", 0.0)
+  assert c.clip_grad_norm == (want["clip"] or None)  # off: None
+  assert c.shrink_perturb == want.get("shrink")
   assert c.crop_area_min == want["crop"]
-  assert train.models.has_batch_norm(c.model) == want["bn"]
+  assert models.has_batch_norm(c.model) == want["bn"]
   _check_loss(c, want)
-  _, lr_fn, rho = train.create_optimizer(c, total_steps=40, warmup_steps=8)
-  spec = train.sam_spec(c, rho)
+  _, lr_fn, rho = experiment.optimizer(c, total_steps=40, warmup_steps=8)
+  spec = experiment.sam_spec(c, rho)
   _check_lr_and_rho(c, want, lr_fn, rho)
   if want["sam"] is None:
     assert spec is None
@@ -305,7 +308,10 @@ def _problem(bn):
 
 def trainer_steps(c, p, stats, batches):
   mesh = Mesh(np.asarray(jax.devices()[:DEVICES]), ("data",))
-  tx, lr, rho = train.create_optimizer(c, TOTAL, WARMUP)
+  c.num_train_steps, c.warmup_steps = TOTAL, WARMUP
+  exp = experiment.build(c, num_classes=C, num_train_examples=BATCH, num_devices=DEVICES)
+  exp = dataclasses.replace(exp, model=Net(C, bool(stats)), has_batch_norm=bool(stats))
+  tx = exp.tx
   params = _nest(p)
   state = train.TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -314,7 +320,7 @@ def trainer_steps(c, p, stats, batches):
     opt_state=tx.init(params),
   )
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  step = train.make_train_step(c, Net(C, bool(stats)), tx, rho, mesh, lr)
+  step = train.make_train_step(exp, mesh)
   metrics = []
   for x, y in batches:
     batch = {"image": x.astype(np.float32), "label": y.astype(np.int32)}

@@ -2,7 +2,7 @@
 
 Every `config.analysis.collect_every_steps` steps the trainer runs the forgetting split (the
 eval split of `config.analysis.dataset`, default the first of `config.eval_datasets`) through
-`train.make_collect_step`: likelihoods at theta and at theta^p, where each m-chunk of the split
+the trainer's collect step (`train.make_collect_step`, passed in): likelihoods at theta and at theta^p, where each m-chunk of the split
 gets the perturbation the run's next training step would compute from that chunk and its labels
 (same objective, rho_t, ASAM, m and PRNG key; `sam_family.perturbed_logits`). The split is cut
 into batches of the training micro-batch size, so m chunks it exactly as in training; the last
@@ -25,13 +25,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from pf_jax import experiment
 from pf_jax.analysis import information
 
 DIRNAME = "forgetting"
-
-
-def forgetting_dataset(c) -> str:
-  return c.analysis.dataset or c.eval_datasets[0]
 
 
 def _wrap_around(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
@@ -50,17 +47,26 @@ def _wrap_around(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str,
     yield batch
 
 
-def collect(
-  c, state, collect_step, batch_sharding, *, local_batch_size: int
-) -> dict[str, np.ndarray]:
-  """Likelihoods on the whole forgetting split, in its order (every process gets all of them)."""
+def collect(exp, state, collect_step, batch_sharding) -> dict[str, np.ndarray]:
+  """Likelihoods on the whole forgetting split, in its order (every process gets all of them).
+
+  Args:
+    exp: the run's `experiment.Experiment`.
+    state: the training state whose outputs are collected.
+    collect_step: (params, batch_stats, step, batch) -> {"probs": ..., "probs_p": ...}.
+    batch_sharding: how a batch is laid out over the devices.
+
+  Returns:
+    {"probs", "probs_p" (with a perturbation), "labels"} over the split's examples.
+  """
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
 
+  c = exp.config
   it = input_pipeline.eval_iterator(
-    forgetting_dataset(c),
+    experiment.forgetting_dataset(c),
     data_dir=c.data_dir,
     image_size=c.image_size,
-    local_batch_size=local_batch_size,
+    local_batch_size=exp.local_micro_batch_size,
     interpolation=c.eval_interpolation,
     normalization=c.image_normalization,
   )
@@ -117,15 +123,27 @@ def summarize(
 
 
 def collect_point(
-  c, state, collect_step, batch_sharding, workdir, *, step: int, num_train_examples: int
+  exp, state, collect_step, batch_sharding, workdir, *, step: int
 ) -> dict[str, float]:
-  """Collects, stores (process 0) and returns the accuracies of one point, for the logs."""
-  local_batch = c.global_batch_size // c.grad_accum_steps // jax.process_count()
-  outputs = collect(c, state, collect_step, batch_sharding, local_batch_size=local_batch)
+  """Collects, stores (process 0) and returns the accuracies of one point, for the logs.
+
+  Args:
+    exp: the run's `experiment.Experiment`.
+    state: the training state at `step`.
+    collect_step: the trainer's collect step.
+    batch_sharding: how a batch is laid out over the devices.
+    workdir: the run's workdir (the point goes to its `forgetting/`).
+    step: the training step of the point.
+
+  Returns:
+    {"forgetting/accuracy", "forgetting/accuracy_p"}: top-1 on the split at theta and theta^p.
+  """
+  c = exp.config
+  outputs = collect(exp, state, collect_step, batch_sharding)
   record = summarize(
     outputs,
     step=step,
-    epoch=step * c.global_batch_size / num_train_examples,
+    epoch=step * c.global_batch_size / exp.num_train_examples,
     max_raw_values=c.analysis.max_raw_values,
   )
   if jax.process_index() == 0:

@@ -2,7 +2,7 @@
 
 A run is a workdir with `config.json`, `results.json` (a finished run), optionally
 `sharpness.json` and `forgetting/step_*.npz`. Runs that differ only in their seed (and in fields
-that do not change training, `workdir.SAFE_TO_CHANGE`) form one group.
+that do not change training, `config_fields.SAFE_TO_CHANGE`) form one group.
 """
 
 import dataclasses
@@ -11,13 +11,14 @@ import os
 
 import numpy as np
 
+from pf_jax import config_fields
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import sharpness as sharpness_lib
 
 # Fields ignored when deciding whether two runs are the same experiment.
-NOT_EXPERIMENT = ("seed",) + workdir_lib.SAFE_TO_CHANGE
+NOT_EXPERIMENT = ("seed",) + config_fields.SAFE_TO_CHANGE
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class Run:
       if c["label_smoothing"]:
         return "LABELSMOOTH"
       return {"adamw": "ADAMW", "sgdw": "SGD"}[c["optimizer"]]
-    parts = (["GSAM"] if s["gsam_alpha"] else []) + (["ASAM"] if s["asam"] else [])
+    parts = (["GSAM"] if s["gsam_alpha"] else []) + (["ASAM"] if s["asam"] != "none" else [])
     return "+".join(parts) or "SAM"
 
   @property
@@ -50,7 +51,7 @@ class Run:
     s = self.config["sam"]
     p = s["perturbation"]
     if p == "obf":
-      if s["obf_alpha"] >= 0:
+      if s["obf_alpha"] is not None:
         return f"OBF alpha={s['obf_alpha']:g}"
       return f"OBF lambda={s['obf_lambda']:.3g} gamma={s['obf_gamma']:g}"
     return {"none": "NONE", "steepest": "STEEP", "random": "RANDOM"}[p]

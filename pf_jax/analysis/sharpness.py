@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from pf_jax import checkpointing
+from pf_jax import dataset_catalog
+from pf_jax import experiment
 from pf_jax import losses
-from pf_jax import models
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import hessian
 
@@ -77,19 +79,20 @@ def checkpoint_sharpness(
   `log(line)`, if given, receives progress lines (examples used, every 10th power iteration)."""
   log = log or (lambda line: None)
   c = workdir_lib.load_config(workdir)
-  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  from pf_jax import train  # pylint: disable=g-import-not-at-top  (TensorFlow)
-
   a = c.analysis
   num_examples = num_examples or a.sharpness_examples
   batch_size = min(batch_size or a.sharpness_batch_size, num_examples)
   num_iters = num_iters or a.sharpness_iters
   tol = tol or a.sharpness_tol
-  params, batch_stats, step = train.load_variables(workdir)
-  num_classes = input_pipeline.DATASETS[c.dataset].num_classes
-  model = models.build_model(
-    c.model, num_classes=num_classes, head_bias_init=c.head_bias_init, dtype=jnp.float32
+  params, batch_stats, step = checkpointing.load_variables(workdir)
+  spec = dataset_catalog.DATASETS[c.dataset]
+  exp = experiment.build(
+    c,
+    num_classes=spec.num_classes,
+    num_train_examples=spec.train_examples,
+    num_devices=jax.device_count(),
   )
+  model = exp.model_in(jnp.float32)
   loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing
   variables = {"batch_stats": batch_stats} if batch_stats else {}
 

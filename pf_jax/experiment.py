@@ -1,0 +1,279 @@
+"""One run's objects, built once: `build(config, ...)` -> `Experiment`.
+
+Everything the train, eval and collect steps and the sharpness tool need that follows from the
+config, the dataset facts (class count, training-set size) and the devices: the model and its
+apply function, BatchNorm or not, the task loss, the `SamSpec`, the compute dtype, the optimizer,
+the learning-rate and rho schedules, the step counts and the batch sizes. Library arguments come
+from the field declarations (`config_fields.library_kwargs`), so no field is mapped by hand.
+
+The config-only derivations (`schedule`, `sam_spec`, `optimizer`, `per_device_batch`,
+`forgetting_dataset`) are functions here too, so validation checks exactly what a run builds.
+No TensorFlow, no data reading, no checkpoint reading: building is pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from pf_jax import config_fields
+from pf_jax import losses
+from pf_jax import models
+from pf_jax import optimizers
+from pf_jax import perturbations
+from pf_jax import sam_family
+from pf_jax import schedules
+
+_OPTIMIZERS = {"adamw": optimizers.adamw, "sgdw": optimizers.sgdw}  # config.optimizer
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """What a checkpoint holds.
+
+  Attributes:
+    step: the number of steps taken.
+    params: the model parameters.
+    batch_stats: BatchNorm running statistics ({} without BatchNorm).
+    opt_state: the optimizer's state.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def schedule(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
+  """(total steps, warmup steps, steps per epoch): epochs become steps unless steps are given.
+
+  Args:
+    c: a config.
+    num_train_examples: size of the training split.
+
+  Returns:
+    `num_train_steps` (or `num_epochs` in steps), `warmup_steps` (or `warmup_epochs` in steps,
+    not capped: validation reports a warmup longer than the run), steps per epoch.
+  """
+  per_epoch = max(num_train_examples // c.global_batch_size, 1)
+  total = c.num_train_steps if c.num_train_steps is not None else int(c.num_epochs * per_epoch)
+  warmup = c.warmup_steps if c.warmup_steps is not None else int(c.warmup_epochs * per_epoch)
+  return total, warmup, per_epoch
+
+
+def per_device_batch(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  """Examples per device in one micro-batch: global batch / (devices x accumulation steps)."""
+  return c.global_batch_size // (num_devices * c.grad_accum_steps)
+
+
+def forgetting_dataset(c: ml_collections.ConfigDict) -> str:
+  """The dataset whose evaluation split the forgetting analysis collects outputs on."""
+  return c.analysis.dataset or c.eval_datasets[0]
+
+
+def objective(c: ml_collections.ConfigDict) -> perturbations.Objective:
+  """The ascent objective of `sam.perturbation`: a name, or an OBF function (fixed alpha when
+  `sam.obf_alpha` is set, else alpha from lambda and gamma)."""
+  name = c.sam.perturbation
+  if name != "obf":
+    return name
+  if c.sam.obf_alpha is not None:
+    return perturbations.obf_fixed_alpha(**config_fields.library_kwargs(c, "obf_fixed_alpha"))
+  return perturbations.obf(**config_fields.library_kwargs(c, "obf"))
+
+
+def sam_spec(c: ml_collections.ConfigDict, rho) -> sam_family.SamSpec | None:
+  """The run's SAM-family member.
+
+  Args:
+    c: a config.
+    rho: the radius, a float or a schedule of the step (`optimizer`'s third result).
+
+  Returns:
+    The `SamSpec` of `c.sam`, or None without a perturbation (the plain gradient).
+
+  Raises:
+    errors.ArgumentError: naming the library argument (`config_fields.field_for` names the field).
+  """
+  if c.sam.perturbation == "none":
+    return None
+  kwargs = dict(config_fields.library_kwargs(c, "SamSpec"), rho=rho, objective=objective(c))
+  return sam_family.SamSpec(**kwargs)
+
+
+def optimizer(c: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
+  """The base optimizer and the schedules.
+
+  Args:
+    c: a config.
+    total_steps: the run's length.
+    warmup_steps: linear warmup, at most `total_steps`.
+
+  Returns:
+    (optax transformation applied to the final SAM gradient: clipping, then the base optimizer,
+    then shrink-and-perturb; learning-rate schedule; rho, a float or an lr-proportional schedule).
+  """
+  kw = lambda fn: config_fields.library_kwargs(c, fn)
+  lr = schedules.warmup_linear_decay(
+    **kw("warmup_linear_decay"), warmup_steps=warmup_steps, total_steps=total_steps
+  )
+  parts = []
+  if c.clip_grad_norm is not None:
+    parts.append(optax.clip_by_global_norm(**kw("clip_by_global_norm")))
+  parts.append(_OPTIMIZERS[c.optimizer](lr, **kw(c.optimizer)))
+  if c.shrink_perturb is not None:
+    parts.append(optimizers.shrink_and_perturb(learning_rate=lr, **kw("shrink_and_perturb")))
+  rho = c.sam.rho_max
+  if c.sam.rho_min is not None:
+    rho = schedules.lr_proportional_rho(lr, **kw("lr_proportional_rho"))
+  return optax.chain(*parts), lr, rho
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """One run's objects (module doc). Build it with `build`.
+
+  Attributes:
+    config: the config it was built from (data, loop and analysis fields are read from it).
+    num_classes: classes of the training dataset (the model's outputs).
+    num_train_examples: size of the training split.
+    num_devices: devices of the data-parallel mesh.
+    num_processes: processes (hosts) reading data.
+    total_steps: the run's length in steps.
+    warmup_steps: learning-rate warmup in steps (at most `total_steps`).
+    steps_per_epoch: training steps per pass over the training split.
+    model: the Flax module, computing in `dtype`.
+    has_batch_norm: the model keeps BatchNorm statistics.
+    dtype: compute dtype (bfloat16 with `mixed_precision`); parameters stay float32.
+    task_loss: (logits, batch) -> scalar, the loss that is minimized.
+    predict: logits -> the likelihoods the forgetting analysis bins (`analysis.predictions`).
+    spec: the `SamSpec`, or None without a perturbation.
+    tx: the optax transformation applied to the final gradient.
+    lr: the learning-rate schedule.
+    rho: the perturbation radius, a float or a schedule.
+    per_device_batch: examples per device in one micro-batch.
+    local_batch_size: training examples per step read by each process.
+    local_micro_batch_size: one micro-batch's examples read by each process (the forgetting
+      split is cut into these, so m chunks it as in training).
+    local_eval_batch_size: evaluation examples per batch read by each process.
+    eval_image_size: side of evaluation images.
+  """
+
+  config: ml_collections.ConfigDict
+  num_classes: int
+  num_train_examples: int
+  num_devices: int
+  num_processes: int
+  total_steps: int
+  warmup_steps: int
+  steps_per_epoch: int
+  model: Any
+  has_batch_norm: bool
+  dtype: Any
+  task_loss: Callable
+  predict: Callable
+  spec: sam_family.SamSpec | None
+  tx: optax.GradientTransformation
+  lr: Callable
+  rho: Any
+  per_device_batch: int
+  local_batch_size: int
+  local_micro_batch_size: int
+  local_eval_batch_size: int
+  eval_image_size: int
+
+  def apply(self, params, batch_stats, images, train: bool):
+    """(logits, new batch_stats): train mode updates BatchNorm statistics, eval mode reads them."""
+    if not self.has_batch_norm:
+      return self.model.apply({"params": params}, images, train=train), batch_stats
+    variables = {"params": params, "batch_stats": batch_stats}
+    if not train:
+      return self.model.apply(variables, images, train=False), batch_stats
+    logits, new = self.model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+
+  def step_key(self, step) -> jax.Array:
+    """PRNG key of training step `step + 1` (random perturbations); the collect step reuses it."""
+    return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+
+  def model_in(self, dtype) -> Any:
+    """The same model computing in `dtype` (the sharpness tool uses float32)."""
+    c = self.config
+    kwargs = config_fields.library_kwargs(c, "build_model")
+    return models.build_model(c.model, num_classes=self.num_classes, dtype=dtype, **kwargs)
+
+  def init_state(self) -> TrainState:
+    """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target)."""
+    size = self.config.image_size
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    variables = self.model.init(jax.random.PRNGKey(self.config.seed), dummy, train=False)
+    params = flax.core.unfreeze(variables["params"])
+    batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=self.tx.init(params),
+    )
+
+
+def build(
+  c: ml_collections.ConfigDict,
+  *,
+  num_classes: int,
+  num_train_examples: int,
+  num_devices: int,
+  num_processes: int = 1,
+) -> Experiment:
+  """The run of a valid config (`config_validation.validate`) on these devices.
+
+  Args:
+    c: the config.
+    num_classes: classes of `c.dataset`.
+    num_train_examples: size of its training split.
+    num_devices: devices of the mesh (all processes together).
+    num_processes: processes reading data.
+
+  Returns:
+    The `Experiment`.
+
+  Example: `build(common.base_config(), num_classes=10, num_train_examples=1438,
+  num_devices=1).total_steps` is 110 (10 epochs of 11 steps).
+  """
+  total, warmup, per_epoch = schedule(c, num_train_examples)
+  warmup = min(warmup, total)
+  tx, lr, rho = optimizer(c, total, warmup)
+  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+  model = models.build_model(
+    c.model, num_classes=num_classes, **config_fields.library_kwargs(c, "build_model"), dtype=dtype
+  )
+  return Experiment(
+    config=c,
+    num_classes=num_classes,
+    num_train_examples=num_train_examples,
+    num_devices=num_devices,
+    num_processes=num_processes,
+    total_steps=total,
+    warmup_steps=warmup,
+    steps_per_epoch=per_epoch,
+    model=model,
+    has_batch_norm=models.has_batch_norm(c.model),
+    dtype=dtype,
+    task_loss=losses.get_loss(c.loss, **config_fields.library_kwargs(c, "get_loss")),
+    predict=jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid,
+    spec=sam_spec(c, rho),
+    tx=tx,
+    lr=lr,
+    rho=rho,
+    per_device_batch=per_device_batch(c, num_devices),
+    local_batch_size=c.global_batch_size // num_processes,
+    local_micro_batch_size=c.global_batch_size // c.grad_accum_steps // num_processes,
+    local_eval_batch_size=c.eval_batch_size // num_processes,
+    eval_image_size=c.eval_image_size if c.eval_image_size is not None else c.image_size,
+  )
