@@ -16,7 +16,10 @@ Needs torch and timm (`pip install -e .[bench]`). Two measurements:
   same batches. Model, image and batch are reduced (ViT: timm VisionTransformer of `vit_digits`'
   shape on 8x8 images; ResNet: timm's Bottleneck ResNet, one block per stage, 8-64 channels, on
   64x64 images, learning rates / 100); 16 images per step as 2 accumulated micro-batches of two m = 4 chunks each;
-  the schedules are compressed to 2 warmup steps of 6.
+  the schedules are compressed to 2 warmup steps of 6. The ResNet rows run in float64 on both
+  sides (`FLOAT64`): in float32 the tiny ResNet's BatchNorm backward over its last stage's few
+  values per channel loses up to 1e-2 of some gradients to rounding in XLA's float32 reductions
+  (PyTorch's CPU BatchNorm kernel accumulates in double), which would hide the semantics.
   Errors: `params` = max|theta_jax - theta_torch| / max|theta_torch| after the 5 steps (the
   criterion, <= 1e-4); `update` = ||delta_jax - delta_torch|| / ||delta_torch|| of the total
   change from the initial weights (stricter: it sees differences in the small moves).
@@ -163,6 +166,8 @@ ROWS = {
   ],
 }
 _MINI_RESNET = {"stage_sizes": (1, 1, 1, 1), "num_filters": 8, "stem_filters": 64}
+# Rows computed in float64 by both sides (see the module docstring).
+FLOAT64 = ("resnet50_imagenet",)
 
 
 def reduced_config(config_name: str, method: str):
@@ -183,8 +188,9 @@ def reduced_config(config_name: str, method: str):
   return c
 
 
-def _models(c):
-  """(pf_jax model, timm model) of the reduced size, timm's randomized (seed 0)."""
+def _models(c, dtype=jnp.float32):
+  """(pf_jax model, timm model) of the reduced size computing in `dtype` (the ResNet's pooled
+  features and head stay float32), timm's randomized (seed 0) from float32 values."""
   if c.model == "vit_digits":
     net = timm_model("vit_digits", NUM_CLASSES, c.image_size)
     model = models.build_model(
@@ -197,9 +203,10 @@ def _models(c):
 
     torch.manual_seed(0)
     net = ResNet(Bottleneck, (1, 1, 1, 1), channels=(8, 16, 32, 64), num_classes=NUM_CLASSES)
-    model = resnet_lib.ResNet(num_classes=NUM_CLASSES, **_MINI_RESNET)
+    model = resnet_lib.ResNet(num_classes=NUM_CLASSES, dtype=dtype, **_MINI_RESNET)
     rule = torch_weights.resnet_rule(_MINI_RESNET["stage_sizes"])
   randomize(net)
+  net = net.to(torch.float64 if dtype == jnp.float64 else torch.float32)
   shape = (1, c.image_size, c.image_size, 3)
   to_jax = lambda sd: torch_weights.convert(c.model, model, shape, rule, sd)
   return model, net, to_jax
@@ -222,11 +229,12 @@ def jax_run(c, model, variables, batches):
   step = train.make_train_step(exp, mesh)
   params = jax.tree.map(jnp.asarray, variables["params"])
   stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
+  dtype = jax.tree.leaves(params)[0].dtype
   state = train.TrainState(
     step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params)
   )
   for x, y in zip(*batches):
-    state, _ = step(state, {"image": jnp.asarray(x), "label": jnp.asarray(y)})
+    state, _ = step(state, {"image": jnp.asarray(x, dtype), "label": jnp.asarray(y)})
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -330,7 +338,7 @@ def torch_run(c, net, batches):
         for k, v in net.state_dict().items():
           if v.is_floating_point():
             v.copy_(f * init[k] + (1 - f) * v)
-    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(params[0].dtype)
     y = torch.from_numpy(y.astype(np.int64))
     total = [torch.zeros_like(p) for p in params]
     for xm, ym in zip(x.chunk(c.grad_accum_steps), y.chunk(c.grad_accum_steps)):
@@ -358,12 +366,23 @@ def _flat(tree):
 
 def step_errors(config_name: str, method: str) -> dict[str, float]:
   """{"params": ..., "update": ..., "batch_stats": ...} relative errors after STEPS steps."""
+  if config_name in FLOAT64:
+    with jax.enable_x64(True):
+      return _step_errors(config_name, method, jnp.float64)
+  return _step_errors(config_name, method, jnp.float32)
+
+
+def _step_errors(config_name, method, dtype):
   c = reduced_config(config_name, method)
-  model, net, to_jax = _models(c)
-  init = to_jax(net.state_dict())
+  model, net, to_jax = _models(c, dtype)
+  sd0 = copy.deepcopy(net.state_dict())
+  init = jax.tree.map(lambda a: np.asarray(a, dtype), to_jax(sd0))
   batches = _batches(c)
   ours = jax_run(c, model, init, batches)
-  theirs = to_jax(torch_run(c, net, batches).state_dict())
+  # theirs = init + their change: `to_jax` rounds to float32, so convert the change, not the sum.
+  sd = torch_run(c, net, batches).state_dict()
+  delta = to_jax({k: v - sd0[k] if v.is_floating_point() else v for k, v in sd.items()})
+  theirs = jax.tree.map(lambda a, d: a + np.asarray(d, np.float64), init, delta)
   a, b, a0 = _flat(ours["params"]), _flat(theirs["params"]), _flat(init["params"])
   diff = max(np.abs(a[k] - b[k]).max() for k in a)
   scale = max(np.abs(b[k]).max() for k in b)
