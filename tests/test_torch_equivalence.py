@@ -53,6 +53,9 @@ def test_logits_equal_timms(name, image_size):
     ("vit_s32_imagenet", "adamw"),
     ("vit_s32_imagenet", "gsam_steep"),
     ("vit_s32_imagenet", "shrink_perturb"),
+    # ResNet rows run in float64 on both sides (benchmarks/equivalence.py: FLOAT64).
+    ("resnet50_imagenet", "sgd"),
+    ("resnet50_imagenet", "sam_obf"),
   ],
 )
 def test_training_steps_match_the_authors_loop(config_name, method):
