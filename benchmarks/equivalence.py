@@ -406,7 +406,8 @@ def main():
   lines = [
     "# pf_jax vs the authors' PyTorch stack (`python -m benchmarks.equivalence`)",
     "",
-    f"torch {torch.__version__}, timm {timm.__version__}, jax {jax.__version__}; float32, CPU.",
+    f"torch {torch.__version__}, timm {timm.__version__}, jax {jax.__version__}; CPU, float32 "
+    "(training rows of ResNet configs: float64 on both sides).",
     "",
     "## Logits, same weights (64x64 images, batch 4, 10 classes): max|jax - torch| / max|torch|",
     "",
