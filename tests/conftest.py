@@ -1,9 +1,18 @@
-"""Simulate 8 CPU devices for every test (must happen before jax is imported)."""
+"""Simulate 8 CPU devices for every test (must happen before jax is imported), and share compiled
+programs between tests through JAX's persistent compilation cache: many tests (and the `main.py`
+subprocesses they start, which inherit the environment) compile the same train and eval steps.
+A cached program is the same executable, so results stay bit-identical."""
 
 import os
+import tempfile
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "pf_jax_tests_jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

@@ -373,7 +373,9 @@ def test_default_run_logs(tmp_path):
     timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]
-  assert re.fullmatch(r"eval/digits/top1=\d\.\d{4}\n", r.stdout), r.stdout
+  assert re.fullmatch(r"eval/digits/loss=\d+\.\d{4} eval/digits/top1=\d\.\d{4}\n", r.stdout), (
+    r.stdout
+  )
   lines = r.stderr.splitlines()
   # Library INFO chatter: orbax/clu/TF/absl (glog-style "I1123 ..." lines, oneDNN, work unit notes).
   for noise in (

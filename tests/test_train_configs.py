@@ -8,12 +8,12 @@ runs_offline` (slow) runs every local variant as a user does: on the embedded di
 [0, 1] for every eval dataset (and ReaL top-1 for imagenet2012_real), and a checkpoint at step 2.
 `cifar_finetune` runs start from (`init_from`) the local ImageNet run of the same model.
 
-Cost is compilation. By default one to three methods per config file run, chosen so that together
-they cover each perturbation / model / loss / finetuning code path once (see DEFAULT); `-m slow`
-runs every other method of every file. Runs share a
-persistent XLA compilation cache (a temporary directory, this module only): the local variants
-of vit_s16 / resnet101 are the same programs as those of vit_s32 / resnet50, and all eval steps of
-one model are identical, so they compile once.
+Cost is compilation, so these runs are `slow`: DEFAULT covers each perturbation / model / loss /
+finetuning code path once, `-m slow` runs it and every other method of every file. The default
+suite checks every row's method and training step against an independent reference instead
+(tests/test_train_reference.py). Runs share the test session's persistent XLA compilation cache
+(tests/conftest.py): the local variants of vit_s16 / resnet101 are the same programs as those of
+vit_s32 / resnet50, and all eval steps of one model are identical, so they compile once.
 """
 
 import contextlib
@@ -27,7 +27,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
-from jax.experimental.compilation_cache import compilation_cache
 
 from pf_jax import config_validation
 from pf_jax import experiment
@@ -108,25 +107,6 @@ def test_lists():
   assert {name for name, _ in DEFAULT} == {name for name, _ in ALL}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent compilation cache shared by this module's runs; restored afterwards."""
-  names = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  compilation_cache.reset_cache()
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-
-
 class Runs:
   """Runs (config, method) once per module; finetuning runs start from PRETRAINED."""
 
@@ -172,17 +152,23 @@ def runs(tmp_path_factory):
 
 
 def _check_run(c, workdir, metrics):
-  expected = {f"eval/{ds}/top1" for ds in c.eval_datasets}
+  expected = {f"eval/{ds}/{m}" for ds in c.eval_datasets for m in ("top1", "loss")}
   if "imagenet2012_real" in c.eval_datasets:
     expected.add("eval/imagenet2012_real/real_top1")
   assert set(metrics) == expected
-  for key, value in metrics.items():
-    assert math.isfinite(value) and 0.0 <= value <= 1.0, (key, value)
+  for key, value in metrics.items():  # top-1 a fraction, the loss a finite non-negative number
+    assert math.isfinite(value) and 0.0 <= value <= (1.0 if "top1" in key else math.inf), (
+      key,
+      value,
+    )
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
     assert mngr.latest_step() == 2
 
 
+# Each run trains through the whole loop (~20-90 s on 2 cores); the default suite checks every
+# row's method mapping and step against an independent reference instead (test_train_reference).
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", DEFAULT, ids=_ids(DEFAULT))
 def test_config_trains(runs, name, arg):
   _check_run(*runs.get(name, arg))
