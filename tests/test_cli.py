@@ -393,14 +393,17 @@ def test_default_run_logs(tmp_path):
     l.startswith("start: vit_digits (")
     and "40 steps" in l
     and "digits 1438 train" in l
-    and "devices 1" in l
+    and "; 1 device;" in l
+    and "method: ASAM (after, eta 0.01) with steepest ascent, rho 0.3 constant" in l
     for l in body
   ), body
   train = [l for l in body if l.startswith("train step ")]
   rho = re.escape(f"{default.get_config().sam.rho_max:.3g}")
   assert [int(l.split()[2].split("/")[0]) for l in train] == [10, 20, 30, 40]
   assert all(
-    re.search(rf"loss \d+\.\d+ lr \S+ rho {rho}, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l)
+    re.search(
+      rf"loss \d+\.\d+ top1 [\d.]+ lr \S+ rho {rho}, [\d.]+ steps/s, ETA (\d+ min )?\d+ s$", l
+    )
     for l in train
   ), train
   assert [l.split(":")[0] for l in body if l.startswith("eval ")] == [
@@ -409,7 +412,11 @@ def test_default_run_logs(tmp_path):
   ]
   assert sum(l.startswith("checkpoint step ") for l in body) == 2
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
-  assert len(lines) <= 12, r.stderr
+  assert [l for l in body if l.startswith("compil")] == [
+    "compiling the train step (the first step waits for it)",
+    body[3],
+  ] and re.fullmatch(r"compiled the train step and ran step 1 in [\d.]+ s", body[3]), body
+  assert len(lines) <= 14, r.stderr
 
 
 def test_reporter_eta_uses_the_steady_rate(monkeypatch):
