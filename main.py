@@ -17,6 +17,7 @@ import traceback
 
 PREEMPTED_EXIT_CODE = 75  # checkpointing.PREEMPTED_EXIT_CODE (this runs before any import of it)
 _LOCK = None  # the workdir lock, released on every exit
+_STDERR_FD = 2  # a duplicate of the original stderr: fd 2 is redirected while TensorFlow imports
 
 
 def _exit_preempted(signum: int) -> None:
@@ -25,7 +26,7 @@ def _exit_preempted(signum: int) -> None:
   if _LOCK is not None:
     _LOCK.release()
   os.write(
-    2,
+    _STDERR_FD,
     f"preempted ({signal.Signals(signum).name}) outside the training loop: nothing unsaved; "
     f"restart the same command to continue (exit code {PREEMPTED_EXIT_CODE})\n".encode(),
   )
@@ -37,6 +38,8 @@ def _catch_signals_from_the_start() -> None:
   (data checks, restore, XLA compilation), where a Python handler would wait: the signal wakes a
   thread through `signal.set_wakeup_fd`. The training loop's `checkpointing.SignalCatcher`
   suspends this (it checkpoints first)."""
+  global _STDERR_FD
+  _STDERR_FD = os.dup(2)
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
