@@ -32,6 +32,18 @@ def add_check_flag(parser):
   )
 
 
+def add_override_flag(parser, help_text: str) -> None:
+  """The launchers' repeatable `--override FIELD=VALUE` (-> `--config.FIELD=VALUE` for main.py)."""
+  parser.add_argument(
+    "--override",
+    type=override_to_flag,
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help=help_text,
+  )
+
+
 def check_config(config, override_flags, num_devices=None):
   """Checks the config as main.py will (`main.py --check_only`, this Python, on the CPU).
 

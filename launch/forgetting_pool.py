@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from common import override_to_flag  # launch/common.py (script dir is on sys.path)
+from common import add_override_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLS = ("configs/digits_msweep.py", "configs/cifar10_msweep.py")
@@ -49,13 +49,7 @@ def main(argv=None) -> int:
     "--perturbations", type=_csv(str), help="comma separated (default: all of the config's)"
   )
   parser.add_argument("--m", type=_csv(int), help="comma separated (default: all of the config's)")
-  parser.add_argument(
-    "--override",
-    type=override_to_flag,
-    action="append",
-    default=[],
-    help="config field=value for every run (e.g. num_epochs=2), repeatable",
-  )
+  add_override_flag(parser, "config field=value for every run (e.g. num_epochs=2), repeatable")
   parser.add_argument("--num_permutations", type=int, default=10_000)
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   args = parser.parse_args(argv)

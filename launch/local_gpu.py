@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 from common import add_check_flag  # launch/common.py (script dir is on sys.path)
+from common import add_override_flag  # launch/common.py (script dir is on sys.path)
 from common import check_config  # launch/common.py (script dir is on sys.path)
-from common import override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,14 +77,7 @@ def build_parser():
     help="GPU ids, e.g. 0,1 -> CUDA_VISIBLE_DEVICES=0,1 "
     "(default: inherit the environment, i.e. all GPUs).",
   )
-  p.add_argument(
-    "--override",
-    action="append",
-    default=[],
-    type=override_to_flag,
-    metavar="FIELD=VALUE",
-    help="Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1.",
-  )
+  add_override_flag(p, "Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1.")
   p.add_argument("--data_dir", default=None, help="TFDS data dir, exported as TFDS_DATA_DIR.")
   p.add_argument(
     "--xla_mem_fraction",

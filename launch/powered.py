@@ -43,7 +43,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import reproduce as base  # noqa: E402  (launch/reproduce.py: Runner, winners_for, USES)
-from common import override_to_flag  # noqa: E402  (launch/common.py)
+from common import add_override_flag  # noqa: E402  (launch/common.py)
 
 from configs import reproduce  # noqa: E402
 from pf_jax.analysis import paired  # noqa: E402
@@ -322,12 +322,8 @@ def main(argv=None) -> int:
     default=list(SEARCH_SEEDS),  # pylint: disable=protected-access
   )
   parser.add_argument("--max_grid", type=int, default=100, help="cut every axis to N values")
-  parser.add_argument(
-    "--override",
-    type=override_to_flag,
-    action="append",
-    default=[],
-    help="config field=value for every run, search included (e.g. num_train_steps=5)",
+  add_override_flag(
+    parser, "config field=value for every run, search included (e.g. num_train_steps=5)"
   )
   args = parser.parse_args(argv)
   for name, values, allowed in (

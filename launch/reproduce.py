@@ -28,7 +28,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from common import override_to_flag  # noqa: E402  (launch/common.py)
+from common import add_override_flag  # noqa: E402  (launch/common.py)
 
 from configs import reproduce  # noqa: E402
 
@@ -247,12 +247,8 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--max_grid", type=int, default=100, help="cut every search axis to its first N values"
   )
-  parser.add_argument(
-    "--override",
-    type=override_to_flag,
-    action="append",
-    default=[],
-    help="config field=value for every run, search included (e.g. num_train_steps=5)",
+  add_override_flag(
+    parser, "config field=value for every run, search included (e.g. num_train_steps=5)"
   )
   args = parser.parse_args(argv)
   for name, values, allowed in (

@@ -30,8 +30,8 @@ import sys
 import tempfile
 
 from common import add_check_flag  # launch/common.py (script dir is on sys.path)
+from common import add_override_flag  # launch/common.py (script dir is on sys.path)
 from common import check_config  # launch/common.py (script dir is on sys.path)
-from common import override_to_flag  # launch/common.py (script dir is on sys.path)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
@@ -151,13 +151,8 @@ def build_parser():
   run.add_argument(
     "--data_dir", default=None, help="TFDS data dir (gs://...), exported as TFDS_DATA_DIR."
   )
-  run.add_argument(
-    "--override",
-    action="append",
-    default=[],
-    type=override_to_flag,
-    metavar="FIELD=VALUE",
-    help="Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1.",
+  add_override_flag(
+    run, "Config override, repeatable: sam.rho_max=0.1 -> --config.sam.rho_max=0.1."
   )
   run.add_argument(
     "--env",
