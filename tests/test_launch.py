@@ -77,9 +77,11 @@ def calls(tmp_path):
   return [json.loads(l) for l in f.read_text().splitlines()]
 
 
-def run(script, args, env=None, cwd=None):
+def run(script, args, env=None, cwd=None, check_config=False):
+  """The launcher's exit code and output. Its config check (`main.py --check_only`, seconds per
+  call) runs only in the tests about it (check_config=True): the others check command lines."""
   return subprocess.run(
-    [sys.executable, script, *args],
+    [sys.executable, script, *args, *([] if check_config else ["--no_check"])],
     capture_output=True,
     text=True,
     env=env,
@@ -508,7 +510,7 @@ def test_help_example_works(fakebin, script):
   tmp, env = fakebin
   args = _help_example(script)
   assert "--dry_run" in args
-  r = run(script, args, env=env)
+  r = run(script, args, env=env, check_config=True)
   assert r.returncode == 0, r.stderr
   config = [a for a in args if a.startswith("--config=")][0].split("=", 1)[1]
   assert os.path.exists(os.path.join(REPO, config.split(":")[0]))
@@ -516,20 +518,20 @@ def test_help_example_works(fakebin, script):
   assert calls(tmp) == []
 
 
-@pytest.mark.parametrize("script,base", [(TPU, TPU_BASE), (GPU, GPU_BASE)])
+# Both launchers check through launch/common.check_config: each case runs on one of them.
 @pytest.mark.parametrize(
-  "bad,field",
+  "script,base,bad,field",
   [
-    (["--override", "sam.rho=0.1"], "config.sam.rho"),  # unknown field
-    (["--override", "sam.obf_gamma=2"], "config.sam.obf_gamma"),
-    (["--config=configs/cifar10_resnet.py"], "--config"),  # no such file
-    (["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
+    (TPU, TPU_BASE, ["--override", "sam.rho=0.1"], "config.sam.rho"),  # unknown field
+    (GPU, GPU_BASE, ["--override", "sam.obf_gamma=2"], "config.sam.obf_gamma"),
+    (TPU, TPU_BASE, ["--config=configs/cifar10_resnet.py"], "--config"),  # no such file
+    (GPU, GPU_BASE, ["--config=configs/vit_s32_imagenet.py:bogus"], "--config"),
   ],
 )
 def test_dry_run_checks_the_config_like_main(fakebin, script, base, bad, field):
   tmp, env = fakebin
   args = [a for a in base if not (bad[0].startswith("--config=") and a.startswith("--config="))]
-  r = run(script, args + bad + ["--dry_run"], env=env)
+  r = run(script, args + bad + ["--dry_run"], env=env, check_config=True)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1].startswith(f"error: {field}:"), r.stderr
   assert "main.py" not in r.stdout and calls(tmp) == []
@@ -538,17 +540,18 @@ def test_dry_run_checks_the_config_like_main(fakebin, script, base, bad, field):
 def test_dry_run_checks_against_the_target_devices(fakebin):
   """512 examples: fine on v3-32 (32 devices), not on 3 GPUs; m=1024 would span 16 of v2-8's 8 devices."""
   tmp, env = fakebin
-  assert run(TPU, TPU_BASE + ["--dry_run"], env=env).returncode == 0
-  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--dry_run"], env=env)
+  assert run(TPU, TPU_BASE + ["--dry_run"], env=env, check_config=True).returncode == 0
+  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--dry_run"], env=env, check_config=True)
   assert r.returncode == 2 and "error: config.global_batch_size: 512" in r.stderr
   r = run(
     TPU,
     [a if a != "--accelerator_type=v3-32" else "--accelerator_type=v2-8" for a in TPU_BASE]
     + ["--override", "sam.m=1024", "--dry_run"],
     env=env,
+    check_config=True,
   )
   assert r.returncode == 2 and "error: config.sam.m: 1024" in r.stderr
-  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--no_check", "--dry_run"], env=env)
+  r = run(GPU, GPU_BASE + ["--gpus=0,1,2", "--dry_run"], env=env)  # --no_check
   assert r.returncode == 0
 
 
