@@ -389,6 +389,65 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
   )
 
 
+def test_a_workdir_or_checkpoint_directory_removed_during_a_run_is_noticed_before_a_save(tmp_path):
+  """orbax would recreate a removed directory at the next save (and the run go on, its earlier
+  checkpoints, config.json and events gone): `check_intact` stops it, naming what is gone."""
+  workdir = tmp_path / "run"
+  ckpts = workdir / "checkpoints"
+
+  def gone(path):
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"{path} was removed while the run was going: step 2 is not saved; restore it and "
+      "restart the same command to resume, or restart the same command to train again from "
+      "step 0"
+    )
+
+  workdir_lib.save_config(workdir, _config(tmp_path / "data"))
+  with ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+    checkpointing.check_intact(mngr, workdir, 1)  # nothing saved yet: the workdir and config.json
+    checkpointing.save(mngr, 1, {"w": jnp.ones(3)})
+    checkpointing.finish(mngr, 1)
+    checkpointing.check_intact(mngr, workdir, 2)
+    shutil.rmtree(ckpts / "1")  # its newest checkpoint
+    gone(ckpts / "1")
+    shutil.rmtree(ckpts)
+    gone(ckpts)
+    os.remove(workdir / "config.json")
+    gone(workdir / "config.json")
+    shutil.rmtree(workdir)  # the whole workdir, or one replaced by a new empty directory
+    gone(workdir)
+    workdir.mkdir()
+    gone(workdir / "config.json")
+
+
+@pytest.mark.slow  # two resumed runs; check_intact itself is tested above
+@pytest.mark.parametrize("remove", ["checkpoints", "workdir"])
+def test_a_run_whose_directory_is_removed_stops_at_the_next_save(
+  finished, tmp_path, monkeypatch, remove
+):
+  """Resumed at step 4, the directory is removed while steps 5-6 train: the save of step 6
+  stops the run (StorageError, one line); nothing is written back, no results."""
+  workdir = _copy(finished, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  os.remove(os.path.join(workdir, "results.json"))
+  target = workdir if remove == "workdir" else os.path.join(workdir, "checkpoints")
+  original = input_pipeline.train_iterator
+
+  def removing_iterator(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(original(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step == 6:
+        shutil.rmtree(target)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_iterator", removing_iterator)
+  with pytest.raises(checkpointing.StorageError) as err:
+    train.train_and_evaluate(_config(finished[1]), workdir)
+  assert str(err.value).startswith(f"{target} was removed while the run was going: step 6 ")
+  assert not os.path.exists(target)
+
+
 # --- Non-finite steps ---------------------------------------------------------------------------
 
 
