@@ -158,27 +158,37 @@ def finish(mngr: ocp.CheckpointManager, step: int) -> None:
 
 def check_intact(mngr: ocp.CheckpointManager, workdir, step: int) -> None:
   """Raises StorageError (one line) if the workdir, `config.json` or the newest checkpoint this
-  run has seen (restored or saved) is gone: removed while the run was going.
+  run has seen (restored or saved) is gone, removed while the run was going, or if the workdir
+  lock this process held (`workdir.held_lock`) was taken over.
 
   orbax recreates a missing directory at the next save, so without this check an `rm -r` of the
   workdir or of `checkpoints/` during a run would go on silently, writing checkpoints without the
   earlier ones, config.json, events and lock. Call it when no save is in progress (after
   `finish`). With several processes process 0 looks and all follow its decision.
   """
-  gone = None
+  problem = None
   if jax.process_index() == 0:
     workdir, latest = epath.Path(workdir), mngr.latest_step()
     expected = [workdir, workdir / workdir_lib.CONFIG_FILE]
     if latest is not None:
       expected += [epath.Path(mngr.directory), epath.Path(mngr.directory) / str(latest)]
     gone = next((p for p in expected if not p.exists()), None)
-  removed = gone is not None
+    lock = workdir_lib.held_lock(workdir)
+    lost = lock.lost() if lock is not None and gone is None else None
+    if gone is not None:
+      problem = _removed(gone, step)
+    elif lost:
+      problem = (
+        f"--workdir: {workdir} is no longer this run's: {lost}; this run stops without saving "
+        f"step {step} and leaves the workdir to it"
+      )
+  failed = problem is not None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-    removed = bool(multihost_utils.broadcast_one_to_all(removed))
-  if removed:
-    raise StorageError(_removed(gone or f"{workdir} (or a file in it, seen by process 0)", step))
+    failed = bool(multihost_utils.broadcast_one_to_all(failed))
+  if failed:
+    raise StorageError(problem or f"process 0 stopped the run before saving step {step}")
 
 
 def _removed(path, step: int) -> str:

@@ -4,6 +4,7 @@ Most tests share one finished 6-step run (8 simulated devices, checkpoints at st
 work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
 """
 
+import fcntl
 import json
 import os
 import random
@@ -405,11 +406,36 @@ def test_a_workdir_or_checkpoint_directory_removed_during_a_run_is_noticed_befor
     )
 
   workdir_lib.save_config(workdir, _config(tmp_path / "data"))
+  mine = workdir_lib.WorkdirLock(workdir).acquire()
   with ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     checkpointing.check_intact(mngr, workdir, 1)  # nothing saved yet: the workdir and config.json
     checkpointing.save(mngr, 1, {"w": jnp.ones(3)})
     checkpointing.finish(mngr, 1)
     checkpointing.check_intact(mngr, workdir, 2)
+    # The lock file removed, then another start locking a new one: this run is no longer the
+    # workdir's and stops, leaving the other's lock in place.
+    os.remove(workdir / "lock.json")
+    stops = "; this run stops without saving step 2 and leaves the workdir to it"
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"--workdir: {workdir} is no longer this run's: its lock {workdir / 'lock.json'} was "
+      f"removed{stops}"
+    )
+    other = {"host": "h2", "pid": 7, "started": "T", "token": "other"}  # another process's
+    fd = os.open(workdir / "lock.json", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps(other).encode())
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"--workdir: {workdir} is no longer this run's: its lock was taken over by pid 7 on host "
+      f"h2, started T (lock {workdir / 'lock.json'}){stops}"
+    )
+    mine.release()
+    assert json.loads((workdir / "lock.json").read_text()) == other
+    os.close(fd)
+    checkpointing.check_intact(mngr, workdir, 2)  # no lock held (library use): nothing to lose
     shutil.rmtree(ckpts / "1")  # its newest checkpoint
     gone(ckpts / "1")
     shutil.rmtree(ckpts)
@@ -791,6 +817,19 @@ def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
     assert not held.local and json.loads(lock_file.read_text())["pid"] == os.getpid()
     with pytest.raises(workdir_lib.WorkdirLockedError, match="gs://bucket/run is in use by pid"):
       workdir_lib.WorkdirLock("gs://bucket/run").acquire()
+    assert held.lost() is None and held._refresh()
+    # Taken over (this holder stalled past STALE_AFTER_S): it says so and never writes it back.
+    taker = {"host": "h3", "pid": 8, "started": "T3", "token": "taker", "heartbeat": time.time()}
+    lock_file.write_text(json.dumps(taker))
+    assert workdir_lib.held_lock("gs://bucket/run/") is held
+    assert (
+      held.lost()
+      == "its lock was taken over by pid 8 on host h3, started T3 (lock gs://bucket/run/lock.json)"
+    )
+    assert not held._refresh() and json.loads(lock_file.read_text()) == taker
+  assert json.loads(lock_file.read_text()) == taker  # released: the taker's lock is kept
+  assert workdir_lib.held_lock("gs://bucket/run") is None
+  lock_file.unlink()
   # A concurrent start that writes its lock while this one waits to read back: this one stops.
   other = {"host": "h2", "pid": 7, "started": "T", "token": "other"}
   sneak = lambda _: lock_file.write_text(json.dumps(dict(other, heartbeat=time.time())))
