@@ -245,12 +245,13 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
   print(f"seed {seed}: SIGKILL at the save of step {k}; second SIGTERM exit {proc.returncode}")
 
 
-def test_sigterm_during_start_up_exits_75_without_a_checkpoint(tmp_path):
+def test_sigterm_or_sigint_during_start_up_exits_75_without_a_checkpoint(tmp_path):
   """Before the training loop (imports, data checks, restore, compilation) nothing is unsaved."""
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))
   seed = random.randrange(10**6)
   delay = random.Random(seed).uniform(0.5, 4.0)
+  sig = random.Random(seed).choice([signal.SIGTERM, signal.SIGINT])  # the same for both
   proc = subprocess.Popen(
     _cmd(tmp_path / "run", data_dir, 5),
     cwd=ROOT,
@@ -261,17 +262,18 @@ def test_sigterm_during_start_up_exits_75_without_a_checkpoint(tmp_path):
   )
   try:
     time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     log = proc.communicate(timeout=120)[1]
   finally:
     proc.kill()
-  assert proc.returncode == 75, (delay, seed, log[-3000:])
+  assert proc.returncode == 75, (sig.name, delay, seed, log[-3000:])
   if "train step" not in log:  # still starting: the start-up line, no checkpoint
-    assert log.splitlines()[-1].startswith("preempted (SIGTERM) outside the training loop"), log
+    assert log.splitlines()[-1].startswith(f"preempted ({sig.name}) outside the training loop")
+    assert log.count("preempted (") == 1, log
     steps = _steps(tmp_path / "run") if os.path.isdir(tmp_path / "run" / "checkpoints") else []
     assert steps == []
   assert not os.path.exists(tmp_path / "run" / "lock.json")
-  print(f"SIGTERM after {delay:.2f} s (seed {seed}): exit 75")
+  print(f"{sig.name} after {delay:.2f} s (seed {seed}): exit 75")
 
 
 def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
