@@ -382,7 +382,7 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
   # Fixed: the leftover is removed, the run resumes from step 4 and finishes.
   assert read("again.rc").strip() == "0", read("again.err")[-3000:]
   assert "6.orbax-checkpoint-tmp: a checkpoint save that did not complete" in read("again.err")
-  assert "Resumed from step 4" in read("again.err")
+  assert "resumed: step 4 from " in read("again.err")
   assert _steps(out / "run") == [2, 4, 6]
   assert sorted(os.listdir(out / "run" / "checkpoints")) == ["2", "4", "6"]
   jax.tree.map(
