@@ -124,6 +124,8 @@ def _cmd(workdir, data_dir, steps):
 
 
 def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
+  """SIGTERM in the training loop checkpoints the current step (exit 75); the restart, stopped
+  once more during its start-up (exit 75 at once), then run again, ends bit-identical."""
   steps = 80
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))  # prepared once, before the runs
@@ -168,6 +170,29 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   print(
     f"SIGTERM after step {k} (seed {seed}): checkpoint of step {stopped}, exit after {exit_s:.2f} s"
   )
+
+  # The same command stopped again during its start-up (data checks, restore, compilation), by
+  # SIGTERM or SIGINT: exit 75 at once with one line, its checkpoint untouched.
+  delay = random.Random(seed).uniform(0.5, 4.0)
+  sig = random.Random(seed + 1).choice([signal.SIGTERM, signal.SIGINT])
+  proc = subprocess.Popen(
+    _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  try:
+    time.sleep(delay)
+    proc.send_signal(sig)
+    log = proc.communicate(timeout=120)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, (sig.name, delay, seed, log[-3000:])
+  if "train step" in log:  # it had reached the training loop: a newer checkpoint
+    stopped = int(re.search(r"Preempted at step (\d+): checkpoint saved", log).group(1))
+  else:
+    assert log.splitlines()[-1].startswith(f"preempted ({sig.name}) outside the training loop")
+    assert log.count("preempted (") == 1 and _steps(run) == [stopped], log
+  assert not os.path.exists(run / "lock.json")
+  print(f"then {sig.name} {delay:.2f} s into the restart: exit 75")
 
   again = subprocess.run(
     _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
@@ -243,37 +268,6 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
     jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
     assert out.stdout == again.stdout
   print(f"seed {seed}: SIGKILL at the save of step {k}; second SIGTERM exit {proc.returncode}")
-
-
-def test_sigterm_or_sigint_during_start_up_exits_75_without_a_checkpoint(tmp_path):
-  """Before the training loop (imports, data checks, restore, compilation) nothing is unsaved."""
-  data_dir = tmp_path / "data"
-  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
-  seed = random.randrange(10**6)
-  delay = random.Random(seed).uniform(0.5, 4.0)
-  sig = random.Random(seed).choice([signal.SIGTERM, signal.SIGINT])  # the same for both
-  proc = subprocess.Popen(
-    _cmd(tmp_path / "run", data_dir, 5),
-    cwd=ROOT,
-    env=_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    time.sleep(delay)
-    proc.send_signal(sig)
-    log = proc.communicate(timeout=120)[1]
-  finally:
-    proc.kill()
-  assert proc.returncode == 75, (sig.name, delay, seed, log[-3000:])
-  if "train step" not in log:  # still starting: the start-up line, no checkpoint
-    assert log.splitlines()[-1].startswith(f"preempted ({sig.name}) outside the training loop")
-    assert log.count("preempted (") == 1, log
-    steps = _steps(tmp_path / "run") if os.path.isdir(tmp_path / "run" / "checkpoints") else []
-    assert steps == []
-  assert not os.path.exists(tmp_path / "run" / "lock.json")
-  print(f"{sig.name} after {delay:.2f} s (seed {seed}): exit 75")
 
 
 def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
