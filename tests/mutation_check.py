@@ -308,6 +308,8 @@ def run(mutations) -> int:
             "pytest",
             "-x",
             "-q",
+            "-n",
+            "0",  # one process: a few tests each, stopped at the first failure
             "-p",
             "no:cacheprovider",
             "-m",
