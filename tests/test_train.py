@@ -50,7 +50,7 @@ def _experiment(c, n_devices, total_steps=10, warmup_steps=2):
 def _run_steps(c, n_devices, batches):
   mesh = Mesh(np.asarray(jax.devices()[:n_devices]), ("data",))
   exp = _experiment(c, n_devices)
-  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  state = jax.device_put(jax.jit(exp.init_state)(), NamedSharding(mesh, P()))
   step = train.make_train_step(exp, mesh)
   for batch in batches:
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
@@ -263,7 +263,7 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
   c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   exp = _experiment(c, 1)
-  state = jax.device_put(exp.init_state(), NamedSharding(mesh, P()))
+  state = jax.device_put(jax.jit(exp.init_state)(), NamedSharding(mesh, P()))
   step = train.make_train_step(exp, mesh)
   rng = np.random.default_rng(0)
   batch = {
@@ -271,8 +271,9 @@ def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_
     "label": rng.integers(0, 10, size=16).astype(np.int32),
   }
   seen, want_top1 = [], []
+  apply = jax.jit(lambda params, x: exp.model.apply({"params": params}, x, train=True))
   for _ in range(3):
-    logits = exp.model.apply({"params": state.params}, batch["image"], train=True)  # at theta
+    logits = apply(state.params, batch["image"])  # at theta
     want_top1.append(np.mean(np.argmax(np.asarray(logits), -1) == batch["label"]))
     state, metrics = step(state, jax.device_put(batch, NamedSharding(mesh, P("data"))))
     seen.append(jax.device_get(metrics))
