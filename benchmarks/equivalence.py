@@ -225,14 +225,11 @@ def jax_run(c, model, variables, batches):
   c.num_train_steps, c.warmup_steps = TOTAL, WARMUP
   exp = experiment.build(c, num_classes=NUM_CLASSES, num_train_examples=BATCH, num_devices=1)
   exp = dataclasses.replace(exp, model=model, has_batch_norm=bool(variables["batch_stats"]))
-  tx = exp.tx
   step = train.make_train_step(exp, mesh)
   params = jax.tree.map(jnp.asarray, variables["params"])
   stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
   dtype = jax.tree.leaves(params)[0].dtype
-  state = train.TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats, opt_state=tx.init(params)
-  )
+  state = exp.state_at(params, stats)
   for x, y in zip(*batches):
     state, _ = step(state, {"image": jnp.asarray(x, dtype), "label": jnp.asarray(y)})
   return {"params": state.params, "batch_stats": state.batch_stats}

@@ -76,7 +76,9 @@ def top1(logits, labels) -> jax.Array:
 def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
   """The compiled training step.
 
-  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`. The
+  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`;
+  shrink-and-perturb (`exp.shrink`) first moves the parameters and BatchNorm statistics toward
+  their initial values, so the gradient is taken at the shrunk state (the authors' train.py). The
   metrics include the step's learning rate (computed in the step, so logging it runs no op
   outside the compiled program).
 
@@ -97,8 +99,12 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
 
   def step(state: TrainState, batch):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
+    params, batch_stats = state.params, state.batch_stats
+    if exp.shrink is not None:  # shrink-and-perturb: the whole state, before the forward pass
+      params = exp.shrink(params, state.init_variables["params"], state.step)
+      batch_stats = exp.shrink(batch_stats, state.init_variables["batch_stats"], state.step)
     grad_fn = sam_lib.sam_value_and_grad(
-      lambda p, b: forward(p, state.batch_stats, b),
+      lambda p, b: forward(p, batch_stats, b),
       exp.task_loss,
       exp.spec,
       has_aux=True,
@@ -106,10 +112,10 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
       accum_steps=exp.config.grad_accum_steps,
     )
     (_, (new_stats, train_top1), metrics), grads = grad_fn(
-      state.params, batch, step=state.step, rng=exp.step_key(state.step)
+      params, batch, step=state.step, rng=exp.step_key(state.step)
     )
-    updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = exp.tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     new = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
@@ -296,7 +302,7 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
 
   Returns:
     The state with every leaf but the classification head read from `path`'s latest checkpoint,
-    and a fresh optimizer state for those parameters.
+    and a fresh optimizer state (and shrink-and-perturb's initial values) for those variables.
 
   Raises:
     config_validation.ConfigError: the checkpoint cannot be read; ValueError: it does not fit.
@@ -304,7 +310,7 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
   pre_params, pre_stats = pretrained_variables(path, exp.config.model)
   params = _merge_pretrained(state.params, pre_params)
   batch_stats = _merge_pretrained(state.batch_stats, pre_stats) if state.batch_stats else {}
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=exp.tx.init(params))
+  return exp.state_at(params, batch_stats)
 
 
 def train_and_evaluate(
