@@ -7,7 +7,8 @@ the learning-rate and rho schedules, the step counts and the batch sizes. Librar
 from the field declarations (`config_fields.library_kwargs`), so no field is mapped by hand.
 
 The config-only derivations (`schedule`, `sam_spec`, `optimizer`, `shrink_perturb`,
-`per_device_batch`, `forgetting_dataset`) are functions here too, so validation checks exactly what a run builds.
+`per_device_batch`, `forgetting_dataset`) are functions here too, so validation checks exactly
+what a run builds.
 No TensorFlow, no data reading, no checkpoint reading: building is pure.
 """
 

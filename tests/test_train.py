@@ -148,10 +148,15 @@ def _final_params(workdir, step):
     return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
 
 
-def test_resume_is_bit_identical_and_writes_events(tmp_path):
+@pytest.mark.parametrize(
+  "shrink_perturb",
+  [pytest.param(None, id="plain"), pytest.param(0.1, marks=pytest.mark.slow, id="shrink_perturb")],
+)
+def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
   data_dir = str(tmp_path / "data")
   c = _quick()
   c.data_dir = data_dir
+  c.shrink_perturb = shrink_perturb  # its initial values are part of the checkpoint
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   res_a = train.train_and_evaluate(c, a)
   train.train_and_evaluate(c, b)

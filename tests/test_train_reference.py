@@ -2,7 +2,7 @@
 
 What each config row *should* run is written below from the paper (Table C.1, Appendices B and C),
 not read from the code: loss, label smoothing, base optimizer and its constants, learning-rate and
-rho schedules, clipping, shrink-and-perturb, the SAM-family member and its fields. Two checks:
+rho schedules, clipping, shrink-and-perturb, the SAM-family member and its fields. Three checks:
 
 - `test_config_maps_to_the_method` (every row, no compilation): the config's `SamSpec`, loss and
   schedules, field by field, against the table.
@@ -11,6 +11,8 @@ rho schedules, clipping, shrink-and-perturb, the SAM-family member and its field
   trainer's compiled step (`train.make_train_step`, the config's optimizer from
   `experiment.optimizer`) against the NumPy step driven by the table. A representative subset
   runs by default, every row with `-m slow`.
+- `test_shrink_and_perturb_acts_on_the_state_before_the_gradient`: the same comparison with a
+  shrink factor large enough to see where the step shrinks (the authors' placement).
 """
 
 import dataclasses
