@@ -15,6 +15,7 @@ the forgetting split's outputs every `analysis.collect_every_steps` steps; the a
 never imports this module.
 """
 
+import json
 import time
 
 import jax
@@ -73,7 +74,38 @@ def top1(logits, labels) -> jax.Array:
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
+def reused(programs: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build):
+  """`build()`, or what it returned for an earlier run of `programs` that differs only in its seed.
+
+  The programs take the seed's key as an argument, so runs of one config with other seeds (a
+  launcher's seeds, in one process) share them: no tracing, no compilation.
+
+  Args:
+    programs: a dict the caller keeps across runs, or None (no reuse).
+    kind: which program ("train", "init", "eval/<dataset>").
+    exp: the run; its config without `seed`, dataset facts and devices form the key.
+    mesh: the device mesh.
+    build: () -> the program.
+  """
+  if programs is None:
+    return build()
+  config = exp.config.to_dict()
+  config.pop("seed")
+  facts = (exp.num_classes, exp.num_train_examples, exp.num_processes, mesh.axis_names)
+  devices = [d.id for d in mesh.devices.flat]
+  key = json.dumps([kind, config, facts, devices], sort_keys=True, default=repr)
+  if key not in programs:
+    programs[key] = build()
+  return programs[key]
+
+
+def replicated_seed_key(exp: experiment_lib.Experiment, mesh: Mesh) -> jax.Array:
+  """`exp.seed_key()` on every device of `mesh` (placed without compiling)."""
+  key = np.asarray(exp.seed_key())
+  return jax.make_array_from_callback(key.shape, NamedSharding(mesh, P()), lambda i: key[i])
+
+
+def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, programs: dict | None = None):
   """The compiled training step.
 
   Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`. The
@@ -83,11 +115,19 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
   Args:
     exp: the run.
     mesh: the 1-D device mesh (axis "data").
+    programs: `reused`'s dict, or None.
 
   Returns:
-    jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated, the metrics
-    replicated.
+    (state, batch) -> (state, metrics): jit(shard_map(step)) with the seed's key as an argument;
+    the state is donated, the metrics replicated.
   """
+  program = reused(programs, "train", exp, mesh, lambda: _train_program(exp, mesh))
+  seed_key = replicated_seed_key(exp, mesh)
+  return lambda state, batch: program(state, batch, seed_key)
+
+
+def _train_program(exp: experiment_lib.Experiment, mesh: Mesh):
+  """jit(shard_map(step)): (state, batch, seed key) -> (state, metrics) (`make_train_step`)."""
   dtype = exp.dtype
 
   def forward(params, batch_stats, b):
@@ -95,7 +135,7 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
     logits, new_stats = exp.apply(params, batch_stats, b["image"], True)
     return logits, (new_stats, top1(logits, b["label"]))
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, seed_key):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
     grad_fn = sam_lib.sam_value_and_grad(
       lambda p, b: forward(p, state.batch_stats, b),
@@ -106,7 +146,7 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
       accum_steps=exp.config.grad_accum_steps,
     )
     (_, (new_stats, train_top1), metrics), grads = grad_fn(
-      state.params, batch, step=state.step, rng=exp.step_key(state.step)
+      state.params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)
     )
     updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -128,7 +168,7 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
     metrics["lr"] = exp.lr(state.step)
     return new, metrics
 
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -313,6 +353,7 @@ def train_and_evaluate(
   *,
   allow_config_change: bool = False,
   note: str | None = None,
+  programs: dict | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
@@ -320,7 +361,8 @@ def train_and_evaluate(
   preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
   (unless `allow_config_change`), checkpointing.NonFiniteError after
   `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
-  what a `,local` variant changed).
+  what a `,local` variant changed). `programs`: a dict kept across runs in one process, whose
+  compiled programs later runs of the same config with another seed reuse (`reused`).
   """
   c = config
   workdir = checkpointing.as_path(workdir)
@@ -362,7 +404,10 @@ def train_and_evaluate(
     )
     _, state = checkpointing.restore_latest(checkpoints, target)
   if state is None:  # compiled init: much faster than op-by-op for large models
-    state = jax.jit(exp.init_state, out_shardings=replicated)()
+    init = reused(
+      programs, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
+    )
+    state = init(replicated_seed_key(exp, mesh))
     if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
       state = jax.device_put(load_pretrained(exp, jax.device_get(state), c.init_from), replicated)
   start_step = int(jax.device_get(state.step))
@@ -381,9 +426,16 @@ def train_and_evaluate(
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
-  train_step = make_train_step(exp, mesh)
+  train_step = make_train_step(exp, mesh, programs)
   eval_steps = {
-    name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)) for name in c.eval_datasets
+    name: reused(
+      programs,
+      f"eval/{name}",
+      exp,
+      mesh,
+      lambda name=name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)),
+    )
+    for name in c.eval_datasets
   }
   collect_every = c.analysis.collect_every_steps
   collect_step = make_collect_step(exp, mesh) if collect_every else None

@@ -1,6 +1,7 @@
 """The training system: device-count invariance, exact resume, config validation, CLI."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -166,6 +167,26 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
   assert res_a["eval/digits/loss"] > 0 and set(res_a) == {"eval/digits/loss", "eval/digits/top1"}
   # A finished run restarted does not train again.
   assert train.train_and_evaluate(c, a) == res_a
+
+
+def test_seeds_of_one_config_share_programs_and_match_fresh_runs(tmp_path):
+  """With a `programs` dict, a second seed of a config adds no program (it reuses the first
+  seed's) and ends bit-identical to that seed trained with programs of its own. Random SAM reads
+  the seed inside the step, so a reused program that kept the first seed would differ."""
+  c0 = _quick()
+  c0.data_dir = str(tmp_path / "data")
+  c0.sam.perturbation = "random"
+  c1 = c0.copy_and_resolve_references()
+  c1.seed = 1
+  programs = {}
+  res0 = train.train_and_evaluate(c0, str(tmp_path / "s0"), programs=programs)
+  kinds = [json.loads(k)[0] for k in programs]
+  res1 = train.train_and_evaluate(c1, str(tmp_path / "s1"), programs=programs)
+  assert sorted(kinds) == ["eval/digits", "init", "train"] and len(programs) == 3
+  fresh = train.train_and_evaluate(c1, str(tmp_path / "fresh"))
+  assert res1 == fresh and res1 != res0
+  p1, pf = _final_params(str(tmp_path / "s1"), 6), _final_params(str(tmp_path / "fresh"), 6)
+  jax.tree.map(np.testing.assert_array_equal, p1, pf)
 
 
 @pytest.mark.parametrize(
