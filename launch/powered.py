@@ -374,7 +374,7 @@ def main(argv=None) -> int:
   with open(os.path.join(root, "search.md"), "w") as f:
     f.write(search_markdown(searches, args.search_seeds))
   print(f"search done ({time.time() - start:.0f} s so far); see {root}/search.md", flush=True)
-  runner.programs.clear()  # the search's programs are not used again
+  runner.cache.clear()  # the search's programs and batches are not used again
 
   for b, items in todo.items():
     winners = {stage: r["winner"] for stage, r in searches[b].items()}

@@ -118,7 +118,7 @@ class Runner:
     self.root = root
     self.overrides = overrides
     self.timings_path = os.path.join(root, "timings.json")
-    self.programs = {}  # compiled programs shared by the seeds of one config (train.reused)
+    self.cache = {}  # programs shared by the seeds of a config, batches by the methods of a seed
     self.timings = {}
     if os.path.exists(self.timings_path):
       with open(self.timings_path) as f:
@@ -131,7 +131,7 @@ class Runner:
       config = self.cli.build_config(f"{CONFIG}:{arg}", overrides)
       self.validate(config)  # the boundary: train_and_evaluate takes a valid config
       start = time.time()
-      self.train.train_and_evaluate(config, workdir, programs=self.programs)
+      self.train.train_and_evaluate(config, workdir, cache=self.cache)
       self.record(workdir, "train", time.time() - start)
       results = self.workdir_lib.load_results(workdir)
       print(

@@ -74,21 +74,23 @@ def top1(logits, labels) -> jax.Array:
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def reused(programs: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build):
-  """`build()`, or what it returned for an earlier run of `programs` that differs only in its seed.
+def reused(cache: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build):
+  """`build()`, or what it returned for an earlier run of `cache` that differs only in its seed.
 
   The programs take the seed's key as an argument, so runs of one config with other seeds (a
   launcher's seeds, in one process) share them: no tracing, no compilation.
 
   Args:
-    programs: a dict the caller keeps across runs, or None (no reuse).
+    cache: a dict the caller keeps across runs (the programs go to `cache["programs"]`), or
+      None (no reuse).
     kind: which program ("train", "init", "eval/<dataset>").
     exp: the run; its config without `seed`, dataset facts and devices form the key.
     mesh: the device mesh.
     build: () -> the program.
   """
-  if programs is None:
+  if cache is None:
     return build()
+  programs = cache.setdefault("programs", {})
   config = exp.config.to_dict()
   config.pop("seed")
   facts = (exp.num_classes, exp.num_train_examples, exp.num_processes, mesh.axis_names)
@@ -105,7 +107,7 @@ def replicated_seed_key(exp: experiment_lib.Experiment, mesh: Mesh) -> jax.Array
   return jax.make_array_from_callback(key.shape, NamedSharding(mesh, P()), lambda i: key[i])
 
 
-def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, programs: dict | None = None):
+def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, cache: dict | None = None):
   """The compiled training step.
 
   Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`. The
@@ -115,13 +117,13 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, programs: dict |
   Args:
     exp: the run.
     mesh: the 1-D device mesh (axis "data").
-    programs: `reused`'s dict, or None.
+    cache: `reused`'s dict, or None.
 
   Returns:
     (state, batch) -> (state, metrics): jit(shard_map(step)) with the seed's key as an argument;
     the state is donated, the metrics replicated.
   """
-  program = reused(programs, "train", exp, mesh, lambda: _train_program(exp, mesh))
+  program = reused(cache, "train", exp, mesh, lambda: _train_program(exp, mesh))
   seed_key = replicated_seed_key(exp, mesh)
   return lambda state, batch: program(state, batch, seed_key)
 
@@ -244,7 +246,9 @@ def make_collect_step(exp: experiment_lib.Experiment, mesh: Mesh):
   )
 
 
-def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) -> dict[str, float]:
+def evaluate(
+  exp: experiment_lib.Experiment, state, eval_steps, batch_sharding, cache: dict | None = None
+) -> dict[str, float]:
   """Top-1 (and ReaL top-1) of `state` on each evaluation dataset.
 
   Args:
@@ -252,6 +256,7 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
     state: the training state.
     eval_steps: {dataset: its `make_eval_step`}.
     batch_sharding: how a batch is laid out over the devices.
+    cache: `input_pipeline.shared`'s dict (the batches of earlier evaluations), or None.
 
   Returns:
     {"eval/<dataset>/top1": ..., "eval/<dataset>/real_top1": ... (ReaL only)}.
@@ -259,13 +264,16 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
   c = exp.config
   results = {}
   for name, eval_step in eval_steps.items():
-    it = input_pipeline.eval_iterator(
-      name,
+    kwargs = dict(
       data_dir=c.data_dir,
       image_size=exp.eval_image_size,
       local_batch_size=exp.local_eval_batch_size,
       interpolation=c.eval_interpolation,
       normalization=c.image_normalization,
+    )
+    key = ("eval", name, jax.process_index(), jax.process_count(), *sorted(kwargs.items()))
+    it = input_pipeline.shared(
+      cache, key, lambda name=name, kwargs=kwargs: input_pipeline.eval_iterator(name, **kwargs)
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -353,7 +361,7 @@ def train_and_evaluate(
   *,
   allow_config_change: bool = False,
   note: str | None = None,
-  programs: dict | None = None,
+  cache: dict | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
@@ -361,8 +369,9 @@ def train_and_evaluate(
   preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
   (unless `allow_config_change`), checkpointing.NonFiniteError after
   `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
-  what a `,local` variant changed). `programs`: a dict kept across runs in one process, whose
-  compiled programs later runs of the same config with another seed reuse (`reused`).
+  what a `,local` variant changed). `cache`: a dict kept across runs in one process: later runs
+  of the same config with another seed reuse its compiled programs (`reused`), and runs that read
+  the same training or evaluation batches reuse those (`input_pipeline.shared`).
   """
   c = config
   workdir = checkpointing.as_path(workdir)
@@ -405,7 +414,7 @@ def train_and_evaluate(
     _, state = checkpointing.restore_latest(checkpoints, target)
   if state is None:  # compiled init: much faster than op-by-op for large models
     init = reused(
-      programs, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
+      cache, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
     )
     state = init(replicated_seed_key(exp, mesh))
     if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
@@ -426,10 +435,10 @@ def train_and_evaluate(
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
-  train_step = make_train_step(exp, mesh, programs)
+  train_step = make_train_step(exp, mesh, cache)
   eval_steps = {
     name: reused(
-      programs,
+      cache,
       f"eval/{name}",
       exp,
       mesh,
@@ -449,16 +458,19 @@ def train_and_evaluate(
       start_step,
       collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=start_step),
     )
-  train_iter = input_pipeline.train_iterator(
-    c.dataset,
+  train_kwargs = dict(
     data_dir=c.data_dir,
     image_size=c.image_size,
     local_batch_size=exp.local_batch_size,
     seed=c.seed,
-    start_step=start_step,
     shuffle_buffer=c.shuffle_buffer,
     crop_area_min=c.crop_area_min,
     normalization=c.image_normalization,
+  )
+  train_iter = input_pipeline.shared(
+    None if start_step else cache,  # a resumed run reads its own batches from start_step
+    ("train", c.dataset, jax.process_index(), jax.process_count(), *sorted(train_kwargs.items())),
+    lambda: input_pipeline.train_iterator(c.dataset, start_step=start_step, **train_kwargs),
   )
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
@@ -517,7 +529,7 @@ def train_and_evaluate(
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()
-        results = evaluate(exp, state, eval_steps, batch_sharding)
+        results = evaluate(exp, state, eval_steps, batch_sharding, cache)
         writer.write_scalars(step, results)
         report.eval(step, results, time.time() - eval_start)
       if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
@@ -550,7 +562,7 @@ def train_and_evaluate(
   checkpoints.wait_until_finished()
   checkpoints.close()
   if not results and start_step >= total_steps:  # already finished: report the final evaluation
-    results = evaluate(exp, state, eval_steps, batch_sharding)
+    results = evaluate(exp, state, eval_steps, batch_sharding, cache)
     writer.write_scalars(total_steps, results)
   writer.flush()
   final_step = int(jax.device_get(state.step))

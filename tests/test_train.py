@@ -169,24 +169,33 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
   assert train.train_and_evaluate(c, a) == res_a
 
 
-def test_seeds_of_one_config_share_programs_and_match_fresh_runs(tmp_path):
-  """With a `programs` dict, a second seed of a config adds no program (it reuses the first
-  seed's) and ends bit-identical to that seed trained with programs of its own. Random SAM reads
-  the seed inside the step, so a reused program that kept the first seed would differ."""
+def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
+  """With a `cache` dict, a second seed of a config adds no program (it reuses the first seed's)
+  and ends bit-identical to that seed trained alone; a third run, another method on that seed,
+  reads the same batches from the cache and also matches its run alone. Random SAM reads the seed
+  inside the step, so a reused program that kept the first seed would differ."""
   c0 = _quick()
   c0.data_dir = str(tmp_path / "data")
   c0.sam.perturbation = "random"
   c1 = c0.copy_and_resolve_references()
   c1.seed = 1
-  programs = {}
-  res0 = train.train_and_evaluate(c0, str(tmp_path / "s0"), programs=programs)
-  kinds = [json.loads(k)[0] for k in programs]
-  res1 = train.train_and_evaluate(c1, str(tmp_path / "s1"), programs=programs)
-  assert sorted(kinds) == ["eval/digits", "init", "train"] and len(programs) == 3
-  fresh = train.train_and_evaluate(c1, str(tmp_path / "fresh"))
-  assert res1 == fresh and res1 != res0
-  p1, pf = _final_params(str(tmp_path / "s1"), 6), _final_params(str(tmp_path / "fresh"), 6)
-  jax.tree.map(np.testing.assert_array_equal, p1, pf)
+  c2 = c1.copy_and_resolve_references()
+  c2.sam.perturbation = "steepest"
+  cache = {}
+  res0 = train.train_and_evaluate(c0, str(tmp_path / "s0"), cache=cache)
+  kinds = sorted(json.loads(k)[0] for k in cache["programs"])
+  res1 = train.train_and_evaluate(c1, str(tmp_path / "s1"), cache=cache)
+  assert kinds == ["eval/digits", "init", "train"] and len(cache["programs"]) == 3
+  res2 = train.train_and_evaluate(c2, str(tmp_path / "steep"), cache=cache)
+  assert len(cache["batches"]) == 3  # seed 0's, seed 1's (both methods), the evaluation's
+  for c, res, name in ((c1, res1, "s1"), (c2, res2, "steep")):
+    alone = train.train_and_evaluate(c, str(tmp_path / f"{name}_alone"))
+    assert res == alone and res != res0
+    p, pa = (
+      _final_params(str(tmp_path / name), 6),
+      _final_params(str(tmp_path / f"{name}_alone"), 6),
+    )
+    jax.tree.map(np.testing.assert_array_equal, p, pa)
 
 
 @pytest.mark.parametrize(
