@@ -544,7 +544,8 @@ def train_and_evaluate(
         checkpointing.finish(checkpoints, saving)
         report.checkpoint(saving, checkpoints.directory)
         saving = None
-      if save:
+      if save:  # not into a workdir removed meanwhile (orbax would recreate it silently)
+        checkpointing.check_intact(checkpoints, workdir, step)
         checkpointing.save(checkpoints, step, state, force=preempted, config=c)
         saving = step
       if saving and (preempted or last):
@@ -566,6 +567,7 @@ def train_and_evaluate(
     writer.write_scalars(total_steps, results)
   writer.flush()
   final_step = int(jax.device_get(state.step))
+  checkpointing.check_intact(checkpoints, workdir, final_step)  # results only beside the run
   if results and jax.process_index() == 0 and final_step == total_steps:
     workdir_lib.save_results(workdir, total_steps, results)
   report.summary(
