@@ -18,11 +18,24 @@ import traceback
 PREEMPTED_EXIT_CODE = 75  # checkpointing.PREEMPTED_EXIT_CODE (this runs before any import of it)
 _LOCK = None  # the workdir lock, released on every exit
 _STDERR_FD = 2  # a duplicate of the original stderr: fd 2 is redirected while TensorFlow imports
+_DISTRIBUTED = False  # several processes: after jax.distributed.initialize, JAX owns SIGTERM
+_FORWARD_ONCE = threading.Lock()
+_EXIT_ONCE = threading.Lock()  # the handler and the wake-up thread both see a signal: one line
 
 
 def _exit_preempted(signum: int) -> None:
   """Outside the training loop a signal ends the run at once: before it nothing is trained yet (a
-  restored state is in its checkpoint); after it the last checkpoint is saved. Exit 75: requeue."""
+  restored state is in its checkpoint); after it the last checkpoint is saved. Exit 75: requeue.
+
+  Several processes must stop together: once they are connected, SIGTERM is JAX's preemption
+  notice (all checkpoint the step they agree on, then exit 75) and SIGINT is turned into it."""
+  if _DISTRIBUTED and signum == signal.SIGINT:
+    if _FORWARD_ONCE.acquire(blocking=False):
+      os.write(_STDERR_FD, b"SIGINT: all processes checkpoint the step they agree on, then stop\n")
+      os.kill(os.getpid(), signal.SIGTERM)
+    return
+  if not _EXIT_ONCE.acquire(blocking=False):
+    return  # the other one is exiting
   if _LOCK is not None:
     _LOCK.release()
   os.write(
@@ -188,10 +201,12 @@ def _init_distributed():
     FLAGS.distributed == "auto" and not multihost_env and not FLAGS.coordinator_address
   ):
     return
+  global _DISTRIBUTED
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   else:
     jax.distributed.initialize()
+  _DISTRIBUTED = jax.process_count() > 1
 
 
 def main(argv):

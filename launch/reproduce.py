@@ -15,8 +15,8 @@ stopped; a run cut short resumes from its checkpoint):
   3. tables   `python -m pf_jax.analysis report --plots` per benchmark:
               ROOT/analysis/<benchmark>/{results.md, results.csv, accuracy.png, curves.png}, and
               ROOT/analysis/obf_vs_steep.md (OBF minus steepest ascent, paired by seed).
-Everything runs in this one process (no interpreter start per run). The wall time of each run
-is in ROOT/timings.json.
+Everything runs in this one process (no interpreter start per run; the seeds of one config share
+its compiled programs). The wall time of each run is in ROOT/timings.json.
 """
 
 import argparse
@@ -118,6 +118,7 @@ class Runner:
     self.root = root
     self.overrides = overrides
     self.timings_path = os.path.join(root, "timings.json")
+    self.cache = {}  # programs shared by the seeds of a config, batches by the methods of a seed
     self.timings = {}
     if os.path.exists(self.timings_path):
       with open(self.timings_path) as f:
@@ -130,7 +131,7 @@ class Runner:
       config = self.cli.build_config(f"{CONFIG}:{arg}", overrides)
       self.validate(config)  # the boundary: train_and_evaluate takes a valid config
       start = time.time()
-      self.train.train_and_evaluate(config, workdir)
+      self.train.train_and_evaluate(config, workdir, cache=self.cache)
       self.record(workdir, "train", time.time() - start)
       results = self.workdir_lib.load_results(workdir)
       print(

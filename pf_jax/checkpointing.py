@@ -6,6 +6,8 @@
 - Finiteness: a state with a non-finite value is never saved (`save` checks every time).
 - Fallback: a latest checkpoint that cannot be restored is moved aside (never deleted) into
   `<workdir>/checkpoints.broken/` and the newest one that restores is used.
+- Storage faults: a save that fails, or a workdir or checkpoint directory removed during the run
+  (`check_intact`), raises StorageError, one line naming the path and the step.
 
 Paths are `etils.epath` paths: `gs://` works like a local directory.
 """
@@ -154,6 +156,48 @@ def finish(mngr: ocp.CheckpointManager, step: int) -> None:
     raise _storage_error(mngr, step, e) from None
 
 
+def check_intact(mngr: ocp.CheckpointManager, workdir, step: int) -> None:
+  """Raises StorageError (one line) if the workdir, `config.json` or the newest checkpoint this
+  run has seen (restored or saved) is gone, removed while the run was going, or if the workdir
+  lock this process held (`workdir.held_lock`) was taken over.
+
+  orbax recreates a missing directory at the next save, so without this check an `rm -r` of the
+  workdir or of `checkpoints/` during a run would go on silently, writing checkpoints without the
+  earlier ones, config.json, events and lock. Call it when no save is in progress (after
+  `finish`). With several processes process 0 looks and all follow its decision.
+  """
+  problem = None
+  if jax.process_index() == 0:
+    workdir, latest = epath.Path(workdir), mngr.latest_step()
+    expected = [workdir, workdir / workdir_lib.CONFIG_FILE]
+    if latest is not None:
+      expected += [epath.Path(mngr.directory), epath.Path(mngr.directory) / str(latest)]
+    gone = next((p for p in expected if not p.exists()), None)
+    lock = workdir_lib.held_lock(workdir)
+    lost = lock.lost() if lock is not None and gone is None else None
+    if gone is not None:
+      problem = _removed(gone, step)
+    elif lost:
+      problem = (
+        f"--workdir: {workdir} is no longer this run's: {lost}; this run stops without saving "
+        f"step {step} and leaves the workdir to it"
+      )
+  failed = problem is not None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    failed = bool(multihost_utils.broadcast_one_to_all(failed))
+  if failed:
+    raise StorageError(problem or f"process 0 stopped the run before saving step {step}")
+
+
+def _removed(path, step: int) -> str:
+  return (
+    f"{path} was removed while the run was going: step {step} is not saved; restore it and "
+    "restart the same command to resume, or restart the same command to train again from step 0"
+  )
+
+
 # The OS errors behind a failed save, as tensorstore and orbax word them deep in their messages.
 _OS_REASONS = (
   "No space left on device",
@@ -165,6 +209,8 @@ _OS_REASONS = (
 
 
 def _storage_error(mngr, step: int, e: Exception) -> StorageError:
+  if not epath.Path(mngr.directory).exists():  # removed while the save was being written
+    return StorageError(_removed(mngr.directory, step))
   reason = next((r for r in _OS_REASONS if r in str(e)), None) or _reason(e)[:300]
   good = [s for s in _finished_steps(mngr.directory) if s != step]
   return StorageError(

@@ -214,9 +214,16 @@ class Experiment:
     logits, new = self.model.apply(variables, images, train=True, mutable=["batch_stats"])
     return logits, new["batch_stats"]
 
-  def step_key(self, step) -> jax.Array:
-    """PRNG key of training step `step + 1` (random perturbations); the collect step reuses it."""
-    return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+  def seed_key(self) -> jax.Array:
+    """`PRNGKey(config.seed)`, the root of every random choice in the compiled steps."""
+    return jax.random.PRNGKey(self.config.seed)
+
+  def step_key(self, step, seed_key=None) -> jax.Array:
+    """PRNG key of training step `step + 1` (random perturbations); the collect step reuses it.
+
+    `seed_key`: `seed_key()` passed in as an argument (a program that serves every seed), or
+    None: computed from `config.seed` (a constant of the program)."""
+    return jax.random.fold_in(self.seed_key() if seed_key is None else seed_key, step)
 
   def model_in(self, dtype) -> Any:
     """The same model computing in `dtype` (the sharpness tool uses float32)."""
@@ -224,11 +231,13 @@ class Experiment:
     kwargs = config_fields.library_kwargs(c, "build_model")
     return models.build_model(c.model, num_classes=self.num_classes, dtype=dtype, **kwargs)
 
-  def init_state(self) -> TrainState:
-    """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target)."""
+  def init_state(self, seed_key=None) -> TrainState:
+    """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target);
+    `seed_key`: `seed_key()` passed in as an argument, or None: computed from `config.seed`."""
     size = self.config.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    variables = self.model.init(jax.random.PRNGKey(self.config.seed), dummy, train=False)
+    key = self.seed_key() if seed_key is None else seed_key
+    variables = self.model.init(key, dummy, train=False)
     params = flax.core.unfreeze(variables["params"])
     return self.state_at(params, flax.core.unfreeze(variables.get("batch_stats", {})))
 

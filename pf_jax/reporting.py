@@ -20,8 +20,9 @@ _OWN_DIRS = (
 )
 
 
-# Library warnings that are normal events here (TFDS when it builds `digits` the first time).
-_EXPECTED_WARNINGS = ("has no dataset_info.json",)
+# Library warnings that are normal events here (TFDS when it builds `digits` the first time;
+# orbax at a multi-process preemption, which our "Preempted at step N" line reports).
+_EXPECTED_WARNINGS = ("has no dataset_info.json", "Reached preemption sync point")
 
 
 class _OwnInfoOnly(std_logging.Filter):

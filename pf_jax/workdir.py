@@ -277,6 +277,26 @@ class WorkdirLock:
         logging.warning("No flock on %s (%s): locking by heartbeat", self.path, e.strerror)
     return self._acquire_heartbeat()
 
+  def lost(self) -> str | None:
+    """None while this process still holds the lock; else who took it over (a one-line phrase).
+
+    Local: the locked file is no longer `lock.json` (removed, so another start could lock a new
+    one). Object stores: `lock.json` names another start (ours went stale and was taken over).
+    """
+    if self._fd is not None:
+      try:
+        if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+          return None
+      except FileNotFoundError:
+        return f"its lock {self.path} was removed"
+    elif self._thread is None:
+      return None  # not acquired
+    else:
+      held = self._read()
+      if held is None or held.get("token") == self._token:
+        return None  # unreadable while being written: taken as still ours
+    return f"its lock was taken over by {self._holder(self._read() or {})}"
+
   def _acquire_flock(self):
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -302,6 +322,7 @@ class WorkdirLock:
     os.write(fd, json.dumps(self.info).encode())
     os.fsync(fd)
     self._fd = fd
+    _HELD[_key(self.path.parent)] = self
     return self
 
   def _acquire_heartbeat(self):
@@ -319,6 +340,7 @@ class WorkdirLock:
       if mine and mine.get("token") == self._token:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="pf_jax_lock")
         self._thread.start()
+        _HELD[_key(self.path.parent)] = self
         return self
     self._refuse(self._read() or {})
 
@@ -326,18 +348,29 @@ class WorkdirLock:
     self.path.write_text(json.dumps(dict(self.info, heartbeat=time.time())))
 
   def _beat(self):
-    while not self._stop.wait(HEARTBEAT_S):
-      try:
-        self._write()
-      except OSError as e:
-        logging.warning("Cannot refresh the workdir lock %s: %s", self.path, e)
+    while not self._stop.wait(HEARTBEAT_S) and self._refresh():
+      pass
+
+  def _refresh(self) -> bool:
+    """Writes the heartbeat; False, writing nothing, once another start has taken the lock."""
+    held = self._read()
+    if held is not None and held.get("token") != self._token:
+      logging.warning("The workdir lock %s was taken over by %s", self.path, self._holder(held))
+      return False
+    try:
+      self._write()
+    except OSError as e:
+      logging.warning("Cannot refresh the workdir lock %s: %s", self.path, e)
+    return True
 
   def release(self) -> None:
     """Removes the lock (idempotent; safe from a signal handler's exit path)."""
+    _HELD.pop(_key(self.path.parent), None)
     if self._fd is not None:
       fd, self._fd = self._fd, None
       try:
-        self.path.unlink()  # before unlocking: a waiting opener then re-checks the inode
+        if os.fstat(fd).st_ino == os.stat(self.path).st_ino:  # not another start's new lock file
+          self.path.unlink()  # before unlocking: a waiting opener then re-checks the inode
       except OSError:
         pass
       os.close(fd)
@@ -356,3 +389,16 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+_HELD: dict[str, WorkdirLock] = {}  # workdir -> the lock this process holds on it
+
+
+def _key(workdir) -> str:
+  path = str(workdir)
+  return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
+def held_lock(workdir) -> WorkdirLock | None:
+  """The WorkdirLock this process holds on `workdir` (main.py takes one; library use none)."""
+  return _HELD.get(_key(workdir))

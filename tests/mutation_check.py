@@ -135,8 +135,8 @@ MUTATIONS = (
   Mutation(
     "shrink-and-perturb: gradient at the unshrunk parameters",
     "pf_jax/train.py",
-    "      params, batch, step=state.step, rng=exp.step_key(state.step)",
-    "      state.params, batch, step=state.step, rng=exp.step_key(state.step)",
+    "      params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)",
+    "      state.params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)",
     (f"{SHRINK}[shrink_perturb]",),
   ),
   Mutation(

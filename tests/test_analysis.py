@@ -452,6 +452,15 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
     assert np.isnan(r["tau_forgetting"][-1])
   rows = open(str(tmp_path / "out" / "forgetting.csv")).read().splitlines()
   assert len(rows) == 1 + 2 * 101
+  # Runs on another training dataset: their own panels, named by dataset (none are mixed).
+  runs = pf_jax.analysis.pool.load_runs(workdirs[:4])
+  runs[0].config["dataset"] = runs[1].config["dataset"] = "spurious_digits"
+  assert {k: [r.workdir for r in v] for k, v in figure2.panels(runs).items()} == {
+    "SAM STEEP on spurious_digits": [workdirs[0]],
+    "SAM OBF lambda=0.1 gamma=1 on spurious_digits": [workdirs[1]],
+    "SAM STEEP on digits": [workdirs[2]],
+    "SAM OBF lambda=0.1 gamma=1 on digits": [workdirs[3]],
+  }
   assert os.path.getsize(str(tmp_path / "out" / "figure2.png")) > 10_000
 
 
@@ -644,6 +653,12 @@ def test_report_plots_label_runs_uniquely_from_a_stated_baseline(tmp_path):
     "SAM STEEP m=8 a",
     "SAM STEEP m=8 b #1",
     "SAM STEEP m=8 b #2",
+  ]
+  mixed = [steep8, dict(steep8, dataset="spurious_digits"), dict(steep8, dataset="x", model="b")]
+  assert plots.row_labels(mixed) == [
+    "SAM STEEP m=8 on digits",
+    "SAM STEEP m=8 on spurious_digits",
+    "SAM STEEP m=8 on x",
   ]
   assert plots.baseline(91.0) == 90.0 and plots.baseline(90.0) == 80.0 and plots.baseline(3) == 0
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

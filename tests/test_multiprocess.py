@@ -12,6 +12,7 @@ in step. Only process 0 may write TensorBoard events and print the final metrics
 import glob
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pf_jax import input_pipeline
+from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,3 +213,99 @@ def test_two_processes_train_in_lockstep(tmp_path):
   np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-5)
   np.testing.assert_allclose(got["probs_p"][:160], want["probs_p"][:160], atol=1e-5)
   assert np.abs(got["probs_p"] - got["probs"]).max() > 1e-3
+
+
+def _start_two(workdir: str, data_dir: str, tmp_path, name: str) -> list:
+  """Both processes of a 2-process main.py run on `workdir` (stderr in tmp_path/<name><i>.err)."""
+  port, procs = _free_port(), []
+  for i in range(NUM_PROCESSES):
+    argv = [
+      sys.executable,
+      os.path.join(REPO, "main.py"),
+      f"--workdir={workdir}",
+      f"--coordinator_address=localhost:{port}",
+      f"--num_processes={NUM_PROCESSES}",
+      f"--process_id={i}",
+      *_config_flags(data_dir),
+    ]
+    with open(tmp_path / f"{name}{i}.err", "w") as err:
+      procs.append(
+        subprocess.Popen(
+          argv, cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=subprocess.DEVNULL, stderr=err
+        )
+      )
+  return procs
+
+
+def _wait_all(procs, tmp_path, name: str) -> list[str]:
+  """Each process's stderr once all have exited (all killed, the test failed, after TIMEOUT_S)."""
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [(tmp_path / f"{name}{i}.err").read_text() for i in range(len(procs))]
+  assert all(p.returncode >= 0 for p in procs), [
+    (p.returncode, l[-2000:]) for p, l in zip(procs, logs)
+  ]
+  return logs
+
+
+@pytest.mark.slow  # four 2-process starts, two of which train
+def test_two_processes_stop_together_on_a_locked_workdir_and_on_signals_during_start_up(tmp_path):
+  """A workdir locked by another run: both processes stop (exit 1, one line each). SIGTERM to both
+  while they import: both exit 75 at once, nothing written. SIGINT to process 0 and SIGTERM to
+  process 1 once they are connected (data checks, compilation): JAX's preemption notice, so both
+  checkpoint the same first step and exit 75; the same command then resumes and finishes."""
+  data_dir = str(tmp_path / "data")
+  input_pipeline.get_builder("digits", data_dir)
+  run = tmp_path / "run"
+  with workdir_lib.WorkdirLock(run):
+    procs = _start_two(run, data_dir, tmp_path, "locked")
+    logs = _wait_all(procs, tmp_path, "locked")
+  assert [p.returncode for p in procs] == [1, 1], logs
+  lines = [l.strip().splitlines()[-1] for l in logs]
+  assert lines[0].startswith(f"error: --workdir: {run} is in use by pid {os.getpid()} on host ")
+  assert lines[1] == f"error: --workdir: {run} is in use (process 0 could not take its lock)"
+  assert sorted(os.listdir(run)) == []
+
+  procs = _start_two(run, data_dir, tmp_path, "early")
+  time.sleep(0.5)  # importing JAX: not connected yet
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  logs = _wait_all(procs, tmp_path, "early")
+  assert [p.returncode for p in procs] == [75, 75], logs
+  for log in logs:
+    assert log.strip().splitlines() == [
+      "preempted (SIGTERM) outside the training loop: nothing unsaved; restart the same command "
+      "to continue (exit code 75)"
+    ]
+  assert sorted(os.listdir(run)) == []
+
+  procs = _start_two(run, data_dir, tmp_path, "connected")
+  log0 = tmp_path / "connected0.err"
+  deadline = time.monotonic() + TIMEOUT_S
+  while "start: " not in log0.read_text() and time.monotonic() < deadline:
+    time.sleep(0.1)  # process 0 has checked the data and restored: compilation comes next
+  procs[0].send_signal(signal.SIGINT)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _wait_all(procs, tmp_path, "connected")
+  assert [p.returncode for p in procs] == [75, 75], logs
+  steps = [int(re.search(r"Preempted at step (\d+): checkpoint saved", l).group(1)) for l in logs]
+  assert steps[0] == steps[1] < STEPS, logs
+  assert "outside the training loop" not in logs[0] + logs[1]
+  assert "preemption sync point" not in logs[0] + logs[1]  # orbax's own words: not shown
+  assert sorted(os.listdir(run / "checkpoints")) == [str(steps[0])]
+  assert not (run / "lock.json").exists() and not (run / "results.json").exists()
+  assert workdir_lib.checkpoint_config(run / "checkpoints").sam.m == 32
+
+  procs = _start_two(run, data_dir, tmp_path, "again")
+  logs = _wait_all(procs, tmp_path, "again")
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert f"resumed: step {steps[0]} from " in logs[0]
+  assert workdir_lib.load_results(run)["step"] == STEPS
+  assert _restore_state(str(run))[0] == STEPS

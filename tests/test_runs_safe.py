@@ -4,6 +4,7 @@ Most tests share one finished 6-step run (8 simulated devices, checkpoints at st
 work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
 """
 
+import fcntl
 import json
 import os
 import random
@@ -123,6 +124,8 @@ def _cmd(workdir, data_dir, steps):
 
 
 def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
+  """SIGTERM in the training loop checkpoints the current step (exit 75); the restart, stopped
+  once more during its start-up (exit 75 at once), then run again, ends bit-identical."""
   steps = 80
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))  # prepared once, before the runs
@@ -167,6 +170,29 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   print(
     f"SIGTERM after step {k} (seed {seed}): checkpoint of step {stopped}, exit after {exit_s:.2f} s"
   )
+
+  # The same command stopped again during its start-up (data checks, restore, compilation), by
+  # SIGTERM or SIGINT: exit 75 at once with one line, its checkpoint untouched.
+  delay = random.Random(seed).uniform(0.5, 4.0)
+  sig = random.Random(seed + 1).choice([signal.SIGTERM, signal.SIGINT])
+  proc = subprocess.Popen(
+    _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  try:
+    time.sleep(delay)
+    proc.send_signal(sig)
+    log = proc.communicate(timeout=120)[1]
+  finally:
+    proc.kill()
+  assert proc.returncode == 75, (sig.name, delay, seed, log[-3000:])
+  if "train step" in log:  # it had reached the training loop: a newer checkpoint
+    stopped = int(re.search(r"Preempted at step (\d+): checkpoint saved", log).group(1))
+  else:
+    assert log.splitlines()[-1].startswith(f"preempted ({sig.name}) outside the training loop")
+    assert log.count("preempted (") == 1 and _steps(run) == [stopped], log
+  assert not os.path.exists(run / "lock.json")
+  print(f"then {sig.name} {delay:.2f} s into the restart: exit 75")
 
   again = subprocess.run(
     _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
@@ -242,35 +268,6 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
     jax.tree.map(np.testing.assert_array_equal, a["opt_state"], b["opt_state"])
     assert out.stdout == again.stdout
   print(f"seed {seed}: SIGKILL at the save of step {k}; second SIGTERM exit {proc.returncode}")
-
-
-def test_sigterm_during_start_up_exits_75_without_a_checkpoint(tmp_path):
-  """Before the training loop (imports, data checks, restore, compilation) nothing is unsaved."""
-  data_dir = tmp_path / "data"
-  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
-  seed = random.randrange(10**6)
-  delay = random.Random(seed).uniform(0.5, 4.0)
-  proc = subprocess.Popen(
-    _cmd(tmp_path / "run", data_dir, 5),
-    cwd=ROOT,
-    env=_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  try:
-    time.sleep(delay)
-    proc.send_signal(signal.SIGTERM)
-    log = proc.communicate(timeout=120)[1]
-  finally:
-    proc.kill()
-  assert proc.returncode == 75, (delay, seed, log[-3000:])
-  if "train step" not in log:  # still starting: the start-up line, no checkpoint
-    assert log.splitlines()[-1].startswith("preempted (SIGTERM) outside the training loop"), log
-    steps = _steps(tmp_path / "run") if os.path.isdir(tmp_path / "run" / "checkpoints") else []
-    assert steps == []
-  assert not os.path.exists(tmp_path / "run" / "lock.json")
-  print(f"SIGTERM after {delay:.2f} s (seed {seed}): exit 75")
 
 
 def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
@@ -379,7 +376,7 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
   # Fixed: the leftover is removed, the run resumes from step 4 and finishes.
   assert read("again.rc").strip() == "0", read("again.err")[-3000:]
   assert "6.orbax-checkpoint-tmp: a checkpoint save that did not complete" in read("again.err")
-  assert "Resumed from step 4" in read("again.err")
+  assert "resumed: step 4 from " in read("again.err")
   assert _steps(out / "run") == [2, 4, 6]
   assert sorted(os.listdir(out / "run" / "checkpoints")) == ["2", "4", "6"]
   jax.tree.map(
@@ -387,6 +384,90 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
     _restore(finished[0], 4)["params"],
     _restore(out / "run", 4)["params"],
   )
+
+
+def test_a_workdir_or_checkpoint_directory_removed_during_a_run_is_noticed_before_a_save(tmp_path):
+  """orbax would recreate a removed directory at the next save (and the run go on, its earlier
+  checkpoints, config.json and events gone): `check_intact` stops it, naming what is gone."""
+  workdir = tmp_path / "run"
+  ckpts = workdir / "checkpoints"
+
+  def gone(path):
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"{path} was removed while the run was going: step 2 is not saved; restore it and "
+      "restart the same command to resume, or restart the same command to train again from "
+      "step 0"
+    )
+
+  workdir_lib.save_config(workdir, _config(tmp_path / "data"))
+  mine = workdir_lib.WorkdirLock(workdir).acquire()
+  with ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+    checkpointing.check_intact(mngr, workdir, 1)  # nothing saved yet: the workdir and config.json
+    checkpointing.save(mngr, 1, {"w": jnp.ones(3)})
+    checkpointing.finish(mngr, 1)
+    checkpointing.check_intact(mngr, workdir, 2)
+    # The lock file removed, then another start locking a new one: this run is no longer the
+    # workdir's and stops, leaving the other's lock in place.
+    os.remove(workdir / "lock.json")
+    stops = "; this run stops without saving step 2 and leaves the workdir to it"
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"--workdir: {workdir} is no longer this run's: its lock {workdir / 'lock.json'} was "
+      f"removed{stops}"
+    )
+    other = {"host": "h2", "pid": 7, "started": "T", "token": "other"}  # another process's
+    fd = os.open(workdir / "lock.json", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps(other).encode())
+    with pytest.raises(checkpointing.StorageError) as err:
+      checkpointing.check_intact(mngr, workdir, 2)
+    assert str(err.value) == (
+      f"--workdir: {workdir} is no longer this run's: its lock was taken over by pid 7 on host "
+      f"h2, started T (lock {workdir / 'lock.json'}){stops}"
+    )
+    mine.release()
+    assert json.loads((workdir / "lock.json").read_text()) == other
+    os.close(fd)
+    checkpointing.check_intact(mngr, workdir, 2)  # no lock held (library use): nothing to lose
+    shutil.rmtree(ckpts / "1")  # its newest checkpoint
+    gone(ckpts / "1")
+    shutil.rmtree(ckpts)
+    gone(ckpts)
+    os.remove(workdir / "config.json")
+    gone(workdir / "config.json")
+    shutil.rmtree(workdir)  # the whole workdir, or one replaced by a new empty directory
+    gone(workdir)
+    workdir.mkdir()
+    gone(workdir / "config.json")
+
+
+@pytest.mark.slow  # two resumed runs; check_intact itself is tested above
+@pytest.mark.parametrize("remove", ["checkpoints", "workdir"])
+def test_a_run_whose_directory_is_removed_stops_at_the_next_save(
+  finished, tmp_path, monkeypatch, remove
+):
+  """Resumed at step 4, the directory is removed while steps 5-6 train: the save of step 6
+  stops the run (StorageError, one line); nothing is written back, no results."""
+  workdir = _copy(finished, tmp_path)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  os.remove(os.path.join(workdir, "results.json"))
+  target = workdir if remove == "workdir" else os.path.join(workdir, "checkpoints")
+  original = input_pipeline.train_iterator
+
+  def removing_iterator(*args, start_step=0, **kwargs):
+    for step, batch in enumerate(original(*args, start_step=start_step, **kwargs), start_step + 1):
+      if step == 6:
+        shutil.rmtree(target)
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_iterator", removing_iterator)
+  with pytest.raises(checkpointing.StorageError) as err:
+    train.train_and_evaluate(_config(finished[1]), workdir)
+  assert str(err.value).startswith(f"{target} was removed while the run was going: step 6 ")
+  assert not os.path.exists(target)
 
 
 # --- Non-finite steps ---------------------------------------------------------------------------
@@ -732,6 +813,19 @@ def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
     assert not held.local and json.loads(lock_file.read_text())["pid"] == os.getpid()
     with pytest.raises(workdir_lib.WorkdirLockedError, match="gs://bucket/run is in use by pid"):
       workdir_lib.WorkdirLock("gs://bucket/run").acquire()
+    assert held.lost() is None and held._refresh()
+    # Taken over (this holder stalled past STALE_AFTER_S): it says so and never writes it back.
+    taker = {"host": "h3", "pid": 8, "started": "T3", "token": "taker", "heartbeat": time.time()}
+    lock_file.write_text(json.dumps(taker))
+    assert workdir_lib.held_lock("gs://bucket/run/") is held
+    assert (
+      held.lost()
+      == "its lock was taken over by pid 8 on host h3, started T3 (lock gs://bucket/run/lock.json)"
+    )
+    assert not held._refresh() and json.loads(lock_file.read_text()) == taker
+  assert json.loads(lock_file.read_text()) == taker  # released: the taker's lock is kept
+  assert workdir_lib.held_lock("gs://bucket/run") is None
+  lock_file.unlink()
   # A concurrent start that writes its lock while this one waits to read back: this one stops.
   other = {"host": "h2", "pid": 7, "started": "T", "token": "other"}
   sneak = lambda _: lock_file.write_text(json.dumps(dict(other, heartbeat=time.time())))

@@ -5,7 +5,8 @@
   accuracy with the run-averaged forgetting I(X;Y^|Y) - I(X;Y^p|Y), with the task-information
   change I(Y^;Y) - I(Y^p;Y), and (constant over thresholds) with sharpness;
 - `DIR/figure2.png`: tau against adjusted threshold, one panel per perturbation type (runs are
-  grouped by SAM framework and perturbation, so each panel is an m sweep), solid lines where
+  grouped by SAM framework and perturbation, so each panel is an m sweep, and by training
+  dataset where the runs span several), solid lines where
   p <= 0.05 and dotted elsewhere, sharpness as a horizontal line, and a hatch where forgetting's
   correlation is significant and larger than the magnitude of sharpness's (our reading of "where
   forgetting correlates with generalization more strongly than flatness").
@@ -44,9 +45,13 @@ COLUMNS = (
 
 
 def panels(runs: list[pool.Run]) -> dict[str, list[pool.Run]]:
+  """Runs by SAM framework and perturbation (an m sweep), and by training dataset where several
+  are pooled: a rank correlation across datasets would compare unlike accuracies."""
   out: dict[str, list[pool.Run]] = {}
+  datasets = [r.dataset for r in runs]
   for run in runs:
-    out.setdefault(f"{run.algo} {run.perturbation}", []).append(run)
+    key = f"{run.algo} {run.perturbation}" + pool.dataset_tag(run.dataset, datasets)
+    out.setdefault(key, []).append(run)
   return out
 
 

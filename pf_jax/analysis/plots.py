@@ -6,7 +6,8 @@
                 baseline stated on the axis (a multiple of 10 below the lowest bar);
   curves.png    training loss and first-eval-set top-1 against the step, mean over each row's
                 seeds (read from the runs' TensorBoard event files with TensorBoard's reader).
-Every row has its own label: method, m, OBF's lambda and gamma, then the model where needed.
+Every row has its own label: method, m, OBF's lambda and gamma, the training dataset where rows
+differ in it, then the model where needed.
 """
 
 import collections
@@ -31,8 +32,10 @@ def row_label(row) -> str:
 
 
 def row_labels(rows) -> list[str]:
-  """`row_label` of every row, made unique: the model added where labels repeat, then '#i'."""
-  labels = [row_label(r) for r in rows]
+  """`row_label` of every row, made unique: the training dataset added where rows differ in it,
+  the model where labels repeat, then '#i'."""
+  datasets = [r["dataset"] for r in rows]
+  labels = [row_label(r) + pool.dataset_tag(r["dataset"], datasets) for r in rows]
   counts = collections.Counter(labels)
   labels = [f"{l} {r['model']}" if counts[l] > 1 else l for l, r in zip(labels, rows)]
   counts, seen = collections.Counter(labels), collections.Counter()

@@ -77,6 +77,12 @@ class Run:
     )
 
 
+def dataset_tag(dataset: str, datasets) -> str:
+  """' on <dataset>' where runs of several training `datasets` are shown together (a plot label or
+  Figure 2 panel must not mix them up), else ''."""
+  return f" on {dataset}" if len(set(datasets)) > 1 else ""
+
+
 def load_run(workdir: str, notes: list[str] | None = None) -> Run:
   """The run in `workdir`; a stale sharpness is not used (a line in `notes`, sharpness.load)."""
   return Run(
