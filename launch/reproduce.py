@@ -130,9 +130,11 @@ class Runner:
       overrides = [(k, repr(v)) for k, v in fields.items()] + self.overrides
       config = self.cli.build_config(f"{CONFIG}:{arg}", overrides)
       self.validate(config)  # the boundary: train_and_evaluate takes a valid config
-      start = time.time()
+      start, cpu = time.time(), os.times()
       self.train.train_and_evaluate(config, workdir, cache=self.cache)
       self.record(workdir, "train", time.time() - start)
+      now = os.times()  # this process's CPU seconds (on a shared machine, less than 2 x wall)
+      self.record(workdir, "train_cpu", now.user + now.system - cpu.user - cpu.system)
       results = self.workdir_lib.load_results(workdir)
       print(
         f"{os.path.relpath(workdir, self.root)}: {time.time() - start:.0f} s, "
