@@ -7,7 +7,9 @@
 
 Every invocation skips what ROOT already holds (an interrupted run resumes from its checkpoint)
 and ends by rewriting the tables from every finished run, so parts can be run on different days.
-Compiled programs are shared through a persistent JAX compilation cache (ROOT/jax_cache).
+In one invocation the seeds of a config share its compiled programs and the methods of a seed
+share its training batches (bit-identical to separate runs); ROOT/jax_cache keeps compiled
+programs across invocations.
 
   1. seeds    per benchmark, enough paired seeds to resolve EFFECT (points of top-1) with 80%
               power in a two-sided paired t-test at 5%, with the paired standard deviation
@@ -75,9 +77,12 @@ SEARCH = (
   ),
   ("asam", "asam_steep", {"sam.rho_max": (0.3, 1.0, 3.0)}),
 )
-# Seconds per run measured by REPORT.md section 6 (shared 2-core CPU, load average 3-8): the
-# search's runs (~225 steps) and the training runs (275 steps), compilation included.
-SEARCH_RUN_S, TRAIN_RUN_S = 23.0, 31.0
+# Wall seconds measured on this 2-core CPU while shared (load average ~10; docs/reproduction.md,
+# "Wall time"): a search run (200 steps) and a training run (275 steps) of a SAM-family method
+# whose programs this process already compiled (every seed of a config after its first:
+# train.reused), and the first seed of a config on top (tracing and compiling). At that load a run
+# got CORES cores: the work is CPU-bound, so an idle machine gives it up to 2.
+SEARCH_RUN_S, TRAIN_RUN_S, CONFIG_S, CORES = 18.0, 23.0, 40.0, 0.75
 # Evaluated once, at the last step (no curves): the powered runs only need the final accuracy.
 RUN_OVERRIDES = (("eval_every_steps", 100_000),)
 
@@ -213,17 +218,27 @@ def plan(benchmarks, methods, seeds) -> dict:
 
 
 def estimate_seconds(root: str, todo: dict, needed: set, max_values: int, n_search: int):
-  """(search runs, training runs, seconds) still to do, at REPORT.md section 6's per-run times
-  (search extensions not counted)."""
-  runs = sum(
-    not os.path.exists(os.path.join(root, "runs", b, f"{m}-s{s}", "results.json"))
+  """(search runs, training runs, seconds, seconds if every stage extends MAX_EXTEND times) still
+  to do, at the measured per-run and per-config times (SEARCH_RUN_S, TRAIN_RUN_S, CONFIG_S)."""
+  left = [
+    (b, m)
     for b, items in todo.items()
     for m, s in items
-  )
+    if not os.path.exists(os.path.join(root, "runs", b, f"{m}-s{s}", "results.json"))
+  ]
+  extendable = [  # stages with a numeric axis of at least two values (search_stage)
+    st
+    for st, _, g in SEARCH
+    if st in needed
+    and any(not isinstance(k, tuple) and len(v[:max_values]) > 1 for k, v in g.items())
+  ]
   points = sum(len(base.grid_points(g, max_values)) for st, _, g in SEARCH if st in needed)
-  done = len([p for p in _glob_results(os.path.join(root, "search"))])
+  done = len(_glob_results(os.path.join(root, "search")))
   searches = max(0, points * n_search * len(todo) - done)
-  return searches, runs, searches * SEARCH_RUN_S + runs * TRAIN_RUN_S
+  configs = (searches + n_search - 1) // n_search + len(set(left))  # first seeds compile
+  seconds = searches * SEARCH_RUN_S + len(left) * TRAIN_RUN_S + configs * CONFIG_S
+  extend = MAX_EXTEND * len(extendable) * len(todo) * (n_search * SEARCH_RUN_S + CONFIG_S)
+  return searches, len(left), seconds, seconds + (extend if searches else 0)
 
 
 def _glob_results(folder):
@@ -347,13 +362,16 @@ def main(argv=None) -> int:
       f"references; this invocation: {len(todo[b])} runs",
       flush=True,
     )
-  n_search, n_runs, seconds = estimate_seconds(
+  n_search, n_runs, seconds, most = estimate_seconds(
     root, todo, needed, args.max_grid, len(args.search_seeds)
   )
   print(
-    f"to do: ~{n_search} search runs and {n_runs} training runs; estimated {seconds / 3600:.1f} h"
-    f" at REPORT.md section 6's per-run times ({SEARCH_RUN_S:g} s / {TRAIN_RUN_S:g} s on the "
-    "shared CPU; about half on an idle one)",
+    f"to do: {n_search} search runs and {n_runs} training runs; estimated {seconds / 3600:.1f} h "
+    f"(at most {most / 3600:.1f} h if every stage extends its grid) at the times measured on "
+    f"this CPU shared at load ~10 ({SEARCH_RUN_S:g} s per search run, {TRAIN_RUN_S:g} s per "
+    f"training run, {CONFIG_S:g} s more for a config's first seed); that is "
+    f"{seconds * CORES / 3600:.1f} CPU-hours, {seconds * CORES / 2 / 3600:.1f} h on an idle "
+    "2-core CPU if a run keeps both cores busy (num_train_steps overrides are not counted)",
     flush=True,
   )
 
@@ -365,6 +383,7 @@ def main(argv=None) -> int:
   with open(os.path.join(root, "search.md"), "w") as f:
     f.write(search_markdown(searches, args.search_seeds))
   print(f"search done ({time.time() - start:.0f} s so far); see {root}/search.md", flush=True)
+  runner.cache.clear()  # the search's programs and batches are not used again
 
   for b, items in todo.items():
     winners = {stage: r["winner"] for stage, r in searches[b].items()}

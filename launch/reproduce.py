@@ -15,8 +15,8 @@ stopped; a run cut short resumes from its checkpoint):
   3. tables   `python -m pf_jax.analysis report --plots` per benchmark:
               ROOT/analysis/<benchmark>/{results.md, results.csv, accuracy.png, curves.png}, and
               ROOT/analysis/obf_vs_steep.md (OBF minus steepest ascent, paired by seed).
-Everything runs in this one process (no interpreter start per run). The wall time of each run
-is in ROOT/timings.json.
+Everything runs in this one process (no interpreter start per run; the seeds of one config share
+its compiled programs). The wall time of each run is in ROOT/timings.json.
 """
 
 import argparse
@@ -106,6 +106,7 @@ class Runner:
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     with reporting.quiet_native_stderr():
+      from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
       from pf_jax import cli  # pylint: disable=g-import-not-at-top
       from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
       from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -114,10 +115,12 @@ class Runner:
       from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
     input_pipeline.tfds.disable_progress_bar()
     self.cli, self.train, self.workdir_lib, self.sharpness = cli, train, workdir_lib, sharpness
+    self.checkpointing = checkpointing
     self.validate = lambda c: config_validation.validate(c, jax.device_count(), jax.process_count())
     self.root = root
     self.overrides = overrides
     self.timings_path = os.path.join(root, "timings.json")
+    self.cache = {}  # programs shared by the seeds of a config, batches by the methods of a seed
     self.timings = {}
     if os.path.exists(self.timings_path):
       with open(self.timings_path) as f:
@@ -129,9 +132,15 @@ class Runner:
       overrides = [(k, repr(v)) for k, v in fields.items()] + self.overrides
       config = self.cli.build_config(f"{CONFIG}:{arg}", overrides)
       self.validate(config)  # the boundary: train_and_evaluate takes a valid config
-      start = time.time()
-      self.train.train_and_evaluate(config, workdir)
+      start, cpu = time.time(), os.times()
+      try:
+        self.train.train_and_evaluate(config, workdir, cache=self.cache)
+      except self.checkpointing.Preempted as e:  # SIGTERM/SIGINT: the run's step is saved
+        print(f"{os.path.relpath(workdir, self.root)}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(self.checkpointing.PREEMPTED_EXIT_CODE) from None
       self.record(workdir, "train", time.time() - start)
+      now = os.times()  # this process's CPU seconds (on a shared machine, less than 2 x wall)
+      self.record(workdir, "train_cpu", now.user + now.system - cpu.user - cpu.system)
       results = self.workdir_lib.load_results(workdir)
       print(
         f"{os.path.relpath(workdir, self.root)}: {time.time() - start:.0f} s, "

@@ -6,8 +6,9 @@ apply function, BatchNorm or not, the task loss, the `SamSpec`, the compute dtyp
 the learning-rate and rho schedules, the step counts and the batch sizes. Library arguments come
 from the field declarations (`config_fields.library_kwargs`), so no field is mapped by hand.
 
-The config-only derivations (`schedule`, `sam_spec`, `optimizer`, `per_device_batch`,
-`forgetting_dataset`) are functions here too, so validation checks exactly what a run builds.
+The config-only derivations (`schedule`, `sam_spec`, `optimizer`, `shrink_perturb`,
+`per_device_batch`, `forgetting_dataset`) are functions here too, so validation checks exactly
+what a run builds.
 No TensorFlow, no data reading, no checkpoint reading: building is pure.
 """
 
@@ -42,12 +43,15 @@ class TrainState(flax.struct.PyTreeNode):
     params: the model parameters.
     batch_stats: BatchNorm running statistics ({} without BatchNorm).
     opt_state: the optimizer's state.
+    init_variables: {"params", "batch_stats"} at step 0, which shrink-and-perturb pulls the
+      state toward (None without it).
   """
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  init_variables: Any = None
 
 
 def schedule(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
@@ -116,8 +120,9 @@ def optimizer(c: ml_collections.ConfigDict, total_steps: int, warmup_steps: int)
     warmup_steps: linear warmup, at most `total_steps`.
 
   Returns:
-    (optax transformation applied to the final SAM gradient: clipping, then the base optimizer,
-    then shrink-and-perturb; learning-rate schedule; rho, a float or an lr-proportional schedule).
+    (optax transformation applied to the final SAM gradient: clipping, then the base optimizer;
+    learning-rate schedule; rho, a float or an lr-proportional schedule). Shrink-and-perturb acts
+    on the state before the gradient (`shrink_perturb`), not here.
   """
   kw = lambda fn: config_fields.library_kwargs(c, fn)
   lr = schedules.warmup_linear_decay(
@@ -127,12 +132,20 @@ def optimizer(c: ml_collections.ConfigDict, total_steps: int, warmup_steps: int)
   if c.clip_grad_norm is not None:
     parts.append(optax.clip_by_global_norm(**kw("clip_by_global_norm")))
   parts.append(_OPTIMIZERS[c.optimizer](lr, **kw(c.optimizer)))
-  if c.shrink_perturb is not None:
-    parts.append(optimizers.shrink_and_perturb(learning_rate=lr, **kw("shrink_and_perturb")))
   rho = c.sam.rho_max
   if c.sam.rho_min is not None:
     rho = schedules.lr_proportional_rho(lr, **kw("lr_proportional_rho"))
   return optax.chain(*parts), lr, rho
+
+
+def shrink_perturb(c: ml_collections.ConfigDict, lr) -> Callable | None:
+  """The run's shrink-and-perturb, (tree, initial tree, step) -> tree, applied to the parameters
+  and BatchNorm statistics before each step's forward pass (`optimizers.shrink_and_perturb`);
+  None when `c.shrink_perturb` is off. `lr`: the learning-rate schedule (`optimizer`'s second)."""
+  if c.shrink_perturb is None:
+    return None
+  kw = config_fields.library_kwargs(c, "shrink_and_perturb")
+  return optimizers.shrink_and_perturb(learning_rate=lr, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +168,8 @@ class Experiment:
     predict: logits -> the likelihoods the forgetting analysis bins (`analysis.predictions`).
     spec: the `SamSpec`, or None without a perturbation.
     tx: the optax transformation applied to the final gradient.
+    shrink: shrink-and-perturb, (tree, initial tree, step) -> tree, applied to the state before
+      each step's forward pass, or None (`shrink_perturb`).
     lr: the learning-rate schedule.
     rho: the perturbation radius, a float or a schedule.
     per_device_batch: examples per device in one micro-batch.
@@ -180,6 +195,7 @@ class Experiment:
   predict: Callable
   spec: sam_family.SamSpec | None
   tx: optax.GradientTransformation
+  shrink: Callable | None
   lr: Callable
   rho: Any
   per_device_batch: int
@@ -198,9 +214,16 @@ class Experiment:
     logits, new = self.model.apply(variables, images, train=True, mutable=["batch_stats"])
     return logits, new["batch_stats"]
 
-  def step_key(self, step) -> jax.Array:
-    """PRNG key of training step `step + 1` (random perturbations); the collect step reuses it."""
-    return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+  def seed_key(self) -> jax.Array:
+    """`PRNGKey(config.seed)`, the root of every random choice in the compiled steps."""
+    return jax.random.PRNGKey(self.config.seed)
+
+  def step_key(self, step, seed_key=None) -> jax.Array:
+    """PRNG key of training step `step + 1` (random perturbations); the collect step reuses it.
+
+    `seed_key`: `seed_key()` passed in as an argument (a program that serves every seed), or
+    None: computed from `config.seed` (a constant of the program)."""
+    return jax.random.fold_in(self.seed_key() if seed_key is None else seed_key, step)
 
   def model_in(self, dtype) -> Any:
     """The same model computing in `dtype` (the sharpness tool uses float32)."""
@@ -208,18 +231,29 @@ class Experiment:
     kwargs = config_fields.library_kwargs(c, "build_model")
     return models.build_model(c.model, num_classes=self.num_classes, dtype=dtype, **kwargs)
 
-  def init_state(self) -> TrainState:
-    """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target)."""
+  def init_state(self, seed_key=None) -> TrainState:
+    """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target);
+    `seed_key`: `seed_key()` passed in as an argument, or None: computed from `config.seed`."""
     size = self.config.image_size
     dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    variables = self.model.init(jax.random.PRNGKey(self.config.seed), dummy, train=False)
+    key = self.seed_key() if seed_key is None else seed_key
+    variables = self.model.init(key, dummy, train=False)
     params = flax.core.unfreeze(variables["params"])
-    batch_stats = flax.core.unfreeze(variables.get("batch_stats", {}))
+    return self.state_at(params, flax.core.unfreeze(variables.get("batch_stats", {})))
+
+  def state_at(self, params, batch_stats) -> TrainState:
+    """The step-0 state at these variables: a fresh optimizer state and, with shrink-and-perturb,
+    these variables as its initial values (also for a fine-tuning run's loaded weights)."""
+    init_variables = None
+    if self.shrink is not None:
+      # Copies: the step donates the state, and one buffer cannot be donated twice.
+      init_variables = jax.tree.map(jnp.array, {"params": params, "batch_stats": batch_stats})
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
       opt_state=self.tx.init(params),
+      init_variables=init_variables,
     )
 
 
@@ -269,6 +303,7 @@ def build(
     predict=jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid,
     spec=sam_spec(c, rho),
     tx=tx,
+    shrink=shrink_perturb(c, lr),
     lr=lr,
     rho=rho,
     per_device_batch=per_device_batch(c, num_devices),

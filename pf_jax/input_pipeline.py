@@ -36,6 +36,7 @@ import collections
 import contextlib
 import functools
 import io
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -440,6 +441,47 @@ def eval_iterator(dataset: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
   `label` indexes `imagenet_r_class_indices()` (see there).
   """
   return iter(eval_dataset(dataset, **kwargs).as_numpy_iterator())
+
+
+MAX_SHARED_STREAMS = 6  # a search point's 3 seeds in a row; 3 evaluation sets
+
+
+def shared(cache: dict | None, key, make) -> Iterator[Any]:
+  """`make()`'s batches, computed once in this process for every run that reads the same ones.
+
+  A launcher trains several methods on one seed (the same batches: their order and augmentation
+  are functions of the dataset arguments and the seed only) and evaluates every run on the same
+  sets. The batches are kept in `cache["batches"]` (the MAX_SHARED_STREAMS streams used last) and
+  computed as they are first read, so a run that stops early computes no more than it reads.
+
+  Args:
+    cache: a dict kept across runs, or None: `make()` itself.
+    key: every argument the batches depend on (hashable).
+    make: () -> an iterator of numpy batches.
+
+  Returns:
+    An iterator of the batches, from the first.
+  """
+  if cache is None:
+    return make()
+  streams = cache.setdefault("batches", collections.OrderedDict())
+  if key not in streams:
+    streams[key] = ([], make())
+    while len(streams) > MAX_SHARED_STREAMS:
+      streams.popitem(last=False)
+  streams.move_to_end(key)
+  batches, source = streams[key]
+
+  def read():
+    for k in itertools.count():
+      if k == len(batches):
+        try:
+          batches.append(next(source))
+        except StopIteration:
+          return
+      yield batches[k]
+
+  return read()
 
 
 # ----------------------------------------------------------------------------

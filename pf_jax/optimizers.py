@@ -1,7 +1,7 @@
-"""Base optimizers of Table C.1 and the shrink-and-perturb baseline, as optax transformations."""
+"""Base optimizers of Table C.1 (optax transformations) and the shrink-and-perturb baseline."""
 
+from collections.abc import Callable
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,34 +68,38 @@ def adamw(
   return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
 
-class ShrinkPerturbState(NamedTuple):
-  count: jax.Array
-  init_params: Any
-
-
 def shrink_and_perturb(
   factor: float, learning_rate: ScalarOrSchedule, lr_max: float | None = None
-) -> optax.GradientTransformation:
-  """Interpolation toward the initial parameters before every update (Appendix B):
-    theta <- (1 - f_t) theta + f_t theta_init,  f_t = factor * lr_t / lr_max,
-  added to the incoming updates, so chain it *after* the base optimizer."""
+) -> Callable[[Any, Any, Any], Any]:
+  """Shrink-and-perturb (Appendix B) as the authors' train.py places it: before each update's
+  forward pass the whole state -- parameters and BatchNorm statistics -- moves toward its initial
+  values,
+    theta <- (1 - f_t) theta + f_t theta_0,  f_t = factor * lr_t / lr_max,
+  so the update's gradient is taken at the shrunk state (and the base optimizer steps from it).
+
+  Args:
+    factor: f at the peak learning rate, in [0, 1] (0: off, 1: reset to theta_0 every step).
+    learning_rate: the run's learning rate, a float or a schedule step -> lr_t.
+    lr_max: the peak learning rate (required with a schedule; a float `learning_rate` is its own).
+
+  Returns:
+    shrink(tree, init_tree, step) -> tree: pure, for use inside `jit` (apply it to the params and
+    to the BatchNorm statistics, each with its own initial values).
+
+  Example:
+    >>> shrink = pf_jax.shrink_and_perturb(0.1, 0.5)
+    >>> shrink({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, 0)["w"]  # [0.9, 0.9]
+  """
   if not 0.0 <= factor <= 1.0:
     raise ValueError(f"factor must be in [0, 1], got {factor}")
   if callable(learning_rate) and not lr_max:
     raise ValueError("lr_max (> 0) is required when learning_rate is a schedule")
   lr_max = lr_max or learning_rate
 
-  def init_fn(params):
-    return ShrinkPerturbState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("shrink_and_perturb needs params")
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+  def shrink(tree, init_tree, step):
+    lr = learning_rate(step) if callable(learning_rate) else learning_rate
     f = factor * lr / lr_max
-    updates = jax.tree.map(
-      lambda u, p, p0: u + (f * (p0 - p)).astype(u.dtype), updates, params, state.init_params
-    )
-    return updates, ShrinkPerturbState(optax.safe_increment(state.count), state.init_params)
+    # theta + f (theta_0 - theta): (1 - f) theta + f theta_0 without rounding 1 - f.
+    return jax.tree.map(lambda x, x0: jnp.asarray(x + f * (x0 - x), x.dtype), tree, init_tree)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return shrink

@@ -17,13 +17,16 @@ def warmup_linear_decay(
     raise ValueError(f"lr_max and lr_min must be >= 0, got {lr_max}, {lr_min}")
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
-  return optax.join_schedules(
+  schedule = optax.join_schedules(
     [
       optax.linear_schedule(0.0, lr_max, warmup_steps),
       optax.linear_schedule(lr_max, lr_min, max(total_steps - warmup_steps, 1)),
     ],
     [warmup_steps],
   )
+  # The step as a float of the default precision: float32 (the same values as from optax's int32
+  # step counts), float64 under jax_enable_x64, where an int32 count would give float32 rates.
+  return lambda step: schedule(jnp.asarray(step, dtype=float))
 
 
 def lr_proportional_rho(

@@ -15,6 +15,7 @@ the forgetting split's outputs every `analysis.collect_every_steps` steps; the a
 never imports this module.
 """
 
+import json
 import time
 
 import jax
@@ -73,21 +74,64 @@ def top1(logits, labels) -> jax.Array:
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
+def reused(cache: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build):
+  """`build()`, or what it returned for an earlier run of `cache` that differs only in its seed.
+
+  The programs take the seed's key as an argument, so runs of one config with other seeds (a
+  launcher's seeds, in one process) share them: no tracing, no compilation.
+
+  Args:
+    cache: a dict the caller keeps across runs (the programs go to `cache["programs"]`), or
+      None (no reuse).
+    kind: which program ("train", "init", "eval/<dataset>").
+    exp: the run; its config without `seed`, dataset facts and devices form the key.
+    mesh: the device mesh.
+    build: () -> the program.
+  """
+  if cache is None:
+    return build()
+  programs = cache.setdefault("programs", {})
+  config = exp.config.to_dict()
+  config.pop("seed")
+  facts = (exp.num_classes, exp.num_train_examples, exp.num_processes, mesh.axis_names)
+  devices = [d.id for d in mesh.devices.flat]
+  key = json.dumps([kind, config, facts, devices], sort_keys=True, default=repr)
+  if key not in programs:
+    programs[key] = build()
+  return programs[key]
+
+
+def replicated_seed_key(exp: experiment_lib.Experiment, mesh: Mesh) -> jax.Array:
+  """`exp.seed_key()` on every device of `mesh` (placed without compiling)."""
+  key = np.asarray(exp.seed_key())
+  return jax.make_array_from_callback(key.shape, NamedSharding(mesh, P()), lambda i: key[i])
+
+
+def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, cache: dict | None = None):
   """The compiled training step.
 
-  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`. The
+  Every method, with or without accumulation, is one call of `pf_jax.sam_value_and_grad`;
+  shrink-and-perturb (`exp.shrink`) first moves the parameters and BatchNorm statistics toward
+  their initial values, so the gradient is taken at the shrunk state (the authors' train.py). The
   metrics include the step's learning rate (computed in the step, so logging it runs no op
   outside the compiled program).
 
   Args:
     exp: the run.
     mesh: the 1-D device mesh (axis "data").
+    cache: `reused`'s dict, or None.
 
   Returns:
-    jit(shard_map(step)): (state, batch) -> (state, metrics); the state is donated, the metrics
-    replicated.
+    (state, batch) -> (state, metrics): jit(shard_map(step)) with the seed's key as an argument;
+    the state is donated, the metrics replicated.
   """
+  program = reused(cache, "train", exp, mesh, lambda: _train_program(exp, mesh))
+  seed_key = replicated_seed_key(exp, mesh)
+  return lambda state, batch: program(state, batch, seed_key)
+
+
+def _train_program(exp: experiment_lib.Experiment, mesh: Mesh):
+  """jit(shard_map(step)): (state, batch, seed key) -> (state, metrics) (`make_train_step`)."""
   dtype = exp.dtype
 
   def forward(params, batch_stats, b):
@@ -95,10 +139,14 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
     logits, new_stats = exp.apply(params, batch_stats, b["image"], True)
     return logits, (new_stats, top1(logits, b["label"]))
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, seed_key):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
+    params, batch_stats = state.params, state.batch_stats
+    if exp.shrink is not None:  # shrink-and-perturb: the whole state, before the forward pass
+      params = exp.shrink(params, state.init_variables["params"], state.step)
+      batch_stats = exp.shrink(batch_stats, state.init_variables["batch_stats"], state.step)
     grad_fn = sam_lib.sam_value_and_grad(
-      lambda p, b: forward(p, state.batch_stats, b),
+      lambda p, b: forward(p, batch_stats, b),
       exp.task_loss,
       exp.spec,
       has_aux=True,
@@ -106,10 +154,10 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
       accum_steps=exp.config.grad_accum_steps,
     )
     (_, (new_stats, train_top1), metrics), grads = grad_fn(
-      state.params, batch, step=state.step, rng=exp.step_key(state.step)
+      params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)
     )
-    updates, opt_state = exp.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = exp.tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
     new = state.replace(
       step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
@@ -128,7 +176,7 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh):
     metrics["lr"] = exp.lr(state.step)
     return new, metrics
 
-  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+  sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -204,7 +252,9 @@ def make_collect_step(exp: experiment_lib.Experiment, mesh: Mesh):
   )
 
 
-def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) -> dict[str, float]:
+def evaluate(
+  exp: experiment_lib.Experiment, state, eval_steps, batch_sharding, cache: dict | None = None
+) -> dict[str, float]:
   """Top-1 (and ReaL top-1) of `state` on each evaluation dataset.
 
   Args:
@@ -212,6 +262,7 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
     state: the training state.
     eval_steps: {dataset: its `make_eval_step`}.
     batch_sharding: how a batch is laid out over the devices.
+    cache: `input_pipeline.shared`'s dict (the batches of earlier evaluations), or None.
 
   Returns:
     {"eval/<dataset>/top1": ..., "eval/<dataset>/real_top1": ... (ReaL only)}.
@@ -219,13 +270,16 @@ def evaluate(exp: experiment_lib.Experiment, state, eval_steps, batch_sharding) 
   c = exp.config
   results = {}
   for name, eval_step in eval_steps.items():
-    it = input_pipeline.eval_iterator(
-      name,
+    kwargs = dict(
       data_dir=c.data_dir,
       image_size=exp.eval_image_size,
       local_batch_size=exp.local_eval_batch_size,
       interpolation=c.eval_interpolation,
       normalization=c.image_normalization,
+    )
+    key = ("eval", name, jax.process_index(), jax.process_count(), *sorted(kwargs.items()))
+    it = input_pipeline.shared(
+      cache, key, lambda name=name, kwargs=kwargs: input_pipeline.eval_iterator(name, **kwargs)
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -296,7 +350,7 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
 
   Returns:
     The state with every leaf but the classification head read from `path`'s latest checkpoint,
-    and a fresh optimizer state for those parameters.
+    and a fresh optimizer state (and shrink-and-perturb's initial values) for those variables.
 
   Raises:
     config_validation.ConfigError: the checkpoint cannot be read; ValueError: it does not fit.
@@ -304,7 +358,7 @@ def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str
   pre_params, pre_stats = pretrained_variables(path, exp.config.model)
   params = _merge_pretrained(state.params, pre_params)
   batch_stats = _merge_pretrained(state.batch_stats, pre_stats) if state.batch_stats else {}
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=exp.tx.init(params))
+  return exp.state_at(params, batch_stats)
 
 
 def train_and_evaluate(
@@ -313,6 +367,7 @@ def train_and_evaluate(
   *,
   allow_config_change: bool = False,
   note: str | None = None,
+  cache: dict | None = None,
 ) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest good checkpoint; returns final eval metrics.
 
@@ -320,7 +375,9 @@ def train_and_evaluate(
   preemption notice, workdir.ConfigMismatchError if `workdir` holds a run with another config
   (unless `allow_config_change`), checkpointing.NonFiniteError after
   `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
-  what a `,local` variant changed).
+  what a `,local` variant changed). `cache`: a dict kept across runs in one process: later runs
+  of the same config with another seed reuse its compiled programs (`reused`), and runs that read
+  the same training or evaluation batches reuse those (`input_pipeline.shared`).
   """
   c = config
   workdir = checkpointing.as_path(workdir)
@@ -362,7 +419,10 @@ def train_and_evaluate(
     )
     _, state = checkpointing.restore_latest(checkpoints, target)
   if state is None:  # compiled init: much faster than op-by-op for large models
-    state = jax.jit(exp.init_state, out_shardings=replicated)()
+    init = reused(
+      cache, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
+    )
+    state = init(replicated_seed_key(exp, mesh))
     if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
       state = jax.device_put(load_pretrained(exp, jax.device_get(state), c.init_from), replicated)
   start_step = int(jax.device_get(state.step))
@@ -381,9 +441,16 @@ def train_and_evaluate(
   if c.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
 
-  train_step = make_train_step(exp, mesh)
+  train_step = make_train_step(exp, mesh, cache)
   eval_steps = {
-    name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)) for name in c.eval_datasets
+    name: reused(
+      cache,
+      f"eval/{name}",
+      exp,
+      mesh,
+      lambda name=name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)),
+    )
+    for name in c.eval_datasets
   }
   collect_every = c.analysis.collect_every_steps
   collect_step = make_collect_step(exp, mesh) if collect_every else None
@@ -397,16 +464,19 @@ def train_and_evaluate(
       start_step,
       collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=start_step),
     )
-  train_iter = input_pipeline.train_iterator(
-    c.dataset,
+  train_kwargs = dict(
     data_dir=c.data_dir,
     image_size=c.image_size,
     local_batch_size=exp.local_batch_size,
     seed=c.seed,
-    start_step=start_step,
     shuffle_buffer=c.shuffle_buffer,
     crop_area_min=c.crop_area_min,
     normalization=c.image_normalization,
+  )
+  train_iter = input_pipeline.shared(
+    None if start_step else cache,  # a resumed run reads its own batches from start_step
+    ("train", c.dataset, jax.process_index(), jax.process_count(), *sorted(train_kwargs.items())),
+    lambda: input_pipeline.train_iterator(c.dataset, start_step=start_step, **train_kwargs),
   )
   train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
@@ -465,7 +535,7 @@ def train_and_evaluate(
         fetched = []
       if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
         eval_start = time.time()
-        results = evaluate(exp, state, eval_steps, batch_sharding)
+        results = evaluate(exp, state, eval_steps, batch_sharding, cache)
         writer.write_scalars(step, results)
         report.eval(step, results, time.time() - eval_start)
       if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
@@ -499,7 +569,7 @@ def train_and_evaluate(
   checkpoints.wait_until_finished()
   checkpoints.close()
   if not results and start_step >= total_steps:  # already finished: report the final evaluation
-    results = evaluate(exp, state, eval_steps, batch_sharding)
+    results = evaluate(exp, state, eval_steps, batch_sharding, cache)
     writer.write_scalars(total_steps, results)
   writer.flush()
   final_step = int(jax.device_get(state.step))

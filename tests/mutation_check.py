@@ -26,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REF = "tests/test_train_reference.py"
 MAP = f"{REF}::test_config_maps_to_the_method"
 STEP = f"{REF}::test_trainer_step_equals_the_reference"
+SHRINK = f"{REF}::test_shrink_and_perturb_acts_on_the_state_before_the_gradient"
 
 
 class Mutation(NamedTuple):
@@ -130,6 +131,20 @@ MUTATIONS = (
     'NO_DECAY_NAMES = ("pos_embedding",)',
     "NO_DECAY_NAMES = ()",
     (f"{STEP}[resnet50_imagenet:shrink_perturb:accum1]",),
+  ),
+  Mutation(
+    "shrink-and-perturb: gradient at the unshrunk parameters",
+    "pf_jax/train.py",
+    "      params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)",
+    "      state.params, batch, step=state.step, rng=exp.step_key(state.step, seed_key)",
+    (f"{SHRINK}[shrink_perturb]",),
+  ),
+  Mutation(
+    "shrink-and-perturb: BatchNorm statistics not shrunk",
+    "pf_jax/train.py",
+    "      lambda p, b: forward(p, batch_stats, b),",
+    "      lambda p, b: forward(p, state.batch_stats, b),",
+    (f"{SHRINK}[sam_steep]",),
   ),
   Mutation(
     "SGD momentum dropped",

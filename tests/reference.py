@@ -291,13 +291,20 @@ def init_opt(p):
     "mu": {k: np.zeros_like(v) for k, v in p.items()},
     "nu": {k: np.zeros_like(v) for k, v in p.items()},
     "t": 0,
-    "init": dict(p),
   }
 
 
-def opt_update(p, g, state, *, opt, lr, decayed, clip=0.0, shrink=0.0, lr_max=None):
+def shrink_perturb(tree, init, *, factor, lr, lr_max):
+  """The authors' shrink-and-perturb (their train.py, once per update before its first forward
+  pass): every entry of the state dict, parameters and BatchNorm statistics alike, becomes
+  f * init + (1 - f) * value with f = factor * lr / lr_max (lr: this update's)."""
+  f = factor * lr / lr_max
+  return {k: f * init[k] + (1 - f) * v for k, v in tree.items()}
+
+
+def opt_update(p, g, state, *, opt, lr, decayed, clip=0.0):
   """New parameters: [clip by global norm] -> AdamW / SGDW (decoupled, masked weight decay:
-  only the keys in `decayed`) -> [shrink-and-perturb toward the initial parameters].
+  only the keys in `decayed`).
 
   opt: dict(name="adamw", b1, b2, eps, wd) or dict(name="sgdw", momentum, wd). lr: this step's.
   """
@@ -321,7 +328,4 @@ def opt_update(p, g, state, *, opt, lr, decayed, clip=0.0, shrink=0.0, lr_max=No
   for k in p:
     step = u[k] + (opt["wd"] * p[k] if k in decayed else 0.0)
     new[k] = p[k] - lr * step
-    if shrink:
-      f = shrink * lr / lr_max
-      new[k] = new[k] + f * (state["init"][k] - p[k])
   return new, state

@@ -117,21 +117,20 @@ def test_base_optimizers_state_their_decay():
 
 
 def test_shrink_and_perturb_by_hand():
-  p0 = {"w": jnp.array([1.0, 2.0])}
-  lr = lambda step: 0.5 * (step + 1)  # lr_t: 0.5, 1.0; lr_max = 1.0
-  tx = optax.chain(optax.sgd(lr), pf_jax.shrink_and_perturb(0.1, lr, lr_max=1.0))
-  state = tx.init(p0)
-  g = {"w": jnp.array([1.0, -1.0])}
-  u1, state = tx.update(g, state, p0)
-  p1 = optax.apply_updates(p0, u1)  # theta == theta_init: no shrink yet
-  np.testing.assert_allclose(p1["w"], [0.5, 2.5], rtol=1e-6)
-  u2, state = tx.update(g, state, p1)
-  p2 = optax.apply_updates(p1, u2)
-  f = 0.1 * 1.0 / 1.0  # f_t = f * lr_t / lr_max
-  want = (1 - f) * np.array([0.5, 2.5]) + f * np.array([1.0, 2.0]) - 1.0 * np.array([1.0, -1.0])
-  np.testing.assert_allclose(p2["w"], want, rtol=1e-6)
+  """theta <- (1 - f_t) theta + f_t theta_0 with f_t = factor * lr_t / lr_max, leaf by leaf."""
+  lr = lambda step: 0.25 * (step + 1)  # lr_t: 0.25, 0.5, ...; lr_max = 1.0
+  shrink = pf_jax.shrink_and_perturb(0.2, lr, lr_max=1.0)
+  tree = {"w": jnp.array([1.0, 3.0]), "bn": {"mean": jnp.array([-2.0])}}
+  tree0 = {"w": jnp.array([0.0, 1.0]), "bn": {"mean": jnp.array([2.0])}}
+  got = shrink(tree, tree0, 1)  # f = 0.2 * 0.5 / 1.0 = 0.1
+  np.testing.assert_allclose(got["w"], [0.9, 2.8], rtol=1e-6)
+  np.testing.assert_allclose(got["bn"]["mean"], [-1.6], rtol=1e-6)
+  const = pf_jax.shrink_and_perturb(0.5, 0.1)  # a constant lr is its own lr_max: f = 0.5
+  np.testing.assert_allclose(const(tree, tree0, 7)["w"], [0.5, 2.0], rtol=1e-6)
   with pytest.raises(ValueError, match="factor"):
     pf_jax.shrink_and_perturb(2.0, 0.1)
+  with pytest.raises(ValueError, match="lr_max"):
+    pf_jax.shrink_and_perturb(0.1, lr)
 
 
 class SmallBNCNN(nn.Module):

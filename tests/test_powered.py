@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,19 +93,26 @@ def test_plan_and_seed_ranges(powered):
   assert late["digits"] == [] and len(late["spurious"]) == 18
 
 
-@pytest.mark.slow
-def test_powered_end_to_end_reduced(tmp_path):
-  """2 seeds x 2 methods, spurious digits, 3 steps: search, runs, paired table; a rerun trains
-  nothing."""
+@pytest.mark.parametrize(
+  "base, other, label, stages",
+  [
+    ("adamw", "label_smoothing", "label smoothing − AdamW", 1),  # the lr stage only
+    pytest.param("sam_steep", "sam_obf", "SAM: OBF − STEEP", 3, marks=pytest.mark.slow),
+  ],
+)
+def test_powered_end_to_end_reduced(tmp_path, base, other, label, stages):
+  """2 seeds x 2 methods, spurious digits, 3 steps: search (one point per stage, two seeds),
+  runs, paired table; a rerun trains nothing; a run deleted is trained again, alone, with the
+  same numbers (the first time it reused seed 0's programs, now it compiles its own)."""
   root = str(tmp_path / "powered")
   cmd = [
     sys.executable,
     "launch/powered.py",
     f"--root={root}",
     "--benchmarks=spurious",
-    "--methods=sam_steep,sam_obf",
+    f"--methods={base},{other}",
     "--seeds=0-1",
-    "--search_seeds=0",
+    "--search_seeds=0,1",
     "--max_grid=1",
   ] + [
     f"--override={o}"
@@ -112,28 +120,29 @@ def test_powered_end_to_end_reduced(tmp_path):
   ]
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=flags)
-  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+  run = lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  out = run().stdout
   assert "spurious: 38 paired seeds" in out and "estimated" in out
-  assert out.count("search/spurious/") == 3  # lr, steep, obf: one point, one seed each
+  assert out.count("search/spurious/") == 2 * stages  # one point, two seeds per stage
+  path = lambda m, s: os.path.join(root, "runs", "spurious", f"{m}-s{s}", "results.json")
+  results = {(m, s): json.load(open(path(m, s))) for m in (base, other) for s in (0, 1)}
   diffs = {}
   for metric in ("spurious_digits", "spurious_digits_ood", "spurious_digits_ood_all"):
-    acc = {
-      (m, s): json.load(open(os.path.join(root, "runs", "spurious", f"{m}-s{s}", "results.json")))[
-        f"eval/{metric}/top1"
-      ]
-      for m in ("sam_steep", "sam_obf")
-      for s in (0, 1)
-    }
-    diffs[metric] = [100 * (acc["sam_obf", s] - acc["sam_steep", s]) for s in (0, 1)]
+    acc = {k: r[f"eval/{metric}/top1"] for k, r in results.items()}
+    diffs[metric] = [100 * (acc[other, s] - acc[base, s]) for s in (0, 1)]
   record = json.load(open(os.path.join(root, "analysis", "paired.json")))["spurious"]
-  rows = {r["metric"]: r["summary"] for r in record["rows"]}
+  rows = {r["metric"]: r["summary"] for r in record["rows"] if r["comparison"] == label}
   for metric, d in diffs.items():
     s = rows[f"eval/{metric}/top1"]
     assert s["n"] == 2 and s["mean"] == pytest.approx(np.mean(d), abs=1e-9)
     if np.std(d) > 0:
       assert s["p_t"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
   text = open(os.path.join(root, "analysis", "paired.md")).read()
-  assert "**PENDING**" in text and "| SAM: OBF − STEEP | spurious_digits_ood_all | 2 |" in text
+  assert "**PENDING**" in text and f"| {label} | spurious_digits_ood_all | 2 |" in text
   assert os.path.getsize(os.path.join(root, "analysis", "paired.png")) > 5_000
-  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+  again = run().stdout
   assert "search/" not in again and "runs/" not in again  # restartable: nothing retrained
+  shutil.rmtree(os.path.dirname(path(other, 1)))
+  again = run().stdout
+  assert "search/" not in again and again.count("runs/") == 1
+  assert json.load(open(path(other, 1))) == results[other, 1]

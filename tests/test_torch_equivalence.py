@@ -53,14 +53,19 @@ def test_logits_equal_timms(name, image_size):
     ("vit_s32_imagenet", "adamw"),
     ("vit_s32_imagenet", "gsam_steep"),
     ("vit_s32_imagenet", "shrink_perturb"),
-    # ResNet rows run in float64 on both sides (benchmarks/equivalence.py: FLOAT64).
+    # ResNet rows run in float64 on both sides (benchmarks/equivalence.py: FLOAT64), so they
+    # must agree far more closely: shrink-and-perturb's placement (gradient before or after the
+    # shrink) measured 1.3e-3 here, the float32 head under ASAM's lr-proportional rho 1.4e-2.
     ("resnet50_imagenet", "sgd"),
     ("resnet50_imagenet", "sam_obf"),
+    ("resnet50_imagenet", "asam_steep"),
+    ("resnet50_imagenet", "shrink_perturb"),
   ],
 )
 def test_training_steps_match_the_authors_loop(config_name, method):
   errors = equivalence.step_errors(config_name, method)
-  assert errors["params"] <= 1e-4 and errors["update"] <= 1e-3, errors
+  params, update = (1e-8, 1e-6) if config_name in equivalence.FLOAT64 else (1e-4, 1e-3)
+  assert errors["params"] <= params and errors["update"] <= update, errors
 
 
 def _state_dict(name, num_classes=10, image_size=64):

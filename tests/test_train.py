@@ -1,6 +1,7 @@
 """The training system: device-count invariance, exact resume, config validation, CLI."""
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -148,10 +149,15 @@ def _final_params(workdir, step):
     return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
 
 
-def test_resume_is_bit_identical_and_writes_events(tmp_path):
+@pytest.mark.parametrize(
+  "shrink_perturb",
+  [pytest.param(None, id="plain"), pytest.param(0.1, marks=pytest.mark.slow, id="shrink_perturb")],
+)
+def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
   data_dir = str(tmp_path / "data")
   c = _quick()
   c.data_dir = data_dir
+  c.shrink_perturb = shrink_perturb  # its initial values are part of the checkpoint
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   res_a = train.train_and_evaluate(c, a)
   train.train_and_evaluate(c, b)
@@ -166,6 +172,35 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path):
   assert res_a["eval/digits/loss"] > 0 and set(res_a) == {"eval/digits/loss", "eval/digits/top1"}
   # A finished run restarted does not train again.
   assert train.train_and_evaluate(c, a) == res_a
+
+
+def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
+  """With a `cache` dict, a second seed of a config adds no program (it reuses the first seed's)
+  and ends bit-identical to that seed trained alone; a third run, another method on that seed,
+  reads the same batches from the cache and also matches its run alone. Random SAM reads the seed
+  inside the step, so a reused program that kept the first seed would differ."""
+  c0 = _quick()
+  c0.data_dir = str(tmp_path / "data")
+  c0.sam.perturbation = "random"
+  c1 = c0.copy_and_resolve_references()
+  c1.seed = 1
+  c2 = c1.copy_and_resolve_references()
+  c2.sam.perturbation = "steepest"
+  cache = {}
+  res0 = train.train_and_evaluate(c0, str(tmp_path / "s0"), cache=cache)
+  kinds = sorted(json.loads(k)[0] for k in cache["programs"])
+  res1 = train.train_and_evaluate(c1, str(tmp_path / "s1"), cache=cache)
+  assert kinds == ["eval/digits", "init", "train"] and len(cache["programs"]) == 3
+  res2 = train.train_and_evaluate(c2, str(tmp_path / "steep"), cache=cache)
+  assert len(cache["batches"]) == 3  # seed 0's, seed 1's (both methods), the evaluation's
+  for c, res, name in ((c1, res1, "s1"), (c2, res2, "steep")):
+    alone = train.train_and_evaluate(c, str(tmp_path / f"{name}_alone"))
+    assert res == alone and res != res0
+    p, pa = (
+      _final_params(str(tmp_path / name), 6),
+      _final_params(str(tmp_path / f"{name}_alone"), 6),
+    )
+    jax.tree.map(np.testing.assert_array_equal, p, pa)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 What each config row *should* run is written below from the paper (Table C.1, Appendices B and C),
 not read from the code: loss, label smoothing, base optimizer and its constants, learning-rate and
-rho schedules, clipping, shrink-and-perturb, the SAM-family member and its fields. Two checks:
+rho schedules, clipping, shrink-and-perturb, the SAM-family member and its fields. Three checks:
 
 - `test_config_maps_to_the_method` (every row, no compilation): the config's `SamSpec`, loss and
   schedules, field by field, against the table.
@@ -11,6 +11,8 @@ rho schedules, clipping, shrink-and-perturb, the SAM-family member and its field
   trainer's compiled step (`train.make_train_step`, the config's optimizer from
   `experiment.optimizer`) against the NumPy step driven by the table. A representative subset
   runs by default, every row with `-m slow`.
+- `test_shrink_and_perturb_acts_on_the_state_before_the_gradient`: the same comparison with a
+  shrink factor large enough to see where the step shrinks (the authors' placement).
 """
 
 import dataclasses
@@ -311,14 +313,7 @@ def trainer_steps(c, p, stats, batches):
   c.num_train_steps, c.warmup_steps = TOTAL, WARMUP
   exp = experiment.build(c, num_classes=C, num_train_examples=BATCH, num_devices=DEVICES)
   exp = dataclasses.replace(exp, model=Net(C, bool(stats)), has_batch_norm=bool(stats))
-  tx = exp.tx
-  params = _nest(p)
-  state = train.TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    batch_stats=_nest(stats),
-    opt_state=tx.init(params),
-  )
+  state = exp.state_at(_nest(p), _nest(stats))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   step = train.make_train_step(exp, mesh)
   metrics = []
@@ -358,6 +353,7 @@ def _random_dir(p, seed, step, accum, n_chunks):
 def reference_steps(want, p, stats, batches, *, accum, m, seed):
   lr_max, lr_min = want["lr"]
   opt_state, seen = ref.init_opt(p), []
+  p0, stats0 = dict(p), dict(stats)
   s = want["sam"]
   method = None
   if s is not None:
@@ -379,6 +375,9 @@ def reference_steps(want, p, stats, batches, *, accum, m, seed):
   n_chunks = BATCH // DEVICES // accum // m
   for t, (x, y) in enumerate(batches):
     lr = ref.lr_at(t, lr_max=lr_max, lr_min=lr_min, warmup=WARMUP, total=TOTAL)
+    if want.get("shrink"):  # before the forward pass, parameters and BatchNorm statistics
+      shrink = functools.partial(ref.shrink_perturb, factor=want["shrink"], lr=lr, lr_max=lr_max)
+      p, stats = shrink(p, p0), shrink(stats, stats0)
     rho = None
     if s is not None:
       rho = ref.rho_at(
@@ -407,8 +406,6 @@ def reference_steps(want, p, stats, batches, *, accum, m, seed):
       lr=lr,
       decayed=DECAYED,
       clip=want["clip"],
-      shrink=want.get("shrink", 0.0),
-      lr_max=lr_max,
     )
     seen.append(dict(loss=loss, lr=lr, rho=rho))
   return p, stats, seen
@@ -447,6 +444,14 @@ CASES = [
 ]
 
 
+def _assert_close(got_p, got_stats, want_p, want_stats):
+  assert set(got_p) == set(want_p)
+  for k in want_p:
+    np.testing.assert_allclose(got_p[k], want_p[k], rtol=2e-4, atol=2e-6, err_msg=k)
+  for k in want_stats:
+    np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("name,arg,accum,m", CASES)
 def test_trainer_step_equals_the_reference(name, arg, accum, m):
   want = ROWS[(name, arg)]
@@ -454,11 +459,7 @@ def test_trainer_step_equals_the_reference(name, arg, accum, m):
   p, stats, batches = _problem(want["bn"])
   got_p, got_stats, metrics = trainer_steps(c, p, stats, batches)
   want_p, want_stats, seen = reference_steps(want, p, stats, batches, accum=accum, m=m, seed=c.seed)
-  assert set(got_p) == set(want_p)
-  for k in want_p:
-    np.testing.assert_allclose(got_p[k], want_p[k], rtol=2e-4, atol=2e-6, err_msg=k)
-  for k in want_stats:
-    np.testing.assert_allclose(got_stats[k], want_stats[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  _assert_close(got_p, got_stats, want_p, want_stats)
   for got, exp in zip(metrics, seen):
     np.testing.assert_allclose(got["loss"], exp["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["lr"], exp["lr"], rtol=1e-6, atol=1e-12)
@@ -473,3 +474,24 @@ def test_trainer_step_equals_the_reference(name, arg, accum, m):
   # The steps moved the weights (a test that could not fail would not).
   assert not np.allclose(want_p["hidden/kernel"], p["hidden/kernel"])
   assert not np.allclose(want_p["head/kernel"], p["head/kernel"])
+
+
+@pytest.mark.parametrize("arg", ["shrink_perturb", "sam_steep"])
+def test_shrink_and_perturb_acts_on_the_state_before_the_gradient(arg):
+  """The authors' placement, at a factor that makes it visible (the paper's 1e-5 moves these 3
+  steps by less than the tolerance): parameters and BatchNorm statistics shrink toward their
+  initial values before the forward pass, so the (SAM) gradient is taken at the shrunk ones."""
+  factor, name = 0.3, "resnet50_imagenet"
+  want = dict(ROWS[(name, arg)], shrink=factor)
+  c = _reduced(name, arg, 1, 4)
+  c.shrink_perturb = factor
+  p, stats, batches = _problem(want["bn"])
+  got_p, got_stats, _ = trainer_steps(c, p, stats, batches)
+  want_p, want_stats, _ = reference_steps(want, p, stats, batches, accum=1, m=4, seed=c.seed)
+  _assert_close(got_p, got_stats, want_p, want_stats)
+  # The shrink moved both beyond the tolerance (else a dropped shrink would pass unseen).
+  plain_p, plain_stats, _ = reference_steps(
+    ROWS[(name, arg)], p, stats, batches, accum=1, m=4, seed=c.seed
+  )
+  assert not np.allclose(plain_p["hidden/kernel"], want_p["hidden/kernel"], rtol=2e-3)
+  assert not np.allclose(plain_stats["bn/mean"], want_stats["bn/mean"], rtol=2e-3)

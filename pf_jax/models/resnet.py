@@ -83,7 +83,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet classifier. Input [B, H, W, C] -> float32 logits [B, num_classes].
+  """ResNet classifier. Input [B, H, W, C] -> float32 logits [B, num_classes] (float64 when
+  `dtype` is float64).
 
   `stem='imagenet'`: 7x7/2 conv + 3x3/2 max-pool (224px inputs).
   `stem='small'`: a single 3x3/1 conv without pooling (8x8 - 32x32 inputs),
@@ -138,17 +139,19 @@ class ResNet(nn.Module):
           self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=self.act
         )(x)
 
-    # Pool and classify in float32 so logits are exact under bfloat16 compute.
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    # Pool and classify in at least float32, so logits are exact under bfloat16 compute (and a
+    # float64 model is float64 throughout: benchmarks/equivalence.py).
+    head_dtype = jnp.promote_types(self.dtype, jnp.float32)
+    x = jnp.mean(x.astype(head_dtype), axis=(1, 2))
     x = nn.Dense(
       self.num_classes,
-      dtype=jnp.float32,
+      dtype=head_dtype,
       param_dtype=jnp.float32,
       kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),  # torch Linear
       bias_init=nn.initializers.constant(self.head_bias_init),
       name="head",
     )(x)
-    return x.astype(jnp.float32)
+    return x.astype(head_dtype)
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
