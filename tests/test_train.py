@@ -158,20 +158,19 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
   c = _quick()
   c.data_dir = data_dir
   c.shrink_perturb = shrink_perturb  # its initial values are part of the checkpoint
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  res_a = train.train_and_evaluate(c, a)
-  train.train_and_evaluate(c, b)
-  # "Kill" run b after its step-3 checkpoint: drop everything later and start it again.
-  shutil.rmtree(os.path.join(b, "checkpoints", "6"))
-  res_b = train.train_and_evaluate(c, b)
-  pa, pb = _final_params(a, 6), _final_params(b, 6)
-  jax.tree.map(np.testing.assert_array_equal, pa, pb)
-  assert res_a == res_b
-  check_events(a, [2, 4, 6], [6], "digits", {"sam.rho_max": c.sam.rho_max, "lr_max": c.lr_max})
+  run = str(tmp_path / "run")
+  res_a = train.train_and_evaluate(c, run)  # uninterrupted
+  check_events(run, [2, 4, 6], [6], "digits", {"sam.rho_max": c.sam.rho_max, "lr_max": c.lr_max})
   # Eval loss: the mean task loss over the eval split (its top-1 is the one the run returns).
   assert res_a["eval/digits/loss"] > 0 and set(res_a) == {"eval/digits/loss", "eval/digits/top1"}
+  pa = _final_params(run, 6)
+  # "Kill" the run after its step-3 checkpoint: drop everything later and start it again.
+  shutil.rmtree(os.path.join(run, "checkpoints", "6"))
+  res_b = train.train_and_evaluate(c, run)
+  jax.tree.map(np.testing.assert_array_equal, pa, _final_params(run, 6))
+  assert res_a == res_b
   # A finished run restarted does not train again.
-  assert train.train_and_evaluate(c, a) == res_a
+  assert train.train_and_evaluate(c, run) == res_a
 
 
 def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
