@@ -20,3 +20,9 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+def pytest_collection_modifyitems(items):
+  """Heavy tests first (a stable sort): the two xdist workers then end on short tests, instead of
+  one of them still running a minute-long test after the other has run out of work."""
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

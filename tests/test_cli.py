@@ -346,6 +346,7 @@ def test_library_errors_name_the_config_field(field, value):
   assert str(err.value).startswith(f"config.{field}: {value}")
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_default_run_logs(tmp_path):
   """Quiet useful logs: no library INFO lines; start, train lines with ETA, eval, checkpoint, summary."""
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_LOG_COMPILES": "0"}

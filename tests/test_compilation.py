@@ -3,6 +3,7 @@ checkpoint save and the first evaluation, nothing compiles again (an XLA compile
 to minutes on real models and stalls every device)."""
 
 import jax
+import pytest
 from jax._src import compilation_cache
 from jax._src import dispatch
 
@@ -11,6 +12,7 @@ from pf_jax import checkpointing
 from pf_jax import train
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, monkeypatch):
   # Every program must really compile here (a persistent-cache hit records no compile event).
   monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)

@@ -93,6 +93,7 @@ def test_plan_and_seed_ranges(powered):
   assert late["digits"] == [] and len(late["spurious"]) == 18
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 @pytest.mark.parametrize(
   "base, other, label, stages",
   [

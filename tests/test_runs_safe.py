@@ -123,6 +123,7 @@ def _cmd(workdir, data_dir, steps):
   ]
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
   """SIGTERM in the training loop checkpoints the current step (exit 75); the restart, stopped
   once more during its start-up (exit 75 at once), then run again, ends bit-identical."""
@@ -270,6 +271,7 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
   print(f"seed {seed}: SIGKILL at the save of step {k}; second SIGTERM exit {proc.returncode}")
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))
@@ -521,6 +523,7 @@ def _nan_iterator(monkeypatch, bad_steps):
   monkeypatch.setattr(input_pipeline, "train_iterator", nan_iterator)
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path, monkeypatch):
   _nan_iterator(monkeypatch, {2})
   summaries = {}
@@ -554,6 +557,7 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path
   assert summaries[1]["train/nonfinite_steps"] == 0
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_checkpoint(
   tmp_path, monkeypatch
 ):
@@ -842,6 +846,7 @@ def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
   assert not lock_file.exists()
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
   """On 1 device: init_from the 8-device run takes every parameter but the head (fresh), and the
   8-device run resumed from its step-4 checkpoint trains steps 5-6 to the 8-device result (up to

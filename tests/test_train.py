@@ -58,6 +58,7 @@ def _run_steps(c, n_devices, batches):
   return jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 @pytest.mark.parametrize(
   "model,perturbation,extra",
   [
@@ -149,6 +150,7 @@ def _final_params(workdir, step):
     return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 @pytest.mark.parametrize(
   "shrink_perturb",
   [pytest.param(None, id="plain"), pytest.param(0.1, marks=pytest.mark.slow, id="shrink_perturb")],
@@ -173,6 +175,7 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
   assert train.train_and_evaluate(c, run) == res_a
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
   """With a `cache` dict, a second seed of a config adds no program (it reuses the first seed's)
   and ends bit-identical to that seed trained alone; a third run, another method on that seed,
@@ -270,6 +273,7 @@ def test_default_run_from_the_command_line(tmp_path):
     assert real / 2 - 2 <= eta <= 2 * real + 2, (line, real)
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_mixed_precision_keeps_float32_params_and_tracks_float32():
   c = _small_config("vit_digits", "obf", obf_lambda=0.1, m=8)
   rng = np.random.default_rng(2)
@@ -290,6 +294,7 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
   assert not np.array_equal(m16["loss"], m32["loss"])
 
 
+@pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
   """Train top-1 and lr come from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
