@@ -338,6 +338,44 @@ def test_train_image_is_the_image_or_its_mirror():
   assert set(kinds) == {"same", "mirror"}
 
 
+def test_train_crop_is_a_random_sub_box_of_the_image_resized():
+  """crop_area_min 0.25 on a 32x32 ramp (image row in channel 0, column in channel 1), no flip:
+  each output row reads one image row and each output column one image column (channel 0 is
+  constant along output rows, channel 1 along columns), both increase, the box read lies inside
+  the image with about >= 0.25 of its area and an aspect ratio near [3/4, 4/3] (the Inception
+  crop; the antialiased resize blurs the box's edges by about a pixel), and seeds read different
+  boxes, some well inside the image."""
+  import tensorflow as tf
+
+  n, size = 32, 8
+  r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+  image = np.stack([7 * r, 7 * c, np.zeros_like(r)], -1).astype(np.uint8)
+  key = preprocessing.root_key(0, 0, 0)
+  boxes = set()
+  for i in range(16):
+    got = preprocessing.train_image(
+      tf.constant(image),
+      preprocessing.fold(key, i),
+      encoded=False,
+      image_size=size,
+      crop_area_min=0.25,
+      flip=False,
+    ).numpy()
+    rows, cols = (got[..., 0] + 1.0) * 127.5 / 7, (got[..., 1] + 1.0) * 127.5 / 7
+    np.testing.assert_allclose(rows, np.repeat(rows[:, :1], size, 1), atol=1e-3)
+    np.testing.assert_allclose(cols, np.repeat(cols[:1, :], size, 0), atol=1e-3)
+    rr, cc = rows[:, 0], cols[0, :]
+    assert np.all(np.diff(rr) > 0) and np.all(np.diff(cc) > 0), (rr, cc)
+    assert rr[0] >= -1e-3 and cc[0] >= -1e-3 and rr[-1] <= n - 1 + 1e-3 and cc[-1] <= n - 1 + 1e-3
+    # The box's height and width from its first and last sample centres, +- the blur.
+    h, w = (rr[-1] - rr[0]) * size / (size - 1), (cc[-1] - cc[0]) * size / (size - 1)
+    assert (h + 2) * (w + 2) >= 0.25 * n * n, (h, w)
+    assert 0.75 * (w - 2) <= h + 2 and h - 2 <= 4 / 3 * (w + 2), (h, w)
+    boxes.add((round(float(rr[0]), 1), round(float(cc[0]), 1), round(float(h)), round(float(w))))
+  assert len(boxes) > 8
+  assert any(h * w < 0.6 * n * n for _, _, h, w in boxes)
+
+
 @pytest.mark.parametrize("normalization", ["minus_one_to_one", "imagenet"])
 def test_normalization_by_hand(normalization):
   pixels = np.array([[[0, 128, 255], [10, 20, 30]]], np.uint8)  # [1, 2, 3]
