@@ -59,8 +59,9 @@ def _run_steps(c, n_devices, batches):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-# OBF with GSAM, m = 4: also the float32 run of the mixed-precision test (one program for both).
-VIT_OBF = dict(obf_lambda=0.1, gsam_alpha=0.2, m=4)
+# OBF with GSAM, m = 4, rho proportional to lr: also the learning-rate test and the float32 run
+# of the mixed-precision test (one compiled program for the three).
+VIT_OBF = dict(obf_lambda=0.1, gsam_alpha=0.2, m=4, rho_min=0.0)
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
@@ -292,8 +293,7 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
 def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
   """Train top-1 and lr come from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
-  c = _small_config("vit_digits", "steepest")
-  c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
+  c = _small_config("vit_digits", "obf", **VIT_OBF)  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   exp = _experiment(c, 1)
   state = jax.device_put(jax.jit(exp.init_state)(), NamedSharding(mesh, P()))
