@@ -63,7 +63,8 @@ def main_cmd(workdir, data_dir, **flags) -> list[str]:
 
 
 def main_env() -> dict[str, str]:
-  """The environment of `main_cmd`: this one with 1 device and optimization level 0."""
+  """The environment of `main_cmd` (and of the other short runs in subprocesses, e.g. the powered
+  runner's): this one with 1 device and XLA optimization level 0."""
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = (
