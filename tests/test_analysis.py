@@ -345,12 +345,12 @@ def _tiny_digits_config(perturbation, m, seed=0):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_path, digits_data):
+def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_path):
   from pf_jax import train  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
 
-  c = _tiny_digits_config("obf", 8)  # m = the per-device batch: one chunk to compile
-  c.data_dir = str(digits_data)
+  c = _tiny_digits_config("obf", 4)
+  c.data_dir = str(tmp_path / "data")
   c.checkpoint_every_steps = 3
   results = train.train_and_evaluate(c, str(tmp_path / "run"))
   points = collect.load_points(str(tmp_path / "run"))

@@ -22,7 +22,6 @@ from pf_jax import experiment
 from pf_jax import reporting
 from pf_jax import workdir
 from tests import forked_main
-from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -348,18 +347,29 @@ def test_library_errors_name_the_config_field(field, value):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_default_run_logs(tmp_path, digits_data):
+def test_default_run_logs(tmp_path):
   """Quiet useful logs: no library INFO lines; start, train lines with ETA, eval, checkpoint, summary."""
-  env = dict(runs.main_env(), JAX_LOG_COMPILES="0")
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_LOG_COMPILES": "0"}
+  env = dict(os.environ, **env)
   env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it
-  cmd = runs.main_cmd(
-    tmp_path / "run",
-    digits_data,
-    log_every_steps=10,
-    eval_every_steps=20,
-    checkpoint_every_steps=20,
+  r = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      f"--workdir={tmp_path / 'run'}",
+      f"--config.data_dir={tmp_path / 'data'}",
+      "--config.num_train_steps=40",
+      "--config.warmup_steps=4",
+      "--config.log_every_steps=10",
+      "--config.eval_every_steps=20",
+      "--config.checkpoint_every_steps=20",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert re.fullmatch(r"eval/digits/loss=\d+\.\d{4} eval/digits/top1=\d\.\d{4}\n", r.stdout), (
     r.stdout
@@ -400,9 +410,12 @@ def test_default_run_logs(tmp_path, digits_data):
   ]
   assert sum(l.startswith("checkpoint step ") for l in body) == 2
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
-  i = body.index("compiling the train step (the first step waits for it)")
-  assert re.fullmatch(r"compiled the train step and ran step 1 in (\d+ min )?[\d.]+ s", body[i + 1])
-  assert sum(l.startswith("compil") for l in body) == 2, body
+  assert [l for l in body if l.startswith("compil")] == [
+    "compiling the train step (the first step waits for it)",
+    body[3],
+  ] and re.fullmatch(r"compiled the train step and ran step 1 in (\d+ min )?[\d.]+ s", body[3]), (
+    body
+  )
   assert len(lines) <= 14, r.stderr
 
 

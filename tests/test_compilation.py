@@ -13,9 +13,7 @@ from pf_jax import train
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_no_compilation_after_the_first_step_log_save_and_evaluation(
-  tmp_path, monkeypatch, digits_data
-):
+def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, monkeypatch):
   # Every program must really compile here (a persistent-cache hit records no compile event).
   monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)
   phase = ["setup"]
@@ -45,7 +43,7 @@ def test_no_compilation_after_the_first_step_log_save_and_evaluation(
   monkeypatch.setattr(checkpointing, "save", counted("save", save))
 
   c = default_config.get_config()
-  c.data_dir = str(digits_data)
+  c.data_dir = str(tmp_path / "data")
   c.num_train_steps = 6
   c.warmup_steps = 2
   c.log_every_steps = 2  # logs after steps 2, 4, 6

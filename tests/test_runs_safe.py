@@ -1,7 +1,7 @@
 """Runs are safe: preemption, non-finite steps, checkpoint fallback, one run per workdir, paths.
 
-Most tests read the session's finished 6-step run (tests/runs.py; 8 simulated devices, checkpoints
-at steps 2, 4, 6) and work on copies of its workdir; the preemption tests run main.py.
+Most tests share one finished 6-step run (8 simulated devices, checkpoints at steps 2, 4, 6) and
+work on copies of its workdir; the SIGTERM test runs main.py in single-process subprocesses.
 """
 
 import fcntl
@@ -33,9 +33,26 @@ from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
-from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, **overrides):
+  c = default_config.get_config()
+  c.data_dir = str(data_dir)
+  c.num_train_steps = 6
+  c.warmup_steps = 2
+  c.checkpoint_every_steps = 2
+  c.eval_every_steps = 6
+  c.log_every_steps = 2
+  c.keep_checkpoints = 10
+  c.global_batch_size = 64
+  c.eval_batch_size = 64
+  c.sam.m = 16
+  for k, v in overrides.items():
+    target, name = (c.sam, k[4:]) if k.startswith("sam.") else (c, k)
+    target[name] = v
+  return c
 
 
 def _restore(workdir, step):
@@ -48,10 +65,14 @@ def _steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-@pytest.fixture
-def finished(finished_run, digits_data):
-  """(workdir, data_dir, results) of the session's finished run (tests/conftest.py): read-only."""
-  return finished_run[0], digits_data, finished_run[1]
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """(workdir, data_dir, results) of a finished 6-step run with checkpoints at steps 2, 4 and 6."""
+  base = tmp_path_factory.mktemp("finished")
+  data_dir, workdir = base / "data", str(base / "run")
+  results = train.train_and_evaluate(_config(data_dir), workdir)
+  assert _steps(workdir) == [2, 4, 6]
+  return workdir, data_dir, results
 
 
 def _copy(finished, tmp_path):
@@ -73,30 +94,54 @@ def no_compile(monkeypatch):
 # --- Preemption ---------------------------------------------------------------------------------
 
 
+def _env():
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  # Optimization level 0: the tiny model compiles much faster; every run here uses the same flags.
+  env["XLA_FLAGS"] = (
+    f"{flags} --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def _cmd(workdir, data_dir, steps):
+  return [
+    sys.executable,
+    "main.py",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    f"--config.num_train_steps={steps}",
+    "--config.warmup_steps=5",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=100000",
+    "--config.checkpoint_every_steps=100000",
+    "--config.global_batch_size=32",
+    "--config.eval_batch_size=64",
+    "--config.sam.m=16",
+  ]
+
+
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(
-  tmp_path, digits_data
-):
+def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
   """SIGTERM in the training loop checkpoints the current step (exit 75); the restart, stopped
   once more during its start-up (exit 75 at once), then run again, ends bit-identical."""
-  steps, data_dir = runs.MAIN_STEPS, digits_data
+  steps = 80
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))  # prepared once, before the runs
   ref, run = tmp_path / "ref", tmp_path / "run"
   out = subprocess.run(
-    runs.main_cmd(ref, data_dir),
-    cwd=ROOT,
-    env=runs.main_env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
+    _cmd(ref, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
   )
   assert out.returncode == 0, out.stderr[-3000:]
 
   seed = random.randrange(10**6)
-  k = random.Random(seed).randint(2, steps // 2)
+  k = random.Random(seed).randint(2, 30)
   proc = subprocess.Popen(
-    runs.main_cmd(run, data_dir),
+    _cmd(run, data_dir, steps),
     cwd=ROOT,
-    env=runs.main_env(),
+    env=_env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -132,7 +177,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   delay = random.Random(seed).uniform(0.5, 4.0)
   sig = random.Random(seed + 1).choice([signal.SIGTERM, signal.SIGINT])
   proc = subprocess.Popen(
-    runs.main_cmd(run, data_dir), cwd=ROOT, env=runs.main_env(), stdout=subprocess.DEVNULL,
+    _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   try:
@@ -151,12 +196,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
   print(f"then {sig.name} {delay:.2f} s into the restart: exit 75")
 
   again = subprocess.run(
-    runs.main_cmd(run, data_dir),
-    cwd=ROOT,
-    env=runs.main_env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
+    _cmd(run, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
   )
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"resumed: step {stopped} from " in again.stderr
@@ -169,7 +209,7 @@ def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identica
 def _run_until(cmd, pattern, seed):
   """Starts `cmd`, reads its log until a line matches `pattern`; returns (process, lines)."""
   proc = subprocess.Popen(
-    cmd, cwd=ROOT, env=runs.main_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
   lines = []
   for line in proc.stderr:
@@ -181,21 +221,22 @@ def _run_until(cmd, pattern, seed):
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_identical(
-  tmp_path, digits_data
-):
+def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_identical(tmp_path):
   """SIGKILL right after a save started (orbax writes in the background: the step folder is
   often still a temporary one), and SIGTERM twice (the second stops at once, like SIGTERM without
   the catcher): each time the same command ends bit-identical to an uninterrupted run."""
   steps = 24
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
 
   def cmd(workdir):
-    return runs.main_cmd(workdir, digits_data, num_train_steps=steps, checkpoint_every_steps=1)
+    return [
+      "--config.checkpoint_every_steps=1" if a.startswith("--config.checkpoint_every_steps") else a
+      for a in _cmd(workdir, data_dir, steps)
+    ]
 
   ref = tmp_path / "ref"
-  out = subprocess.run(
-    cmd(ref), cwd=ROOT, env=runs.main_env(), capture_output=True, text=True, timeout=600
-  )
+  out = subprocess.run(cmd(ref), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   seed = random.randrange(10**6)
   k = random.Random(seed).randint(3, steps - 4)
@@ -219,7 +260,7 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
 
   for run in (killed, twice):
     again = subprocess.run(
-      cmd(run), cwd=ROOT, env=runs.main_env(), capture_output=True, text=True, timeout=600
+      cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed: step " in again.stderr
@@ -231,15 +272,15 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(
-  tmp_path, digits_data
-):
+def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
+  data_dir = tmp_path / "data"
+  input_pipeline.dataset_info("digits", data_dir=str(data_dir))
   run = tmp_path / "run"
   procs = [
     subprocess.Popen(
-      runs.main_cmd(run, digits_data, seed=seed),
+      _cmd(run, data_dir, 30) + [f"--config.seed={seed}"],
       cwd=ROOT,
-      env=runs.main_env(),
+      env=_env(),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -255,8 +296,8 @@ def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(
   # The workdir is the winner's: its config, its checkpoints' config, its result.
   assert workdir_lib.load_config(run).seed == winner
   assert workdir_lib.checkpoint_config(run / "checkpoints").seed == winner
-  assert _steps(run) == [runs.MAIN_STEPS]
-  assert workdir_lib.load_results(run)["step"] == runs.MAIN_STEPS
+  assert _steps(run) == [30]
+  assert workdir_lib.load_results(run)["step"] == 30
   assert not os.path.exists(run / "lock.json")
   assert len([f for f in os.listdir(run) if f.startswith("events.out")]) == 1
 
@@ -316,7 +357,7 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
   cmd = [sys.executable, "main.py", f"--workdir={mnt / 'run'}", f"--config.data_dir={finished[1]}"]
   cmd += [f"--config.{k}={v}" for k, v in flags.items()] + ["--config.sam.m=16"]
   script = ["unshare", "-rm", "bash", "-c", _STORAGE_SCRIPT, "-", str(mnt), finished[0], str(out)]
-  subprocess.run(script + cmd, cwd=ROOT, env=runs.main_env(), timeout=900, check=True)
+  subprocess.run(script + cmd, cwd=ROOT, env=_env(), timeout=900, check=True)
   read = lambda name: (out / name).read_text()
   # Disk full: one line naming the path and the step, no "checkpoint step 6", step 4 intact.
   assert read("full.rc").strip() == "1", read("full.err")[-3000:]
@@ -362,7 +403,7 @@ def test_a_workdir_or_checkpoint_directory_removed_during_a_run_is_noticed_befor
       "step 0"
     )
 
-  workdir_lib.save_config(workdir, runs.tiny_config(tmp_path / "data"))
+  workdir_lib.save_config(workdir, _config(tmp_path / "data"))
   mine = workdir_lib.WorkdirLock(workdir).acquire()
   with ocp.CheckpointManager(ckpts, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     checkpointing.check_intact(mngr, workdir, 1)  # nothing saved yet: the workdir and config.json
@@ -426,7 +467,7 @@ def test_a_run_whose_directory_is_removed_stops_at_the_next_save(
 
   monkeypatch.setattr(input_pipeline, "train_iterator", removing_iterator)
   with pytest.raises(checkpointing.StorageError) as err:
-    train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+    train.train_and_evaluate(_config(finished[1]), workdir)
   assert str(err.value).startswith(f"{target} was removed while the run was going: step 6 ")
   assert not os.path.exists(target)
 
@@ -483,22 +524,24 @@ def _nan_iterator(monkeypatch, bad_steps):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(
-  tmp_path, monkeypatch, digits_data
-):
+def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path, monkeypatch):
   _nan_iterator(monkeypatch, {2})
   summaries = {}
   summarize = train._summarize
   monkeypatch.setattr(
     train, "_summarize", lambda f: summaries.setdefault(len(summaries), summarize(f))
   )
-  c = runs.tiny_config(
-    digits_data, checkpoint_every_steps=1, log_every_steps=3
+  c = _config(
+    tmp_path / "data",
+    num_train_steps=4,
+    checkpoint_every_steps=1,
+    log_every_steps=3,
+    eval_every_steps=4,
   )  # saves between logs
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(c, workdir)
   assert 0 <= results["eval/digits/top1"] <= 1
-  assert _steps(workdir) == [1, 2, 3, 4, 5, 6]
+  assert _steps(workdir) == [1, 2, 3, 4]
   ckpts = {s: _restore(workdir, s) for s in _steps(workdir)}
   for s, ck in ckpts.items():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ck)), s
@@ -516,16 +559,22 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_checkpoint(
-  tmp_path, monkeypatch, digits_data
+  tmp_path, monkeypatch
 ):
-  _nan_iterator(monkeypatch, set(range(3, 100)))
-  c = runs.tiny_config(digits_data, log_every_steps=5, max_consecutive_nonfinite=3)
+  _nan_iterator(monkeypatch, set(range(4, 100)))
+  c = _config(
+    tmp_path / "data",
+    num_train_steps=8,
+    checkpoint_every_steps=2,
+    log_every_steps=5,
+    max_consecutive_nonfinite=3,
+  )
   workdir = tmp_path / "run"
   with pytest.raises(checkpointing.NonFiniteError) as err:
     train.train_and_evaluate(c, str(workdir))
   message = str(err.value)
   assert "\n" not in message
-  assert "3 consecutive steps" in message and "the last at step 5" in message
+  assert "3 consecutive steps" in message and "the last at step 6" in message
   assert f"last good checkpoint: step 4 in {workdir / 'checkpoints'}" in message
   assert _steps(workdir) == [2, 4]
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(_restore(workdir, 4)))
@@ -574,7 +623,7 @@ def test_damaged_latest_checkpoints_are_moved_aside_and_the_newest_good_one_resu
   workdir = _copy(finished, tmp_path)
   _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "6"))
   _remove_manifests(os.path.join(workdir, "checkpoints", "4"))
-  results = train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+  results = train.train_and_evaluate(_config(finished[1]), workdir)
   for step in (4, 6):  # kept, not deleted
     assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", str(step), "default"))
   warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
@@ -611,9 +660,7 @@ def test_an_empty_stray_step_folder_and_a_stray_file_are_ignored_with_a_warning(
   os.makedirs(os.path.join(workdir, "checkpoints", "999"))
   with open(os.path.join(workdir, "checkpoints", "notes.txt"), "w") as f:
     f.write("mine")
-  results = train.train_and_evaluate(
-    runs.tiny_config(finished[1]), workdir
-  )  # finished: evaluates step 6
+  results = train.train_and_evaluate(_config(finished[1]), workdir)  # finished: evaluates step 6
   assert results == finished[2]
   assert _steps(workdir) == [2, 4, 6]
   assert os.path.isdir(os.path.join(workdir, "checkpoints.broken", "999"))
@@ -626,7 +673,7 @@ def test_no_restorable_checkpoint_stops_without_moving_anything(finished, tmp_pa
   for step in (2, 4, 6):
     _remove_manifests(os.path.join(workdir, "checkpoints", str(step)))
   with pytest.raises(checkpointing.CheckpointError, match="the latest, step 6, fails with"):
-    train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+    train.train_and_evaluate(_config(finished[1]), workdir)
   assert _steps(workdir) == [2, 4, 6] and not os.path.exists(
     os.path.join(workdir, "checkpoints.broken")
   )
@@ -640,7 +687,7 @@ def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(
 ):
   workdir = _copy(finished, tmp_path)
   with pytest.raises(workdir_lib.ConfigMismatchError) as err:
-    train.train_and_evaluate(runs.tiny_config(finished[1], **{"sam.m": 8, "seed": 3}), workdir)
+    train.train_and_evaluate(_config(finished[1], **{"sam.m": 8, "seed": 3}), workdir)
   lines = str(err.value).splitlines()
   assert lines[0] == "config.sam.m: 16 in this workdir, 8 now"
   assert lines[1] == "config.seed: 0 in this workdir, 3 now"
@@ -651,7 +698,7 @@ def test_a_changed_sam_m_is_refused_before_compiling_naming_the_field(
 def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   before = set(os.listdir(workdir))
-  c = runs.tiny_config(finished[1], log_every_steps=1, checkpoint_every_steps=5, eval_every_steps=2)
+  c = _config(finished[1], log_every_steps=1, checkpoint_every_steps=5, eval_every_steps=2)
   assert train.train_and_evaluate(c, workdir) == finished[2]
   assert workdir_lib.load_config(workdir).log_every_steps == 1
   # The finished run's re-evaluation went to the events (not an empty extra events file).
@@ -664,7 +711,7 @@ def test_safe_changes_are_accepted_and_the_override_keeps_the_old_config(finishe
     for v in e.summary.value
   }
   assert (6, "eval/digits/top1") in tags
-  c = runs.tiny_config(finished[1], **{"sam.m": 8})
+  c = _config(finished[1], **{"sam.m": 8})
   train.train_and_evaluate(c, workdir, allow_config_change=True)
   assert workdir_lib.load_config(workdir).sam.m == 8
   assert json.loads(open(os.path.join(workdir, "config.1.json")).read())["sam"]["m"] == 16
@@ -676,7 +723,7 @@ def test_a_deleted_config_json_is_replaced_by_the_config_the_checkpoints_carry(
   workdir = _copy(finished, tmp_path)
   os.remove(os.path.join(workdir, "config.json"))
   with pytest.raises(workdir_lib.ConfigMismatchError) as err:
-    train.train_and_evaluate(runs.tiny_config(finished[1], seed=1, lr_max=0.5), workdir)
+    train.train_and_evaluate(_config(finished[1], seed=1, lr_max=0.5), workdir)
   lines = str(err.value).splitlines()
   assert lines[0].startswith("config.lr_max: ") and lines[0].endswith(" in this workdir, 0.5 now")
   assert lines[1] == "config.seed: 0 in this workdir, 1 now"
@@ -692,7 +739,7 @@ def test_checkpoints_without_any_config_are_refused(finished, tmp_path, no_compi
     del d["custom_metadata"]["config"]
     open(meta, "w").write(json.dumps(d))
   with pytest.raises(workdir_lib.ConfigMismatchError, match="neither config.json nor a config"):
-    train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+    train.train_and_evaluate(_config(finished[1]), workdir)
 
 
 @pytest.mark.parametrize("content", [b'{"seed": 0, "sam": {"m"', b"\xff\xfe garbage", b"[1, 2]"])
@@ -701,7 +748,7 @@ def test_a_damaged_config_json_is_one_line_naming_the_file(finished, tmp_path, n
   path = os.path.join(workdir, "config.json")
   open(path, "wb").write(content)
   with pytest.raises(workdir_lib.DamagedFileError) as err:
-    train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+    train.train_and_evaluate(_config(finished[1]), workdir)
   message = str(err.value)
   assert "\n" not in message and message.startswith(f"{path} is damaged (")
   assert "restore it, or delete it" in message
@@ -709,10 +756,8 @@ def test_a_damaged_config_json_is_one_line_naming_the_file(finished, tmp_path, n
 
 def test_a_workdir_without_checkpoints_takes_the_new_config(tmp_path):
   workdir = tmp_path / "run"
-  workdir_lib.save_config(workdir, runs.tiny_config(tmp_path / "data"))
-  workdir_lib.check_config(
-    workdir, runs.tiny_config(tmp_path / "data", seed=5), has_run=False
-  )  # no error
+  workdir_lib.save_config(workdir, _config(tmp_path / "data"))
+  workdir_lib.check_config(workdir, _config(tmp_path / "data", seed=5), has_run=False)  # no error
 
 
 # --- Paths and devices --------------------------------------------------------------------------
@@ -743,7 +788,7 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert str(checkpointing.as_path("gs://bucket/run")) == "gs://bucket/run"
   assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run"
-  c = runs.tiny_config("gs://bucket/data")
+  c = _config("gs://bucket/data")
   workdir_lib.save_config("gs://bucket/run", c)
   assert (fake_gcs / "bucket" / "run" / "config.json").exists()
   assert str(checkpointing.find_checkpoints("gs://bucket/run")) == "gs://bucket/run"
@@ -753,15 +798,13 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
     workdir_lib.ConfigMismatchError, match="config.sam.m: 16 in this workdir, 4 now"
   ):
     workdir_lib.check_config(
-      "gs://bucket/run", runs.tiny_config("gs://bucket/data", **{"sam.m": 4}), has_run=True
+      "gs://bucket/run", _config("gs://bucket/data", **{"sam.m": 4}), has_run=True
     )
   checkpointing.tidy("gs://bucket/run/checkpoints")  # an empty step folder is moved aside
   assert (fake_gcs / "bucket" / "run" / "checkpoints.broken" / "7").is_dir()
   assert not (tmp_path / "gs:").exists()
   config_validation.validate(
-    runs.tiny_config("gs://bucket/data", init_from="gs://bucket/run"),
-    num_devices=8,
-    num_processes=1,
+    _config("gs://bucket/data", init_from="gs://bucket/run"), num_devices=8, num_processes=1
   )
 
 
@@ -828,7 +871,7 @@ def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tm
   run = subprocess.run(
     [sys.executable, "-c", script, finished[0], str(out), workdir],
     cwd=ROOT,
-    env=runs.main_env(),
+    env=_env(),
     capture_output=True,
     text=True,
     timeout=600,
@@ -871,7 +914,7 @@ def test_a_leftover_orbax_temporary_folder_is_ignored_and_the_run_ends_identical
   tmp = os.path.join(ckpt, "6.orbax-checkpoint-tmp-1764590000000000")
   shutil.copytree(os.path.join(ckpt, "4"), tmp)  # a half-written save: some files, no commit
   _truncate_largest_data_file(tmp)
-  results = train.train_and_evaluate(runs.tiny_config(finished[1]), workdir)
+  results = train.train_and_evaluate(_config(finished[1]), workdir)
   assert results == finished[2]
   assert _steps(workdir) == [2, 4, 6]
   jax.tree.map(
@@ -882,7 +925,7 @@ def test_a_leftover_orbax_temporary_folder_is_ignored_and_the_run_ends_identical
 
 
 def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile):
-  c = runs.tiny_config(tmp_path / "data")
+  c = _config(tmp_path / "data")
   c.eval_datasets = ("digits", "cifar10")
   with pytest.raises(input_pipeline.DatasetNotPreparedError) as err:
     train.train_and_evaluate(c, str(tmp_path / "run"))
@@ -894,6 +937,6 @@ def test_an_unprepared_eval_dataset_fails_before_compiling(tmp_path, no_compile)
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_max_consecutive_nonfinite_must_be_positive(value):
-  c = runs.tiny_config("/tmp", max_consecutive_nonfinite=value)
+  c = _config("/tmp", max_consecutive_nonfinite=value)
   with pytest.raises(ValueError, match="config.max_consecutive_nonfinite"):
     config_validation.validate(c, num_devices=8, num_processes=1)

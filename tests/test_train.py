@@ -20,7 +20,6 @@ from configs import default as default_config
 from pf_jax import config_validation
 from pf_jax import experiment
 from pf_jax import train
-from tests import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,16 +58,11 @@ def _run_steps(c, n_devices, batches):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-# OBF with GSAM, m = 4, rho proportional to lr: also the learning-rate test and the float32 run
-# of the mixed-precision test (one compiled program for the three).
-VIT_OBF = dict(obf_lambda=0.1, gsam_alpha=0.2, m=4, rho_min=0.0)
-
-
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
 @pytest.mark.parametrize(
   "model,perturbation,extra",
   [
-    ("vit_digits", "obf", VIT_OBF),  # m spans 2 of the 8 devices
+    ("vit_digits", "obf", dict(obf_lambda=0.1, gsam_alpha=0.2, m=4)),  # m spans 2 of the 8 devices
     ("resnet_tiny", "steepest", dict(asam="before", m=2)),  # BatchNorm; m = per-device batch
   ],
 )
@@ -138,6 +132,19 @@ def check_events(workdir, log_steps, eval_steps, eval_name, hparams):
     assert found[name].number_value == pytest.approx(value), name
 
 
+def _quick(workdir_config_overrides=None):
+  c = default_config.get_config()
+  c.num_train_steps = 6
+  c.warmup_steps = 2
+  c.checkpoint_every_steps = 3
+  c.eval_every_steps = 6
+  c.log_every_steps = 2
+  c.keep_checkpoints = 5
+  c.global_batch_size = 64
+  c.eval_batch_size = 64
+  return c
+
+
 def _final_params(workdir, step):
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
     return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
@@ -148,22 +155,18 @@ def _final_params(workdir, step):
   "shrink_perturb",
   [pytest.param(None, id="plain"), pytest.param(0.1, marks=pytest.mark.slow, id="shrink_perturb")],
 )
-def test_resume_is_bit_identical_and_writes_events(
-  tmp_path, finished_run, digits_data, shrink_perturb
-):
-  c = runs.tiny_config(digits_data, shrink_perturb=shrink_perturb)  # S&P: θ₀ is in the checkpoint
-  if shrink_perturb is None:
-    done, res_a = finished_run  # uninterrupted: the session's finished run (tests/runs.py)
-  else:
-    done = str(tmp_path / "done")
-    res_a = train.train_and_evaluate(c, done)
-  check_events(done, [2, 4, 6], [6], "digits", {"sam.rho_max": c.sam.rho_max, "lr_max": c.lr_max})
+def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
+  data_dir = str(tmp_path / "data")
+  c = _quick()
+  c.data_dir = data_dir
+  c.shrink_perturb = shrink_perturb  # its initial values are part of the checkpoint
+  run = str(tmp_path / "run")
+  res_a = train.train_and_evaluate(c, run)  # uninterrupted
+  check_events(run, [2, 4, 6], [6], "digits", {"sam.rho_max": c.sam.rho_max, "lr_max": c.lr_max})
   # Eval loss: the mean task loss over the eval split (its top-1 is the one the run returns).
   assert res_a["eval/digits/loss"] > 0 and set(res_a) == {"eval/digits/loss", "eval/digits/top1"}
-  pa = _final_params(done, 6)
-  # "Kill" the run after its step-4 checkpoint: drop everything later and start it again.
-  run = str(tmp_path / "run")
-  shutil.copytree(done, run)
+  pa = _final_params(run, 6)
+  # "Kill" the run after its step-3 checkpoint: drop everything later and start it again.
   shutil.rmtree(os.path.join(run, "checkpoints", "6"))
   res_b = train.train_and_evaluate(c, run)
   jax.tree.map(np.testing.assert_array_equal, pa, _final_params(run, 6))
@@ -173,12 +176,14 @@ def test_resume_is_bit_identical_and_writes_events(
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
-def test_runs_sharing_a_cache_match_fresh_runs(tmp_path, digits_data):
+def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
   """With a `cache` dict, a second seed of a config adds no program (it reuses the first seed's)
   and ends bit-identical to that seed trained alone; a third run, another method on that seed,
   reads the same batches from the cache and also matches its run alone. Random SAM reads the seed
   inside the step, so a reused program that kept the first seed would differ."""
-  c0 = runs.tiny_config(digits_data, **{"sam.perturbation": "random"})
+  c0 = _quick()
+  c0.data_dir = str(tmp_path / "data")
+  c0.sam.perturbation = "random"
   c1 = c0.copy_and_resolve_references()
   c1.seed = 1
   c2 = c1.copy_and_resolve_references()
@@ -270,7 +275,7 @@ def test_default_run_from_the_command_line(tmp_path):
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
 def test_mixed_precision_keeps_float32_params_and_tracks_float32():
-  c = _small_config("vit_digits", "obf", **VIT_OBF)
+  c = _small_config("vit_digits", "obf", obf_lambda=0.1, m=8)
   rng = np.random.default_rng(2)
   batches = [
     {
@@ -293,7 +298,8 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
 def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
   """Train top-1 and lr come from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
-  c = _small_config("vit_digits", "obf", **VIT_OBF)  # rho proportional to lr: a schedule too
+  c = _small_config("vit_digits", "steepest")
+  c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   exp = _experiment(c, 1)
   state = jax.device_put(jax.jit(exp.init_state)(), NamedSharding(mesh, P()))
