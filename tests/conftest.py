@@ -11,12 +11,12 @@ if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One cache per pytest-xdist worker: JAX writes cache entries non-atomically (no eviction lock),
-# so two workers compiling the same program at once could read each other's half-written entry.
-_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+# One cache for everything a test run starts: both pytest-xdist workers (they inherit this from
+# the controller), their main.py subprocesses, and a `-m long` run after the default suite. JAX
+# writes an entry without a lock; a half-written entry read by another process fails to
+# deserialize, and JAX then compiles the program itself (with a warning): a race costs time only.
 os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR",
-  os.path.join(tempfile.gettempdir(), f"pf_jax_tests_jax_cache_{_worker}"),
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "pf_jax_tests_jax_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")

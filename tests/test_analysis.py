@@ -345,6 +345,7 @@ def _tiny_digits_config(perturbation, m, seed=0):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_path):
   from pf_jax import train  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top

@@ -97,7 +97,9 @@ def test_plan_and_seed_ranges(powered):
 @pytest.mark.parametrize(
   "base, other, label, stages",
   [
-    ("adamw", "label_smoothing", "label smoothing − AdamW", 1),  # the lr stage only
+    pytest.param(  # the lr stage only
+      "adamw", "label_smoothing", "label smoothing − AdamW", 1, marks=pytest.mark.long
+    ),
     pytest.param("sam_steep", "sam_obf", "SAM: OBF − STEEP", 3, marks=pytest.mark.slow),
   ],
 )

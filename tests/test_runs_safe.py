@@ -124,6 +124,7 @@ def _cmd(workdir, data_dir, steps):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_sigterm_saves_the_current_step_exits_75_and_the_restart_is_bit_identical(tmp_path):
   """SIGTERM in the training loop checkpoints the current step (exit 75); the restart, stopped
   once more during its start-up (exit 75 at once), then run again, ends bit-identical."""
@@ -272,6 +273,7 @@ def test_sigkill_during_a_save_and_a_second_sigterm_then_the_restart_is_bit_iden
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(tmp_path):
   data_dir = tmp_path / "data"
   input_pipeline.dataset_info("digits", data_dir=str(data_dir))
@@ -531,17 +533,12 @@ def test_an_injected_non_finite_step_is_skipped_counted_and_never_saved(tmp_path
   monkeypatch.setattr(
     train, "_summarize", lambda f: summaries.setdefault(len(summaries), summarize(f))
   )
-  c = _config(
-    tmp_path / "data",
-    num_train_steps=4,
-    checkpoint_every_steps=1,
-    log_every_steps=3,
-    eval_every_steps=4,
-  )  # saves between logs
+  # Saves between logs; 6 steps as in `finished` (the same compiled train step).
+  c = _config(tmp_path / "data", checkpoint_every_steps=1, log_every_steps=3)
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(c, workdir)
   assert 0 <= results["eval/digits/top1"] <= 1
-  assert _steps(workdir) == [1, 2, 3, 4]
+  assert _steps(workdir) == [1, 2, 3, 4, 5, 6]
   ckpts = {s: _restore(workdir, s) for s in _steps(workdir)}
   for s, ck in ckpts.items():
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(ck)), s
@@ -562,13 +559,7 @@ def test_a_persistently_non_finite_run_stops_naming_the_step_and_the_last_good_c
   tmp_path, monkeypatch
 ):
   _nan_iterator(monkeypatch, set(range(4, 100)))
-  c = _config(
-    tmp_path / "data",
-    num_train_steps=8,
-    checkpoint_every_steps=2,
-    log_every_steps=5,
-    max_consecutive_nonfinite=3,
-  )
+  c = _config(tmp_path / "data", log_every_steps=5, max_consecutive_nonfinite=3)  # 6 steps
   workdir = tmp_path / "run"
   with pytest.raises(checkpointing.NonFiniteError) as err:
     train.train_and_evaluate(c, str(workdir))
@@ -847,6 +838,7 @@ def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_init_from_and_resume_of_an_8_device_checkpoint_on_1_device(finished, tmp_path):
   """On 1 device: init_from the 8-device run takes every parameter but the head (fresh), and the
   8-device run resumed from its step-4 checkpoint trains steps 5-6 to the 8-device result (up to

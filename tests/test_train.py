@@ -62,7 +62,9 @@ def _run_steps(c, n_devices, batches):
 @pytest.mark.parametrize(
   "model,perturbation,extra",
   [
-    ("vit_digits", "obf", dict(obf_lambda=0.1, gsam_alpha=0.2, m=4)),  # m spans 2 of the 8 devices
+    pytest.param(  # m spans 2 of the 8 devices
+      "vit_digits", "obf", dict(obf_lambda=0.1, gsam_alpha=0.2, m=4), marks=pytest.mark.long
+    ),
     ("resnet_tiny", "steepest", dict(asam="before", m=2)),  # BatchNorm; m = per-device batch
   ],
 )
@@ -142,6 +144,7 @@ def _quick(workdir_config_overrides=None):
   c.keep_checkpoints = 5
   c.global_batch_size = 64
   c.eval_batch_size = 64
+  c.sam.m = 16  # the train step of test_runs_safe's runs: compiled once (the compilation cache)
   return c
 
 
@@ -176,6 +179,7 @@ def test_resume_is_bit_identical_and_writes_events(tmp_path, shrink_perturb):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_runs_sharing_a_cache_match_fresh_runs(tmp_path):
   """With a `cache` dict, a second seed of a config adds no program (it reuses the first seed's)
   and ends bit-identical to that seed trained alone; a third run, another method on that seed,
@@ -298,7 +302,7 @@ def test_mixed_precision_keeps_float32_params_and_tracks_float32():
 def test_step_reports_its_learning_rate_and_log_lines_take_schedules_at_the_log_step():
   """Train top-1 and lr come from the compiled step (warmup 0 -> 0.5 over 2 steps: 0, 0.25, 0.5 by hand); a log
   summary averages the loss but takes lr and rho at the last step."""
-  c = _small_config("vit_digits", "steepest")
+  c = _small_config("vit_digits", "steepest", m=8)  # 2 chunks, not 8: a smaller program
   c.sam.rho_min = 0.0  # rho proportional to lr: a schedule too
   mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
   exp = _experiment(c, 1)
