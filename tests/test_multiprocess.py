@@ -147,7 +147,7 @@ def _top1(stdout: str) -> float:
   return float(found[0])
 
 
-@pytest.mark.slow  # ~50 s of three subprocesses; CI runs it (`-m slow`)
+@pytest.mark.long  # ~50 s of three subprocesses (two processes and a one-process reference)
 def test_two_processes_train_in_lockstep(tmp_path):
   data_dir = str(tmp_path / "data")
   input_pipeline.get_builder("digits", data_dir)  # prepared once here, not raced by the processes
