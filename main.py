@@ -214,7 +214,7 @@ def main(argv):
   if not (_VERBOSE or FLAGS.verbose or FLAGS["verbosity"].present):
     reporting.quiet_library_logs()
   if not (_VERBOSE or FLAGS.verbose):
-    sys.excepthook = _drop_closed_loop_errors(sys.excepthook)
+    _drop_closed_loop_errors()
   if FLAGS.check_only:  # creates nothing
     num_devices = FLAGS.num_devices or jax.device_count()
     try:
@@ -246,15 +246,22 @@ def main(argv):
     _LOCK.release()
 
 
-def _drop_closed_loop_errors(hook):
+def _drop_closed_loop_errors():
   """After a failed save, tensorstore's callbacks into orbax's closed event loop print a traceback
-  each (through sys.excepthook); the failure itself is one StorageError line."""
+  each (through sys.excepthook, or sys.unraisablehook from a C++ thread); the failure itself is
+  one StorageError line."""
+  closed = lambda kind, value: kind is RuntimeError and str(value) == "Event loop is closed"
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
-  def excepthook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      hook(kind, value, tb)
+  def drop_from_excepthook(kind, value, tb):
+    if not closed(kind, value):
+      excepthook(kind, value, tb)
 
-  return excepthook
+  def drop_from_unraisablehook(unraisable):
+    if not closed(unraisable.exc_type, unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = drop_from_excepthook, drop_from_unraisablehook
 
 
 def _lock_workdir(workdir_lib):

@@ -17,6 +17,7 @@ import logging as py_logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -296,6 +297,26 @@ def _reason(e: Exception) -> str:
   return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def _newest_restorable(mngr: ocp.CheckpointManager, restore: Callable[[int], Any]):
+  """(step, restored, failed) for the newest step that `restore(step)` reads; `failed` lists the
+  newer (step, reason) pairs that raised. CheckpointError when steps exist and none restores;
+  (None, None, []) when there are none."""
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, restore(step), failed
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+      failed.append((step, _reason(e)))
+      _drop_failed_reads()
+  if failed:
+    step, reason = failed[0]
+    raise CheckpointError(
+      f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
+      f"fails with {reason}"
+    )
+  return None, None, failed
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target: Any):
   """(step, state) of the newest checkpoint that restores into `target`, or (None, None).
 
@@ -303,36 +324,26 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
   nothing is moved (a code or config change, not corruption, is the likely cause) and
   CheckpointError says why the newest one failed.
   """
-  failed = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-      failed.append((step, _reason(e)))
-      _drop_failed_reads()
-      continue
-    for bad, reason in failed:
-      dst = _move_aside(epath.Path(mngr.directory), str(bad))
-      logging.warning(
-        "Checkpoint of step %d in %s cannot be restored (%s): moved to %s; resuming from step %d",
-        bad,
-        mngr.directory,
-        reason,
-        dst,
-        step,
-      )
-    if failed:
-      _sync("pf_jax_checkpoint_fallback")
-      mngr.reload()
-    _warn_device_count(mngr, step)
-    return step, state
-  if failed:
-    step, reason = failed[0]
-    raise CheckpointError(
-      f"no checkpoint in {mngr.directory} can be restored; the latest, step {step}, "
-      f"fails with {reason}"
+  step, state, failed = _newest_restorable(
+    mngr, lambda s: mngr.restore(s, args=ocp.args.StandardRestore(target))
+  )
+  if step is None:
+    return None, None
+  for bad, reason in failed:
+    dst = _move_aside(epath.Path(mngr.directory), str(bad))
+    logging.warning(
+      "Checkpoint of step %d in %s cannot be restored (%s): moved to %s; resuming from step %d",
+      bad,
+      mngr.directory,
+      reason,
+      dst,
+      step,
     )
-  return None, None
+  if failed:
+    _sync("pf_jax_checkpoint_fallback")
+    mngr.reload()
+  _warn_device_count(mngr, step)
+  return step, state
 
 
 def _drop_failed_reads() -> None:
@@ -373,36 +384,26 @@ def restore_arrays(path, sharding) -> Any:
   on any device count restores onto the current devices.
   """
   directory = find_checkpoints(path)
+
+  def restore(step):
+    meta = mngr.item_metadata(step)
+    meta = getattr(meta, "tree", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+
   with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
-    steps = sorted(mngr.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {str(directory)!r}")
-    failed = []
-    for step in steps:
-      try:
-        meta = mngr.item_metadata(step)
-        meta = getattr(meta, "tree", meta)
-        target = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
-        )
-        tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
-      except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-        failed.append((step, _reason(e)))
-        _drop_failed_reads()
-        continue
-      for bad, reason in failed:
-        logging.warning(
-          "Checkpoint of step %d in %s cannot be restored (%s): using step %d",
-          bad,
-          directory,
-          reason,
-          step,
-        )
-      return tree, step
-  step, reason = failed[0]
-  raise CheckpointError(
-    f"no checkpoint in {directory} can be restored; the latest, step {step}, fails with {reason}"
-  )
+    step, tree, failed = _newest_restorable(mngr, restore)
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {str(directory)!r}")
+  for bad, reason in failed:
+    logging.warning(
+      "Checkpoint of step %d in %s cannot be restored (%s): using step %d",
+      bad,
+      directory,
+      reason,
+      step,
+    )
+  return tree, step
 
 
 def load_variables(path) -> tuple[Any, Any, int]:

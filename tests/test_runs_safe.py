@@ -329,8 +329,8 @@ set -u
 M=$1; SRC=$2; OUT=$3; shift 3
 mkdir -p $M && mount -t tmpfs -o size=4m tmpfs $M || exit 99
 cp -a $SRC $M/run && rm -rf $M/run/checkpoints/6 $M/run/results.json
-# Fill the filesystem but for ~96 KiB: the lock, config.json and events fit, a checkpoint does not.
-dd if=/dev/zero of=$M/filler bs=4k count=$(( $(df -k --output=avail $M | tail -1) / 4 - 24 )) \
+# Fill the filesystem but for ~256 KiB: the lock, config.json and events fit, a checkpoint does not.
+dd if=/dev/zero of=$M/filler bs=4k count=$(( $(df -k --output=avail $M | tail -1) / 4 - 64 )) \
   2>/dev/null
 "$@" > $OUT/full.out 2> $OUT/full.err; echo $? > $OUT/full.rc
 ls $M/run/checkpoints > $OUT/full.ls
