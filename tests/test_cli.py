@@ -347,6 +347,7 @@ def test_library_errors_name_the_config_field(field, value):
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_default_run_logs(tmp_path):
   """Quiet useful logs: no library INFO lines; start, train lines with ETA, eval, checkpoint, summary."""
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_LOG_COMPILES": "0"}

@@ -13,6 +13,7 @@ from pf_jax import train
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
+@pytest.mark.long  # CI runs it (-m long); not in the default suite
 def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, monkeypatch):
   # Every program must really compile here (a persistent-cache hit records no compile event).
   monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)
