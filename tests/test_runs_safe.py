@@ -33,26 +33,9 @@ from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
+from tests.tiny_run import config as _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(data_dir, **overrides):
-  c = default_config.get_config()
-  c.data_dir = str(data_dir)
-  c.num_train_steps = 6
-  c.warmup_steps = 2
-  c.checkpoint_every_steps = 2
-  c.eval_every_steps = 6
-  c.log_every_steps = 2
-  c.keep_checkpoints = 10
-  c.global_batch_size = 64
-  c.eval_batch_size = 64
-  c.sam.m = 16
-  for k, v in overrides.items():
-    target, name = (c.sam, k[4:]) if k.startswith("sam.") else (c, k)
-    target[name] = v
-  return c
 
 
 def _restore(workdir, step):

@@ -20,6 +20,7 @@ from configs import default as default_config
 from pf_jax import config_validation
 from pf_jax import experiment
 from pf_jax import train
+from tests import tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,18 +135,9 @@ def check_events(workdir, log_steps, eval_steps, eval_name, hparams):
     assert found[name].number_value == pytest.approx(value), name
 
 
-def _quick(workdir_config_overrides=None):
-  c = default_config.get_config()
-  c.num_train_steps = 6
-  c.warmup_steps = 2
-  c.checkpoint_every_steps = 3
-  c.eval_every_steps = 6
-  c.log_every_steps = 2
-  c.keep_checkpoints = 5
-  c.global_batch_size = 64
-  c.eval_batch_size = 64
-  c.sam.m = 16  # the train step of test_runs_safe's runs: compiled once (the compilation cache)
-  return c
+def _quick():
+  """tests/tiny_run.py's run (its train step compiled once), checkpointed every 3 steps."""
+  return tiny_run.config(None, checkpoint_every_steps=3, keep_checkpoints=5)
 
 
 def _final_params(workdir, step):
