@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pf_jax.errors import ArgumentError
+
 LossFn = Callable[[jax.Array, Any], jax.Array]  # (logits, batch) -> scalar mean loss
 
 
@@ -19,6 +21,14 @@ def labels_of(batch) -> jax.Array:
   """The labels of a batch: batch["label"] of a dict, the last entry of an (inputs, labels)
   tuple, or the batch itself when it is an array of labels."""
   if isinstance(batch, Mapping):
+    if "label" not in batch:  # a bare KeyError would not say what to pass instead
+      raise ArgumentError(
+        "labels_of",
+        "batch",
+        f"the batch has no 'label' key (its keys: {', '.join(map(repr, batch))}): losses and "
+        "OBF read batch['label'], the last entry of an (inputs, labels) tuple, or a label "
+        "array; pass e.g. {'image': x, 'label': y} or (x, y)",
+      )
     return batch["label"]
   if isinstance(batch, (tuple, list)):
     return batch[-1]

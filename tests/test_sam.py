@@ -433,3 +433,21 @@ def test_m_incompatible_with_batch_at_trace_time(problem, m):
   p, x, y = problem
   with pytest.raises(ValueError, match=f"m={m} must divide the per-device batch 8"):
     sam_grad(p, x[:8], y[:8], pf_jax.softmax_cross_entropy, pf_jax.SamSpec(rho=0.1, m=m))
+
+
+def test_a_batch_dict_without_label_is_one_line_naming_its_keys(problem):
+  """Issue 30: {"x": ..., "y": ...} in one's own loop was a bare KeyError: 'label' traceback.
+  Through the optimizer (loss and OBF objective both read the labels) it is one line naming the
+  keys given, the key looked for and the two ways to pass labels; a tuple batch then works."""
+  p, x, y = problem
+  spec = pf_jax.SamSpec(rho=0.1, objective=pf_jax.obf(0.1, 1.0, "softmax"), m=8)
+  tx = pf_jax.sam(optax.sgd(0.1), spec, pf_jax.softmax_cross_entropy)
+  grads = jax.tree.map(jnp.zeros_like, p)
+  state = tx.init(p)
+  with pytest.raises(ValueError) as e:
+    tx.update(grads, state, p, forward=lambda w, b: apply_fn(w, b["x"]), batch={"x": x, "y": y})
+  message = str(e.value)
+  assert "\n" not in message, message
+  for part in ("'label'", "'x', 'y'", "(inputs, labels) tuple", "(x, y)"):
+    assert part in message, (part, message)
+  tx.update(grads, state, p, forward=lambda w, b: apply_fn(w, b[0]), batch=(x, y))
