@@ -133,6 +133,15 @@ def _add_spurious(name: str, config: str) -> None:
 
 
 DATASETS["digits_val"] = validation_carve_out(DATASETS["digits"])
+# `noisy_digits_symNN` (pf_jax/datasets/noisy_digits.py): digits with NN% of the training labels
+# replaced by a wrong class (test labels clean), and its validation carve-out (noisy labels too).
+for _percent in (25, 50):
+  DATASETS[f"noisy_digits_sym{_percent}"] = dataclasses.replace(
+    DATASETS["digits"], tfds_name=f"noisy_digits/sym{_percent}"
+  )
+  DATASETS[f"noisy_digits_sym{_percent}_val"] = validation_carve_out(
+    DATASETS[f"noisy_digits_sym{_percent}"]
+  )
 for _config in SPURIOUS_DIGITS_CONFIGS:
   _add_spurious(f"spurious_digits_{_config}", _config)
 _add_spurious("spurious_digits", "patch")

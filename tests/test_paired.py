@@ -114,5 +114,43 @@ def test_interval_plot(tmp_path):
   assert (tmp_path / "p.png").stat().st_size > 5_000
 
 
+def test_holm_by_hand():
+  # Sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> kept at
+  # the running maximum 0.06); nan stays out of the family (m = 4).
+  got = paired.holm([0.01, 0.04, float("nan"), 0.03, 0.005])
+  np.testing.assert_allclose(got[:2] + got[3:], [0.03, 0.06, 0.06, 0.02])
+  assert math.isnan(got[2])
+  assert paired.holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+  assert paired.holm([0.2]) == [0.2]
+
+
+def _t4_cdf(t):
+  """Student t CDF with 4 degrees of freedom in closed form (no scipy)."""
+  u = t / math.sqrt(1 + t * t / 4)
+  return 0.5 + 3 / 8 * u * (1 - t * t / (12 * (1 + t * t / 4)))
+
+
+@pytest.mark.parametrize("margin", [1.0, 0.3, 0.1])
+def test_tost_by_hand(margin):
+  d = [0.1, -0.2, 0.3, 0.0, 0.2]  # mean 0.08, sd sqrt(0.148 / 4), n 5
+  se = math.sqrt(0.148 / 4) / math.sqrt(5)
+  want = max(1 - _t4_cdf((0.08 + margin) / se), _t4_cdf((0.08 - margin) / se))
+  e = paired.tost(d, margin)
+  assert e.p == pytest.approx(want, rel=1e-9)
+  half = 2.131847 * se  # t_{0.95, 4}
+  assert (e.lo90, e.hi90) == (
+    pytest.approx(0.08 - half, abs=1e-6),
+    pytest.approx(0.08 + half, abs=1e-6),
+  )
+  # Equivalence at 5% exactly when the 90% interval lies inside the margin.
+  assert (e.p < 0.05) == (-margin < e.lo90 and e.hi90 < margin)
+
+
+def test_tost_refuses_a_bad_margin_and_needs_two_seeds():
+  with pytest.raises(ValueError, match="margin"):
+    paired.tost([1.0, 2.0], 0.0)
+  assert math.isnan(paired.tost([1.0], 1.0).p)
+
+
 if __name__ == "__main__":
   pytest.main([__file__])

@@ -13,6 +13,10 @@ top-1, in points). Everything here is about the mean of d:
   signed-rank p, sign-test p, wins / losses / ties.
 * `split_half(d)`: the same on the first and second half of the seeds; do they agree in sign and
   in significance?
+* `holm(ps)`: Holm's step-down adjustment of a family of p-values (controls the family-wise error
+  rate at alpha for any dependence; never less powerful than Bonferroni).
+* `tost(d, margin)`: two one-sided paired t-tests of |mean| < margin, the test behind a "no
+  difference larger than margin" claim (margin fixed before the data are seen).
 
 Example:
   >>> required_pairs(sd=1.0, delta=1.0)  # effect size 1: the textbook 10 pairs
@@ -142,6 +146,63 @@ def split_half(diffs, alpha: float = 0.05) -> SplitHalf:
     same_sign=bool(np.sign(a.mean) == np.sign(b.mean) != 0),
     same_significance=a.significant(alpha) == b.significant(alpha),
   )
+
+
+def holm(pvalues) -> list[float]:
+  """Holm-adjusted p-values, in the input order (nan entries stay nan, outside the family).
+
+  With the m finite p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted value of p_(i)
+  is max over j <= i of min(1, (m − j + 1) · p_(j)); rejecting where it is < alpha keeps the
+  family-wise error rate at alpha (Holm 1979).
+  """
+  p = np.asarray(pvalues, np.float64).ravel()
+  out = np.full(p.shape, np.nan)
+  idx = np.flatnonzero(~np.isnan(p))
+  m = len(idx)
+  order = idx[np.argsort(p[idx], kind="stable")]
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    out[i] = running
+  return [float(v) for v in out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivalence:
+  """TOST of a paired mean difference against (−margin, +margin).
+
+  Attributes:
+    margin: the equivalence margin (points), fixed in advance.
+    p: max of the two one-sided p-values; equivalence is shown at level a when p < a.
+    lo90, hi90: the 90% t interval (inside ±margin exactly when p < 0.05).
+  """
+
+  margin: float
+  p: float
+  lo90: float
+  hi90: float
+
+
+def tost(diffs, margin: float) -> Equivalence:
+  """Two one-sided t-tests: H0 mean <= −margin and H0 mean >= +margin, each at level alpha.
+
+  t_lower = (mean + margin) / se with p_lower = P(T_{n−1} > t_lower); t_upper = (mean − margin)
+  / se with p_upper = P(T_{n−1} < t_upper); p = max(p_lower, p_upper) (Schuirmann 1987).
+  """
+  if not margin > 0:
+    raise ValueError(f"the equivalence margin must be > 0, got {margin}")
+  d = np.asarray(diffs, np.float64).ravel()
+  n = len(d)
+  if n < 2:
+    return Equivalence(margin, float("nan"), float("nan"), float("nan"))
+  mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(n)
+  if se == 0:
+    p = 0.0 if abs(mean) < margin else 1.0
+    return Equivalence(margin, p, mean, mean)
+  p_lower = stats.t.sf((mean + margin) / se, n - 1)
+  p_upper = stats.t.cdf((mean - margin) / se, n - 1)
+  half = stats.t.ppf(0.95, n - 1) * se
+  return Equivalence(margin, float(max(p_lower, p_upper)), float(mean - half), float(mean + half))
 
 
 def paired_diffs(results: dict, base: str, other: str, metric: str) -> tuple[list, np.ndarray]:

@@ -5,6 +5,7 @@ Importing this package registers the builders with TFDS, e.g.
 """
 
 from pf_jax.datasets.digits import Digits
+from pf_jax.datasets.noisy_digits import NoisyDigits
 from pf_jax.datasets.spurious_digits import SpuriousDigits
 
-__all__ = ["Digits", "SpuriousDigits"]
+__all__ = ["Digits", "NoisyDigits", "SpuriousDigits"]
