@@ -11,13 +11,12 @@ within a block seed-major (every arm of seed 0, then of seed 1, ...), so a stopp
 leaves every arm of a block with the same seeds. Each finished run appends one JSON line (block,
 method, rho, seed, its config fields, every final metric, sharpness, wall and CPU seconds, the
 commit) to RESULTS/runs.jsonl (search runs: RESULTS/search.jsonl) and rewrites RESULTS/runs.csv
-and RESULTS/tables.md; a run whose key (block, method, rho, seed) is already there is skipped,
+and RESULTS/tables.md (as `python -m pf_jax.analysis.science RESULTS` does); a run whose key (block, method, rho, seed) is already there is skipped,
 so any invocation resumes where the last one stopped and parts can run on other machines (their
 .jsonl files concatenate). Checkpoints go under ROOT (not committed).
 """
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -97,28 +96,6 @@ def commit() -> str:
     return "unknown"
 
 
-def write_csv(results: str) -> None:
-  """RESULTS/runs.csv: one flat row per run of runs.jsonl (every metric a column)."""
-  rows = science.read_rows(results)
-  if not rows:
-    return
-  metrics = sorted({k for r in rows for k in r["results"]})
-  head = ["block", "method", "rho", "seed", "dataset", "lr_max", "obf_lambda", "obf_gamma", "m"]
-  tail = ["sharpness", "train_s", "train_cpu_s", "sharpness_s", "sharpness_cpu_s", "commit"]
-  key = lambda r: (science.ORDER_INDEX.get(r["block"], 99), r["method"], r["rho"], r["seed"])  # noqa: E731
-  with open(os.path.join(results, "runs.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(head + metrics + tail)
-    for r in sorted(rows, key=key):
-      c = r["config"]
-      w.writerow(
-        [r["block"], r["method"], r["rho"], r["seed"], c["dataset"], c["lr_max"]]
-        + [c.get("sam.obf_lambda", ""), c.get("sam.obf_gamma", ""), c.get("sam.m", "")]
-        + [r["results"].get(k, "") for k in metrics]
-        + [r.get(k, "") for k in tail]
-      )
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,7 +163,11 @@ def main(argv=None) -> int:
       "method": method,
       "rho": rho,
       "seed": seed,
-      "config": {k: v for k, v in fields.items()} | {"sam.m": 32, "base": f"{arg},{method}"},
+      "config": {
+        **fields,
+        "base": f"{arg},{method}",
+        **({} if method == "adamw" else {"sam.m": 32}),
+      },
       "results": runner.workdir_lib.load_results(workdir),
       "train_s": round(time.time() - start, 1),
       "train_cpu_s": round(t1.user + t1.system - t0.user - t0.system, 1),
@@ -211,7 +192,7 @@ def main(argv=None) -> int:
       flush=True,
     )
     if not search:
-      write_csv(args.results)
+      science.write_csv(args.results)
     with open(os.path.join(args.results, "tables.md"), "w") as f:
       f.write(science.report(args.results))
   return 0

@@ -1,10 +1,10 @@
 """The pre-registered SAM dose-response and OBF-vs-STEEP tables, from committed per-seed rows only.
 
-  python -m pf_jax.analysis.science results/science      # writes results/science/tables.md
+  python -m pf_jax.analysis.science results/science   # rewrites results/science/{tables.md,runs.csv}
 
 reads `runs.jsonl` (one JSON object per finished run, appended by launch/science.py: block,
 method, rho, seed, every final metric, sharpness, times) and `search.jsonl` (the validation-only
-search runs), and writes `tables.md`, the tables REPORT.md embeds verbatim (tests/test_science.py
+search runs), rewrites `runs.csv` (the same rows, flat) and writes `tables.md`, the tables REPORT.md embeds verbatim (tests/test_science.py
 checks that they are equal). Nothing here trains or imports JAX.
 
 The protocol (results/science/PROTOCOL.md, committed before the first run) fixes: the blocks, the
@@ -15,6 +15,7 @@ and the TOST margins (MARGIN).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -302,6 +303,29 @@ def report(folder: str) -> str:
   return "\n".join(out)
 
 
+def write_csv(folder: str) -> None:
+  """FOLDER/runs.csv: one flat row per run of runs.jsonl (every metric a column)."""
+  rows = read_rows(folder)
+  if not rows:
+    return
+  metrics = sorted({k for r in rows for k in r["results"]})
+  head = ["block", "method", "rho", "seed", "dataset", "lr_max", "obf_lambda", "obf_gamma", "m"]
+  tail = ["sharpness", "train_s", "train_cpu_s", "sharpness_s", "sharpness_cpu_s", "commit"]
+  with open(os.path.join(folder, "runs.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(head + metrics + tail)
+    for r in sorted(
+      rows, key=lambda r: (ORDER_INDEX[r["block"]], r["method"], r["rho"], r["seed"])
+    ):
+      c, sam = r["config"], r["method"] != "adamw"
+      w.writerow(
+        [r["block"], r["method"], r["rho"], r["seed"], c.get("dataset", ""), c.get("lr_max", "")]
+        + [c.get("sam.obf_lambda", ""), c.get("sam.obf_gamma", ""), 32 if sam else ""]
+        + [r["results"].get(k, "") for k in metrics]
+        + [r.get(k, "") for k in tail]
+      )
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 1 or not os.path.isdir(argv[0]):
@@ -311,6 +335,7 @@ def main(argv=None) -> int:
     )
     return 2
   text = report(argv[0])
+  write_csv(argv[0])
   with open(os.path.join(argv[0], "tables.md"), "w") as f:
     f.write(text)
   print(text)
