@@ -1,8 +1,11 @@
 """pf_jax.analysis against independent computations: numpy eigh, hand-computed entropies,
 scipy's Kendall tau, the sequential NumPy reference of the perturbation, and the trainer's eval."""
 
+import csv
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,8 @@ from pf_jax import analysis
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import information
 from tests import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LN2 = np.log(2.0)
 
@@ -581,7 +586,8 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
 
 def test_figure2_marks_small_panels_and_draws_sharpness_only_where_measured(tmp_path, capsys):
   """6 steepest runs with sharpness: a result; 2 OBF runs without sharpness: drawn marked 'too few
-  runs' (CSV and stderr say so), no sharpness line; 1 OBF gamma-0 run: no tau at all, left out."""
+  runs' (CSV and stderr say so), no sharpness line; 1 OBF gamma-0 run: no tau at all, drawn
+  greyed and empty, with a line saying why (it was left out before issue 30)."""
   from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
 
   workdirs = []
@@ -606,18 +612,75 @@ def test_figure2_marks_small_panels_and_draws_sharpness_only_where_measured(tmp_
   results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=99)
   err = capsys.readouterr().err.splitlines()
   obf = "SAM OBF lambda=0.1 gamma=1"
-  assert sorted(results) == [obf, "SAM STEEP"]
+  gamma0 = "SAM OBF lambda=0.1 gamma=0"
+  assert sorted(results) == [gamma0, obf, "SAM STEEP"]
   assert sorted(err) == [
-    "note: panel 'SAM OBF lambda=0.1 gamma=0' left out: no defined tau (1 run)",
+    f"note: panel '{gamma0}' has no Kendall tau: 1 run: a rank correlation needs at least 2 "
+    "runs (and 4 to count as a result); drawn greyed, the runs' measures are in "
+    f"{tmp_path / 'out' / 'forgetting_runs.csv'}",
     f"note: panel '{obf}' has 2 runs (< 4): drawn marked 'too few runs', not a result",
   ]
+  assert results[gamma0]["drawn"] == (f"{gamma0} (1 run, too few, no τ)", [])
   title, labels = results[obf]["drawn"]
   assert title == f"{obf} (2 runs, too few)" and not any("sharpness" in l for l in labels)
   title, labels = results["SAM STEEP"]["drawn"]
   assert title == "SAM STEEP (6 runs)" and "sharpness" in labels
   rows = [l.split(",") for l in open(str(tmp_path / "out" / "forgetting.csv")).read().splitlines()]
   assert rows[0][:4] == ["panel", "adjusted_threshold", "runs", "too_few_runs"]
-  assert {(r[0], r[2], r[3]) for r in rows[1:]} == {(obf, "2", "1"), ("SAM STEEP", "6", "0")}
+  assert {(r[0], r[2], r[3]) for r in rows[1:]} == {
+    (gamma0, "1", "1"),
+    (obf, "2", "1"),
+    ("SAM STEEP", "6", "0"),
+  }
+
+
+def test_forgetting_of_one_run_writes_its_table_and_a_greyed_figure(tmp_path):
+  """Issue 30: `forgetting` on one run stopped with "no panel has a defined tau" and wrote
+  nothing. Now it writes the per-run table, the greyed figure and says why tau is missing. The
+  run's perturbed curve is (1 - f) x the unperturbed one, so its forgetting at adjusted threshold
+  a is f x cond(a) / max cond = f (1 - a) (by the definition of the adjusted threshold)."""
+  workdir, out = str(tmp_path / "run"), tmp_path / "out"
+  _fake_run(workdir, perturbation="obf", m=8, seed=0, accuracy=0.9, forget=0.2)
+  run = subprocess.run(
+    [sys.executable, "-m", "pf_jax.analysis", "forgetting", "--workdirs", workdir, "--out",
+     str(out), "--num_permutations=9"],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert run.returncode == 0, run.stderr
+  assert run.stderr.splitlines() == [
+    "note: panel 'SAM OBF lambda=0.1 gamma=1' has no Kendall tau: 1 run: a rank correlation "
+    "needs at least 2 runs (and 4 to count as a result); drawn greyed, the runs' measures are in "
+    f"{out / 'forgetting_runs.csv'}"
+  ]
+  assert run.stdout.startswith(f"wrote {out / 'forgetting_runs.csv'}, ")
+  with open(out / "forgetting_runs.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 101 and {r["workdir"] for r in rows} == {workdir}
+  a = np.array([float(r["adjusted_threshold"]) for r in rows])
+  np.testing.assert_allclose([float(r["forgetting"]) for r in rows], 0.2 * (1 - a), atol=2e-3)
+  assert {r["test_accuracy"] for r in rows} == {"0.9"}
+  assert os.path.getsize(out / "figure2.png") > 10_000
+
+
+def test_a_rerun_that_turns_collection_on_says_what_it_cannot_collect(tmp_path):
+  """Issue 30: a finished run run again with analysis.collect_every_steps set printed done and
+  collected nothing, silently. The warning names the steps that cannot be collected any more."""
+  from pf_jax.analysis import collect  # pylint: disable=g-import-not-at-top
+
+  w = str(tmp_path)
+  assert collect.missed_note(w, None, 110, 110) is None  # collection off
+  assert collect.missed_note(w, 50, 0, 110) is None  # a fresh run collects everything
+  note = collect.missed_note(w, 50, 110, 110)  # finished: steps 50, 100 missed, none left
+  assert note == (
+    "config.analysis.collect_every_steps=50: this run was at step 110 of 110 before it was set, "
+    "and the outputs of 2 steps (50..100) cannot be collected afterwards (they need the state of "
+    "those steps); no step is left to collect at. For the analysis of every step, train it "
+    "afresh with this setting in a new --workdir"
+  )
+  collect.save_point(w, {"step": np.int64(50), "cond": np.zeros(3)})  # collected before
+  assert "outputs of step 100 cannot" in collect.missed_note(w, 50, 110, 110)
+  assert "only the steps from 60 on are collected" in collect.missed_note(w, 20, 60, 110)
+  assert collect.missed_note(w, 50, 50, 110) is None  # step 50 has its point
 
 
 def _fake_events(workdir, losses):

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="seed of the power iteration's start vector")
   p = sub.add_parser(
     "forgetting",
-    help="Figure 2: DIR/forgetting.csv and DIR/figure2.png (panels of fewer than 4 runs are "
-    "marked 'too few runs')",
+    help="Figure 2: DIR/forgetting_runs.csv (each run's measures), DIR/forgetting.csv (the "
+    "taus) and DIR/figure2.png (panels of fewer than 4 runs are marked 'too few runs')",
   )
   p.add_argument(
     "--workdirs",
@@ -102,10 +102,8 @@ def main(argv=None) -> int:
       figure2.figure2(
         args.workdirs, args.out, num_permutations=args.num_permutations, seed=args.seed
       )
-      print(
-        f"wrote {os.path.join(args.out, 'forgetting.csv')} and "
-        f"{os.path.join(args.out, 'figure2.png')}"
-      )
+      names = ("forgetting_runs.csv", "forgetting.csv", "figure2.png")
+      print("wrote " + ", ".join(os.path.join(args.out, n) for n in names))
     else:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
 

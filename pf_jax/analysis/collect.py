@@ -159,6 +159,32 @@ def has_point(workdir, step: int) -> bool:
   return _point_path(workdir, step).exists()
 
 
+def missed_note(workdir, every: int | None, start_step: int, total_steps: int) -> str | None:
+  """One line when a resumed run (or a finished one run again) has collection steps before
+  `start_step` without a point: they cannot be collected afterwards (a point needs the training
+  state of its step, which no checkpoint keeps), so the user learns it now, not from the analysis.
+  None when nothing was missed."""
+  if not every or not start_step:
+    return None
+  missed = [s for s in range(every, start_step, every) if not has_point(workdir, s)]
+  if not missed:
+    return None
+  steps = (
+    f"step {missed[0]}" if len(missed) == 1 else f"{len(missed)} steps ({missed[0]}..{missed[-1]})"
+  )
+  later = (
+    "no step is left to collect at"
+    if start_step >= total_steps and start_step % every
+    else f"only the steps from {start_step} on are collected"
+  )
+  return (
+    f"config.analysis.collect_every_steps={every}: this run was at step {start_step} of "
+    f"{total_steps} before it was set, and the outputs of {steps} cannot be collected "
+    f"afterwards (they need the state of those steps); {later}. For the analysis of every "
+    "step, train it afresh with this setting in a new --workdir"
+  )
+
+
 def save_point(workdir, record: dict[str, np.ndarray]) -> None:
   path = _point_path(workdir, record["step"])
   directory = path.parent

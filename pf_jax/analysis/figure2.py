@@ -11,10 +11,15 @@
   correlation is significant and larger than the magnitude of sharpness's (our reading of "where
   forgetting correlates with generalization more strongly than flatness").
 
+- `DIR/forgetting_runs.csv`: one row per (run, adjusted threshold): the run's test accuracy,
+  sharpness, forgetting and task-information change, the numbers each tau ranks (written
+  whatever the number of runs, so one run's analysis is there too).
+
 A rank correlation of fewer than `MIN_RUNS` runs is not a result: such a panel is drawn greyed
 and marked "too few runs", its CSV rows say so (`too_few_runs`), and a line on stderr names it. A
-panel without any defined tau is left out (said on stderr); the sharpness line is drawn only where
-sharpness was measured on at least 2 runs of the panel (its legend says on how many).
+panel without any defined tau (one run, or runs of equal accuracy) is drawn greyed and empty, and
+a line on stderr says why; the sharpness line is drawn only where sharpness was measured on at
+least 2 runs of the panel (its legend says on how many).
 """
 
 import csv
@@ -87,6 +92,40 @@ def correlations(
   return out
 
 
+RUN_COLUMNS = (
+  "panel",
+  "workdir",
+  "test_accuracy",
+  "sharpness",
+  "adjusted_threshold",
+  "forgetting",
+  "task_information_change",
+)
+
+
+def write_runs_csv(path: str, groups: dict[str, list[pool.Run]]) -> None:
+  """The per-run table: each run's measures at each adjusted threshold."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(RUN_COLUMNS)
+    for panel, runs in groups.items():
+      for run in runs:
+        forget, task = pool.run_forgetting(run)
+        sharp = "" if run.sharpness is None else f"{run.sharpness:.6g}"
+        for i, a in enumerate(forgetting.ADJUSTED_THRESHOLDS):
+          row = [panel, run.workdir, f"{run.test_accuracy:.6g}", sharp, f"{a:.2f}"]
+          writer.writerow(row + [f"{forget[i]:.6g}", f"{task[i]:.6g}"])
+
+
+def why_no_tau(runs: list[pool.Run]) -> str:
+  """Why Kendall's tau is undefined for a panel's runs, in words."""
+  if len(runs) < 2:
+    return "1 run: a rank correlation needs at least 2 runs (and 4 to count as a result)"
+  if len({r.test_accuracy for r in runs}) == 1:
+    return f"its {len(runs)} runs have the same test accuracy: nothing to rank"
+  return f"its measures are the same on its {len(runs)} runs at every threshold: nothing to rank"
+
+
 def write_csv(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
@@ -110,13 +149,16 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
     1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False, sharey=True
   )
   for ax, (panel, r) in zip(axes[0], results.items()):
-    small = sizes[panel] < MIN_RUNS
-    if small:
+    small, no_tau = sizes[panel] < MIN_RUNS, r.get("no_tau", False)
+    if small or no_tau:
       ax.set_facecolor("0.93")
+      text = f"too few runs ({sizes[panel]} < {MIN_RUNS}):\nnot a result" if small else ""
+      if no_tau:
+        text += ("\n" if text else "") + "no Kendall τ:\nsee forgetting_runs.csv"
       ax.text(
         0.5,
         0.5,
-        f"too few runs ({sizes[panel]} < {MIN_RUNS}):\nnot a result",
+        text,
         transform=ax.transAxes,
         ha="center",
         va="center",
@@ -125,8 +167,12 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
         zorder=0,
       )
     for name, color, label in (
-      ("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
-      ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)"),
+      ()
+      if no_tau
+      else (
+        ("forgetting", "tab:green", "I(X;Ŷ|Y) − I(X;Ŷᵖ|Y)"),
+        ("task_information", "tab:orange", "I(Ŷ;Y) − I(Ŷᵖ;Y)"),
+      )
     ):
       tau, sig = r["tau_" + name], r["p_" + name] <= SIGNIFICANT
       ax.plot(x, tau, color=color, linestyle=":", linewidth=1)
@@ -155,7 +201,8 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
       )
     ax.axhline(0.0, color="grey", linewidth=0.5)
     runs = reporting.plural(sizes[panel], "run")
-    ax.set_title(f"{panel} ({runs}{', too few' if small else ''})", fontsize=9)
+    flags = (", too few" if small else "") + (", no τ" if no_tau else "")
+    ax.set_title(f"{panel} ({runs}{flags})", fontsize=9)
     ax.set_xlabel("adjusted threshold")
     ax.set_ylim(-1.05, 1.05)
   axes[0][0].set_ylabel("Kendall's τ with test accuracy")
@@ -183,20 +230,23 @@ def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, se
     k: correlations(v, num_permutations=num_permutations, seed=seed) for k, v in groups.items()
   }
   taus = ("tau_forgetting", "tau_task_information")
-  for panel in list(results):
-    if not any(np.isfinite(results[panel][k]).any() for k in taus):  # would be an empty panel
-      runs = reporting.plural(sizes[panel], "run")
-      print(f"note: panel {panel!r} left out: no defined tau ({runs})", file=sys.stderr)
-      del results[panel]
+  runs_csv = os.path.join(out, "forgetting_runs.csv")
+  for panel in results:
+    if not any(np.isfinite(results[panel][k]).any() for k in taus):  # an empty, greyed panel
+      results[panel]["no_tau"] = True
+      print(
+        f"note: panel {panel!r} has no Kendall tau: {why_no_tau(groups[panel])}; drawn greyed, "
+        f"the runs' measures are in {runs_csv}",
+        file=sys.stderr,
+      )
     elif sizes[panel] < MIN_RUNS:
       print(
         f"note: panel {panel!r} has {sizes[panel]} runs (< {MIN_RUNS}): drawn marked "
         "'too few runs', not a result",
         file=sys.stderr,
       )
-  if not results:
-    raise ValueError(f"figure 2: no panel has a defined tau (runs per panel: {sizes})")
   os.makedirs(out, exist_ok=True)
+  write_runs_csv(runs_csv, groups)
   write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
   drawn = plot(os.path.join(out, "figure2.png"), results, sizes)
   for panel, r in results.items():
