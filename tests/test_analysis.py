@@ -674,11 +674,12 @@ def test_a_rerun_that_turns_collection_on_says_what_it_cannot_collect(tmp_path):
   assert note == (
     "config.analysis.collect_every_steps=50: this run was at step 110 of 110 before it was set, "
     "and the outputs of 2 steps (50..100) cannot be collected afterwards (they need the state of "
-    "those steps); no step is left to collect at. For the analysis of every step, train it "
-    "afresh with this setting in a new --workdir"
+    "those steps); nothing is left to collect. For the analysis of every step, train it afresh "
+    "with this setting in a new --workdir"
   )
   collect.save_point(w, {"step": np.int64(50), "cond": np.zeros(3)})  # collected before
-  assert "outputs of step 100 cannot" in collect.missed_note(w, 50, 110, 110)
+  assert "outputs of step 100 cannot be collected" in collect.missed_note(w, 50, 110, 110)
+  assert "; only its last step, 100, is collected." in collect.missed_note(w, 25, 100, 100)
   assert "only the steps from 60 on are collected" in collect.missed_note(w, 20, 60, 110)
   assert collect.missed_note(w, 50, 50, 110) is None  # step 50 has its point
 

@@ -169,19 +169,23 @@ def missed_note(workdir, every: int | None, start_step: int, total_steps: int) -
   missed = [s for s in range(every, start_step, every) if not has_point(workdir, s)]
   if not missed:
     return None
-  steps = (
-    f"step {missed[0]}" if len(missed) == 1 else f"{len(missed)} steps ({missed[0]}..{missed[-1]})"
-  )
-  later = (
-    "no step is left to collect at"
-    if start_step >= total_steps and start_step % every
-    else f"only the steps from {start_step} on are collected"
-  )
+  if len(missed) == 1:
+    steps = f"step {missed[0]} cannot be collected afterwards (it needs the state of that step)"
+  else:
+    steps = (
+      f"{len(missed)} steps ({missed[0]}..{missed[-1]}) cannot be collected afterwards (they "
+      "need the state of those steps)"
+    )
+  if start_step < total_steps:
+    later = f"only the steps from {start_step} on are collected"
+  elif start_step % every == 0:
+    later = f"only its last step, {start_step}, is collected"
+  else:
+    later = "nothing is left to collect"
   return (
     f"config.analysis.collect_every_steps={every}: this run was at step {start_step} of "
-    f"{total_steps} before it was set, and the outputs of {steps} cannot be collected "
-    f"afterwards (they need the state of those steps); {later}. For the analysis of every "
-    "step, train it afresh with this setting in a new --workdir"
+    f"{total_steps} before it was set, and the outputs of {steps}; {later}. For the analysis "
+    "of every step, train it afresh with this setting in a new --workdir"
   )
 
 
