@@ -131,6 +131,13 @@ flags.DEFINE_bool(
   "Validate the command line and config (against --num_devices) "
   "and exit: what the launchers' --dry_run does.",
 )
+flags.DEFINE_string(
+  "compile_for",
+  None,
+  "With --check_only: compile the run's programs for this TPU slice (v4-8, v5litepod-16, v3-32, "
+  "...) on this machine, without a TPU (needs libtpu: pip install -e '.[tpu]'), and print each "
+  "one's memory per chip, FLOPs and time bound; exit 2 if one does not fit.",
+)
 flags.DEFINE_integer(
   "num_devices",
   None,
@@ -215,6 +222,15 @@ def main(argv):
     reporting.quiet_library_logs()
   if not (_VERBOSE or FLAGS.verbose):
     _drop_closed_loop_errors()
+  if FLAGS.compile_for:  # pf_jax/tpu_compile.py
+    from pf_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+
+    try:
+      if not FLAGS.check_only:
+        raise ValueError("--compile_for: only with --check_only (it compiles, it does not train)")
+      sys.exit(tpu_compile.main(_CONFIG, FLAGS.compile_for, _NOTE))
+    except ValueError as e:
+      fail(str(e))
   if FLAGS.check_only:  # creates nothing
     num_devices = FLAGS.num_devices or jax.device_count()
     try:

@@ -47,7 +47,9 @@ example:
 
   Every run (and --dry_run) first checks the config with `main.py --check_only`
   against the slice's device count (the same one-line errors as main.py;
-  --no_check skips it).
+  --no_check skips it). --compile_check also compiles the run for the slice
+  here (`main.py --check_only --compile_for=v3-32`, libtpu needed) and stops
+  if it does not fit in the chips' memory.
 
   Drop --dry_run to actually run it.  Follow the logs with
   gcloud compute tpus tpu-vm ssh pf-v3-32 --zone=europe-west4-a --worker=0 \\
@@ -191,7 +193,27 @@ def build_parser():
     help="Check the config, print every command, one per line, and run nothing.",
   )
   add_check_flag(p)
+  p.add_argument(
+    "--compile_check",
+    action="store_true",
+    help="Also compile the run's programs for --accelerator_type here, without a TPU "
+    "(main.py --check_only --compile_for=TYPE: memory per chip, FLOPs, time bound; needs libtpu "
+    "in this Python: pip install -e '.[tpu]'; minutes per program), and stop if one does not fit.",
+  )
   return p
+
+
+def compile_check(args):
+  """`main.py --check_only --compile_for=<accelerator type>` (its lines shown); its exit code."""
+  cmd = [
+    sys.executable,
+    os.path.join(REPO_ROOT, "main.py"),
+    "--check_only",
+    f"--compile_for={args.accelerator_type}",
+    f"--config={args.config}",
+    *args.override,
+  ]
+  return subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu")).returncode
 
 
 class Commands:
@@ -326,6 +348,10 @@ def main(argv=None):
   validate(args)
   if not args.no_check:
     rc = check_config(args.config, args.override, num_devices=num_devices(args.accelerator_type))
+    if rc:
+      return rc
+  if args.compile_check:
+    rc = compile_check(args)
     if rc:
       return rc
   c = Commands(args)

@@ -39,6 +39,9 @@ CHUNK_MODES = ("auto", "vmap", "scan", "unroll")
 # "auto" unrolls up to this many chunks per device, beyond it scans (compile time and program
 # size grow with every unrolled chunk). Measured in docs/sam-family.md ("Chunk strategies").
 MAX_UNROLLED_CHUNKS = 16
+# "auto"'s threshold per platform (others: MAX_UNROLLED_CHUNKS). TPU: from the programs compiled for
+# a TPU topology, docs/benchmarks.md ("Compiled for TPU").
+AUTO_RULES = {"cpu": MAX_UNROLLED_CHUNKS, "tpu": MAX_UNROLLED_CHUNKS}
 METRIC_NAMES = ("loss", "perturbed_loss", "ascent_norm", "rho")
 
 Forward = Callable[[Any, Any], Any]  # (params, batch) -> logits, or (logits, aux) if has_aux
@@ -241,16 +244,25 @@ def _chunk_keys(rng, n_chunks: int, group: int, axis_name):
   return jax.vmap(lambda i: jax.random.fold_in(key, first_chunk + i))(jnp.arange(n_chunks))
 
 
-def chunk_strategy(mode: str, n_chunks: int) -> str:
-  """The strategy `mode` runs with for `n_chunks` chunks per device ("auto" resolved)."""
+def chunk_strategy(mode: str, n_chunks: int, platform: str = "cpu") -> str:
+  """The strategy `mode` runs with for `n_chunks` chunks per device ("auto" resolved for the
+  devices' `platform`, e.g. "cpu", "tpu", "gpu": `AUTO_RULES`)."""
   if mode != "auto":
     return mode
-  return "unroll" if n_chunks <= MAX_UNROLLED_CHUNKS else "scan"
+  most = AUTO_RULES.get(platform, MAX_UNROLLED_CHUNKS)
+  return "unroll" if n_chunks <= most else "scan"
+
+
+def _platform() -> str:
+  """The platform being traced for: that of the enclosing shard_map's mesh (a TPU topology's
+  compile-only devices included), else JAX's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def _mean_over(fn, xs, n: int, mode: str):
   """mean_i fn(xs[i]) over the n leading slices of `xs`, computed as `mode` says."""
-  mode = chunk_strategy(mode, n)
+  mode = chunk_strategy(mode, n, _platform()) if mode == "auto" else mode
   if n == 1:
     return fn(_index(xs, 0))
   if mode == "vmap":

@@ -1,0 +1,278 @@
+"""Every paper run compiled for its TPU slice on this machine: results/tpu_compile.json and the
+tables of docs/benchmarks.md ("Compiled for TPU").
+
+  python benchmarks/tpu_compile_table.py            # compile every missing row, one at a time
+  python benchmarks/tpu_compile_table.py --markdown # rewrite the tables in docs/benchmarks.md
+
+Restartable: each row is compiled in its own process (`--one=KEY`) and appended to the JSON as it
+finishes; rows already there are skipped. Needs libtpu (pip install -e ".[tpu]"). A full ViT or
+ResNet train step takes about 10 minutes to compile on a busy 2-core machine.
+
+Two kinds of rows:
+  - "run": a paper config and method (`pf_jax.tpu_compile.compile_programs`, the train step).
+  - "chunks": the chunk strategies (unroll / scan / vmap) of one SAM step at a given m, on a ViT-S/32
+    of reduced depth (compiling the full depth 12 for 64 to 512 chunks would take hours here).
+"""
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+RESULTS = os.path.join(REPO_ROOT, "results", "tpu_compile.json")
+DOCS = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
+BEGIN, END = "<!-- tpu-compile-table: begin -->", "<!-- tpu-compile-table: end -->"
+CHUNK_BEGIN, CHUNK_END = "<!-- tpu-chunk-table: begin -->", "<!-- tpu-chunk-table: end -->"
+
+SLICES = ("v4-8", "v5litepod-8")  # a v4-8 host; a one-host v5e slice of 8 chips
+DTYPES = ("float32", "bfloat16")
+# Method classes -> each config's method name.
+CLASSES = ("none", "SAM", "OBF-SAM", "GSAM", "ASAM")
+IMAGENET = {
+  "none": "adamw",
+  "SAM": "sam_steep",
+  "OBF-SAM": "sam_obf",
+  "GSAM": "gsam_steep",
+  "ASAM": "asam_steep",
+}
+CONFIGS = {  # config -> {class: its argument}
+  "configs/vit_s32_imagenet.py": IMAGENET,
+  "configs/vit_s16_imagenet.py": IMAGENET,
+  "configs/resnet50_imagenet.py": dict(IMAGENET, none="sgd"),
+  "configs/resnet101_imagenet.py": dict(IMAGENET, none="sgd"),
+  "configs/cifar_finetune.py": {
+    k: f"vit_s32,cifar10,{v}" for k, v in dict(IMAGENET, none="none").items() if k in CLASSES[:3]
+  },
+  # Section 6.1's pool: SAM and OBF-SAM at the smallest, the paper's and the largest m.
+  "configs/cifar10_msweep.py": {"SAM": "steep,64", "OBF-SAM": "obf,64", "OBF-SAM m=1": "obf,1"},
+}
+# Chunk strategies: ViT-S/32 of this depth, 512 images per chip on a v4-8 (global batch 2048).
+CHUNK_DEPTH = 2
+CHUNK_CASES = [(64, mode) for mode in ("unroll", "scan", "vmap")]
+CHUNK_CASES += [(8, mode) for mode in ("unroll", "scan", "vmap")]
+CHUNK_CASES += [(1, mode) for mode in ("scan", "vmap")]
+
+
+def fix_method_names():
+  """Each config's real method names (cifar_finetune's 'none' row is called 'none' there)."""
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  for config, rows in CONFIGS.items():
+    for cls, arg in list(rows.items()):
+      try:
+        cli.build_config(f"{config}:{arg}", [])
+      except Exception:  # pylint: disable=broad-except
+        rows.pop(cls)
+
+
+def rows():
+  """Every row's key, in the order they are compiled: the chunk comparison interleaved with the
+  most asked-for runs (this machine compiles a handful of full programs an hour)."""
+  first = [
+    "chunks|64|unroll",
+    "chunks|64|scan",
+    "run|configs/vit_s32_imagenet.py:sam_obf|OBF-SAM|v4-8|float32",
+    "chunks|8|scan",
+    "run|configs/vit_s32_imagenet.py:adamw|none|v4-8|float32",
+    "chunks|64|vmap",
+    "chunks|8|vmap",
+    "run|configs/vit_s32_imagenet.py:sam_obf|OBF-SAM|v5litepod-8|bfloat16",
+  ]
+  out = list(first)
+  out += [f"chunks|{m}|{mode}" for m, mode in CHUNK_CASES if f"chunks|{m}|{mode}" not in first]
+  for dtype in DTYPES:
+    for slice_name in SLICES:
+      for cls in ("OBF-SAM", "none", "SAM", "GSAM", "ASAM", "OBF-SAM m=1"):
+        for config, methods in CONFIGS.items():
+          key = f"run|{config}:{methods.get(cls)}|{cls}|{slice_name}|{dtype}"
+          if cls in methods and key not in out:
+            out.append(key)
+  return out
+
+
+def load() -> dict:
+  if not os.path.exists(RESULTS):
+    return {}
+  with open(RESULTS) as f:
+    return json.load(f)
+
+
+def save(key: str, row: dict) -> None:
+  data = load()
+  data[key] = row
+  tmp = RESULTS + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, RESULTS)
+
+
+def compile_one(key: str) -> dict:
+  """Compiles one row (in this process) and returns its record."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from pf_jax import models  # pylint: disable=g-import-not-at-top
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+  from pf_jax import tpu_compile  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_platforms", "cpu")
+  kind, *parts = key.split("|")
+  if kind == "chunks":
+    m, mode = int(parts[0]), parts[1]
+    name = f"vit_s32_depth{CHUNK_DEPTH}"
+    models.MODELS[name] = functools.partial(
+      models.MODELS["vit_s32"].func, **dict(models.MODELS["vit_s32"].keywords, depth=CHUNK_DEPTH)
+    )
+    c = cli.build_config("configs/vit_s32_imagenet.py:sam_obf", [])
+    c.model, c.global_batch_size, c.sam.m, c.sam.chunk_mode = name, 2048, m, mode
+    slice_name, dtype = "v4-8", "float32"
+  else:
+    spec, cls, slice_name, dtype = parts
+    c = cli.build_config(spec, [])
+    c.mixed_precision = dtype == "bfloat16"
+  s = tpu_compile.parse_slice(slice_name)
+  record = dict(slice=slice_name, dtype=dtype, devices=s.devices, hbm_gib=s.hbm_gib)
+  try:
+    config_validation.validate(c, s.devices, s.hosts)
+  except ValueError as e:
+    return dict(record, error=str(e))
+  with tpu_compile.quiet_libtpu():
+    devices = tpu_compile.topology_devices(s)
+    start = time.time()
+    (r,) = tpu_compile.compile_programs(c, s, devices, ("train",))
+  exp = tpu_compile.build_experiment(c, s)
+  n_chunks = None
+  if exp.spec is not None:
+    n_chunks, _ = sam_family.chunking(exp.spec.m, exp.per_device_batch, exp.num_devices)
+  return dict(
+    record,
+    per_device_batch=exp.per_device_batch,
+    chunks_per_device=n_chunks,
+    strategy=None
+    if exp.spec is None
+    else sam_family.chunk_strategy(c.sam.chunk_mode, n_chunks, "tpu"),
+    argument_gib=r.argument_bytes / tpu_compile.GIB,
+    temp_gib=r.temp_bytes / tpu_compile.GIB,
+    output_gib=r.output_bytes / tpu_compile.GIB,
+    alias_gib=r.alias_bytes / tpu_compile.GIB,
+    total_gib=r.total_bytes / tpu_compile.GIB,
+    fits=r.fits(s),
+    tflop=r.flops / 1e12,
+    bound_ms=r.bound_ms(s),
+    steps=r.calls,
+    days=r.calls * r.bound_ms(s) / 1e3 / 86400,
+    compile_s=r.compile_seconds,
+    wall_s=time.time() - start,
+    jax=jax.__version__,
+  )
+
+
+def run_all() -> None:
+  fix_method_names()
+  for key in rows():
+    if key in load():
+      continue
+    print(time.strftime("%H:%M:%S"), "compiling", key, flush=True)
+    out = subprocess.run(
+      [sys.executable, __file__, f"--one={key}"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    if out.returncode:
+      print(out.stderr[-2000:], flush=True)
+      save(key, {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]})
+    else:
+      print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+def markdown() -> tuple[str, str]:
+  """(the run table, the chunk table) in markdown, from the JSON."""
+  fix_method_names()
+  data = load()
+  lines = [
+    "| config : method | class | slice | dtype | fits | GiB/chip (args + temp + out) | "
+    "TFLOP/chip/step | ms/step bound | steps | days bound | compile here |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  missing = []
+  for key in rows():
+    if not key.startswith("run|"):
+      continue
+    _, spec, cls, slice_name, dtype = key.split("|")
+    r = data.get(key)
+    if r is None:
+      missing.append(key)
+      continue
+    name = spec.replace("configs/", "")
+    if "error" in r:
+      lines.append(f"| {name} | {cls} | {slice_name} | {dtype} | error: {r['error']} ||||||")
+      continue
+    lines.append(
+      f"| {name} | {cls} | {slice_name} | {dtype} | {'yes' if r['fits'] else '**no**'} | "
+      f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
+      f"{r['output_gib']:.2f}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | {r['bound_ms']:.1f} | "
+      f"{r['steps']} | {r['days']:.2f} | {r['compile_s'] / 60:.1f} min |"
+    )
+  lines.append("")
+  lines.append(
+    f"{len(rows()) - len(CHUNK_CASES) - len(missing)} of {len(rows()) - len(CHUNK_CASES)} rows "
+    "compiled so far; not yet compiled: "
+    + (", ".join(k.split("|", 1)[1].replace("|", " ") for k in missing) or "none")
+    + "."
+  )
+  chunk = [
+    "| m | chunks/chip | strategy | GiB/chip (args + temp + out) | TFLOP/chip/step | compile here |",
+    "|---|---|---|---|---|---|",
+  ]
+  for m, mode in CHUNK_CASES:
+    r = data.get(f"chunks|{m}|{mode}")
+    if r is None:
+      chunk.append(f"| {m} | {2048 // 4 // m} | {mode} | not compiled yet | | |")
+    elif "error" in r:
+      chunk.append(f"| {m} | {2048 // 4 // m} | {mode} | error: {r['error']} | | |")
+    else:
+      chunk.append(
+        f"| {m} | {r['chunks_per_device']} | {mode} | {r['total_gib']:.2f} ({r['argument_gib']:.2f}"
+        f" + {r['temp_gib']:.2f} + {r['output_gib']:.2f}) | {r['tflop']:.3f} | "
+        f"{r['compile_s']:.0f} s |"
+      )
+  return "\n".join(lines), "\n".join(chunk)
+
+
+def write_markdown() -> None:
+  table, chunk = markdown()
+  with open(DOCS) as f:
+    text = f.read()
+  for begin, end, body in ((BEGIN, END, table), (CHUNK_BEGIN, CHUNK_END, chunk)):
+    if begin not in text:
+      sys.exit(f"{DOCS} has no {begin} marker")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    text = f"{head}{begin}\n{body}\n{end}{tail}"
+  with open(DOCS, "w") as f:
+    f.write(text)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--one", help="compile one row (KEY) and append it to the JSON")
+  p.add_argument("--markdown", action="store_true", help="rewrite the tables in docs/benchmarks.md")
+  a = p.parse_args()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if a.one:
+    row = compile_one(a.one)
+    save(a.one, row)
+    print(json.dumps(row))
+  elif a.markdown:
+    write_markdown()
+  else:
+    run_all()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,485 @@
+"""Compile a run's programs for a TPU slice on a machine without one (`main.py --compile_for`).
+
+With `libtpu` installed (`pip install -e ".[tpu]"`), `jax.experimental.topologies` gives
+compile-only devices of a TPU slice on any machine. The run's own programs (`train._train_program`,
+`train.make_eval_step`, `train.make_collect_step`) are lowered for them with `ShapeDtypeStruct`s at
+the config's real global batch (no data is read and no parameter is materialized: the state is
+`jax.eval_shape(Experiment.init_state)`) and compiled. XLA then reports each program's memory
+per device (its buffer assignment for that TPU) and its FLOPs per device (`cost_analysis`).
+
+What the figures are: memory is XLA's buffer assignment, FLOPs are XLA's count of the compiled
+program, and the time is a lower bound, FLOPs / peak; nothing is measured on a TPU. XLA's own
+`optimal_seconds` estimate is not used: it came out negative for real programs here.
+
+Devices versus chips, found by listing the compile-only devices of each generation:
+  - v2, v3: one device per TensorCore, 2 per chip, each core with its own half of the chip's HBM;
+    slice names count cores (v3-32: 16 chips, 32 devices).
+  - v4, v5p: one device per chip (megacore: the chip's 2 TensorCores act as one device, as on a
+    real v4 VM; the compile-only default would be one device per core); slice names count cores
+    (v4-8: 4 chips).
+  - v5e (v5litepod), v6e: one TensorCore per chip, one device per chip; names count chips.
+So the figures are per device, which is per chip except on v2/v3 (per core, against its half of
+the HBM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import ml_collections
+
+GIB = 2**30
+
+# Per chip: HBM in GiB and peak bfloat16 matmul TFLOP/s, from Google Cloud's TPU pages
+# (cloud.google.com/tpu/docs/v2, /v3, /v4, /v5e, /v5p, /v6e: "System architecture"/"specifications"
+# tables; read 2026-12). Float32: JAX's default matmul precision on TPU computes a float32 matmul
+# in one bfloat16 pass (jax.default_matmul_precision), so its peak is the same; no float32 peak
+# is published, and a lower bound stays a lower bound.
+CHIPS = {
+  "v2": dict(hbm_gib=16, peak_tflops=45, cores=2),
+  "v3": dict(hbm_gib=32, peak_tflops=123, cores=2),
+  "v4": dict(hbm_gib=32, peak_tflops=275, cores=2),
+  "v5e": dict(hbm_gib=16, peak_tflops=197, cores=1),
+  "v5p": dict(hbm_gib=95, peak_tflops=459, cores=2),
+  "v6e": dict(hbm_gib=32, peak_tflops=918, cores=1),
+}
+# Chips per host of multi-host slices (Cloud TPU VM hosts: 4 chips; v5e/v6e slices of up to 8
+# chips are one host).
+CHIPS_PER_HOST = 4
+# Chip grids by chip count (the topologies Cloud TPU offers; 3-D for v4/v5p).
+GRID_3D = {
+  4: (2, 2, 1),
+  8: (2, 2, 2),
+  16: (2, 2, 4),
+  32: (2, 4, 4),
+  64: (4, 4, 4),
+  128: (4, 4, 8),
+  256: (4, 8, 8),
+  512: (8, 8, 8),
+}
+GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16)}
+GRID_2D[256] = (16, 16)
+
+SLICE_HELP = (
+  "a TPU slice as Cloud TPU names it: v2-8, v3-32, v4-8, v5p-16, v5litepod-16 (or v5e-16), v6e-8"
+)
+
+
+class CompileForError(ValueError):
+  """A bad --compile_for value, or libtpu missing: one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A TPU slice and its compile-only topology.
+
+  Attributes:
+    name: as given, e.g. "v4-8".
+    generation: key of `CHIPS`.
+    chips: chips in the slice.
+    devices: JAX devices (chips, or cores on v2/v3).
+    hosts: TPU VM hosts (processes).
+    topology: `get_topology_desc` topology name, e.g. "v4:2x2x1".
+    options: its other arguments (chip config, chips per host).
+  """
+
+  name: str
+  generation: str
+  chips: int
+  devices: int
+  hosts: int
+  topology: str
+  options: dict
+
+  @property
+  def per_device(self) -> str:
+    return "core" if self.generation in ("v2", "v3") else "chip"
+
+  @property
+  def hbm_gib(self) -> float:
+    """HBM of one device (v2/v3: a core's half of the chip's)."""
+    return CHIPS[self.generation]["hbm_gib"] / (self.devices // self.chips)
+
+  @property
+  def peak_flops(self) -> float:
+    """Peak FLOP/s of one device."""
+    return CHIPS[self.generation]["peak_tflops"] * 1e12 / (self.devices // self.chips)
+
+
+def parse_slice(name: str) -> Slice:
+  """ "v4-8" -> its `Slice`; CompileForError for a name that is no Cloud TPU slice."""
+  m = re.fullmatch(r"(v2|v3|v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+  if not m:
+    raise CompileForError(f"--compile_for: {name!r} is not a TPU slice; expected {SLICE_HELP}")
+  gen, n = m.group(1), int(m.group(2))
+  gen = "v5e" if gen == "v5litepod" else gen
+  cores = CHIPS[gen]["cores"]
+  if gen in ("v2", "v3"):  # names count cores; one device per core; 8 cores per host
+    chips, devices = n // 2, n
+    grid = GRID_2D.get(chips)
+    options = {}
+  elif gen in ("v4", "v5p"):  # names count cores; megacore: one device per chip
+    chips = devices = n // cores
+    grid = GRID_3D.get(chips)
+    options = {"chip_config_name": "megacore", "chips_per_host_bounds": (2, 2, 1)}
+  else:  # v5e, v6e: names count chips
+    chips = devices = n
+    grid = GRID_2D.get(chips)
+    host = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}.get(chips, (2, 2, 1))
+    options = {"chips_per_host_bounds": host}
+  if grid is None or n % cores:
+    sizes = sorted(GRID_3D if gen in ("v4", "v5p") else GRID_2D)
+    allowed = ", ".join(f"{gen}-{s * cores if gen != 'v5e' and gen != 'v6e' else s}" for s in sizes)
+    raise CompileForError(f"--compile_for: {name!r}: unknown {gen} slice size; known: {allowed}")
+  hosts = 1 if gen in ("v5e", "v6e") and chips <= 8 else max(1, chips // CHIPS_PER_HOST)
+  topology = f"{gen}:{'x'.join(map(str, grid))}"
+  return Slice(name, gen, chips, devices, hosts, topology, options)
+
+
+def topology_devices(s: Slice) -> list:
+  """The slice's compile-only devices; CompileForError without libtpu."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise CompileForError(
+      '--compile_for needs libtpu: pip install -e ".[tpu]" (or "jax[tpu]"), then run it again'
+    ) from None
+  # Compile-only: no chip is opened, so another process holding libtpu's lock (a run on this TPU
+  # VM, a second check) does not matter, and there is no metadata server to ask.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  topo = topologies.get_topology_desc(topology_name=s.topology, platform="tpu", **s.options)
+  devices = list(topo.devices)
+  if len(devices) != s.devices or len({d.process_index for d in devices}) != s.hosts:
+    raise CompileForError(
+      f"--compile_for: {s.name}: libtpu's topology {s.topology} has {len(devices)} devices on "
+      f"{len({d.process_index for d in devices})} hosts, expected {s.devices} on {s.hosts}"
+    )
+  return devices
+
+
+@dataclasses.dataclass
+class Report:
+  """One compiled program's figures (per device)."""
+
+  program: str
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  flops: float
+  compile_seconds: float
+  calls: int | None = None  # how often a run calls it (train: its steps), None: not counted
+
+  @property
+  def total_bytes(self) -> int:
+    """What the program holds at its peak: arguments, temporaries and outputs, less the outputs
+    that reuse donated arguments."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+  def fits(self, s: Slice) -> bool:
+    return self.total_bytes <= s.hbm_gib * GIB
+
+  def bound_ms(self, s: Slice) -> float:
+    return 1e3 * self.flops / s.peak_flops
+
+
+def _measure(name: str, jitted, args, calls=None) -> Report:
+  start = time.time()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.time() - start
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return Report(
+    name,
+    int(mem.argument_size_in_bytes),
+    int(mem.temp_size_in_bytes),
+    int(mem.output_size_in_bytes),
+    int(mem.alias_size_in_bytes),
+    float(cost.get("flops", 0.0)),
+    seconds,
+    calls,
+  )
+
+
+def build_experiment(c: ml_collections.ConfigDict, s: Slice):
+  """The run of `c` on the slice, with the dataset facts of the catalog (no data read)."""
+  from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top
+
+  spec = dataset_catalog.DATASETS[c.dataset]
+  return experiment.build(
+    c,
+    num_classes=spec.num_classes,
+    num_train_examples=spec.train_examples,
+    num_devices=s.devices,
+    num_processes=s.hosts,
+  )
+
+
+def compile_programs(
+  c: ml_collections.ConfigDict,
+  s: Slice,
+  devices: list,
+  programs: tuple[str, ...] = ("train", "eval", "collect"),
+  log: Callable[[str], None] | None = None,
+) -> list[Report]:
+  """Compiles the run's programs for `devices` (a `topology_devices(s)`) and measures them.
+
+  Args:
+    c: a validated config (for `s.devices` devices on `s.hosts` processes).
+    s: the slice.
+    devices: its compile-only devices.
+    programs: which ones: "train"; "eval" (one per evaluation dataset); "collect" (only where
+      `analysis.collect_every_steps` is set).
+    log: receives each program's name before it compiles.
+
+  Returns:
+    One `Report` per compiled program.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+  from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from pf_jax import train  # pylint: disable=g-import-not-at-top
+
+  log = log or (lambda line: None)
+  exp = build_experiment(c, s)
+  mesh = Mesh(np.asarray(devices), (train.AXIS,))
+  rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.AXIS))
+  sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  state = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), jax.eval_shape(exp.init_state))
+
+  def images(n, size):
+    return sds((n, size, size, 3), jnp.float32, data)
+
+  reports = []
+  if "train" in programs:
+    log("train")
+    batch = {
+      "image": images(c.global_batch_size, c.image_size),
+      "label": sds((c.global_batch_size,), jnp.int32, data),
+    }
+    key = sds((2,), jnp.uint32, rep)
+    program = train._train_program(exp, mesh)  # pylint: disable=protected-access
+    reports.append(_measure("train", program, (state, batch, key), exp.total_steps))
+  if "eval" in programs:
+    same = {}  # datasets with the same batch and logits compile to the same program
+    for name in c.eval_datasets:
+      spec = dataset_catalog.DATASETS[name]
+      subset = input_pipeline.class_subset(name)
+      key = (spec.real_label_key is not None, None if subset is None else tuple(subset))
+      if key in same:
+        reports.append(dataclasses.replace(same[key], program=f"eval/{name}", compile_seconds=0.0))
+        continue
+      log(f"eval/{name}")
+      n = c.eval_batch_size
+      batch = {
+        "image": images(n, exp.eval_image_size),
+        "label": sds((n,), jnp.int32, data),
+        "mask": sds((n,), jnp.float32, data),
+      }
+      if spec.real_label_key is not None:
+        batch["real_label"] = sds((n, spec.num_classes), jnp.float32, data)
+        batch["real_valid"] = sds((n,), jnp.float32, data)
+      step = train.make_eval_step(exp, mesh, subset)
+      totals = jax.eval_shape(step, state.params, state.batch_stats, {}, batch)
+      totals = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), totals)
+      same[key] = _measure(f"eval/{name}", step, (state.params, state.batch_stats, totals, batch))
+      reports.append(same[key])
+  if "collect" in programs and c.analysis.collect_every_steps:
+    log("collect")
+    n = exp.local_micro_batch_size * s.hosts
+    batch = {"image": images(n, c.image_size), "label": sds((n,), jnp.int32, data)}
+    step = train.make_collect_step(exp, mesh)
+    reports.append(_measure("collect", step, (state.params, state.batch_stats, state.step, batch)))
+  return reports
+
+
+def format_line(r: Report, s: Slice) -> str:
+  """One program's line: memory against HBM, FLOPs, the time bound and (train) the run's days."""
+  g = lambda b: f"{b / GIB:.3g}"
+  unit = s.per_device
+  line = (
+    f"{r.program}: {'fits' if r.fits(s) else 'DOES NOT FIT'} {g(r.total_bytes)} GiB/{unit} "
+    f"of {s.hbm_gib:g} (arguments {g(r.argument_bytes)} + temporaries {g(r.temp_bytes)} + "
+    f"outputs {g(r.output_bytes)}"
+    + (f" - donated {g(r.alias_bytes)}" if r.alias_bytes else "")
+    + f"), {r.flops / 1e12:.3g} TFLOP/{unit}/call, >= {r.bound_ms(s):.3g} ms/call at "
+    f"{s.peak_flops / 1e12:g} TFLOP/s"
+  )
+  if r.calls:
+    days = r.calls * r.bound_ms(s) / 1e3 / 86400
+    line += f"; {r.calls} steps >= {days:.3g} days"
+  return line + f" [compiled in {r.compile_seconds:.0f} s]"
+
+
+def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
+  """The slice, its devices and how each step's global batch is split over hosts and devices."""
+  per_chip = {"core": f"{s.devices // s.chips} devices per chip (one per TensorCore)"}.get(
+    s.per_device, "1 device per chip" + (" (megacore)" if s.generation in ("v4", "v5p") else "")
+  )
+  gb = c.global_batch_size
+  spec = CHIPS[s.generation]
+  line = (
+    f"compiled for {s.name} (topology {s.topology}; per chip {spec['hbm_gib']} GiB HBM, "
+    f"{spec['peak_tflops']} TFLOP/s bf16): {s.chips} chips, "
+    f"{s.devices} devices, {per_chip}; global batch {gb} = {gb // s.devices} per device"
+  )
+  if c.grad_accum_steps > 1:
+    line += f" ({c.grad_accum_steps} micro-batches of {gb // s.devices // c.grad_accum_steps})"
+  if s.hosts > 1:
+    line += (
+      f"; {s.hosts} hosts (one process each, compiled here from one): each host reads "
+      f"{gb // s.hosts} examples of every batch, its own contiguous part, for its "
+      f"{s.devices // s.hosts} devices"
+    )
+  else:
+    line += "; 1 host"
+  return line
+
+
+def _candidates(c: ml_collections.ConfigDict, exp) -> list[tuple[str, dict]]:
+  """Changes that lower the train step's memory, cheapest first: (description, overrides)."""
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+
+  out = []
+  if exp.spec is not None:
+    n_chunks, _ = sam_family.chunking(exp.spec.m, exp.per_device_batch, exp.num_devices)
+    if n_chunks > 1 and sam_family.chunk_strategy(c.sam.chunk_mode, n_chunks, "tpu") != "scan":
+      out.append(("sam.chunk_mode=scan", {"sam.chunk_mode": "scan"}))
+  if not c.mixed_precision:
+    out.append(("mixed_precision=True (bfloat16)", {"mixed_precision": True}))
+  for k in (2, 4, 8, 16, 32):
+    steps = c.grad_accum_steps * k
+    out.append((f"grad_accum_steps={steps}", {"grad_accum_steps": steps}))
+  return out
+
+
+def _with(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(c.to_dict())
+  for key, value in overrides.items():
+    target, name = (c.sam, key[4:]) if key.startswith("sam.") else (c, key)
+    target[name] = value
+  return c
+
+
+def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: str, log=None):
+  """The first change (`_candidates`, or halving eval_batch_size) with which `program` compiles
+  to fit; (description, Report) or None."""
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+
+  exp = build_experiment(c, s)
+  if program == "train":
+    candidates = _candidates(c, exp)
+    kind = ("train",)
+  else:
+    candidates = [
+      (f"eval_batch_size={c.eval_batch_size // k}", {"eval_batch_size": c.eval_batch_size // k})
+      for k in (2, 4, 8, 16)
+    ]
+    kind = ("eval",) if program.startswith("eval") else ("collect",)
+  for text, overrides in candidates:
+    changed = _with(c, overrides)
+    try:
+      config_validation.validate(changed, s.devices, s.hosts)
+    except ValueError:
+      continue
+    if log:
+      log(f"trying {text}")
+    reports = [r for r in compile_programs(changed, s, devices, kind) if r.program == program]
+    if reports and reports[0].fits(s):
+      return text, reports[0]
+  return None
+
+
+def check(c: ml_collections.ConfigDict, s: Slice, out=None, err=None, devices=None) -> int:
+  """Compiles every program of `c` for `s`, prints one line each; 0 if all fit, else 2 (with one
+  stderr line per program that does not fit, naming a change verified to fit)."""
+  out = out or sys.stdout
+  err = err or sys.stderr
+  devices = devices or topology_devices(s)
+  print(describe_slice(c, s), file=out, flush=True)
+  status = 0
+  for r in compile_programs(c, s, devices):
+    print(format_line(r, s), file=out, flush=True)
+    if r.fits(s):
+      continue
+    status = 2
+    found = suggest_fit(c, s, devices, r.program)
+    need = f"{r.total_bytes / GIB:.2f} GiB per {s.per_device}, {s.name} has {s.hbm_gib:g}"
+    if found:
+      text, fixed = found
+      hint = (
+        f"fits with --config.{text.split(' ')[0]} (compiled: {fixed.total_bytes / GIB:.2f} GiB)"
+      )
+    else:
+      hint = "no change tried fits (scan chunks, bfloat16, accumulation): use a larger slice"
+    err.write(f"error: {r.program} does not fit on {s.name}: needs {need}; {hint}\n")
+    err.flush()
+  return status
+
+
+def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None) -> int:
+  """`main.py --check_only --compile_for=<slice>`: validates `c` for the slice's devices and
+  hosts, then `check`. Bad input raises ValueError (one line: CompileForError, ConfigError)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  s = parse_slice(slice_name)
+  if not os.environ.get(
+    "JAX_PLATFORMS"
+  ):  # libtpu on a CPU machine: compile-only devices, no TPU probing
+    jax.config.update("jax_platforms", "cpu")
+  config_validation.validate(c, s.devices, s.hosts)
+  print("config OK")
+  print(reporting.describe_run(c, s.devices, None, note))
+  with reporting.quiet_native_stderr():  # TensorFlow's import
+    from pf_jax import train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  with quiet_libtpu():
+    return check(c, s)
+
+
+# What libtpu writes to stderr on a machine without a TPU (it finds no TPU VM metadata).
+_LIBTPU_NOISE = re.compile(
+  r"(WARNING: Logging before InitGoogle|E0000 .*(common_lib|libtpu)|=== Source Location Trace|"
+  r"learning/|Failed to find host bounds|\s*$)"
+)
+
+
+@contextlib.contextmanager
+def quiet_libtpu():
+  """Drops libtpu's lines about the missing TPU VM (fd 2); other lines are written afterwards."""
+  with tempfile.TemporaryFile() as tmp:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      lines = tmp.read().decode(errors="replace").splitlines(True)
+      kept = [line for line in lines if not _LIBTPU_NOISE.match(line)]
+      if kept:
+        os.write(2, "".join(kept).encode())

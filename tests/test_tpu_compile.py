@@ -1,0 +1,175 @@
+"""`main.py --check_only --compile_for=<slice>` (pf_jax/tpu_compile.py): TPU slices and the run's
+programs compiled for a TPU topology on this CPU machine. The compiling tests skip without libtpu
+(pip install -e ".[tpu]")."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pf_jax import tpu_compile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason='libtpu not installed (pip install ".[tpu]")'
+)
+
+
+# Cloud TPU's documented slices: v2/v3 names count TensorCores (2 per chip, one JAX device each,
+# 8 per host); v4/v5p names count TensorCores of megacore chips (one device per chip, 4 chips per
+# host); v5e/v6e names count chips (one core each; one host up to 8 chips, 4 per host beyond).
+@pytest.mark.parametrize(
+  "name, chips, devices, hosts, topology",
+  [
+    ("v2-8", 4, 8, 1, "v2:2x2"),
+    ("v3-8", 4, 8, 1, "v3:2x2"),
+    ("v3-32", 16, 32, 4, "v3:4x4"),
+    ("v4-8", 4, 4, 1, "v4:2x2x1"),
+    ("v4-32", 16, 16, 4, "v4:2x2x4"),
+    ("v5p-16", 8, 8, 2, "v5p:2x2x2"),
+    ("v5litepod-8", 8, 8, 1, "v5e:2x4"),
+    ("v5e-16", 16, 16, 4, "v5e:4x4"),
+    ("v5litepod-64", 64, 64, 16, "v5e:8x8"),
+    ("v6e-8", 8, 8, 1, "v6e:2x4"),
+  ],
+)
+def test_slices(name, chips, devices, hosts, topology):
+  s = tpu_compile.parse_slice(name)
+  assert (s.chips, s.devices, s.hosts, s.topology) == (chips, devices, hosts, topology)
+
+
+def test_hbm_and_peak_are_per_device():
+  # A v3 core has half the chip's 32 GiB and 123 TFLOP/s; a v4 megacore device has the whole chip.
+  v3, v4 = tpu_compile.parse_slice("v3-8"), tpu_compile.parse_slice("v4-8")
+  assert (v3.hbm_gib, v3.peak_flops, v3.per_device) == (16, 61.5e12, "core")
+  assert (v4.hbm_gib, v4.peak_flops, v4.per_device) == (32, 275e12, "chip")
+
+
+@pytest.mark.parametrize("name", ["v4-7", "v4", "tpu-v4-8", "v5e-12", "a100-8"])
+def test_bad_slice(name):
+  with pytest.raises(tpu_compile.CompileForError, match=re.escape(repr(name))):
+    tpu_compile.parse_slice(name)
+
+
+def test_without_libtpu_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` raises ImportError
+  with pytest.raises(tpu_compile.CompileForError, match=r'pip install -e "\.\[tpu\]"'):
+    tpu_compile.topology_devices(tpu_compile.parse_slice("v4-8"))
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["v3-32", "v4-8", "v5litepod-16", "v6e-8"])
+def test_topology_has_the_slices_devices(name):
+  s = tpu_compile.parse_slice(name)
+  devices = tpu_compile.topology_devices(s)  # checks the count and the hosts itself
+  assert {d.platform for d in devices} == {"tpu"}
+  assert len({tuple(d.coords) for d in devices}) == s.chips
+
+
+def run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "main.py", "--check_only", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+def vit_digits_step_flops(batch: int) -> int:
+  """Matmul FLOPs of one plain training step of vit_digits (8x8 images, 2x2 patches: 16 tokens,
+  width 64, depth 2, MLP 128, 10 classes), counted by hand: a matmul of [a, b] x [b, c] is
+  2abc; the backward pass costs twice the forward (gradients of both operands), except the patch
+  embedding, whose input (the image) needs no gradient."""
+  tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
+  layer = 2 * tokens * (4 * width * width + 2 * width * mlp)  # q, k, v, out; MLP in, out
+  layer += 2 * 2 * tokens * tokens * width  # q k^T and attention x v
+  embed = 2 * tokens * patch * patch * 3 * width
+  head = 2 * width * classes
+  return batch * (3 * depth * layer + 2 * embed + 3 * head)
+
+
+@needs_libtpu
+def test_plain_step_compiled_for_v4_8():
+  """The command's lines, and XLA's FLOPs per chip of a plain step against the hand count: the
+  global batch of 256 is 64 per chip on a v4-8's 4 chips. XLA also counts the elementwise work
+  (LayerNorm, GELU, softmax, AdamW), about 18% more for this narrow model."""
+  out = run_main(
+    "--compile_for=v4-8",
+    "--config.sam.perturbation=none",
+    "--config.sam.asam=none",
+    "--config.global_batch_size=256",
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stderr == ""
+  lines = out.stdout.splitlines()
+  assert lines[0] == "config OK"
+  assert lines[3].startswith("compiled for v4-8 (topology v4:2x2x1; per chip 32 GiB HBM, 275 ")
+  assert (
+    "4 chips, 4 devices, 1 device per chip (megacore); global batch 256 = 64 per device"
+    in (lines[3])
+  )
+  train = next(line for line in lines if line.startswith("train: fits "))
+  assert next(line for line in lines if line.startswith("eval/digits: fits "))
+  tflop = float(re.search(r"([\d.e+-]+) TFLOP/chip/call", train).group(1))
+  hand = vit_digits_step_flops(256) / 4
+  assert hand <= tflop * 1e12 <= 1.25 * hand, (tflop * 1e12, hand)
+  ms = float(re.search(r">= ([\d.e+-]+) ms/call at 275 TFLOP/s", train).group(1))
+  assert ms == pytest.approx(tflop * 1e12 / 275e12 * 1e3, rel=0.01)
+
+
+@needs_libtpu
+@pytest.mark.long
+def test_refused_when_it_does_not_fit():
+  """A plain bfloat16 step of 98304 images on one v5e chip (16 GiB) needs about 21 GiB: one line,
+  exit 2, naming gradient accumulation, which the command compiled and found to fit."""
+  out = run_main(
+    "--compile_for=v5litepod-1",
+    "--config.sam.perturbation=none",
+    "--config.sam.asam=none",
+    "--config.mixed_precision=True",
+    "--config.global_batch_size=98304",
+    "--config.num_train_steps=10",
+    "--config.warmup_steps=1",
+  )
+  assert out.returncode == 2, out.stderr
+  assert "train: DOES NOT FIT" in out.stdout
+  (line,) = out.stderr.splitlines()
+  m = re.fullmatch(
+    r"error: train does not fit on v5litepod-1: needs ([\d.]+) GiB per chip, v5litepod-1 has 16; "
+    r"fits with --config.grad_accum_steps=(\d+) \(compiled: ([\d.]+) GiB\)",
+    line,
+  )
+  assert m, line
+  assert float(m.group(1)) > 16 > float(m.group(3))
+
+
+@needs_libtpu
+def test_auto_chunk_strategy_sees_the_target_platform():
+  """`"auto"` resolves by the platform the step is traced for: the shard_map mesh's devices (a TPU
+  topology's compile-only devices on this CPU machine), so CPU runs keep the CPU rule."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+
+  seen = []
+
+  def f(x):
+    seen.append(sam_family._platform())  # pylint: disable=protected-access
+    return x
+
+  tpu = tpu_compile.topology_devices(tpu_compile.parse_slice("v5litepod-1"))
+  for devices in (jax.devices()[:1], tpu):
+    mesh = Mesh(np.asarray(devices), ("data",))
+    step = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    step.trace(jax.ShapeDtypeStruct((8,), jnp.float32))
+  assert seen == ["cpu", "tpu"]
