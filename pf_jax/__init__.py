@@ -11,7 +11,6 @@ from pf_jax.optimizers import adamw
 from pf_jax.optimizers import sgdw
 from pf_jax.optimizers import shrink_and_perturb
 from pf_jax.optimizers import weight_decay_mask
-from pf_jax.perturbations import get_objective
 from pf_jax.perturbations import obf
 from pf_jax.perturbations import obf_alpha
 from pf_jax.perturbations import obf_fixed_alpha
@@ -28,7 +27,6 @@ from pf_jax.train_state import TrainState
 __all__ = [
   "adamw",
   "get_loss",
-  "get_objective",
   "group_mean",
   "lr_proportional_rho",
   "obf",

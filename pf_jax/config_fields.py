@@ -200,7 +200,7 @@ FIELDS: tuple[Field, ...] = (
   F("label_smoothing", 0.0, UNIT_OPEN, "label smoothing of the loss", args=("get_loss.label_smoothing",)),
   # Length and batches: epochs become steps with the training split's size.
   F("global_batch_size", 128, Int(1), "examples per step over all devices"),
-  F("grad_accum_steps", 1, Int(1), "sequential micro-batches per step (the global batch is split)", args=("sam_value_and_grad.accum_steps",)),
+  F("grad_accum_steps", 1, Int(1), "sequential micro-batches per step (the global batch is split)"),
   F("num_epochs", 10.0, Float(0.0, lo_open=True), "training length in epochs (unless num_train_steps)"),
   F("warmup_epochs", 1.0, Float(0.0), "linear learning-rate warmup in epochs (unless warmup_steps)"),
   F("num_train_steps", None, Int(1), "training length in steps", none="from num_epochs"),
@@ -243,8 +243,8 @@ FIELDS: tuple[Field, ...] = (
   F("analysis.max_raw_values", 1_000_000, Int(0), "store raw likelihoods when examples x classes <= this", safe=True),
   F("analysis.sharpness_examples", 2048, Int(1), "training examples for the Hessian's top eigenvalue", safe=True),
   F("analysis.sharpness_batch_size", 256, Int(1), "batch size of the sharpness computation", safe=True),
-  F("analysis.sharpness_iters", 100, Int(1), "power iterations of the sharpness computation", safe=True, args=("hessian_top_eigenvalue.num_iters",)),
-  F("analysis.sharpness_tol", 1e-4, Float(0.0, lo_open=True), "relative tolerance of the power iteration", safe=True, args=("hessian_top_eigenvalue.tol",)),
+  F("analysis.sharpness_iters", 100, Int(1), "power iterations of the sharpness computation", safe=True),
+  F("analysis.sharpness_tol", 1e-4, Float(0.0, lo_open=True), "relative tolerance of the power iteration", safe=True),
   # The loop (pf_jax/train.py).
   F("log_every_steps", 50, Int(1), "steps between train log lines and summaries", safe=True),
   F("eval_every_steps", 500, Int(1), "steps between evaluations (and at the end)", safe=True),

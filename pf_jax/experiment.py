@@ -4,7 +4,9 @@ Everything the train, eval and collect steps and the sharpness tool need that fo
 config, the dataset facts (class count, training-set size) and the devices: the model and its
 apply function, BatchNorm or not, the task loss, the `SamSpec`, the compute dtype, the optimizer,
 the learning-rate and rho schedules, the step counts and the batch sizes. Library arguments come
-from the field declarations (`config_fields.library_kwargs`), so no field is mapped by hand.
+from the field declarations (`config_fields.library_kwargs`); the values computed from several
+fields (rho as a schedule, batch sizes) are set here, `grad_accum_steps` by train.py's step and
+the sharpness iterations by analysis/sharpness.py.
 
 The config-only derivations (`schedule`, `sam_spec`, `optimizer`, `shrink_perturb`,
 `per_device_batch`, `forgetting_dataset`) are functions here too, so validation checks exactly

@@ -85,19 +85,6 @@ def _obf_objective(alpha_fn, predictions: str) -> ObjectiveFn:
   return objective
 
 
-def get_objective(
-  name: str, *, lam: float = 0.0, gamma: float = 1.0, alpha=None, predictions: str = "softmax"
-) -> Objective:
-  """Objective by config name: 'steepest', 'random', or 'obf' (fixed alpha if `alpha` is set)."""
-  if name in OBJECTIVE_NAMES:
-    return name
-  if name == "obf":
-    if alpha is not None:
-      return obf_fixed_alpha(alpha, predictions)
-    return obf(lam, gamma, predictions)
-  raise ValueError(f"perturbation must be one of {OBJECTIVE_NAMES + ('obf',)}, got {name!r}")
-
-
 def _check_unit(function: str, name: str, value: float, closed: bool) -> None:
   ok = 0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0
   if not ok:
