@@ -36,9 +36,10 @@ ORDER = ("noise50", "noise50_obf", SEARCH, "noise25", "clean", "spurious")
 # Every run: configs/reproduce.py's setting (vit_digits, 275 steps, batch 128, m = 32), evaluated
 # once at the end; sharpness on the first 512 training images (30 power iterations).
 RUN_OVERRIDES = {"eval_every_steps": 100_000}
-# CPU seconds per run measured on this machine (a SAM-family run with its sharpness; AdamW less),
-# for the estimate printed at the start (the first run of each config adds its compilation).
-RUN_CPU_S, SEARCH_CPU_S = 25.0, 17.0
+# CPU seconds per run with its sharpness, measured on this 2-core machine shared at load 6-11
+# once a config is compiled (its first seed: ~80; results/science/PROTOCOL.md, amendment 1); a
+# search run (no sharpness, 1150 images) scaled from it. Only for the estimate printed first.
+RUN_CPU_S, SEARCH_CPU_S = 50.0, 35.0
 
 
 def seed_range(text: str) -> list[int]:
