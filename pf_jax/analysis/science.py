@@ -287,11 +287,13 @@ def report(folder: str) -> str:
     "**Confirmatory family** (pre-registered; Holm over all "
     f"{len(family())} contrasts, a contrast without data counted as p = 1; other − base in "
     "points of top-1; TOST p Holm < 0.05 shows |difference| < margin; sharpness diff: other − "
-    "base, dominant Hessian eigenvalue):",
+    "base, of the largest-magnitude Hessian eigenvalue of the training loss, which is negative"
+    " where the dominant curvature is negative):",
     "",
     *fam_lines,
     "",
-    "**Every arm** (mean over seeds, 95% t interval):",
+    "**Every arm** (mean over seeds, 95% t interval; the noisy blocks' eval set is the clean"
+    " test split):",
     "",
     *arm_table(rows),
     "",
