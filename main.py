@@ -86,6 +86,7 @@ from absl import logging
 
 from pf_jax import cli
 from pf_jax import config_validation
+from pf_jax import preflight
 from pf_jax import reporting
 
 FLAGS = flags.FLAGS
@@ -237,17 +238,24 @@ def main(argv):
       config_validation.validate(_CONFIG, num_devices, 1)
       if FLAGS.workdir:
         config_validation.check_workdir(FLAGS.workdir, create=False)
+      checked = preflight.check(_CONFIG)  # init_from against the model, the data on disk
     except ValueError as e:
       fail(str(e))
     print("config OK")
-    print(reporting.describe_run(_CONFIG, num_devices, FLAGS.workdir, _NOTE))
+    print("\n".join([reporting.describe_run(_CONFIG, num_devices, FLAGS.workdir, _NOTE), *checked]))
     return
   _init_distributed()
+  created = preflight.first_missing(FLAGS.workdir)  # removed again if the run leaves it empty
   try:
     config_validation.validate(_CONFIG, jax.device_count(), jax.process_count())
+    missing = preflight.missing_data(_CONFIG)  # before TensorFlow's import and the workdir
+    if missing:
+      raise ValueError(missing)
     config_validation.check_workdir(FLAGS.workdir)
   except ValueError as e:
     fail(str(e))
+  if jax.process_index() == 0:  # tens of seconds on 2 cores: said, not silent (issue 30)
+    logging.info("importing TensorFlow and the training system")
   with contextlib.nullcontext() if _VERBOSE or FLAGS.verbose else reporting.quiet_native_stderr():
     from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
     from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: after the checks)
@@ -260,6 +268,7 @@ def main(argv):
     _train(checkpointing, input_pipeline, train, workdir_lib)
   finally:
     _LOCK.release()
+    preflight.remove_unused_workdir(created, FLAGS.workdir, workdir_lib.LOCK_FILE)
 
 
 def _drop_closed_loop_errors():

@@ -38,13 +38,21 @@ class ConfigError(ValueError):
 
 
 def suggest(name: str, names: Sequence[str]) -> str:
-  """' (did you mean x?)' for the closest of `names`, or ''."""
+  """'; did you mean x?' for the closest of `names`, or ''. Spelling first (difflib), then the
+  leaf name, then the words of each field's meaning (`learning_rate` -> lr_max, "learning rate
+  after warmup")."""
   close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+  leaf = name.rsplit(".", 1)[-1]
   if not close:  # a typo in the last part only: compare the leaf names
     leaves = {n.rsplit(".", 1)[-1]: n for n in names}
+    close = [leaves[x] for x in difflib.get_close_matches(leaf, list(leaves), n=1)]
+  if not close:  # another name for the same thing: the words of a field's meaning
+    words = leaf.lower().replace("_", " ").replace("-", " ")
     close = [
-      leaves[x] for x in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaves), n=1)
-    ]
+      n
+      for n in names
+      if n in config_fields.BY_NAME and words in config_fields.BY_NAME[n].meaning.lower()
+    ][:1]
   return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -150,10 +158,10 @@ def _check_init_from(c):
   path = c.init_from
   if path is None or "://" in path:
     return
-  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar file"
+  allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar/.pt file"
   if not os.path.exists(path):
     raise ConfigError("init_from", path, allowed + " (it does not exist)")
-  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar")):
+  if os.path.isfile(path) and path.endswith((".pth", ".pth.tar", ".pt")):  # is_torch_checkpoint
     return
   # A checkpoint is a step-numbered folder in the workdir's checkpoints/ or the directory itself.
   sub = os.path.join(path, "checkpoints")

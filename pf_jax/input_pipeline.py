@@ -41,12 +41,14 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import pf_jax.before_tensorflow  # noqa: F401  # isort: skip  (first: its doc)
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
 import pf_jax.datasets  # noqa: F401  (registers the `digits` TFDS builder)
+from pf_jax import preflight
 from pf_jax import preprocessing
 from pf_jax.dataset_catalog import DATASETS  # noqa: F401  (re-exported)
 from pf_jax.dataset_catalog import DatasetSpec  # noqa: F401  (re-exported)
@@ -66,24 +68,7 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 def _prepare_instructions(dataset: str, data_dir: str | None) -> str:
   d = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
-  name = DATASETS[dataset].tfds_name
-  if dataset == "imagenet2012":
-    return (
-      "ImageNet needs a manual download: put ILSVRC2012_img_train.tar and "
-      f"ILSVRC2012_img_val.tar into {d}/downloads/manual/ and run "
-      f"`tfds build imagenet2012 --data_dir={d}` (no network needed, about "
-      "300 GB of disk while building)."
-    )
-  if dataset == "imagenet2012_real":
-    return (
-      f"put ILSVRC2012_img_val.tar into {d}/downloads/manual/ and run "
-      f"`tfds build imagenet2012_real --data_dir={d}` (it also downloads the "
-      "ReaL labels, so it needs network)."
-    )
-  return (
-    f"run `tfds build {name} --data_dir={d}` on a machine with network "
-    f"access, then copy {d}/{name}/ into this data_dir."
-  )
+  return preflight.prepare_instructions(dataset, d)
 
 
 def _spec(dataset: str) -> DatasetSpec:

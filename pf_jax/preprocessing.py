@@ -16,6 +16,7 @@ authors' ResNet statistics).
 
 from __future__ import annotations
 
+import pf_jax.before_tensorflow  # noqa: F401  # isort: skip  (first: its doc)
 import tensorflow as tf
 
 from pf_jax.dataset_catalog import NORMALIZATIONS

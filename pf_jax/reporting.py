@@ -205,12 +205,14 @@ class Reporter:
     workdir: str,
     method: str = "",
     note: str | None = None,
+    loaded: str | None = None,
   ):
+    """`loaded`: what config.init_from gave (`pretrained.load`), or None."""
     evals = ", ".join(f"{k} {v}" for k, v in eval_sizes.items())
     resumed = f", resuming at step {self.start_step}" if self.start_step else ""
     self._info(
       "start: %s (%s parameters), %s %d train examples, eval on %s; %d steps (warmup %d)%s; "
-      "%s%s; method: %s%s; workdir %s",
+      "%s%s; method: %s%s%s; workdir %s",
       model,
       _count(num_params),
       dataset,
@@ -223,6 +225,7 @@ class Reporter:
       f" ({processes} processes)" if processes > 1 else "",
       method,
       f"; {note}" if note else "",
+      f"; {loaded}" if loaded else "",
       workdir,
     )
 

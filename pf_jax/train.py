@@ -33,10 +33,9 @@ from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
 from pf_jax import config_fields
-from pf_jax import config_validation
 from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
-from pf_jax import models
+from pf_jax import pretrained
 from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import workdir as workdir_lib
@@ -301,64 +300,23 @@ def evaluate(
 
 
 def pretrained_variables(path: str, model_name: str):
-  """The variables to fine-tune from.
-
-  Args:
-    path: a pf_jax workdir or checkpoint directory, or a PyTorch checkpoint file
-      (`.pth`/`.pth.tar`, e.g. written by the paper authors' train.py) of the same model,
-      converted with `models.from_torch`.
-    model_name: config.model.
-
-  Returns:
-    (params, batch_stats).
+  """(params, batch_stats) of config.init_from (`pretrained.read`): a pf_jax workdir or
+  checkpoint directory, or a PyTorch checkpoint file of the same model (`models.from_torch`).
 
   Raises:
     config_validation.ConfigError: one line naming config.init_from.
   """
-  try:
-    if models.torch_weights.is_torch_checkpoint(path):
-      state_dict = models.torch_weights.read_checkpoint(path)
-      variables = models.from_torch(model_name, state_dict)
-      return variables["params"], variables["batch_stats"]
-    params, batch_stats, _ = checkpointing.load_variables(path)
-    return params, batch_stats
-  except ValueError as e:
-    raise config_validation.ConfigError("init_from", path, str(e)) from None
-
-
-def _merge_pretrained(fresh, pretrained, path=""):
-  """Pretrained values for every leaf but the classification head (kept freshly initialized)."""
-  if isinstance(fresh, dict):
-    return {
-      k: v if k == "head" else _merge_pretrained(v, pretrained[k], f"{path}/{k}")
-      for k, v in fresh.items()
-    }
-  if tuple(fresh.shape) != tuple(np.shape(pretrained)):
-    raise ValueError(
-      f"config.init_from: {path} has shape {np.shape(pretrained)}, model needs {fresh.shape}"
-    )
-  return jnp.asarray(pretrained, fresh.dtype)
+  return pretrained.read(path, model_name)[:2]
 
 
 def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str) -> TrainState:
-  """`state` with the parameters and BatchNorm statistics of another run, but its own head.
-
-  Args:
-    exp: the run (its optimizer starts again from the loaded parameters).
-    state: a fresh state (`Experiment.init_state`), on the host.
-    path: config.init_from (`pretrained_variables`).
-
-  Returns:
-    The state with every leaf but the classification head read from `path`'s latest checkpoint,
-    and a fresh optimizer state (and shrink-and-perturb's initial values) for those variables.
+  """`state` with the parameters and BatchNorm statistics of config.init_from, but its own head
+  and a fresh optimizer state (`pretrained.load`, which also says what it loaded).
 
   Raises:
-    config_validation.ConfigError: the checkpoint cannot be read; ValueError: it does not fit.
+    config_validation.ConfigError: the weights cannot be read or do not fit the model.
   """
-  pre_params, pre_stats = pretrained_variables(path, exp.config.model)
-  params = _merge_pretrained(state.params, pre_params)
-  batch_stats = _merge_pretrained(state.batch_stats, pre_stats) if state.batch_stats else {}
-  return exp.state_at(params, batch_stats)
+  return pretrained.load(exp, state, path)[0]
 
 
 def train_and_evaluate(
@@ -411,7 +369,7 @@ def train_and_evaluate(
       **config_fields.library_kwargs(c, "CheckpointManagerOptions"), create=True
     ),
   )
-  state = None
+  state, loaded = None, None  # loaded: what config.init_from gave, for the start line
   if has_run:  # restore into the structure and shardings of a fresh state
     target = jax.eval_shape(exp.init_state)
     target = jax.tree.map(
@@ -419,12 +377,15 @@ def train_and_evaluate(
     )
     _, state = checkpointing.restore_latest(checkpoints, target)
   if state is None:  # compiled init: much faster than op-by-op for large models
+    if jax.process_index() == 0:  # seconds to minutes of silence otherwise (issue 30)
+      logging.info("initializing %s (compiling its init)", c.model)
     init = reused(
       cache, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
     )
     state = init(replicated_seed_key(exp, mesh))
     if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
-      state = jax.device_put(load_pretrained(exp, jax.device_get(state), c.init_from), replicated)
+      state, loaded = pretrained.load(exp, jax.device_get(state), c.init_from)
+      state = jax.device_put(state, replicated)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     workdir_lib.save_config(workdir, c)
@@ -454,6 +415,9 @@ def train_and_evaluate(
   }
   collect_every = c.analysis.collect_every_steps
   collect_step = make_collect_step(exp, mesh) if collect_every else None
+  missed = collect_lib.missed_note(workdir, collect_every, start_step, total_steps)
+  if missed and jax.process_index() == 0:
+    logging.warning("%s", missed)
   if (
     collect_every
     and start_step
@@ -493,6 +457,7 @@ def train_and_evaluate(
     workdir,
     method=reporting.describe_method(c, jax.device_count()),
     note=note,
+    loaded=loaded,
   )
   if start_step:
     report.resumed(start_step, checkpoint_dir)

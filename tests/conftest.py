@@ -20,6 +20,9 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# Test modules import TensorFlow before pf_jax (import order), and a later triton (torch's CUDA
+# wheels: the `bench` extra) would segfault: pf_jax/before_tensorflow.py, which this imports.
+import pf_jax.before_tensorflow  # noqa: E402, F401
 
 
 def pytest_collection_modifyitems(items):

@@ -171,7 +171,8 @@ def test_missing_workdir_is_one_line(main_py):
 
 
 def test_dataset_not_prepared_is_one_line_before_compiling(main_py, tmp_path):
-  """A dataset missing from data_dir stops the run before anything compiles (TF is loaded)."""
+  """A dataset missing from data_dir stops the run before anything compiles, before TensorFlow's
+  import (pf_jax/preflight.py) and before the workdir is created (issue 30: it was left empty)."""
   r = main_py(
     [
       f"--workdir={tmp_path / 'run'}",
@@ -181,8 +182,10 @@ def test_dataset_not_prepared_is_one_line_before_compiling(main_py, tmp_path):
       f"--config.data_dir={tmp_path / 'empty'}",
     ]
   )
-  _check_one_line_error(r, "config.data_dir")
+  _check_one_line_error(r, "config.dataset")
+  assert f"'cifar10' — not prepared in {tmp_path / 'empty'} (config.data_dir=" in r.stderr
   assert "tfds build cifar10" in r.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_compilations_would_be_seen():
@@ -388,6 +391,12 @@ def test_default_run_logs(tmp_path):
     assert not any(re.search(noise, l) for l in lines), (noise, r.stderr)
   body = [l.split(" ", 1)[1] for l in lines if re.match(r"\d\d:\d\d:\d\d ", l)]
   assert len(body) == len(lines), r.stderr  # every line is one of ours (time-stamped)
+  # What the tens of seconds before the start line are spent on (silent before issue 30).
+  assert body[:3] == [
+    "importing TensorFlow and the training system",
+    f"Preparing digits in {tmp_path / 'data'} (offline, once).",
+    "initializing vit_digits (compiling its init)",
+  ], body
   assert any(
     l.startswith("start: vit_digits (")
     and "40 steps" in l
@@ -413,11 +422,19 @@ def test_default_run_logs(tmp_path):
   assert body[-1].startswith("done: step 40") and "eval/digits/top1" in body[-1]
   assert [l for l in body if l.startswith("compil")] == [
     "compiling the train step (the first step waits for it)",
-    body[3],
-  ] and re.fullmatch(r"compiled the train step and ran step 1 in (\d+ min )?[\d.]+ s", body[3]), (
+    body[5],
+  ] and re.fullmatch(r"compiled the train step and ran step 1 in (\d+ min )?[\d.]+ s", body[5]), (
     body
   )
-  assert len(lines) <= 14, r.stderr
+  assert len(lines) <= 16, r.stderr
+
+
+def test_an_unknown_field_suggests_the_field_that_means_it():
+  """By spelling (difflib), else by the words of a field's meaning (issue 30: learning_rate)."""
+  for typed, field in (("learning_rate", "lr_max"), ("sam.rhoo", "sam.rho_min")):
+    with pytest.raises(config_validation.ConfigError) as e:
+      cli.build_config(None, [(typed, "0.1")])
+    assert str(e.value) == f"config.{typed}: '0.1' — unknown field; did you mean {field}?"
 
 
 def test_reporter_eta_uses_the_steady_rate(monkeypatch):
