@@ -326,3 +326,31 @@ def test_from_torch_errors_without_torch(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if not installed
   with pytest.raises(ValueError, match=r"x.pth is a PyTorch checkpoint and reading it needs torch"):
     torch_weights.read_checkpoint("x.pth")
+
+
+def test_from_torch_names_the_timm_constructor_and_the_wrong_kind():
+  """Issue 30: a default timm ViT said only "no 'fc_norm.bias'", a ResNet's state dict for a ViT
+  only "no 'head.weight'". Each is now one line naming the timm call the paper's models need."""
+  z = np.zeros
+  resnet_sd = {"conv1.weight": z((64, 3, 7, 7)), "layer1.0.conv1.weight": z((64, 64, 1, 1))}
+  vit_sd = {
+    "patch_embed.proj.weight": z((384, 3, 32, 32)),
+    "blocks.0.attn.qkv.weight": z((1152, 384)),
+  }
+  # timm.create_model('vit_small_patch32_224') with its defaults: class token, final norm.
+  default_vit = dict(vit_sd, cls_token=z((1, 1, 384)), **{"norm.weight": z(384)})
+  vit_s32 = "timm.create_model('vit_small_patch32_224', class_token=False, global_pool='avg')"
+  cases = [
+    ("vit_s32", dict(resnet_sd, **{"fc.weight": z((10, 2048))}), ["a ResNet's", "vit_s32 is a ViT", "resnet50", vit_s32]),
+    ("resnet50", dict(vit_sd, **{"head.weight": z((10, 384))}), ["a ViT's", "resnet50 is a ResNet", "vit_s32", "timm.create_model('resnet50')"]),
+    ("vit_s32", dict(default_vit, **{"head.weight": z((10, 384))}), ["'cls_token', 'norm.weight', no 'fc_norm.weight'", vit_s32]),
+    ("vit_s16", {"pos_embed": z((1, 196, 384))}, ["no 'head.weight'", "vit_small_patch16_224', class_token=False, global_pool='avg'"]),
+    ("vit_digits", {"pos_embed": z((1, 16, 64))}, ["VisionTransformer(patch_size=2, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2, class_token=False, global_pool='avg')"]),
+  ]  # fmt: skip
+  for name, sd, parts in cases:
+    with pytest.raises(ValueError) as e:
+      from_torch(name, sd)
+    message = str(e.value)
+    assert message.startswith(f"from_torch({name!r}): ") and "\n" not in message, message
+    for part in parts:
+      assert part in message, (part, message)

@@ -26,7 +26,7 @@ DOCS = [
   *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")),
 ]
 # Each executed example, by the name in its `<!-- example:NAME -->` marker.
-EXAMPLES = ("nnx", "regression", "linen", "shard_map", "pmap")
+EXAMPLES = ("nnx", "regression", "linen", "shard_map", "pmap", "timm")
 
 
 def _example(name: str) -> dict:
@@ -223,6 +223,17 @@ def _paths(text):
   links = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text)]
   ticked = [t for t in re.findall(r"`([^`\s]+)`", text) if re.search(r"\.(py|md)$", t)]
   return links + ticked
+
+
+def test_timm_checkpoint_example_gives_timms_logits():
+  """docs/fidelity.md's snippet: a timm ViT-S/32 checkpoint read, converted and run in pf_jax
+  (NHWC, train=False) gives timm's own logits of the same images (skips without torch/timm)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("timm")
+  ex = _example("timm")
+  logits, want = ex["logits"], ex["timm_logits"]
+  assert logits.shape == want.shape == (2, 10)
+  assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max(), (logits, want)
 
 
 def test_readme_links_stay_in_the_repository():

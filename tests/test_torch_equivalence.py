@@ -109,13 +109,26 @@ def test_from_torch_splits_qkv():
   [
     ("vit_s16", "vit_s32", "'patch_embed.proj.weight' has shape (384, 3, 32, 32), vit_s16 needs"),
     ("resnet101", "resnet50", "the checkpoint has no 'layer3.6.bn1.bias'"),
-    ("vit_s32", "resnet50", "the checkpoint has no 'head.weight'"),
+    ("vit_s32", "resnet50", "the checkpoint is a ResNet's (it has 'conv1.weight'"),
+    ("resnet50", "vit_s32", "the checkpoint is a ViT's (it has 'patch_embed.proj.weight'"),
   ],
 )
 def test_from_torch_mismatch_is_one_line(name, sd_name, message):
   with pytest.raises(ValueError) as e:
     models.from_torch(name, _state_dict(sd_name))
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_from_torch_of_timms_default_vit_names_the_constructor_arguments():
+  """timm's vit_small_patch32_224 as created by default (class token, final norm): the paper's
+  ViT needs class_token=False, global_pool='avg', and the message says so."""
+  import timm  # pylint: disable=g-import-not-at-top
+
+  sd = timm.create_model("vit_small_patch32_224", num_classes=10).state_dict()
+  with pytest.raises(ValueError) as e:
+    models.from_torch("vit_s32", sd)
+  assert "class_token=False, global_pool='avg'" in str(e.value), str(e.value)
+  assert "'cls_token'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_from_torch_unexpected_key():

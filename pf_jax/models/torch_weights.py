@@ -123,6 +123,59 @@ def resnet_rule(stage_sizes):
   return rule
 
 
+# The timm models whose weights ours take, as the authors build them (vision_transformer.py:
+# without `class_token=False, global_pool='avg'` timm's ViT has a class token and a final norm).
+TIMM_MODELS = {
+  "vit_s32": "timm.create_model('vit_small_patch32_224', class_token=False, global_pool='avg')",
+  "vit_s16": "timm.create_model('vit_small_patch16_224', class_token=False, global_pool='avg')",
+  "resnet50": "timm.create_model('resnet50')",
+  "resnet101": "timm.create_model('resnet101')",
+}
+
+
+def timm_constructor(name: str) -> str:
+  """The timm call whose `state_dict()` `from_torch(name, ...)` takes, for error messages."""
+  from pf_jax import models  # pylint: disable=g-import-not-at-top
+
+  if name in TIMM_MODELS:
+    return TIMM_MODELS[name]
+  kw = getattr(models.MODELS[name], "keywords", {})
+  if models.has_batch_norm(name):
+    return "a ResNet of its layout (no timm model: the tiny ResNet has no max-pool)"
+  return (
+    f"timm's VisionTransformer(patch_size={kw['patch_size']}, embed_dim={kw['width']}, "
+    f"depth={kw['depth']}, num_heads={kw['num_heads']}, mlp_ratio={kw['mlp_dim'] / kw['width']:g}, "
+    "class_token=False, global_pool='avg')"
+  )
+
+
+def _check_kind(name: str, sd: Mapping[str, Any]) -> None:
+  """One line for the commonest mistakes: a ResNet's weights for a ViT (or the reverse), and a
+  timm ViT built with its defaults (class token, final norm) instead of the paper's."""
+  from pf_jax import models  # pylint: disable=g-import-not-at-top
+
+  resnet = [k for k in ("conv1.weight", "layer1.0.conv1.weight") if k in sd]
+  vit = [k for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight") if k in sd]
+  want_resnet = models.has_batch_norm(name)
+  given, names = ("ViT", vit) if want_resnet else ("ResNet", resnet)
+  if names and not (resnet if want_resnet else vit):
+    others = [n for n in models.model_names() if models.has_batch_norm(n) != want_resnet]
+    raise ValueError(
+      f"from_torch({name!r}): the checkpoint is a {given}'s (it has {', '.join(map(repr, names))}) "
+      f"and {name} is a {'ResNet' if want_resnet else 'ViT'}: load it as one of "
+      f"{', '.join(others)}, or give {name} the state dict of {timm_constructor(name)}"
+    )
+  if not want_resnet and (
+    "cls_token" in sd or ("norm.weight" in sd and "fc_norm.weight" not in sd)
+  ):
+    has = [k for k in ("cls_token", "norm.weight") if k in sd]
+    raise ValueError(
+      f"from_torch({name!r}): the checkpoint is of a timm ViT with a class token and a final "
+      f"norm (it has {', '.join(map(repr, has))}, no 'fc_norm.weight'); the paper's models are "
+      f"built with class_token=False, global_pool='avg': {timm_constructor(name)}"
+    )
+
+
 def _model_and_input(name: str, sd: Mapping[str, np.ndarray]):
   """Our model with the checkpoint's class count, and an input shape with its channel (and a
   ViT's token) count."""
@@ -165,8 +218,12 @@ def from_torch(name: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
       f"unknown model name={name!r}; allowed names: {', '.join(models.model_names())}"
     )
   sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items() if not k.endswith(_IGNORED)}
-  model, shape, rule = _model_and_input(name, sd)
-  return convert(name, model, shape, rule, sd)
+  _check_kind(name, sd)
+  try:
+    model, shape, rule = _model_and_input(name, sd)
+    return convert(name, model, shape, rule, sd)
+  except ValueError as e:  # which timm model fits: the fix for most mismatches
+    raise ValueError(f"{e}; {name} takes the state dict of {timm_constructor(name)}") from None
 
 
 def convert(name: str, model, shape, rule, sd: Mapping[str, Any]) -> dict[str, Any]:
