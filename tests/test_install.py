@@ -33,6 +33,7 @@ def test_import_pf_jax_loads_nothing_of_the_train_extra():
   assert not set(modules) & set(out), sorted(set(modules) & set(out))
 
 
+@pytest.mark.long  # tens of seconds (TensorFlow, torch and timm imported in a fresh process)
 def test_tensorflow_and_timm_in_one_process():
   """Issue 30: with the `bench` extra (torch's CUDA wheel and its triton), `import tensorflow;
   import timm` died with a segmentation fault in triton/knobs.py, and with it the test suite.
