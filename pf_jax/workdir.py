@@ -213,11 +213,14 @@ class DamagedFileError(ValueError):
 
 
 LOCK_FILE = "lock.json"
-# Object-store lock (gs://): how long a start waits after writing the lock before reading it back,
-# how often the holder refreshes it and when a lock that is not refreshed counts as abandoned.
+# Locks without flock (gs://, other object stores): how often the holder refreshes the lock and
+# when a lock that is not refreshed counts as abandoned; object stores other than gs:// (no
+# conditional writes through etils.epath): how long a start waits after writing the lock before
+# reading it back.
 SETTLE_S = 5.0
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 120.0
+EXACT_LOCK_PREFIXES = ("gs://",)  # object stores locked by conditional writes
 
 
 class WorkdirLock:
@@ -225,10 +228,14 @@ class WorkdirLock:
 
   Local paths: an exclusive `flock` on `lock.json`, which the kernel drops when the holder dies,
   so a lock left by a killed process is taken over at once (with a warning naming it).
-  Object stores (gs://) and filesystems without `flock`: `lock.json` is written, read back after
-  `SETTLE_S` (a concurrent start overwrote it: this one stops), refreshed every `HEARTBEAT_S`, and
-  taken over once not refreshed for `STALE_AFTER_S`. `acquire` raises WorkdirLockedError naming
-  the holder (host, pid, start time).
+  gs://: Cloud Storage's conditional writes (google-cloud-storage): `lock.json` is created only if
+  absent (ifGenerationMatch=0), refreshed every `HEARTBEAT_S` only if still the generation this
+  process wrote, and taken over once not refreshed for `STALE_AFTER_S` (the server's clock) by a
+  write conditional on the generation read: of several starts or takers exactly one write
+  succeeds. Other object stores and filesystems without `flock`: `lock.json` is written, read
+  back after `SETTLE_S` (a concurrent start overwrote it: this one stops), refreshed and taken
+  over in the same way, unconditionally. `acquire` raises WorkdirLockedError naming the holder
+  (host, pid, start time), OSError (one line) if the storage cannot be reached.
 
   Example:
     with WorkdirLock("/tmp/run"):
@@ -238,6 +245,10 @@ class WorkdirLock:
   def __init__(self, workdir):
     self.path = epath.Path(workdir) / LOCK_FILE
     self.local = "://" not in str(workdir)
+    self.gcs = str(workdir).startswith(EXACT_LOCK_PREFIXES)
+    self._gcs_lock = _GcsObject(str(self.path)) if self.gcs else None
+    self._generation = None  # gs://: the generation of the lock this process wrote last
+    self._mutex = threading.Lock()  # gs://: a refresh and `lost` never interleave
     self._fd = None
     self._token = uuid.uuid4().hex
     self._stop = threading.Event()
@@ -269,6 +280,8 @@ class WorkdirLock:
     )
 
   def acquire(self) -> "WorkdirLock":
+    if self.gcs:
+      return self._acquire_gcs()
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.local:
       try:
@@ -283,6 +296,8 @@ class WorkdirLock:
     Local: the locked file is no longer `lock.json` (removed, so another start could lock a new
     one). Object stores: `lock.json` names another start (ours went stale and was taken over).
     """
+    if self.gcs:
+      return self._lost_gcs()
     if self._fd is not None:
       try:
         if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
@@ -347,6 +362,90 @@ class WorkdirLock:
   def _write(self):
     self.path.write_text(json.dumps(dict(self.info, heartbeat=time.time())))
 
+  def _acquire_gcs(self):
+    """Exactly one start wins: a create-only write, or a write conditional on the generation of
+    the abandoned lock it read (another taker's or a refreshed lock's write changes it)."""
+    data = json.dumps(self.info)
+    for _ in range(10):  # each pass ends in a refusal, a win, or a lock changed meanwhile
+      generation = self._gcs_lock.write(data, if_generation_match=0)
+      if generation is not None:
+        break
+      held = self._gcs_lock.read()
+      if held is None:
+        continue  # released since: create it again
+      info, read_generation, age = held
+      if info.get("token") == self._token:  # our write landed, its response was lost: retried
+        generation = read_generation
+        break
+      if age < STALE_AFTER_S:
+        self._refuse(info)
+      logging.warning(
+        "Taking over the lock of %s: not refreshed for %d s", self._holder(info), int(age)
+      )
+      generation = self._gcs_lock.write(data, if_generation_match=read_generation)
+      if generation is not None:
+        break
+    else:
+      held = self._gcs_lock.read()
+      self._refuse(held[0] if held else {})
+    self._generation = generation
+    self._thread = threading.Thread(target=self._beat_gcs, daemon=True, name="pf_jax_lock")
+    self._thread.start()
+    _HELD[_key(self.path.parent)] = self
+    return self
+
+  def _beat_gcs(self):
+    while not self._stop.wait(HEARTBEAT_S):
+      with self._mutex:
+        if self._generation is None:
+          return
+        try:
+          generation = self._gcs_lock.write(
+            json.dumps(self.info), if_generation_match=self._generation
+          )
+          if generation is None:  # not our generation: taken over, unless our own write landed
+            held = self._gcs_lock.read()
+            if held is None or held[0].get("token") != self._token:
+              logging.warning(
+                "The workdir lock %s was taken over by %s",
+                self.path,
+                self._holder(held[0] if held else {}),
+              )
+              return
+            generation = held[1]
+          self._generation = generation
+        except OSError as e:
+          logging.warning("Cannot refresh the workdir lock %s: %s", self.path, e)
+
+  def _lost_gcs(self) -> str | None:
+    if self._generation is None:
+      return None  # not acquired
+    with self._mutex:
+      try:
+        held = self._gcs_lock.read()
+      except OSError as e:
+        logging.warning("Cannot read the workdir lock %s: %s", self.path, e)
+        return None  # a storage hiccup is not a takeover
+      if held is not None and (held[1] == self._generation or held[0].get("token") == self._token):
+        return None
+    if held is None:
+      return f"its lock {self.path} was removed"
+    return f"its lock was taken over by {self._holder(held[0])}"
+
+  def _release_gcs(self) -> None:
+    self._stop.set()
+    got = self._mutex.acquire(timeout=5)  # never hang an exit on a refresh in flight
+    generation, self._generation = self._generation, None
+    if got:
+      self._mutex.release()
+    self._thread = None
+    try:
+      held = self._gcs_lock.read()
+      if held is not None and held[1] == generation:  # not another start's lock
+        self._gcs_lock.delete(if_generation_match=generation)
+    except OSError as e:
+      logging.warning("Cannot remove the workdir lock %s: %s", self.path, e)
+
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S) and self._refresh():
       pass
@@ -366,6 +465,10 @@ class WorkdirLock:
   def release(self) -> None:
     """Removes the lock (idempotent; safe from a signal handler's exit path)."""
     _HELD.pop(_key(self.path.parent), None)
+    if self.gcs:
+      if self._generation is not None:
+        self._release_gcs()
+      return
     if self._fd is not None:
       fd, self._fd = self._fd, None
       try:
@@ -389,6 +492,90 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+class _GcsObject:
+  """One Cloud Storage object through google-cloud-storage, whose writes and deletes can be
+  conditional on the object's generation (etils.epath's cannot). Honours STORAGE_EMULATOR_HOST.
+  Failures other than a precondition: OSError, one line."""
+
+  def __init__(self, url: str):
+    self.url = url
+    self.bucket_name, _, self.name = url[len("gs://") :].partition("/")
+    self._bucket = None
+    self._exceptions = None
+
+  def _do(self, fn):
+    """fn(bucket, exceptions); failures but NotFound and PreconditionFailed: OSError, one line."""
+    try:
+      if self._bucket is None:
+        from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+        from google.cloud import storage  # pylint: disable=g-import-not-at-top
+
+        self._bucket, self._exceptions = storage.Client().bucket(self.bucket_name), exceptions
+    except ImportError:
+      raise OSError(
+        f"{self.url}: a gs:// workdir's lock needs the google-cloud-storage package "
+        "(pip install 'pf_jax[train]')"
+      ) from None
+    except Exception as e:  # pylint: disable=broad-except  (credentials)
+      raise OSError(f"{self.url}: {_first_line(e)}") from None
+    try:
+      return fn(self._bucket, self._exceptions)
+    except (self._exceptions.NotFound, self._exceptions.PreconditionFailed):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (HTTP, transport, auth)
+      raise OSError(f"{self.url}: {_first_line(e)}") from None
+
+  def write(self, data: str, *, if_generation_match: int) -> int | None:
+    """The new generation, or None if the object's generation is not `if_generation_match`
+    (0: if the object exists)."""
+
+    def write(bucket, exceptions):
+      blob = bucket.blob(self.name)
+      try:
+        blob.upload_from_string(
+          data, content_type="application/json", if_generation_match=if_generation_match
+        )
+      except exceptions.PreconditionFailed:
+        return None
+      return blob.generation
+
+    return self._do(write)
+
+  def read(self) -> tuple[dict[str, Any], int, float] | None:
+    """(content, generation, seconds since it was written by the server's clock), or None."""
+
+    def read(bucket, exceptions):
+      try:
+        blob = bucket.get_blob(self.name)
+        if blob is None:
+          return None
+        data = blob.download_as_bytes(if_generation_match=blob.generation)
+      except (exceptions.NotFound, exceptions.PreconditionFailed):
+        return None  # removed or rewritten between the two requests: absent for now
+      try:
+        info = json.loads(data)
+      except ValueError:
+        info = None
+      age = time.time() - blob.updated.timestamp() if blob.updated else float("inf")
+      return info if isinstance(info, dict) else {}, blob.generation, age
+
+    return self._do(read)
+
+  def delete(self, *, if_generation_match: int) -> None:
+    def delete(bucket, exceptions):
+      try:
+        bucket.blob(self.name).delete(if_generation_match=if_generation_match)
+      except (exceptions.NotFound, exceptions.PreconditionFailed):
+        pass  # already gone, or another start's lock now
+
+    self._do(delete)
+
+
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 _HELD: dict[str, WorkdirLock] = {}  # workdir -> the lock this process holds on it

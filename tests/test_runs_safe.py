@@ -782,9 +782,12 @@ def test_gs_paths_are_kept_intact(fake_gcs, tmp_path, monkeypatch):
   )
 
 
-def test_the_gs_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
+def test_the_object_store_lock_refuses_a_second_start_and_takes_over_an_abandoned_one(
   fake_gcs, monkeypatch, caplog
 ):
+  """The write-wait-read lock of object stores without conditional writes through epath (gs://
+  itself uses conditional writes: tests/test_gcs.py), on the fake backend."""
+  monkeypatch.setattr(workdir_lib, "EXACT_LOCK_PREFIXES", ())
   monkeypatch.setattr(workdir_lib, "SETTLE_S", 0.0)
   lock_file = fake_gcs / "bucket" / "run" / "lock.json"
   with workdir_lib.WorkdirLock("gs://bucket/run") as held:
