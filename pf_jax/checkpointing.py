@@ -236,8 +236,23 @@ def _move_aside(directory: epath.Path, name: str) -> epath.Path:
   while dst.exists():
     dst, i = broken / f"{name}.{i}", i + 1
   if jax.process_index() == 0:
-    (directory / name).rename(dst)
+    if "://" in str(directory):
+      _move_objects(directory / name, dst)
+    else:
+      (directory / name).rename(dst)
   return dst
+
+
+def _move_objects(src: epath.Path, dst: epath.Path) -> None:
+  """Moves a folder of an object store: each object copied, then the folder removed. (A folder
+  there is only a name prefix: etils.epath's fsspec backend refuses to rename into a folder that
+  holds no object yet, such as a new `checkpoints.broken/`.)"""
+  key = lambda path: str(path).split("://", 1)[-1]  # fsspec's walk drops the gs:// of its roots
+  for root, _, files in src.walk():
+    relative = key(root)[len(key(src)) :].strip("/")
+    for name in files:
+      (src / relative / name).copy(dst / relative / name)
+  src.rmtree()
 
 
 def tidy(directory) -> None:
