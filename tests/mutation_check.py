@@ -27,6 +27,9 @@ REF = "tests/test_train_reference.py"
 MAP = f"{REF}::test_config_maps_to_the_method"
 STEP = f"{REF}::test_trainer_step_equals_the_reference"
 SHRINK = f"{REF}::test_shrink_and_perturb_acts_on_the_state_before_the_gradient"
+FIXTURES = "tests/test_model_fixtures.py::test_model_computes_timms_function"
+EVAL = "tests/test_eval_semantics.py"
+CONSTANTS = "tests/test_paper_constants.py"
 
 
 class Mutation(NamedTuple):
@@ -271,6 +274,72 @@ MUTATIONS = (
     '    finite = checkpointing.all_finite((metrics["loss"], grads, params, new_stats, opt_state))',
     "    finite = jnp.bool_(True)",
     ("tests/test_runs_safe.py::test_a_non_finite_step_is_skipped_inside_the_step_with_batch_norm",),
+  ),
+  # The models' function, checked against timm's logits without torch (tests/data/models).
+  Mutation(
+    "ResNet max-pool padded as XLA's SAME",
+    "pf_jax/models/resnet.py",
+    "x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))",
+    'x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")',
+    (f"{FIXTURES}[resnet50]",),
+  ),
+  Mutation(
+    "ResNet stem: ReLU before BatchNorm",
+    "pf_jax/models/resnet.py",
+    '(7, 7), (2, 2), name="conv_init")(x)\n      x = norm(name="bn_init")(x)\n      x = self.act(x)',
+    '(7, 7), (2, 2), name="conv_init")(x)\n      x = self.act(x)\n      x = norm(name="bn_init")(x)',
+    (f"{FIXTURES}[resnet50]",),
+  ),
+  Mutation(
+    "ViT GELU approximated (tanh)",
+    "pf_jax/models/vit.py",
+    "x = nn.gelu(x, approximate=False)",
+    "x = nn.gelu(x, approximate=True)",
+    (f"{FIXTURES}[vit_s32]",),
+  ),
+  Mutation(
+    "ViT pools the first token",
+    "pf_jax/models/vit.py",
+    "x = jnp.mean(x.astype(jnp.float32), axis=1)",
+    "x = x[:, 0].astype(jnp.float32)",
+    (f"{FIXTURES}[vit_s16]",),
+  ),
+  # Evaluation in inference mode (BatchNorm's running statistics).
+  Mutation(
+    "evaluation with batch statistics",
+    "pf_jax/train.py",
+    'logits, _ = exp.apply(params, batch_stats, batch["image"].astype(exp.dtype), False)',
+    'logits, _ = exp.apply(params, batch_stats, batch["image"].astype(exp.dtype), True)',
+    (f"{EVAL}::test_eval_step_uses_running_statistics",),
+  ),
+  Mutation(
+    "collection with batch statistics",
+    "pf_jax/train.py",
+    'forward = lambda p, b: exp.apply(p, batch_stats, b["image"], False)[0]',
+    'forward = lambda p, b: exp.apply(p, batch_stats, b["image"], True)[0]',
+    (f"{EVAL}::test_collect_step_uses_running_statistics",),
+  ),
+  # Defined constants (tests/test_paper_constants.py states them as the paper does).
+  Mutation(
+    "thresholds from 10^-10",
+    "pf_jax/analysis/information.py",
+    "THRESHOLD_EXPONENTS = np.linspace(-12.0, 0.0, NUM_THRESHOLDS)",
+    "THRESHOLD_EXPONENTS = np.linspace(-10.0, 0.0, NUM_THRESHOLDS)",
+    (f"{CONSTANTS}::test_thresholds_are_ten_to_100_exponents_from_minus_12_to_0",),
+  ),
+  Mutation(
+    "BatchNorm momentum 0.99",
+    "pf_jax/models/resnet.py",
+    "      momentum=0.9,",
+    "      momentum=0.99,",
+    (f"{EVAL}::test_training_mode_normalizes_by_the_batch_and_moves_running_statistics_by_0_1",),
+  ),
+  Mutation(
+    "ViT final LayerNorm epsilon 1e-5",
+    "pf_jax/models/vit.py",
+    'nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name="fc_norm")',
+    'nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name="fc_norm")',
+    (f"{CONSTANTS}::test_vit_layer_norms_have_timms_epsilon_1e_6[vit_s32]",),
   ),
 )
 

@@ -26,6 +26,8 @@ from pf_jax import models
 from pf_jax import train
 from tests import reference as ref
 
+# Compile without LLVM's expensive passes: the same numbers, compiled in a fraction of the time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 EPS = 1e-5  # BatchNorm2d's eps (timm, PyTorch); the hand-built model uses the same
 B, H, W, C, N = 16, 2, 2, 3, 6  # batch, image, classes
 
@@ -202,15 +204,15 @@ def test_training_mode_normalizes_by_the_batch_and_moves_running_statistics_by_0
   model = models.build_model("resnet_tiny", num_classes=N)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
-  init = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  old = jax.tree.map(lambda v: (1 + rng.random(v.shape)).astype(np.float32), init["batch_stats"])
-  params = jax.tree.map(
-    lambda v: (v + 0.1 * rng.normal(size=v.shape)).astype(np.float32), init["params"]
-  )
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)  # values drawn here, not init
+  old = jax.tree.map(lambda v: (1 + rng.random(v.shape)).astype(np.float32), shapes["batch_stats"])
+  params = jax.tree.map(lambda v: rng.normal(size=v.shape).astype(np.float32), shapes["params"])
+  params = jax.tree.map(lambda v: v * (0.3 if v.ndim > 1 else 1.0), params)
   apply = lambda v, x: model.apply(
     v, x, train=True, mutable=["batch_stats", "intermediates"], capture_intermediates=True
   )
-  _, state = jax.jit(apply)({"params": params, "batch_stats": old}, x)
+  variables = {"params": params, "batch_stats": old}
+  _, state = jax.jit(apply).lower(variables, x).compile(_FAST_COMPILE)(variables, x)
   y = np.asarray(_at(state["intermediates"], norm_input)["__call__"][0], np.float64)
   mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
   new, before = _at(state["batch_stats"], norm), _at(old, norm)
