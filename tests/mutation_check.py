@@ -319,6 +319,13 @@ MUTATIONS = (
     'forward = lambda p, b: exp.apply(p, batch_stats, b["image"], True)[0]',
     (f"{EVAL}::test_collect_step_uses_running_statistics",),
   ),
+  Mutation(
+    "sharpness with batch statistics",
+    "pf_jax/analysis/sharpness.py",
+    'logits = model.apply(dict(variables, params=p), batch["image"], train=False)',
+    'logits = model.apply(dict(variables, params=p), batch["image"], train=True, mutable=["batch_stats"])[0]',
+    (f"{EVAL}::test_sharpness_uses_running_statistics",),
+  ),
   # Defined constants (tests/test_paper_constants.py states them as the paper does).
   Mutation(
     "thresholds from 10^-10",
