@@ -51,6 +51,8 @@ CONFIGS = {  # config -> {class: its argument}
   # Section 6.1's pool: SAM and OBF-SAM at the smallest, the paper's and the largest m.
   "configs/cifar10_msweep.py": {"SAM": "steep,64", "OBF-SAM": "obf,64", "OBF-SAM m=1": "obf,1"},
 }
+# Also compiled with its eval steps: the lines of README's command.
+HEADLINE = "run|configs/vit_s32_imagenet.py:sam_obf|OBF-SAM|v4-8|float32"
 # Chunk strategies: ViT-S/32 of this depth, 512 images per chip on a v4-8 (global batch 2048).
 CHUNK_DEPTH = 2
 CHUNK_CASES = [(64, mode) for mode in ("unroll", "scan", "vmap")]
@@ -143,10 +145,16 @@ def compile_one(key: str) -> dict:
     config_validation.validate(c, s.devices, s.hosts)
   except ValueError as e:
     return dict(record, error=str(e))
+  programs = ("train", "eval", "collect") if key == HEADLINE else ("train",)
   with tpu_compile.quiet_libtpu():
     devices = tpu_compile.topology_devices(s)
     start = time.time()
-    (r,) = tpu_compile.compile_programs(c, s, devices, ("train",))
+    reports = tpu_compile.compile_programs(c, s, devices, programs)
+  r = reports[0]
+  if key == HEADLINE:  # the command's own lines (main.py --check_only --compile_for)
+    record["lines"] = [tpu_compile.describe_slice(c, s)] + [
+      tpu_compile.format_line(x, s) for x in reports
+    ]
   exp = tpu_compile.build_experiment(c, s)
   n_chunks = None
   if exp.spec is not None:

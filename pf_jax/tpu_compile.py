@@ -179,23 +179,48 @@ class Report:
   flops: float
   compile_seconds: float
   calls: int | None = None  # how often a run calls it (train: its steps), None: not counted
+  refused: str | None = None  # XLA's own "ran out of memory" (then only total_bytes is known)
+  needed_bytes: int = 0  # with `refused`: the memory XLA said it needs
 
   @property
   def total_bytes(self) -> int:
     """What the program holds at its peak: arguments, temporaries and outputs, less the outputs
-    that reuse donated arguments."""
+    that reuse donated arguments (or what XLA said it needs, when it refused)."""
+    if self.refused:
+      return self.needed_bytes
     return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
 
   def fits(self, s: Slice) -> bool:
-    return self.total_bytes <= s.hbm_gib * GIB
+    return not self.refused and self.total_bytes <= s.hbm_gib * GIB
 
   def bound_ms(self, s: Slice) -> float:
     return 1e3 * self.flops / s.peak_flops
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([KMGT])\b")
+
+
+def _needed_bytes(message: str) -> int:
+  """The first size in XLA's out-of-memory message ("... required for HLO temporaries (48.00G)
+  exceeds available HBM (15.75G)", "Used 20.5G of 15.48G hbm"): what the program needs."""
+  m = _SIZE.search(message)
+  if not m:
+    return 0
+  return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
 def _measure(name: str, jitted, args, calls=None) -> Report:
+  import jax  # pylint: disable=g-import-not-at-top
+
   start = time.time()
-  compiled = jitted.lower(*args).compile()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds the HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    message = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    seconds = time.time() - start
+    return Report(name, 0, 0, 0, 0, 0.0, seconds, calls, message, _needed_bytes(message))
   seconds = time.time() - start
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -316,6 +341,11 @@ def format_line(r: Report, s: Slice) -> str:
   """One program's line: memory against HBM, FLOPs, the time bound and (train) the run's days."""
   g = lambda b: f"{b / GIB:.3g}"
   unit = s.per_device
+  if r.refused:
+    return (
+      f"{r.program}: DOES NOT FIT {g(r.total_bytes)} GiB/{unit} of {s.hbm_gib:g} (XLA: "
+      f"{r.refused}) [compiled in {r.compile_seconds:.0f} s]"
+    )
   line = (
     f"{r.program}: {'fits' if r.fits(s) else 'DOES NOT FIT'} {g(r.total_bytes)} GiB/{unit} "
     f"of {s.hbm_gib:g} (arguments {g(r.argument_bytes)} + temporaries {g(r.temp_bytes)} + "
@@ -344,6 +374,14 @@ def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
   )
   if c.grad_accum_steps > 1:
     line += f" ({c.grad_accum_steps} micro-batches of {gb // s.devices // c.grad_accum_steps})"
+  exp = build_experiment(c, s)
+  if exp.spec is not None:
+    from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+
+    n_chunks, group = sam_family.chunking(exp.spec.m, exp.per_device_batch, exp.num_devices)
+    if group == 1 and n_chunks > 1:
+      strategy = sam_family.chunk_strategy(exp.spec.chunk_mode, n_chunks, "tpu")
+      line += f"; m {exp.spec.m}: {n_chunks} chunks per device, {strategy} on TPU"
   if s.hosts > 1:
     line += (
       f"; {s.hosts} hosts (one process each, compiled here from one): each host reads "
