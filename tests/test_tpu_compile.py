@@ -123,6 +123,33 @@ def test_plain_step_compiled_for_v4_8():
   assert ms == pytest.approx(tflop * 1e12 / 275e12 * 1e3, rel=0.01)
 
 
+@needs_libtpu
+@pytest.mark.parametrize("sam, factor", [("none", 1), ("steepest", 2)])
+def test_matmul_count_of_the_traced_step(monkeypatch, sam, factor):
+  """The step's matmuls counted from its trace (no compilation) equal the hand count, per chip of a
+  v4-8: the plain step once, SAM's twice (ascent and descent passes), with its 2 m-chunks per
+  chip in a `scan`, whose body XLA's own count would see once."""
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def trace_only(name, jitted, args, calls=None):
+    flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr)
+    return tpu_compile.Report(name, 0, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
+
+  monkeypatch.setattr(tpu_compile, "_measure", trace_only)
+  c = cli.build_config(
+    None,
+    [
+      ("sam.perturbation", sam),
+      ("sam.asam", "none"),
+      ("sam.chunk_mode", "scan"),
+      ("global_batch_size", "256"),
+    ],
+  )
+  s = tpu_compile.parse_slice("v4-8")
+  (r,) = tpu_compile.compile_programs(c, s, tpu_compile.topology_devices(s), ("train",))
+  assert r.matmul_flops == factor * vit_digits_step_flops(256) / 4
+
+
 def test_refused_with_the_first_fix_that_compiles_to_fit(monkeypatch):
   """Exit status 2 and one stderr line per program that does not fit, naming the first change
   (scan the chunks, bfloat16, then 2, 4, ... times the accumulation) whose compiled program fits.
