@@ -39,9 +39,11 @@ CHUNK_MODES = ("auto", "vmap", "scan", "unroll")
 # "auto" unrolls up to this many chunks per device, beyond it scans (compile time and program
 # size grow with every unrolled chunk). Measured in docs/sam-family.md ("Chunk strategies").
 MAX_UNROLLED_CHUNKS = 16
-# "auto"'s threshold per platform (others: MAX_UNROLLED_CHUNKS). TPU: from the programs compiled for
-# a TPU topology, docs/benchmarks.md ("Compiled for TPU").
-AUTO_RULES = {"cpu": MAX_UNROLLED_CHUNKS, "tpu": MAX_UNROLLED_CHUNKS}
+# "auto" unrolls up to this many chunks per device on each platform (others: MAX_UNROLLED_CHUNKS).
+# TPU: scan from 2 chunks on. Compiled for a v4 (docs/benchmarks.md, "Compiled for TPU"), scan
+# needs the same FLOPs, less than half unroll's memory at 8 chunks and a fraction of its compile
+# time; XLA:CPU's slow loops (convolutions) are what made the CPU rule unroll.
+AUTO_RULES = {"cpu": MAX_UNROLLED_CHUNKS, "tpu": 1}
 METRIC_NAMES = ("loss", "perturbed_loss", "ascent_norm", "rho")
 
 Forward = Callable[[Any, Any], Any]  # (params, batch) -> logits, or (logits, aux) if has_aux

@@ -246,3 +246,13 @@ def test_auto_chunk_strategy_sees_the_target_platform():
     step = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
     step.trace(jax.ShapeDtypeStruct((8,), jnp.float32))
   assert seen == ["cpu", "tpu"]
+
+
+def test_auto_scans_on_tpu_and_keeps_the_cpu_rule():
+  from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
+
+  tpu = [sam_family.chunk_strategy("auto", n, "tpu") for n in (2, 8, 16, 64)]
+  cpu = [sam_family.chunk_strategy("auto", n, "cpu") for n in (2, 8, 16, 64)]
+  assert tpu == ["scan"] * 4
+  assert cpu == ["unroll", "unroll", "unroll", "scan"]
+  assert sam_family.chunk_strategy("unroll", 64, "tpu") == "unroll"  # an explicit mode stays
