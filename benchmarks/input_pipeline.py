@@ -73,19 +73,21 @@ def write_imagenet_like(data_dir: str, num_images: int, seed: int = 0) -> None:
   )
 
 
-def pipeline_rate(data_dir, batch, image_size, batches, warmup, shuffle_buffer) -> dict:
-  """images/s of train_iterator over `batches` batches after `warmup` batches."""
+def imagenet_batches(data_dir, batch, image_size, shuffle_buffer):
+  """`train_iterator` of ImageNet with a run's arguments (`experiment.pipeline_args`, seed 0)."""
+  from pf_jax import config_fields
+  from pf_jax import experiment
   from pf_jax import input_pipeline
 
-  it = input_pipeline.train_iterator(
-    "imagenet2012",
-    data_dir=data_dir,
-    image_size=image_size,
-    local_batch_size=batch,
-    seed=0,
-    shuffle_buffer=shuffle_buffer,
-    crop_area_min=0.08,
-  )
+  c = config_fields.defaults()
+  c.data_dir, c.image_size, c.shuffle_buffer = data_dir, image_size, shuffle_buffer
+  args = experiment.pipeline_args(c, "train", batch)
+  return input_pipeline.train_iterator("imagenet2012", **args)
+
+
+def pipeline_rate(data_dir, batch, image_size, batches, warmup, shuffle_buffer) -> dict:
+  """images/s of train_iterator over `batches` batches after `warmup` batches."""
+  it = imagenet_batches(data_dir, batch, image_size, shuffle_buffer)
   for _ in range(warmup):
     b = next(it)
   assert b["image"].shape == (batch, image_size, image_size, 3), b["image"].shape
@@ -115,15 +117,7 @@ def step_rates(model, data_dir, batch, image_size, rounds) -> dict:
 
   # The same OBF-SAM step fed by the pipeline (the host prepares the next batches meanwhile).
   step = jax.jit(jb.sam_step(obf))
-  it = input_pipeline.train_iterator(
-    "imagenet2012",
-    data_dir=data_dir,
-    image_size=image_size,
-    local_batch_size=batch,
-    seed=0,
-    shuffle_buffer=1000,
-  )
-  it = input_pipeline.prefetch_to_device(it, 2)
+  it = input_pipeline.prefetch_to_device(imagenet_batches(data_dir, batch, image_size, 1000), 2)
   params, stats, opt_state, _, k = args
   jax.block_until_ready(step(params, stats, opt_state, next(it), k))
   times = []

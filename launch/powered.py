@@ -80,7 +80,7 @@ SEARCH = (
 # Wall seconds measured on this 2-core CPU while shared (load average ~10; docs/reproduction.md,
 # "Wall time"): a search run (200 steps) and a training run (275 steps) of a SAM-family method
 # whose programs this process already compiled (every seed of a config after its first:
-# train.reused), and the first seed of a config on top (tracing and compiling). At that load a run
+# train.cached_program), and the first seed of a config on top (tracing and compiling). At that load a run
 # got CORES cores: the work is CPU-bound, so an idle machine gives it up to 2.
 SEARCH_RUN_S, TRAIN_RUN_S, CONFIG_S, CORES = 18.0, 23.0, 40.0, 0.75
 # Evaluated once, at the last step (no curves): the powered runs only need the final accuracy.

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from pf_jax import config_fields
 from pf_jax import workdir as workdir_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
@@ -190,6 +191,67 @@ def check_intact(mngr: ocp.CheckpointManager, workdir, step: int) -> None:
     failed = bool(multihost_utils.broadcast_one_to_all(failed))
   if failed:
     raise StorageError(problem or f"process 0 stopped the run before saving step {step}")
+
+
+class RunCheckpoints:
+  """One run's checkpoints (`<workdir>/checkpoints`): restore, periodic asynchronous saves and
+  their completion reports, the stop after a preemption.
+
+  Args:
+    workdir: the run's directory (an `epath.Path`).
+    config: the run's config (its checkpointing fields; stored with every checkpoint).
+    on_saved: (step, directory) -> None, called once a save has completed.
+  """
+
+  def __init__(self, workdir: epath.Path, config, on_saved: Callable[[int, Any], None]):
+    self.workdir, self.config, self.on_saved = workdir, config, on_saved
+    self.directory = workdir / "checkpoints"
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        **config_fields.library_kwargs(config, "CheckpointManagerOptions"), create=True
+      ),
+    )
+    self._saving = None  # the step whose asynchronous save is not yet reported
+
+  def restore(self, target: Any):
+    """The newest state that restores into `target` (`restore_latest`), or None."""
+    return restore_latest(self.manager, target)[1]
+
+  def last_good(self) -> str:
+    return last_good(self.manager)
+
+  def reached_preemption(self, step: int) -> bool:
+    """A TPU/cluster preemption notice (all processes agree on the step)."""
+    return self.manager.reached_preemption(step)
+
+  def maybe_save(self, step: int, state: Any, *, due: bool, preempted: bool, last: bool) -> None:
+    """Reports an earlier save that completed; saves `state` if `due` (forced when `preempted`);
+    when `preempted` or `last`, waits for the save and reports it."""
+    if self._saving and (
+      due or (jax.process_count() == 1 and not self.manager.is_saving_in_progress())
+    ):
+      self._finish()
+    if due:  # not into a workdir removed meanwhile (orbax would recreate it silently)
+      check_intact(self.manager, self.workdir, step)
+      save(self.manager, step, state, force=preempted, config=self.config)
+      self._saving = step
+    if self._saving and (preempted or last):
+      self._finish()
+
+  def close(self) -> None:
+    """Waits for every save, then closes the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def check_intact(self, step: int) -> None:
+    """`check_intact` of this run."""
+    check_intact(self.manager, self.workdir, step)
+
+  def _finish(self) -> None:
+    finish(self.manager, self._saving)
+    self.on_saved(self._saving, self.manager.directory)
+    self._saving = None
 
 
 def _removed(path, step: int) -> str:

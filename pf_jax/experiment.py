@@ -37,8 +37,8 @@ from pf_jax import schedules
 _OPTIMIZERS = {"adamw": optimizers.adamw, "sgdw": optimizers.sgdw}  # config.optimizer
 
 
-class TrainState(flax.struct.PyTreeNode):
-  """What a checkpoint holds.
+class RunState(flax.struct.PyTreeNode):
+  """What a checkpoint holds (a run's state; `pf_jax.TrainState` is the library's Flax one).
 
   Attributes:
     step: the number of steps taken.
@@ -71,6 +71,42 @@ def schedule(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int
   total = c.num_train_steps if c.num_train_steps is not None else int(c.num_epochs * per_epoch)
   warmup = c.warmup_steps if c.warmup_steps is not None else int(c.warmup_epochs * per_epoch)
   return total, warmup, per_epoch
+
+
+def pipeline_args(c: ml_collections.ConfigDict, use: str, local_batch_size: int) -> dict[str, Any]:
+  """`input_pipeline`'s keyword arguments for one `use` of `c`'s data (the one place that maps
+  config fields to them).
+
+  Args:
+    c: a config.
+    use: "train" (`train_iterator`), "eval" (`eval_iterator` of an evaluation dataset), "collect"
+      (the forgetting split, at the training image size) or "sharpness" (the training split as
+      the authors' Hessian reads it: the eval crop with the training resize, bilinear).
+    local_batch_size: examples per batch of this process.
+  """
+  common = dict(
+    data_dir=c.data_dir, local_batch_size=local_batch_size, normalization=c.image_normalization
+  )
+  if use == "train":
+    return dict(
+      common,
+      image_size=c.image_size,
+      seed=c.seed,
+      shuffle_buffer=c.shuffle_buffer,
+      crop_area_min=c.crop_area_min,
+    )
+  if use == "eval":
+    return dict(common, image_size=eval_image_size(c), interpolation=c.eval_interpolation)
+  if use == "collect":
+    return dict(common, image_size=c.image_size, interpolation=c.eval_interpolation)
+  if use == "sharpness":
+    return dict(common, image_size=c.image_size, interpolation="bilinear")
+  raise ValueError(f"use must be 'train', 'eval', 'collect' or 'sharpness', got {use!r}")
+
+
+def eval_image_size(c: ml_collections.ConfigDict) -> int:
+  """Side of evaluation images: `eval_image_size`, or `image_size` when None."""
+  return c.eval_image_size if c.eval_image_size is not None else c.image_size
 
 
 def per_device_batch(c: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -227,13 +263,23 @@ class Experiment:
     None: computed from `config.seed` (a constant of the program)."""
     return jax.random.fold_in(self.seed_key() if seed_key is None else seed_key, step)
 
+  def pipeline_args(self, use: str) -> dict[str, Any]:
+    """`pipeline_args(config, use, ...)` at this run's batch per process: "train" (the batch),
+    "eval" (the eval batch) or "collect" (a micro-batch: the program's shapes)."""
+    batch = {
+      "train": self.local_batch_size,
+      "eval": self.local_eval_batch_size,
+      "collect": self.local_micro_batch_size,
+    }[use]
+    return pipeline_args(self.config, use, batch)
+
   def model_in(self, dtype) -> Any:
     """The same model computing in `dtype` (the sharpness tool uses float32)."""
     c = self.config
     kwargs = config_fields.library_kwargs(c, "build_model")
     return models.build_model(c.model, num_classes=self.num_classes, dtype=dtype, **kwargs)
 
-  def init_state(self, seed_key=None) -> TrainState:
+  def init_state(self, seed_key=None) -> RunState:
     """A fresh state from `config.seed` (pure: jit it, or `jax.eval_shape` it for a target);
     `seed_key`: `seed_key()` passed in as an argument, or None: computed from `config.seed`."""
     size = self.config.image_size
@@ -243,14 +289,14 @@ class Experiment:
     params = flax.core.unfreeze(variables["params"])
     return self.state_at(params, flax.core.unfreeze(variables.get("batch_stats", {})))
 
-  def state_at(self, params, batch_stats) -> TrainState:
+  def state_at(self, params, batch_stats) -> RunState:
     """The step-0 state at these variables: a fresh optimizer state and, with shrink-and-perturb,
     these variables as its initial values (also for a fine-tuning run's loaded weights)."""
     init_variables = None
     if self.shrink is not None:
       # Copies: the step donates the state, and one buffer cannot be donated twice.
       init_variables = jax.tree.map(jnp.array, {"params": params, "batch_stats": batch_stats})
-    return TrainState(
+    return RunState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
@@ -312,5 +358,5 @@ def build(
     local_batch_size=c.global_batch_size // num_processes,
     local_micro_batch_size=c.global_batch_size // c.grad_accum_steps // num_processes,
     local_eval_batch_size=c.eval_batch_size // num_processes,
-    eval_image_size=c.eval_image_size if c.eval_image_size is not None else c.image_size,
+    eval_image_size=eval_image_size(c),
   )

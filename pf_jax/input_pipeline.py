@@ -431,7 +431,7 @@ def eval_iterator(dataset: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
 MAX_SHARED_STREAMS = 6  # a search point's 3 seeds in a row; 3 evaluation sets
 
 
-def shared(cache: dict | None, key, make) -> Iterator[Any]:
+def cached_batches(cache: dict | None, key, make) -> Iterator[Any]:
   """`make()`'s batches, computed once in this process for every run that reads the same ones.
 
   A launcher trains several methods on one seed (the same batches: their order and augmentation

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
@@ -32,7 +31,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pf_jax import checkpointing
-from pf_jax import config_fields
 from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
 from pf_jax import pretrained
@@ -40,7 +38,7 @@ from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import workdir as workdir_lib
 from pf_jax.analysis import collect as collect_lib  # the one hook (module doc)
-from pf_jax.experiment import TrainState  # noqa: F401  (re-exported)
+from pf_jax.experiment import RunState
 
 AXIS = "data"
 
@@ -73,7 +71,9 @@ def top1(logits, labels) -> jax.Array:
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
-def reused(cache: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build):
+def cached_program(
+  cache: dict | None, kind: str, exp: experiment_lib.Experiment, mesh: Mesh, build
+):
   """`build()`, or what it returned for an earlier run of `cache` that differs only in its seed.
 
   The programs take the seed's key as an argument, so runs of one config with other seeds (a
@@ -118,13 +118,13 @@ def make_train_step(exp: experiment_lib.Experiment, mesh: Mesh, cache: dict | No
   Args:
     exp: the run.
     mesh: the 1-D device mesh (axis "data").
-    cache: `reused`'s dict, or None.
+    cache: `cached_program`'s dict, or None.
 
   Returns:
     (state, batch) -> (state, metrics): jit(shard_map(step)) with the seed's key as an argument;
     the state is donated, the metrics replicated.
   """
-  program = reused(cache, "train", exp, mesh, lambda: _train_program(exp, mesh))
+  program = cached_program(cache, "train", exp, mesh, lambda: _train_program(exp, mesh))
   seed_key = replicated_seed_key(exp, mesh)
   return lambda state, batch: program(state, batch, seed_key)
 
@@ -138,7 +138,7 @@ def _train_program(exp: experiment_lib.Experiment, mesh: Mesh):
     logits, new_stats = exp.apply(params, batch_stats, b["image"], True)
     return logits, (new_stats, top1(logits, b["label"]))
 
-  def step(state: TrainState, batch, seed_key):
+  def step(state: RunState, batch, seed_key):
     batch = {"image": batch["image"].astype(dtype), "label": batch["label"]}
     params, batch_stats = state.params, state.batch_stats
     if exp.shrink is not None:  # shrink-and-perturb: the whole state, before the forward pass
@@ -261,24 +261,17 @@ def evaluate(
     state: the training state.
     eval_steps: {dataset: its `make_eval_step`}.
     batch_sharding: how a batch is laid out over the devices.
-    cache: `input_pipeline.shared`'s dict (the batches of earlier evaluations), or None.
+    cache: `input_pipeline.cached_batches`'s dict (the batches of earlier evaluations), or None.
 
   Returns:
     {"eval/<dataset>/top1": ..., "eval/<dataset>/real_top1": ... (ReaL only)}.
   """
-  c = exp.config
-  results = {}
+  results, args = {}, exp.pipeline_args("eval")
   for name, eval_step in eval_steps.items():
-    kwargs = dict(
-      data_dir=c.data_dir,
-      image_size=exp.eval_image_size,
-      local_batch_size=exp.local_eval_batch_size,
-      interpolation=c.eval_interpolation,
-      normalization=c.image_normalization,
-    )
-    key = ("eval", name, jax.process_index(), jax.process_count(), *sorted(kwargs.items()))
-    it = input_pipeline.shared(
-      cache, key, lambda name=name, kwargs=kwargs: input_pipeline.eval_iterator(name, **kwargs)
+    it = input_pipeline.cached_batches(
+      cache,
+      _iterator_key("eval", name, args),
+      lambda name=name: input_pipeline.eval_iterator(name, **args),
     )
     totals = None
     for batch in input_pipeline.prefetch_to_device(it, 2, batch_sharding):
@@ -309,7 +302,7 @@ def pretrained_variables(path: str, model_name: str):
   return pretrained.read(path, model_name)[:2]
 
 
-def load_pretrained(exp: experiment_lib.Experiment, state: TrainState, path: str) -> TrainState:
+def load_pretrained(exp: experiment_lib.Experiment, state: RunState, path: str) -> RunState:
   """`state` with the parameters and BatchNorm statistics of config.init_from, but its own head
   and a fresh optimizer state (`pretrained.load`, which also says what it loaded).
 
@@ -334,16 +327,99 @@ def train_and_evaluate(
   (unless `allow_config_change`), checkpointing.NonFiniteError after
   `config.max_consecutive_nonfinite` skipped non-finite steps. `note` ends the start line (e.g.
   what a `,local` variant changed). `cache`: a dict kept across runs in one process: later runs
-  of the same config with another seed reuse its compiled programs (`reused`), and runs that read
-  the same training or evaluation batches reuse those (`input_pipeline.shared`).
+  of the same config with another seed reuse its compiled programs (`cached_program`), and runs that read
+  the same training or evaluation batches reuse those (`input_pipeline.cached_batches`).
   """
-  c = config
-  workdir = checkpointing.as_path(workdir)
+  c, workdir = config, checkpointing.as_path(workdir)
+  exp, eval_sizes, has_run = _prepare(c, workdir, allow_config_change)
+  total_steps, lead = exp.total_steps, jax.process_index() == 0
+  mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+  batch_sharding = NamedSharding(mesh, P(AXIS))
+  checkpoints = checkpointing.RunCheckpoints(
+    workdir, c, on_saved=lambda step, directory: report.checkpoint(step, directory)
+  )
+  state, loaded = _initial_state(exp, mesh, checkpoints, cache, has_run)
+  start_step = int(jax.device_get(state.step))
+  if lead:
+    workdir_lib.save_config(workdir, c)
+  writer = _writer(c, workdir, start_step)
+  hooks = (
+    [periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir))]
+    if c.profile and lead
+    else []
+  )
+  train_step = make_train_step(exp, mesh, cache)
+  eval_steps = make_eval_steps(exp, mesh, cache)
+  collect = _Collector(exp, mesh, state, batch_sharding, workdir, writer, start_step)
+  train_iter = _train_iterator(exp, start_step, cache, batch_sharding)
+  report = reporting.Reporter(total_steps, start_step, enabled=lead)
+  _start_line(report, exp, state, eval_sizes, workdir, note, loaded)
+  if start_step:
+    report.resumed(start_step, checkpoints.directory)
+  metrics_log, results = _MetricsLog(c, checkpoints, writer), {}
+  with checkpointing.SignalCatcher() as signals:
+    for step in range(start_step + 1, total_steps + 1):
+      if step == start_step + 1:
+        report.compiling()
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, next(train_iter))
+      if step == start_step + 1:  # the only wait outside logging: compilation, then steady rate
+        jax.block_until_ready(metrics)
+        report.compiled(step)
+      metrics_log.add(metrics)  # device arrays; fetched only when logging or saving
+      for hook in hooks:
+        hook(step)
+      last = step == total_steps
+      # SIGTERM/SIGINT (this process) or a TPU/cluster preemption notice (multi-host sync).
+      preempted = signals.received is not None or checkpoints.reached_preemption(step)
+      save = due(step, c.checkpoint_every_steps, last) or preempted
+      if due(step, c.log_every_steps, last) or save:
+        metrics_log.fetch(step)  # NonFiniteError after too many skipped steps
+      if due(step, c.log_every_steps, last):
+        summary = metrics_log.summary()
+        summary["steps_per_sec"] = report.train(step, summary)
+        writer.write_scalars(step, summary)
+      if due(step, c.eval_every_steps, last) and not preempted:  # preempted: save first
+        results = _evaluate_and_log(
+          exp, state, eval_steps, batch_sharding, cache, writer, report, step
+        )
+      if not preempted:  # the forgetting split's outputs at theta and theta^p
+        collect.at(step, state)
+      checkpoints.maybe_save(step, state, due=save, preempted=preempted, last=last)
+      if preempted:
+        checkpoints.close()
+        writer.flush()
+        logging.warning(
+          "Preempted at step %d: checkpoint saved in %s, stopping", step, checkpoints.directory
+        )
+        raise checkpointing.Preempted(step, checkpoints.directory)
+  checkpoints.close()
+  if not results and start_step >= total_steps:  # already finished: report the final evaluation
+    results = evaluate(exp, state, eval_steps, batch_sharding, cache)
+    writer.write_scalars(total_steps, results)
+  writer.flush()
+  final_step = int(jax.device_get(state.step))
+  checkpoints.check_intact(final_step)  # results only beside the run
+  if results and lead and final_step == total_steps:
+    workdir_lib.save_results(workdir, total_steps, results)
+  report.summary(
+    final_step, results, workdir, note=None if final_step == total_steps else "stopped early"
+  )
+  return results
+
+
+def due(step: int, every: int, last: bool) -> bool:
+  """Periodic work runs every `every` steps and at the run's last step."""
+  return step % every == 0 or last
+
+
+def _prepare(c, workdir, allow_change: bool):
+  """(Experiment, {eval dataset: size}, whether the workdir holds checkpoints) after the checks
+  that must pass before anything compiles: the workdir's run and config, every dataset read."""
   checkpoint_dir = workdir / "checkpoints"
   checkpointing.tidy(checkpoint_dir)
   has_run = checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir())
-  workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_config_change)
-  # Every dataset the run will read must be readable now, not after hours of training.
+  workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_change)
   exp = make_experiment(c)
   eval_sizes = {
     name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets
@@ -357,39 +433,35 @@ def train_and_evaluate(
       exp.spec.m,
       exp.spec.m // exp.per_device_batch,
     )
-  total_steps = exp.total_steps
+  return exp, eval_sizes, has_run
 
-  mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(AXIS))
 
-  checkpoints = ocp.CheckpointManager(
-    checkpoint_dir,
-    options=ocp.CheckpointManagerOptions(
-      **config_fields.library_kwargs(c, "CheckpointManagerOptions"), create=True
-    ),
-  )
-  state, loaded = None, None  # loaded: what config.init_from gave, for the start line
-  if has_run:  # restore into the structure and shardings of a fresh state
-    target = jax.eval_shape(exp.init_state)
+def _initial_state(exp, mesh: Mesh, checkpoints, cache, has_run: bool):
+  """(state, what config.init_from loaded or None): the newest restorable checkpoint, else a
+  fresh state (with config.init_from's weights)."""
+  c, replicated = exp.config, NamedSharding(mesh, P())
+  if has_run:  # restored into the structure and shardings of a fresh state
     target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), target
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(exp.init_state),
     )
-    _, state = checkpointing.restore_latest(checkpoints, target)
-  if state is None:  # compiled init: much faster than op-by-op for large models
-    if jax.process_index() == 0:  # seconds to minutes of silence otherwise (issue 30)
-      logging.info("initializing %s (compiling its init)", c.model)
-    init = reused(
-      cache, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
-    )
-    state = init(replicated_seed_key(exp, mesh))
-    if c.init_from is not None:  # finetuning reads the other run's checkpoint on the host
-      state, loaded = pretrained.load(exp, jax.device_get(state), c.init_from)
-      state = jax.device_put(state, replicated)
-  start_step = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
-    workdir_lib.save_config(workdir, c)
+    state = checkpoints.restore(target)
+    if state is not None:
+      return state, None
+  if jax.process_index() == 0:  # seconds to minutes of silence otherwise
+    logging.info("initializing %s (compiling its init)", c.model)
+  init = cached_program(
+    cache, "init", exp, mesh, lambda: jax.jit(exp.init_state, out_shardings=replicated)
+  )
+  state = init(replicated_seed_key(exp, mesh))  # compiled: much faster than op by op
+  if c.init_from is None:
+    return state, None
+  state, loaded = pretrained.load(exp, jax.device_get(state), c.init_from)  # on the host
+  return jax.device_put(state, replicated), loaded
 
+
+def _writer(c, workdir, start_step: int):
+  """clu's writer (TensorBoard on process 0); the hyperparameters at a run's first start."""
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(
@@ -398,53 +470,36 @@ def train_and_evaluate(
         for k, v in workdir_lib.flatten(c.to_dict()).items()
       }
     )
-  hooks = []  # steps_per_sec is written with every train log (the Reporter's rate)
-  if c.profile and jax.process_index() == 0:
-    hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir)))
+  return writer
 
-  train_step = make_train_step(exp, mesh, cache)
-  eval_steps = {
-    name: reused(
+
+def make_eval_steps(exp: experiment_lib.Experiment, mesh: Mesh, cache: dict | None = None):
+  """{evaluation dataset: its compiled `make_eval_step`} (`cached_program` across seeds)."""
+  return {
+    name: cached_program(
       cache,
       f"eval/{name}",
       exp,
       mesh,
       lambda name=name: make_eval_step(exp, mesh, input_pipeline.class_subset(name)),
     )
-    for name in c.eval_datasets
+    for name in exp.config.eval_datasets
   }
-  collect_every = c.analysis.collect_every_steps
-  collect_step = make_collect_step(exp, mesh) if collect_every else None
-  missed = collect_lib.missed_note(workdir, collect_every, start_step, total_steps)
-  if missed and jax.process_index() == 0:
-    logging.warning("%s", missed)
-  if (
-    collect_every
-    and start_step
-    and start_step % collect_every == 0
-    and not collect_lib.has_point(workdir, start_step)
-  ):  # preempted right at a collection step
-    writer.write_scalars(
-      start_step,
-      collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=start_step),
-    )
-  train_kwargs = dict(
-    data_dir=c.data_dir,
-    image_size=c.image_size,
-    local_batch_size=exp.local_batch_size,
-    seed=c.seed,
-    shuffle_buffer=c.shuffle_buffer,
-    crop_area_min=c.crop_area_min,
-    normalization=c.image_normalization,
-  )
-  train_iter = input_pipeline.shared(
-    None if start_step else cache,  # a resumed run reads its own batches from start_step
-    ("train", c.dataset, jax.process_index(), jax.process_count(), *sorted(train_kwargs.items())),
-    lambda: input_pipeline.train_iterator(c.dataset, start_step=start_step, **train_kwargs),
-  )
-  train_iter = input_pipeline.prefetch_to_device(train_iter, 2, batch_sharding)
 
-  report = reporting.Reporter(total_steps, start_step, enabled=jax.process_index() == 0)
+
+def _train_iterator(exp, start_step: int, cache, batch_sharding):
+  """The training batches from `start_step` on, prefetched onto the devices."""
+  c, args = exp.config, exp.pipeline_args("train")
+  it = input_pipeline.cached_batches(
+    None if start_step else cache,  # a resumed run reads its own batches from start_step
+    _iterator_key("train", c.dataset, args),
+    lambda: input_pipeline.train_iterator(c.dataset, start_step=start_step, **args),
+  )
+  return input_pipeline.prefetch_to_device(it, 2, batch_sharding)
+
+
+def _start_line(report, exp, state, eval_sizes, workdir, note, loaded) -> None:
+  c = exp.config
   report.start(
     c.model,
     sum(x.size for x in jax.tree.leaves(state.params)),
@@ -459,92 +514,75 @@ def train_and_evaluate(
     note=note,
     loaded=loaded,
   )
-  if start_step:
-    report.resumed(start_step, checkpoint_dir)
-  pending, fetched, results, streak, saving = [], [], {}, 0, None
-  with checkpointing.SignalCatcher() as signals:
-    for step in range(start_step + 1, total_steps + 1):
-      first = step == start_step + 1
-      if first:
-        report.compiling()
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, next(train_iter))
-      if first:  # the only wait outside logging: compilation time, then the steady rate
-        jax.block_until_ready(metrics)
-        report.compiled(step)
-      pending.append(
-        metrics
-      )  # device arrays; fetched only when logging or saving (no per-step sync)
-      for hook in hooks:
-        hook(step)
-      last = step == total_steps
-      # SIGTERM/SIGINT (this process) or a TPU/cluster preemption notice (multi-host sync).
-      preempted = signals.received is not None or checkpoints.reached_preemption(step)
-      save = step % c.checkpoint_every_steps == 0 or last or preempted
-      if step % c.log_every_steps == 0 or last or save:
-        for i, m in enumerate(jax.device_get(pending)):  # skipped steps were decided in the step
-          streak = streak + 1 if m["nonfinite"] else 0
-          if streak >= c.max_consecutive_nonfinite:
-            writer.flush()
-            raise checkpointing.NonFiniteError(
-              f"{streak} consecutive steps with a non-finite loss or gradient (skipped), the last at "
-              f"step {step - len(pending) + 1 + i}: stopping; last good checkpoint: "
-              f"{checkpointing.last_good(checkpoints)}"
-            )
-          fetched.append(m)
-        pending = []
-      if step % c.log_every_steps == 0 or last:
-        summary = _summarize(fetched)
-        summary["steps_per_sec"] = report.train(step, summary)
-        writer.write_scalars(step, summary)
-        fetched = []
-      if (step % c.eval_every_steps == 0 or last) and not preempted:  # preempted: save first
-        eval_start = time.time()
-        results = evaluate(exp, state, eval_steps, batch_sharding, cache)
-        writer.write_scalars(step, results)
-        report.eval(step, results, time.time() - eval_start)
-      if collect_every and step % collect_every == 0 and not preempted:  # outputs at theta, theta^p
-        writer.write_scalars(
-          step,
-          collect_lib.collect_point(exp, state, collect_step, batch_sharding, workdir, step=step),
-        )
-      # A save is reported once it completed (asynchronous; a failure is one StorageError line).
-      if saving and (
-        save or (jax.process_count() == 1 and not checkpoints.is_saving_in_progress())
-      ):
-        checkpointing.finish(checkpoints, saving)
-        report.checkpoint(saving, checkpoints.directory)
-        saving = None
-      if save:  # not into a workdir removed meanwhile (orbax would recreate it silently)
-        checkpointing.check_intact(checkpoints, workdir, step)
-        checkpointing.save(checkpoints, step, state, force=preempted, config=c)
-        saving = step
-      if saving and (preempted or last):
-        checkpointing.finish(checkpoints, saving)
-        report.checkpoint(saving, checkpoints.directory)
-        saving = None
-      if preempted:
-        checkpoints.wait_until_finished()
-        checkpoints.close()
-        writer.flush()
-        logging.warning(
-          "Preempted at step %d: checkpoint saved in %s, stopping", step, checkpoint_dir
-        )
-        raise checkpointing.Preempted(step, checkpoint_dir)
-  checkpoints.wait_until_finished()
-  checkpoints.close()
-  if not results and start_step >= total_steps:  # already finished: report the final evaluation
-    results = evaluate(exp, state, eval_steps, batch_sharding, cache)
-    writer.write_scalars(total_steps, results)
-  writer.flush()
-  final_step = int(jax.device_get(state.step))
-  checkpointing.check_intact(checkpoints, workdir, final_step)  # results only beside the run
-  if results and jax.process_index() == 0 and final_step == total_steps:
-    workdir_lib.save_results(workdir, total_steps, results)
-  report.summary(
-    final_step, results, workdir, note=None if final_step == total_steps else "stopped early"
-  )
+
+
+def _iterator_key(use: str, dataset: str, args: dict) -> tuple:
+  """`input_pipeline.cached_batches`'s key: the same batches for the same arguments on this process."""
+  return (use, dataset, jax.process_index(), jax.process_count(), *sorted(args.items()))
+
+
+def _evaluate_and_log(exp, state, eval_steps, batch_sharding, cache, writer, report, step):
+  eval_start = time.time()
+  results = evaluate(exp, state, eval_steps, batch_sharding, cache)
+  writer.write_scalars(step, results)
+  report.eval(step, results, time.time() - eval_start)
   return results
+
+
+class _Collector:
+  """The forgetting split's outputs every `analysis.collect_every_steps` steps (`analysis.collect`);
+  at the start, says which collections a resumed run missed and makes up one it was preempted at."""
+
+  def __init__(self, exp, mesh, state, batch_sharding, workdir, writer, start_step: int):
+    self.exp, self.batch_sharding, self.workdir, self.writer = exp, batch_sharding, workdir, writer
+    self.every = exp.config.analysis.collect_every_steps
+    self.step_fn = make_collect_step(exp, mesh) if self.every else None
+    missed = collect_lib.missed_note(workdir, self.every, start_step, exp.total_steps)
+    if missed and jax.process_index() == 0:
+      logging.warning("%s", missed)
+    if (
+      self.every
+      and start_step
+      and start_step % self.every == 0
+      and not collect_lib.has_point(workdir, start_step)
+    ):  # preempted right at a collection step
+      self.at(start_step, state)
+
+  def at(self, step: int, state) -> None:
+    if self.every and step % self.every == 0:
+      point = collect_lib.collect_point(
+        self.exp, state, self.step_fn, self.batch_sharding, self.workdir, step=step
+      )
+      self.writer.write_scalars(step, point)
+
+
+class _MetricsLog:
+  """The train metrics since the last log line: kept on device until a log or save fetches them;
+  a run stops after `max_consecutive_nonfinite` skipped (non-finite) steps in a row."""
+
+  def __init__(self, c, checkpoints, writer):
+    self.limit, self.checkpoints, self.writer = c.max_consecutive_nonfinite, checkpoints, writer
+    self.pending, self.fetched, self.streak = [], [], 0
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+
+  def fetch(self, step: int) -> None:
+    for i, m in enumerate(jax.device_get(self.pending)):  # skipped steps were decided in the step
+      self.streak = self.streak + 1 if m["nonfinite"] else 0
+      if self.streak >= self.limit:
+        self.writer.flush()
+        raise checkpointing.NonFiniteError(
+          f"{self.streak} consecutive steps with a non-finite loss or gradient (skipped), the "
+          f"last at step {step - len(self.pending) + 1 + i}: stopping; last good checkpoint: "
+          f"{self.checkpoints.last_good()}"
+        )
+      self.fetched.append(m)
+    self.pending = []
+
+  def summary(self) -> dict[str, float]:
+    summary, self.fetched = _summarize(self.fetched), []
+    return summary
 
 
 # Metrics that are schedules of the step: logged at the log step, not averaged since the last log.

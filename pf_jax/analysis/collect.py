@@ -61,14 +61,8 @@ def collect(exp, state, collect_step, batch_sharding) -> dict[str, np.ndarray]:
   """
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
 
-  c = exp.config
   it = input_pipeline.eval_iterator(
-    experiment.forgetting_dataset(c),
-    data_dir=c.data_dir,
-    image_size=c.image_size,
-    local_batch_size=exp.local_micro_batch_size,
-    interpolation=c.eval_interpolation,
-    normalization=c.image_normalization,
+    experiment.forgetting_dataset(exp.config), **exp.pipeline_args("collect")
   )
   outputs, labels, masks = [], [], []
   for batch in _wrap_around(it):

@@ -38,14 +38,10 @@ def training_batches(c, num_examples: int, batch_size: int, counted: dict | None
   split = input_pipeline.DATASETS[c.dataset].train_split
   it = input_pipeline.eval_iterator(
     c.dataset,
-    data_dir=c.data_dir,
     split=split,
-    image_size=c.image_size,
-    local_batch_size=batch_size,
     process_index=0,
     process_count=1,
-    interpolation="bilinear",  # the authors' Hessian: the eval crop with the training resize
-    normalization=c.image_normalization,
+    **experiment.pipeline_args(c, "sharpness", batch_size),
   )
   batches = []
   for batch in it:
