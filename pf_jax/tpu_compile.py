@@ -533,10 +533,11 @@ def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None)
   from pf_jax import reporting  # pylint: disable=g-import-not-at-top
 
   s = parse_slice(slice_name)
-  if not os.environ.get(
-    "JAX_PLATFORMS"
-  ):  # libtpu on a CPU machine: compile-only devices, no TPU probing
+  if not os.environ.get("JAX_PLATFORMS"):  # compile-only devices: no probing for a TPU here
     jax.config.update("jax_platforms", "cpu")
+  # A compile-only executable cannot be loaded back from JAX's persistent cache (there is no TPU
+  # client): neither written nor read.
+  jax.config.update("jax_enable_compilation_cache", False)
   config_validation.validate(c, s.devices, s.hosts)
   print("config OK")
   print(reporting.describe_run(c, s.devices, None, note))

@@ -95,6 +95,7 @@ def vit_digits_step_flops(batch: int) -> int:
 
 
 @needs_libtpu
+@pytest.mark.heavy  # a main.py run compiling two programs: scheduled first (tests/conftest.py)
 def test_plain_step_compiled_for_v4_8():
   """The command's lines, and XLA's FLOPs per chip of a plain step against the hand count: the
   global batch of 256 is 64 per chip on a v4-8's 4 chips. XLA also counts the elementwise work
