@@ -257,3 +257,32 @@ def test_auto_scans_on_tpu_and_keeps_the_cpu_rule():
   assert tpu == ["scan"] * 4
   assert cpu == ["unroll", "unroll", "unroll", "scan"]
   assert sam_family.chunk_strategy("unroll", 64, "tpu") == "unroll"  # an explicit mode stays
+
+
+def test_tpu_pod_compile_check_runs_the_command():
+  """`launch/tpu_pod.py --compile_check` runs `main.py --check_only --compile_for=<its
+  --accelerator_type>` before anything else and stops with its exit status and line."""
+  out = subprocess.run(
+    [
+      sys.executable,
+      "launch/tpu_pod.py",
+      "--name=pf-test",
+      "--zone=europe-west4-a",
+      "--accelerator_type=v4-7",
+      "--config=configs/default.py",
+      "--workdir=gs://bucket/run",
+      "--no_check",
+      "--compile_check",
+      "--dry_run",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2
+  assert out.stdout == ""  # stopped before printing any gcloud command
+  assert out.stderr.splitlines() == [
+    "error: --compile_for: 'v4-7': unknown v4 slice size; known: v4-8, v4-16, v4-32, v4-64, "
+    "v4-128, v4-256, v4-512, v4-1024"
+  ]
