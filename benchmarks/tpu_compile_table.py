@@ -27,6 +27,7 @@ sys.path.insert(0, REPO_ROOT)
 RESULTS = os.path.join(REPO_ROOT, "results", "tpu_compile.json")
 DOCS = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
 BEGIN, END = "<!-- tpu-compile-table: begin -->", "<!-- tpu-compile-table: end -->"
+LINES_BEGIN, LINES_END = "<!-- tpu-command-lines: begin -->", "<!-- tpu-command-lines: end -->"
 CHUNK_BEGIN, CHUNK_END = "<!-- tpu-chunk-table: begin -->", "<!-- tpu-chunk-table: end -->"
 
 SLICES = ("v4-8", "v5litepod-8")  # a v4-8 host; a one-host v5e slice of 8 chips
@@ -265,9 +266,16 @@ def markdown() -> tuple[str, str]:
 
 def write_markdown() -> None:
   table, chunk = markdown()
+  lines = load().get(HEADLINE, {}).get("lines")
+  command = (
+    "```\n" + "\n".join(lines) + "\n```"
+    if lines
+    else "(the lines of this command: not compiled yet on this machine)"
+  )
   with open(DOCS) as f:
     text = f.read()
-  for begin, end, body in ((BEGIN, END, table), (CHUNK_BEGIN, CHUNK_END, chunk)):
+  blocks = ((BEGIN, END, table), (CHUNK_BEGIN, CHUNK_END, chunk), (LINES_BEGIN, LINES_END, command))
+  for begin, end, body in blocks:
     if begin not in text:
       sys.exit(f"{DOCS} has no {begin} marker")
     head, rest = text.split(begin, 1)
