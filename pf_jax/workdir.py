@@ -230,9 +230,9 @@ class WorkdirLock:
   so a lock left by a killed process is taken over at once (with a warning naming it).
   gs://: Cloud Storage's conditional writes (google-cloud-storage): `lock.json` is created only if
   absent (ifGenerationMatch=0), refreshed every `HEARTBEAT_S` only if still the generation this
-  process wrote, and taken over once not refreshed for `STALE_AFTER_S` (the server's clock) by a
-  write conditional on the generation read: of several starts or takers exactly one write
-  succeeds. Other object stores and filesystems without `flock`: `lock.json` is written, read
+  process wrote, and taken over once not refreshed for `STALE_AFTER_S` (the time its writer put
+  in it) by a write conditional on the generation read: of several starts or takers exactly one
+  write succeeds. Other object stores and filesystems without `flock`: `lock.json` is written, read
   back after `SETTLE_S` (a concurrent start overwrote it: this one stops), refreshed and taken
   over in the same way, unconditionally. `acquire` raises WorkdirLockedError naming the holder
   (host, pid, start time), OSError (one line) if the storage cannot be reached.
@@ -365,7 +365,7 @@ class WorkdirLock:
   def _acquire_gcs(self):
     """Exactly one start wins: a create-only write, or a write conditional on the generation of
     the abandoned lock it read (another taker's or a refreshed lock's write changes it)."""
-    data = json.dumps(self.info)
+    data = self._gcs_data()
     for _ in range(10):  # each pass ends in a refusal, a win, or a lock changed meanwhile
       generation = self._gcs_lock.write(data, if_generation_match=0)
       if generation is not None:
@@ -394,15 +394,18 @@ class WorkdirLock:
     _HELD[_key(self.path.parent)] = self
     return self
 
+  def _gcs_data(self) -> str:
+    return json.dumps(dict(self.info, heartbeat=time.time()))
+
   def _beat_gcs(self):
     while not self._stop.wait(HEARTBEAT_S):
       with self._mutex:
         if self._generation is None:
           return
         try:
-          generation = self._gcs_lock.write(
-            json.dumps(self.info), if_generation_match=self._generation
-          )
+          generation = self._gcs_lock.write(self._gcs_data(), if_generation_match=self._generation)
+          if self._stop.is_set():  # released while this write was in flight: keep it released
+            return
           if generation is None:  # not our generation: taken over, unless our own write landed
             held = self._gcs_lock.read()
             if held is None or held[0].get("token") != self._token:
@@ -544,7 +547,9 @@ class _GcsObject:
     return self._do(write)
 
   def read(self) -> tuple[dict[str, Any], int, float] | None:
-    """(content, generation, seconds since it was written by the server's clock), or None."""
+    """(content, generation, seconds since it was written), or None. The age is the content's
+    `heartbeat` (the writer's clock; fake-gcs-server's `updated` can lag a rewrite), else the
+    object's `updated`."""
 
     def read(bucket, exceptions):
       try:
@@ -558,8 +563,11 @@ class _GcsObject:
         info = json.loads(data)
       except ValueError:
         info = None
-      age = time.time() - blob.updated.timestamp() if blob.updated else float("inf")
-      return info if isinstance(info, dict) else {}, blob.generation, age
+      info = info if isinstance(info, dict) else {}
+      written = info.get("heartbeat")
+      if not isinstance(written, (int, float)) or isinstance(written, bool):
+        written = blob.updated.timestamp() if blob.updated else float("-inf")
+      return info, blob.generation, time.time() - written
 
     return self._do(read)
 
