@@ -208,7 +208,7 @@ def markdown() -> tuple[str, str]:
   fix_method_names()
   data = load()
   lines = [
-    "| config : method | class | slice | dtype | fits | GiB/chip (args + temp + out) | "
+    "| config : method | class | slice | dtype | fits | GiB/chip (args + temp + out - donated) | "
     "TFLOP/chip/step | ms/step bound | steps | days bound | compile here |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -228,8 +228,11 @@ def markdown() -> tuple[str, str]:
     lines.append(
       f"| {name} | {cls} | {slice_name} | {dtype} | {'yes' if r['fits'] else '**no**'} | "
       f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
-      f"{r['output_gib']:.2f}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | {r['bound_ms']:.1f} | "
-      f"{r['steps']} | {r['days']:.2f} | {r['compile_s'] / 60:.1f} min |"
+      f"{r['output_gib']:.2f} - {r['alias_gib']:.2f}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | "
+      f"{r['bound_ms']:.1f} | "
+      f"{r['steps']} | {r['days']:.3f} | "
+      + (r.get("compile_note") or f"{r['compile_s'] / 60:.1f} min")
+      + " |"
     )
   lines.append("")
   total = len([k for k in rows() if k.startswith("run|")])

@@ -182,6 +182,7 @@ class Report:
   refused: str | None = None  # XLA's own "ran out of memory" (then only total_bytes is known)
   needed_bytes: int = 0  # with `refused`: the memory XLA said it needs
   matmul_flops: float = 0.0  # `matmul_flops` of the traced program (loops counted fully)
+  same_as: str | None = None  # another dataset's eval step: the same program, not compiled again
 
   @property
   def step_flops(self) -> float:
@@ -358,7 +359,9 @@ def compile_programs(
       subset = input_pipeline.class_subset(name)
       key = (spec.real_label_key is not None, None if subset is None else tuple(subset))
       if key in same:
-        reports.append(dataclasses.replace(same[key], program=f"eval/{name}", compile_seconds=0.0))
+        reports.append(
+          dataclasses.replace(same[key], program=f"eval/{name}", same_as=same[key].program)
+        )
         continue
       log(f"eval/{name}")
       n = c.eval_batch_size
@@ -407,6 +410,8 @@ def format_line(r: Report, s: Slice) -> str:
   if r.calls:
     days = r.calls * r.bound_ms(s) / 1e3 / 86400
     line += f"; {r.calls} steps >= {days:.3g} days"
+  if r.same_as:
+    return line + f" [the program of {r.same_as}]"
   return line + f" [compiled in {r.compile_seconds:.0f} s]"
 
 
