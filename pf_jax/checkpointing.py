@@ -298,10 +298,12 @@ def _move_aside(directory: epath.Path, name: str) -> epath.Path:
   while dst.exists():
     dst, i = broken / f"{name}.{i}", i + 1
   if jax.process_index() == 0:
-    if "://" in str(directory):
-      _move_objects(directory / name, dst)
-    else:
+    try:
       (directory / name).rename(dst)
+    except FileNotFoundError:
+      if "://" not in str(directory):
+        raise
+      _move_objects(directory / name, dst)
   return dst
 
 
