@@ -276,7 +276,8 @@ def test_two_concurrent_starts_with_different_seeds_one_trains_the_other_stops(t
   codes = [p.returncode for p in procs]
   assert sorted(codes) == [0, 1], [(c, o[1][-2000:]) for c, o in zip(codes, outs)]
   winner, loser = codes.index(0), codes.index(1)
-  (line,) = outs[loser][1].strip().splitlines()
+  *progress, line = outs[loser][1].strip().splitlines()  # the one progress line, then the error
+  assert [p.split(" ", 1)[1] for p in progress] == ["importing TensorFlow and the training system"]
   assert line.startswith(f"error: --workdir: {run} is in use by pid {procs[winner].pid} on host ")
   # The workdir is the winner's: its config, its checkpoints' config, its result.
   assert workdir_lib.load_config(run).seed == winner
