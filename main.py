@@ -219,6 +219,7 @@ def _init_distributed():
 
 def main(argv):
   del argv  # parse_flags has checked it
+  reporting.skip_absent_tpu()
   if not (_VERBOSE or FLAGS.verbose or FLAGS["verbosity"].present):
     reporting.quiet_library_logs()
   if not (_VERBOSE or FLAGS.verbose):

@@ -38,6 +38,29 @@ class _OwnInfoOnly(std_logging.Filter):
     )
 
 
+def skip_absent_tpu() -> None:
+  """Where libtpu is installed (the `tpu` extra, for `--compile_for`) but the machine has neither
+  TPU chips nor an NVIDIA GPU, JAX uses the CPU without asking libtpu, which would otherwise look
+  for a TPU VM at the first device query and write errors to stderr. JAX_PLATFORMS, when set,
+  decides instead. Call before the first device query."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+
+    accelerators = hardware_utils.num_available_tpu_chips_and_device_id()[0] or (
+      hardware_utils.has_visible_nvidia_gpu()
+    )
+  except Exception:  # pylint: disable=broad-except  (a private module: leave JAX to decide)
+    return
+  if not accelerators:
+    jax.config.update("jax_platforms", "cpu")
+
+
 class _ShortFormatter(std_logging.Formatter):
   def format(self, record):
     level = "" if record.levelno < std_logging.WARNING else record.levelname + ": "

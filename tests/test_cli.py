@@ -466,3 +466,17 @@ def test_start_line_says_devices_and_resume_in_its_own_words(monkeypatch):
   report.resumed(4, "/w/checkpoints")
   assert "; 1 device; method: SAM ...; n; workdir /w" in lines[0]
   assert lines[1] == "resumed: step 4 from /w/checkpoints"
+
+
+@pytest.mark.skipif(
+  __import__("importlib").util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) absent"
+)
+def test_libtpu_installed_on_a_machine_without_a_tpu_writes_nothing():
+  """With the tpu extra installed (for --compile_for) and no TPU here, libtpu would probe for a TPU
+  VM at JAX's first device query and write errors to stderr; main.py keeps JAX to the CPU."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  r = subprocess.run(
+    [sys.executable, "main.py", "--check_only"], cwd=ROOT, env=env, capture_output=True, text=True
+  )
+  assert r.returncode == 0 and r.stdout.startswith("config OK"), r.stderr
+  assert r.stderr == "", r.stderr

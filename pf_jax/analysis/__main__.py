@@ -12,6 +12,7 @@ def _quiet():
   from pf_jax import reporting  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
+  reporting.skip_absent_tpu()
   with reporting.quiet_native_stderr():  # TensorFlow's import announces oneDNN on fd 2
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   tensorflow.config.set_visible_devices([], "GPU")  # the analysis' TF reads data only
