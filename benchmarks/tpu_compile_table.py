@@ -248,7 +248,8 @@ def markdown() -> tuple[str, str]:
     + "."
   )
   chunk = [
-    "| m | chunks/chip | strategy | GiB/chip (args + temp + out) | XLA TFLOP/chip | compile here |",
+    "| m | chunks/chip | strategy | GiB/chip (args + temp + out - donated) | XLA TFLOP/chip "
+    "| compile here |",
     "|---|---|---|---|---|---|",
   ]
   for m, mode in CHUNK_CASES:
@@ -262,7 +263,8 @@ def markdown() -> tuple[str, str]:
       when = r.get("compile_note") or f"{r['compile_s']:.0f} s"
       chunk.append(
         f"| {m} | {n} | {mode} | {r['total_gib']:.2f} ({r['argument_gib']:.2f} + "
-        f"{r['temp_gib']:.2f} + {r['output_gib']:.2f}) | {r['xla_tflop' if 'xla_tflop' in r else 'tflop']:.3f} | {when} |"
+        f"{r['temp_gib']:.2f} + {r['output_gib']:.2f} - {r['alias_gib']:.2f}) | "
+        f"{r['xla_tflop' if 'xla_tflop' in r else 'tflop']:.3f} | {when} |"
       )
   return "\n".join(lines), "\n".join(chunk)
 
