@@ -26,6 +26,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import reproduce as base  # noqa: E402  (launch/reproduce.py: Runner)
+from powered import seed_range  # noqa: E402  (launch/powered.py: '0-9,12' -> seeds)
 
 from pf_jax.analysis import science  # noqa: E402
 
@@ -40,15 +41,6 @@ RUN_OVERRIDES = {"eval_every_steps": 100_000}
 # once a config is compiled (its first seed: ~80; results/science/PROTOCOL.md, amendment 1); a
 # search run (no sharpness, 1150 images) scaled from it. Only for the estimate printed first.
 RUN_CPU_S, SEARCH_CPU_S = 50.0, 35.0
-
-
-def seed_range(text: str) -> list[int]:
-  """'0-9' -> [0, ..., 9]; '0-4,10-14' -> both ranges."""
-  out = []
-  for part in filter(None, text.split(",")):
-    lo, _, hi = part.partition("-")
-    out += range(int(lo), int(hi or lo) + 1)
-  return out
 
 
 def plan(blocks, seeds) -> list[tuple[str, str, float, int]]:

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tests import gcs_emulator
+from tests import tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "pf-jax-tests"
@@ -39,13 +40,7 @@ def gcs(tmp_path_factory):
 
 
 def _env(gcs, tmp_path, **extra):
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = (
-    f"{flags} --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  env = tiny_run.main_env()
   env["GCS_EVENTS_DIR"] = str(tmp_path / "events")
   env.update(gcs.env, **extra)
   return env

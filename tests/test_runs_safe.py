@@ -33,6 +33,7 @@ from pf_jax import experiment
 from pf_jax import input_pipeline
 from pf_jax import train
 from pf_jax import workdir as workdir_lib
+from tests import tiny_run
 from tests.tiny_run import config as _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,16 +78,7 @@ def no_compile(monkeypatch):
 # --- Preemption ---------------------------------------------------------------------------------
 
 
-def _env():
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-  # Optimization level 0: the tiny model compiles much faster; every run here uses the same flags.
-  env["XLA_FLAGS"] = (
-    f"{flags} --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-  return env
+_env = tiny_run.main_env
 
 
 def _cmd(workdir, data_dir, steps):

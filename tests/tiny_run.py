@@ -1,7 +1,26 @@
 """The tiny training run the run-safety and resume tests share: one config of the train step,
 so it compiles once per test run (the compilation cache, tests/conftest.py)."""
 
+import os
+import re
+
 from configs import default as default_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_env() -> dict:
+  """The environment of a main.py subprocess of these tests: one CPU device, optimization level 0
+  (the tiny model compiles much faster; every such run uses the same flags), the repository on
+  PYTHONPATH."""
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = (
+    f"{flags} --xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env
 
 
 def config(data_dir, **overrides):
