@@ -3,6 +3,7 @@ tables of docs/benchmarks.md ("Compiled for TPU").
 
   python benchmarks/tpu_compile_table.py            # compile every missing row, one at a time
   python benchmarks/tpu_compile_table.py --markdown # rewrite the tables in docs/benchmarks.md
+  python benchmarks/tpu_compile_table.py --shard=1/2 # every second row from the second (two workers)
 
 Restartable: each row is compiled in its own process (`--one=KEY`) and appended to the JSON as it
 finishes; rows already there are skipped. Needs libtpu (pip install -e ".[tpu]"). A full ViT or
@@ -108,13 +109,18 @@ def load() -> dict:
 
 
 def save(key: str, row: dict) -> None:
-  data = load()
-  data[key] = row
-  tmp = RESULTS + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, RESULTS)
+  """Adds one row; a lock file lets several shards (--shard) append to the same JSON."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+
+  with open(RESULTS + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    data = load()
+    data[key] = row
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, RESULTS)
 
 
 def compile_one(key: str) -> dict:
@@ -187,9 +193,9 @@ def compile_one(key: str) -> dict:
   )
 
 
-def run_all() -> None:
+def run_all(shard: int = 0, shards: int = 1) -> None:
   fix_method_names()
-  for key in rows():
+  for key in rows()[shard::shards]:
     if key in load():
       continue
     print(time.strftime("%H:%M:%S"), "compiling", key, flush=True)
@@ -294,6 +300,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--one", help="compile one row (KEY) and append it to the JSON")
   p.add_argument("--markdown", action="store_true", help="rewrite the tables in docs/benchmarks.md")
+  p.add_argument(
+    "--shard",
+    default="0/1",
+    help="I/N: compile every N-th missing row from the I-th (parallel workers)",
+  )
   a = p.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if a.one:
@@ -303,7 +314,8 @@ def main() -> None:
   elif a.markdown:
     write_markdown()
   else:
-    run_all()
+    shard, shards = (int(v) for v in a.shard.split("/"))
+    run_all(shard, shards)
 
 
 if __name__ == "__main__":
