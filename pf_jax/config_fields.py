@@ -282,17 +282,17 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def get(c, name: str):
-  """The value of dotted field `name` in config `c` (a ConfigDict or a nested dict)."""
+def get(config, name: str):
+  """The value of dotted field `name` in `config` (a ConfigDict or a nested dict)."""
   for part in name.split("."):
-    c = c[part]
-  return c
+    config = config[part]
+  return config
 
 
-def field_names(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Dotted names of the leaves of `c`, in order."""
+def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted names of the leaves of `config`, in order."""
   out = []
-  for k, v in c.items():
+  for k, v in config.items():
     if isinstance(v, ml_collections.ConfigDict):
       out += field_names(v, f"{prefix}{k}.")
     else:
@@ -305,8 +305,8 @@ def _library_value(field: Field, value):
   return None if isinstance(field.rule, Choice) and value == "none" else value
 
 
-def library_kwargs(c, function: str) -> dict[str, Any]:
-  """Keyword arguments of library `function` set by config `c`, as declared in `FIELDS`.
+def library_kwargs(config, function: str) -> dict[str, Any]:
+  """Keyword arguments of library `function` set by `config`, as declared in `FIELDS`.
 
   Args:
     c: a config.
@@ -321,7 +321,7 @@ def library_kwargs(c, function: str) -> dict[str, Any]:
   for arg, name in _BY_ARG.items():
     fn, _, argument = arg.partition(".")
     if fn == function:
-      out[argument] = _library_value(BY_NAME[name], get(c, name))
+      out[argument] = _library_value(BY_NAME[name], get(config, name))
   return out
 
 
@@ -335,12 +335,12 @@ def show(value) -> str:
   return repr(value) if isinstance(value, (str, tuple, list)) or value is None else str(value)
 
 
-def help_text(c: ml_collections.ConfigDict) -> str:
+def help_text(config: ml_collections.ConfigDict) -> str:
   """One entry per field: `--config.name=<value in c>`, its meaning and allowed values."""
   lines = []
   for f in FIELDS:
     try:
-      value = get(c, f.name)
+      value = get(config, f.name)
     except (KeyError, AttributeError):
       value = f.default
     safe = " (may change in an existing workdir)" if f.safe else ""

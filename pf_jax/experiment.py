@@ -56,7 +56,7 @@ class RunState(flax.struct.PyTreeNode):
   init_variables: Any = None
 
 
-def schedule(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
+def schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
   """(total steps, warmup steps, steps per epoch): epochs become steps unless steps are given.
 
   Args:
@@ -67,14 +67,24 @@ def schedule(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int
     `num_train_steps` (or `num_epochs` in steps), `warmup_steps` (or `warmup_epochs` in steps,
     not capped: validation reports a warmup longer than the run), steps per epoch.
   """
-  per_epoch = max(num_train_examples // c.global_batch_size, 1)
-  total = c.num_train_steps if c.num_train_steps is not None else int(c.num_epochs * per_epoch)
-  warmup = c.warmup_steps if c.warmup_steps is not None else int(c.warmup_epochs * per_epoch)
+  per_epoch = max(num_train_examples // config.global_batch_size, 1)
+  total = (
+    config.num_train_steps
+    if config.num_train_steps is not None
+    else int(config.num_epochs * per_epoch)
+  )
+  warmup = (
+    config.warmup_steps
+    if config.warmup_steps is not None
+    else int(config.warmup_epochs * per_epoch)
+  )
   return total, warmup, per_epoch
 
 
-def pipeline_args(c: ml_collections.ConfigDict, use: str, local_batch_size: int) -> dict[str, Any]:
-  """`input_pipeline`'s keyword arguments for one `use` of `c`'s data (the one place that maps
+def pipeline_args(
+  config: ml_collections.ConfigDict, use: str, local_batch_size: int
+) -> dict[str, Any]:
+  """`input_pipeline`'s keyword arguments for one `use` of the config's data (the one place that maps
   config fields to them).
 
   Args:
@@ -85,52 +95,54 @@ def pipeline_args(c: ml_collections.ConfigDict, use: str, local_batch_size: int)
     local_batch_size: examples per batch of this process.
   """
   common = dict(
-    data_dir=c.data_dir, local_batch_size=local_batch_size, normalization=c.image_normalization
+    data_dir=config.data_dir,
+    local_batch_size=local_batch_size,
+    normalization=config.image_normalization,
   )
   if use == "train":
     return dict(
       common,
-      image_size=c.image_size,
-      seed=c.seed,
-      shuffle_buffer=c.shuffle_buffer,
-      crop_area_min=c.crop_area_min,
+      image_size=config.image_size,
+      seed=config.seed,
+      shuffle_buffer=config.shuffle_buffer,
+      crop_area_min=config.crop_area_min,
     )
   if use == "eval":
-    return dict(common, image_size=eval_image_size(c), interpolation=c.eval_interpolation)
+    return dict(common, image_size=eval_image_size(config), interpolation=config.eval_interpolation)
   if use == "collect":
-    return dict(common, image_size=c.image_size, interpolation=c.eval_interpolation)
+    return dict(common, image_size=config.image_size, interpolation=config.eval_interpolation)
   if use == "sharpness":
-    return dict(common, image_size=c.image_size, interpolation="bilinear")
+    return dict(common, image_size=config.image_size, interpolation="bilinear")
   raise ValueError(f"use must be 'train', 'eval', 'collect' or 'sharpness', got {use!r}")
 
 
-def eval_image_size(c: ml_collections.ConfigDict) -> int:
+def eval_image_size(config: ml_collections.ConfigDict) -> int:
   """Side of evaluation images: `eval_image_size`, or `image_size` when None."""
-  return c.eval_image_size if c.eval_image_size is not None else c.image_size
+  return config.eval_image_size if config.eval_image_size is not None else config.image_size
 
 
-def per_device_batch(c: ml_collections.ConfigDict, num_devices: int) -> int:
+def per_device_batch(config: ml_collections.ConfigDict, num_devices: int) -> int:
   """Examples per device in one micro-batch: global batch / (devices x accumulation steps)."""
-  return c.global_batch_size // (num_devices * c.grad_accum_steps)
+  return config.global_batch_size // (num_devices * config.grad_accum_steps)
 
 
-def forgetting_dataset(c: ml_collections.ConfigDict) -> str:
+def forgetting_dataset(config: ml_collections.ConfigDict) -> str:
   """The dataset whose evaluation split the forgetting analysis collects outputs on."""
-  return c.analysis.dataset or c.eval_datasets[0]
+  return config.analysis.dataset or config.eval_datasets[0]
 
 
-def objective(c: ml_collections.ConfigDict) -> perturbations.Objective:
+def objective(config: ml_collections.ConfigDict) -> perturbations.Objective:
   """The ascent objective of `sam.perturbation`: a name, or an OBF function (fixed alpha when
   `sam.obf_alpha` is set, else alpha from lambda and gamma)."""
-  name = c.sam.perturbation
+  name = config.sam.perturbation
   if name != "obf":
     return name
-  if c.sam.obf_alpha is not None:
-    return perturbations.obf_fixed_alpha(**config_fields.library_kwargs(c, "obf_fixed_alpha"))
-  return perturbations.obf(**config_fields.library_kwargs(c, "obf"))
+  if config.sam.obf_alpha is not None:
+    return perturbations.obf_fixed_alpha(**config_fields.library_kwargs(config, "obf_fixed_alpha"))
+  return perturbations.obf(**config_fields.library_kwargs(config, "obf"))
 
 
-def sam_spec(c: ml_collections.ConfigDict, rho) -> sam_family.SamSpec | None:
+def sam_spec(config: ml_collections.ConfigDict, rho) -> sam_family.SamSpec | None:
   """The run's SAM-family member.
 
   Args:
@@ -138,18 +150,20 @@ def sam_spec(c: ml_collections.ConfigDict, rho) -> sam_family.SamSpec | None:
     rho: the radius, a float or a schedule of the step (`optimizer`'s third result).
 
   Returns:
-    The `SamSpec` of `c.sam`, or None without a perturbation (the plain gradient).
+    The `SamSpec` of `config.sam`, or None without a perturbation (the plain gradient).
 
   Raises:
     errors.ArgumentError: naming the library argument (`config_fields.field_for` names the field).
   """
-  if c.sam.perturbation == "none":
+  if config.sam.perturbation == "none":
     return None
-  kwargs = dict(config_fields.library_kwargs(c, "SamSpec"), rho=rho, objective=objective(c))
+  kwargs = dict(
+    config_fields.library_kwargs(config, "SamSpec"), rho=rho, objective=objective(config)
+  )
   return sam_family.SamSpec(**kwargs)
 
 
-def optimizer(c: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
+def optimizer(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int):
   """The base optimizer and the schedules.
 
   Args:
@@ -162,27 +176,27 @@ def optimizer(c: ml_collections.ConfigDict, total_steps: int, warmup_steps: int)
     learning-rate schedule; rho, a float or an lr-proportional schedule). Shrink-and-perturb acts
     on the state before the gradient (`shrink_perturb`), not here.
   """
-  kw = lambda fn: config_fields.library_kwargs(c, fn)
+  kw = lambda fn: config_fields.library_kwargs(config, fn)
   lr = schedules.warmup_linear_decay(
     **kw("warmup_linear_decay"), warmup_steps=warmup_steps, total_steps=total_steps
   )
   parts = []
-  if c.clip_grad_norm is not None:
+  if config.clip_grad_norm is not None:
     parts.append(optax.clip_by_global_norm(**kw("clip_by_global_norm")))
-  parts.append(_OPTIMIZERS[c.optimizer](lr, **kw(c.optimizer)))
-  rho = c.sam.rho_max
-  if c.sam.rho_min is not None:
+  parts.append(_OPTIMIZERS[config.optimizer](lr, **kw(config.optimizer)))
+  rho = config.sam.rho_max
+  if config.sam.rho_min is not None:
     rho = schedules.lr_proportional_rho(lr, **kw("lr_proportional_rho"))
   return optax.chain(*parts), lr, rho
 
 
-def shrink_perturb(c: ml_collections.ConfigDict, lr) -> Callable | None:
+def shrink_perturb(config: ml_collections.ConfigDict, lr) -> Callable | None:
   """The run's shrink-and-perturb, (tree, initial tree, step) -> tree, applied to the parameters
   and BatchNorm statistics before each step's forward pass (`optimizers.shrink_and_perturb`);
-  None when `c.shrink_perturb` is off. `lr`: the learning-rate schedule (`optimizer`'s second)."""
-  if c.shrink_perturb is None:
+  None when `config.shrink_perturb` is off. `lr`: the learning-rate schedule (`optimizer`'s second)."""
+  if config.shrink_perturb is None:
     return None
-  kw = config_fields.library_kwargs(c, "shrink_and_perturb")
+  kw = config_fields.library_kwargs(config, "shrink_and_perturb")
   return optimizers.shrink_and_perturb(learning_rate=lr, **kw)
 
 
@@ -306,7 +320,7 @@ class Experiment:
 
 
 def build(
-  c: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
   *,
   num_classes: int,
   num_train_examples: int,
@@ -317,7 +331,7 @@ def build(
 
   Args:
     c: the config.
-    num_classes: classes of `c.dataset`.
+    num_classes: classes of `config.dataset`.
     num_train_examples: size of its training split.
     num_devices: devices of the mesh (all processes together).
     num_processes: processes reading data.
@@ -328,15 +342,18 @@ def build(
   Example: `build(common.base_config(), num_classes=10, num_train_examples=1438,
   num_devices=1).total_steps` is 110 (10 epochs of 11 steps).
   """
-  total, warmup, per_epoch = schedule(c, num_train_examples)
+  total, warmup, per_epoch = schedule(config, num_train_examples)
   warmup = min(warmup, total)
-  tx, lr, rho = optimizer(c, total, warmup)
-  dtype = jnp.bfloat16 if c.mixed_precision else jnp.float32
+  tx, lr, rho = optimizer(config, total, warmup)
+  dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
   model = models.build_model(
-    c.model, num_classes=num_classes, **config_fields.library_kwargs(c, "build_model"), dtype=dtype
+    config.model,
+    num_classes=num_classes,
+    **config_fields.library_kwargs(config, "build_model"),
+    dtype=dtype,
   )
   return Experiment(
-    config=c,
+    config=config,
     num_classes=num_classes,
     num_train_examples=num_train_examples,
     num_devices=num_devices,
@@ -345,18 +362,18 @@ def build(
     warmup_steps=warmup,
     steps_per_epoch=per_epoch,
     model=model,
-    has_batch_norm=models.has_batch_norm(c.model),
+    has_batch_norm=models.has_batch_norm(config.model),
     dtype=dtype,
-    task_loss=losses.get_loss(c.loss, **config_fields.library_kwargs(c, "get_loss")),
-    predict=jax.nn.softmax if c.analysis.predictions == "softmax" else jax.nn.sigmoid,
-    spec=sam_spec(c, rho),
+    task_loss=losses.get_loss(config.loss, **config_fields.library_kwargs(config, "get_loss")),
+    predict=jax.nn.softmax if config.analysis.predictions == "softmax" else jax.nn.sigmoid,
+    spec=sam_spec(config, rho),
     tx=tx,
-    shrink=shrink_perturb(c, lr),
+    shrink=shrink_perturb(config, lr),
     lr=lr,
     rho=rho,
-    per_device_batch=per_device_batch(c, num_devices),
-    local_batch_size=c.global_batch_size // num_processes,
-    local_micro_batch_size=c.global_batch_size // c.grad_accum_steps // num_processes,
-    local_eval_batch_size=c.eval_batch_size // num_processes,
-    eval_image_size=eval_image_size(c),
+    per_device_batch=per_device_batch(config, num_devices),
+    local_batch_size=config.global_batch_size // num_processes,
+    local_micro_batch_size=config.global_batch_size // config.grad_accum_steps // num_processes,
+    local_eval_batch_size=config.eval_batch_size // num_processes,
+    eval_image_size=eval_image_size(config),
   )

@@ -53,17 +53,19 @@ def _prepared(tfds_name: str, data_dir: str) -> bool:
   )
 
 
-def missing_data(c) -> str | None:
+def missing_data(config) -> str | None:
   """One line naming the first dataset of the run that is not prepared on disk (the field that
   names it, config.data_dir and how to prepare it), or None. Remote data_dirs are not looked at;
   pf_jax's own datasets (digits and its variants) are prepared by the run itself. main.py stops
   a run with it before TensorFlow's import and before it creates the workdir."""
-  if c.data_dir is not None and "://" in c.data_dir:
+  if config.data_dir is not None and "://" in config.data_dir:
     return None
-  data_dir = c.data_dir if c.data_dir is not None else default_data_dir()
-  wanted = [("dataset", c.dataset)] + [("eval_datasets", name) for name in c.eval_datasets]
-  if c.analysis.collect_every_steps:
-    wanted.append(("analysis.dataset", experiment.forgetting_dataset(c)))
+  data_dir = config.data_dir if config.data_dir is not None else default_data_dir()
+  wanted = [("dataset", config.dataset)] + [
+    ("eval_datasets", name) for name in config.eval_datasets
+  ]
+  if config.analysis.collect_every_steps:
+    wanted.append(("analysis.dataset", experiment.forgetting_dataset(config)))
   missing = []
   for field, name in wanted:
     spec = dataset_catalog.DATASETS[name]
@@ -76,20 +78,20 @@ def missing_data(c) -> str | None:
   also = f" (also not prepared: {', '.join(others)})" if others else ""
   return (
     f"config.{field}: {name!r} {DASH} not prepared in {data_dir} (config.data_dir="
-    f"{c.data_dir!r}){also}. How to prepare it: " + prepare_instructions(name, data_dir)
+    f"{config.data_dir!r}){also}. How to prepare it: " + prepare_instructions(name, data_dir)
   )
 
 
-def check(c) -> list[str]:
+def check(config) -> list[str]:
   """--check_only's lines after the run's description: what config.init_from gives (read and
   compared with the model; ConfigError if it does not fit) and a dataset that is not prepared."""
   lines = []
-  if c.init_from is not None:
+  if config.init_from is not None:
     from pf_jax import pretrained  # pylint: disable=g-import-not-at-top  (orbax; torch for .pth)
 
-    num_classes = dataset_catalog.DATASETS[c.dataset].num_classes
-    lines.append(f"init_from: {pretrained.check(c, num_classes)}")
-  data = missing_data(c)
+    num_classes = dataset_catalog.DATASETS[config.dataset].num_classes
+    lines.append(f"init_from: {pretrained.check(config, num_classes)}")
+  data = missing_data(config)
   if data:
     lines.append(f"data: {data}")
   return lines

@@ -86,22 +86,22 @@ def _summary(path: str, source: str, fresh_params, fresh_stats) -> str:
   )
 
 
-def check(c, num_classes: int) -> str:
-  """--check_only: reads config.init_from and compares it with `c.model`'s variables (shapes
+def check(config, num_classes: int) -> str:
+  """--check_only: reads config.init_from and compares it with `config.model`'s variables (shapes
   from `jax.eval_shape` of its init: nothing compiles). Returns what a run would load.
 
   Raises:
     config_validation.ConfigError: one line naming config.init_from and the first misfit.
   """
   model = models.build_model(
-    c.model, num_classes=num_classes, **config_fields.library_kwargs(c, "build_model")
+    config.model, num_classes=num_classes, **config_fields.library_kwargs(config, "build_model")
   )
-  dummy = jax.ShapeDtypeStruct((1, c.image_size, c.image_size, 3), jnp.float32)
+  dummy = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), dummy)
   fresh_params, fresh_stats = shapes["params"], shapes.get("batch_stats", {})
-  params, batch_stats, source = read(c.init_from, c.model)
-  _fit(c.init_from, c.model, fresh_params, fresh_stats, params, batch_stats)
-  return _summary(c.init_from, source, fresh_params, fresh_stats)
+  params, batch_stats, source = read(config.init_from, config.model)
+  _fit(config.init_from, config.model, fresh_params, fresh_stats, params, batch_stats)
+  return _summary(config.init_from, source, fresh_params, fresh_stats)
 
 
 def load(exp, state, path: str):

@@ -43,8 +43,8 @@ from pf_jax.experiment import RunState
 AXIS = "data"
 
 
-def make_experiment(c: ml_collections.ConfigDict) -> experiment_lib.Experiment:
-  """The run of `c` on this job's devices, with the training set's facts read from TFDS.
+def make_experiment(config: ml_collections.ConfigDict) -> experiment_lib.Experiment:
+  """The run of `config` on this job's devices, with the training set's facts read from TFDS.
 
   Args:
     c: a validated config.
@@ -55,9 +55,9 @@ def make_experiment(c: ml_collections.ConfigDict) -> experiment_lib.Experiment:
   Raises:
     input_pipeline.DatasetNotPreparedError: the training dataset cannot be read.
   """
-  num_classes, num_train = input_pipeline.dataset_info(c.dataset, data_dir=c.data_dir)
+  num_classes, num_train = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
   return experiment_lib.build(
-    c,
+    config,
     num_classes=num_classes,
     num_train_examples=num_train,
     num_devices=jax.device_count(),
@@ -413,19 +413,19 @@ def due(step: int, every: int, last: bool) -> bool:
   return step % every == 0 or last
 
 
-def _prepare(c, workdir, allow_change: bool):
+def _prepare(config, workdir, allow_change: bool):
   """(Experiment, {eval dataset: size}, whether the workdir holds checkpoints) after the checks
   that must pass before anything compiles: the workdir's run and config, every dataset read."""
   checkpoint_dir = workdir / "checkpoints"
   checkpointing.tidy(checkpoint_dir)
   has_run = checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir())
-  workdir_lib.check_config(workdir, c, has_run=has_run, allow_change=allow_change)
-  exp = make_experiment(c)
+  workdir_lib.check_config(workdir, config, has_run=has_run, allow_change=allow_change)
+  exp = make_experiment(config)
   eval_sizes = {
-    name: input_pipeline.eval_size(name, data_dir=c.data_dir) for name in c.eval_datasets
+    name: input_pipeline.eval_size(name, data_dir=config.data_dir) for name in config.eval_datasets
   }
-  if c.analysis.collect_every_steps:
-    input_pipeline.get_builder(experiment_lib.forgetting_dataset(c), c.data_dir)
+  if config.analysis.collect_every_steps:
+    input_pipeline.get_builder(experiment_lib.forgetting_dataset(config), config.data_dir)
   if exp.spec is not None and exp.has_batch_norm and exp.spec.m > exp.per_device_batch:
     logging.warning(
       "config.sam.m=%d spans %d devices: BatchNorm uses each device's own batch "
@@ -460,14 +460,14 @@ def _initial_state(exp, mesh: Mesh, checkpoints, cache, has_run: bool):
   return jax.device_put(state, replicated), loaded
 
 
-def _writer(c, workdir, start_step: int):
+def _writer(config, workdir, start_step: int):
   """clu's writer (TensorBoard on process 0); the hyperparameters at a run's first start."""
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams(
       {
         k: v if isinstance(v, (int, float, str, bool)) else str(v)
-        for k, v in workdir_lib.flatten(c.to_dict()).items()
+        for k, v in workdir_lib.flatten(config.to_dict()).items()
       }
     )
   return writer
@@ -560,8 +560,12 @@ class _MetricsLog:
   """The train metrics since the last log line: kept on device until a log or save fetches them;
   a run stops after `max_consecutive_nonfinite` skipped (non-finite) steps in a row."""
 
-  def __init__(self, c, checkpoints, writer):
-    self.limit, self.checkpoints, self.writer = c.max_consecutive_nonfinite, checkpoints, writer
+  def __init__(self, config, checkpoints, writer):
+    self.limit, self.checkpoints, self.writer = (
+      config.max_consecutive_nonfinite,
+      checkpoints,
+      writer,
+    )
     self.pending, self.fetched, self.streak = [], [], 0
 
   def add(self, metrics) -> None:

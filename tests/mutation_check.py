@@ -82,7 +82,7 @@ MUTATIONS = (
   Mutation(
     "config drops obf_alpha",
     "pf_jax/experiment.py",
-    "  if c.sam.obf_alpha is not None:",
+    "  if config.sam.obf_alpha is not None:",
     "  if False:",
     (f"{MAP}[vit_s32_imagenet-obf_alpha_1e-1]",),
   ),
@@ -110,7 +110,7 @@ MUTATIONS = (
   Mutation(
     "clipping dropped",
     "pf_jax/experiment.py",
-    "  if c.clip_grad_norm is not None:",
+    "  if config.clip_grad_norm is not None:",
     "  if False:",
     (f"{STEP}[cifar_finetune:vit_s32,cifar10,sam_obf:accum1]",),
   ),
@@ -159,8 +159,9 @@ MUTATIONS = (
   Mutation(
     "AdamW b2 := b1",
     "pf_jax/experiment.py",
-    "  parts.append(_OPTIMIZERS[c.optimizer](lr, **kw(c.optimizer)))",
-    '  parts.append(_OPTIMIZERS[c.optimizer](lr, **{**kw(c.optimizer), **({"b2": c.b1} if c.optimizer == "adamw" else {})}))',
+    "  parts.append(_OPTIMIZERS[config.optimizer](lr, **kw(config.optimizer)))",
+    "  parts.append(_OPTIMIZERS[config.optimizer](lr, **{**kw(config.optimizer), "
+    '**({"b2": config.b1} if config.optimizer == "adamw" else {})}))',
     (f"{STEP}[vit_s32_imagenet:label_smooth:accum1]",),
   ),
   Mutation(
@@ -194,7 +195,7 @@ MUTATIONS = (
   Mutation(
     "rho schedule ignored",
     "pf_jax/experiment.py",
-    "  if c.sam.rho_min is not None:",
+    "  if config.sam.rho_min is not None:",
     "  if False:",
     (f"{MAP}[vit_s32_imagenet-sam_steep]",),
   ),
