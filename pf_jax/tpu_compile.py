@@ -183,6 +183,7 @@ class Report:
   needed_bytes: int = 0  # with `refused`: the memory XLA said it needs
   matmul_flops: float = 0.0  # `matmul_flops` of the traced program (loops counted fully)
   same_as: str | None = None  # another dataset's eval step: the same program, not compiled again
+  note: str | None = None  # what one call is, where the program name does not say it
 
   @property
   def step_flops(self) -> float:
@@ -204,11 +205,13 @@ class Report:
     return 1e3 * self.step_flops / s.peak_flops
 
 
-def matmul_flops(jaxpr) -> float:
+def matmul_flops(jaxpr, while_trips: int = 1) -> float:
   """FLOPs of the matmuls and convolutions of a (closed) jaxpr, loops counted as often as they run.
 
   XLA's `cost_analysis` counts the body of a loop once, so a step that scans its m-chunks or its
-  micro-batches is under-counted there; this count multiplies each `scan` body by its length.
+  micro-batches is under-counted there; this count multiplies each `scan` body by its length,
+  and a `while` body by `while_trips` (its trip count is not in the program: the sharpness power
+  iteration runs at most `analysis.sharpness_iters` times).
   A [a, b] x [b, c] matmul is 2abc; a convolution 2 x outputs x kernel window x input features.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -234,10 +237,10 @@ def matmul_flops(jaxpr) -> float:
       if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")
     ]
     if name == "cond":
-      total += max((matmul_flops(b) for b in subs), default=0.0)
+      total += max((matmul_flops(b, while_trips) for b in subs), default=0.0)
     else:
-      times = eqn.params.get("length", 1) if name == "scan" else 1
-      total += times * sum(matmul_flops(b) for b in subs)
+      times = {"scan": eqn.params.get("length", 1), "while": while_trips}.get(name, 1)
+      total += times * sum(matmul_flops(b, while_trips) for b in subs)
   return total
 
 
@@ -253,12 +256,12 @@ def _needed_bytes(message: str) -> int:
   return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
 
 
-def _measure(name: str, jitted, args, calls=None) -> Report:
+def _measure(name: str, jitted, args, calls=None, while_trips: int = 1) -> Report:
   import jax  # pylint: disable=g-import-not-at-top
 
   start = time.time()
   traced = jitted.trace(*args)
-  matmuls = matmul_flops(traced.jaxpr)
+  matmuls = matmul_flops(traced.jaxpr, while_trips)
   try:
     compiled = traced.lower().compile()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what exceeds the HBM
@@ -305,7 +308,7 @@ def compile_programs(
   c: ml_collections.ConfigDict,
   s: Slice,
   devices: list,
-  programs: tuple[str, ...] = ("train", "eval", "collect"),
+  programs: tuple[str, ...] = ("train", "eval", "collect", "sharpness"),
   log: Callable[[str], None] | None = None,
 ) -> list[Report]:
   """Compiles the run's programs for `devices` (a `topology_devices(s)`) and measures them.
@@ -315,7 +318,8 @@ def compile_programs(
     s: the slice.
     devices: its compile-only devices.
     programs: which ones: "train"; "eval" (one per evaluation dataset); "collect" (only where
-      `analysis.collect_every_steps` is set).
+      `analysis.collect_every_steps` is set); "sharpness" (`python -m pf_jax.analysis sharpness`,
+      which every config's `analysis.sharpness_*` fields set up: `sharpness_program`).
     log: receives each program's name before it compiles.
 
   Returns:
@@ -384,7 +388,73 @@ def compile_programs(
     batch = {"image": images(n, c.image_size), "label": sds((n,), jnp.int32, data)}
     step = train.make_collect_step(exp, mesh)
     reports.append(_measure("collect", step, (state.params, state.batch_stats, state.step, batch)))
+  if "sharpness" in programs:
+    log("sharpness")
+    reports.append(sharpness_program(c, s, devices, state))
   return reports
+
+
+def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, state) -> Report:
+  """The power iteration of `python -m pf_jax.analysis sharpness` (`analysis/sharpness.py`),
+  compiled as that tool builds it: one process on one host's devices (`jax.local_devices()`),
+  the first `analysis.sharpness_examples` training examples in batches of
+  `analysis.sharpness_batch_size`, dealt to the devices (padded to a multiple of them), float32,
+  the batch statistics closed over as constants (zeros here: their values do not change the
+  program). Its FLOPs are those of `analysis.sharpness_iters` iterations, the most it runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
+  from pf_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import hessian  # pylint: disable=g-import-not-at-top
+  from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
+
+  a = c.analysis
+  spec = dataset_catalog.DATASETS[c.dataset]
+  host = [d for d in devices if d.process_index == devices[0].process_index]
+  batch_size = min(a.sharpness_batch_size, a.sharpness_examples)
+  num_batches = max(min(a.sharpness_examples, spec.train_examples) // batch_size, 1)
+  dealt = num_batches + (-num_batches % len(host))
+  exp = experiment.build(
+    c,
+    num_classes=spec.num_classes,
+    num_train_examples=spec.train_examples,
+    num_devices=len(host),
+  )
+  batch_stats = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.batch_stats)
+  loss_fn = sharpness.loss_function(c, exp, batch_stats)
+  dtype = jax.tree.leaves(state.params)[0].dtype
+  mesh = Mesh(np.asarray(host), (hessian.AXIS,))
+  program = hessian.power_iteration_program(
+    loss_fn,
+    mesh,
+    num_batches,
+    dtype,
+    num_iters=a.sharpness_iters,
+    tol=a.sharpness_tol,
+    progress=lambda i, eig: None,  # the tool's progress lines: a host callback in the loop
+  )
+  rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(hessian.AXIS))
+  sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  params = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state.params)
+  size = c.image_size
+  batches = {
+    "image": sds((dealt, batch_size, size, size, 3), jnp.float32, split),
+    "label": sds((dealt, batch_size), jnp.int32, split),
+  }
+  weights = sds((dealt,), dtype, split)
+  key = sds((2,), jnp.uint32, rep)
+  r = _measure("sharpness", program, (params, batches, weights, key), while_trips=a.sharpness_iters)
+  where = f"host 0's {len(host)} {s.per_device}s" if s.hosts > 1 else f"{len(host)} {s.per_device}s"
+  r.note = (
+    f"one call: up to {a.sharpness_iters} power iterations over {num_batches} batches of "
+    f"{batch_size} on {where}"
+  )
+  return r
 
 
 def format_line(r: Report, s: Slice) -> str:
@@ -410,6 +480,8 @@ def format_line(r: Report, s: Slice) -> str:
   if r.calls:
     days = r.calls * r.bound_ms(s) / 1e3 / 86400
     line += f"; {r.calls} steps >= {days:.3g} days"
+  if r.note:
+    line += f"; {r.note}"
   if r.same_as:
     return line + f" [the program of {r.same_as}]"
   return line + f" [compiled in {r.compile_seconds:.0f} s]"

@@ -117,6 +117,10 @@ def test_plain_step_compiled_for_v4_8():
   )
   train = next(line for line in lines if line.startswith("train: fits "))
   assert next(line for line in lines if line.startswith("eval/digits: fits "))
+  # The sharpness tool's power iteration: the config's 2048 examples are more than digits' 1438
+  # training images, so 1438 // 256 = 5 batches (dealt to the 4 chips as 8, 3 of zero weight).
+  sharpness = next(line for line in lines if line.startswith("sharpness: fits "))
+  assert "up to 100 power iterations over 5 batches of 256 on 4 chips" in sharpness
   tflop = float(re.search(r"([\d.e+-]+) TFLOP/chip/call", train).group(1))
   hand = vit_digits_step_flops(256) / 4
   assert hand <= tflop * 1e12 <= 1.25 * hand, (tflop * 1e12, hand)
@@ -149,6 +153,44 @@ def test_matmul_count_of_the_traced_step(monkeypatch, sam, factor):
   s = tpu_compile.parse_slice("v4-8")
   (r,) = tpu_compile.compile_programs(c, s, tpu_compile.topology_devices(s), ("train",))
   assert r.matmul_flops == factor * vit_digits_step_flops(256) / 4
+
+
+@needs_libtpu
+def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
+  """The sharpness tool's program (its power iteration, traced for a v4-8's 4 chips, no
+  compilation): 1000 examples in batches of 128 are 7 batches, dealt to the chips as 8 (one of
+  zero weight), 2 per chip. Each iteration computes one Hessian-vector product per batch by
+  forward-over-reverse: a matmul of two differentiated operands costs 9 times its forward (its
+  forward and backward, 3, each with the tangents of both operands), the patch embedding of the
+  image, which has no tangent, 4 times (forward and weight gradient, each with the weight's
+  tangent); and one v . Hv, 2 FLOPs per parameter. 7 iterations, the configured most."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def trace_only(name, jitted, args, calls=None, while_trips=1):
+    flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr, while_trips)
+    params = sum(x.size for x in jax.tree.leaves(args[0]))
+    return tpu_compile.Report(name, params, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
+
+  monkeypatch.setattr(tpu_compile, "_measure", trace_only)
+  c = cli.build_config(
+    None,
+    [
+      ("analysis.sharpness_examples", "1000"),
+      ("analysis.sharpness_batch_size", "128"),
+      ("analysis.sharpness_iters", "7"),
+    ],
+  )
+  s = tpu_compile.parse_slice("v4-8")
+  (r,) = tpu_compile.compile_programs(c, s, tpu_compile.topology_devices(s), ("sharpness",))
+  tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
+  layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+  embed = 2 * tokens * patch * patch * 3 * width
+  hvp = 9 * depth * layer + 4 * embed + 9 * 2 * width * classes
+  params = r.argument_bytes  # the parameter count (trace_only above)
+  assert r.matmul_flops == 7 * (2 * 128 * hvp + 2 * params)
+  assert r.note == "one call: up to 7 power iterations over 7 batches of 128 on 4 chips"
 
 
 def test_refused_with_the_first_fix_that_compiles_to_fit(monkeypatch):

@@ -69,6 +69,30 @@ def hessian_top_eigenvalue(
   if pad:  # zero-weight copies of the first batch, so every device has as many batches
     batches = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[:1], pad, axis=0)]), batches)
   mesh = Mesh(np.asarray(devices), (AXIS,))
+  power_iteration = power_iteration_program(
+    loss_fn, mesh, num_batches, dtype, num_iters=num_iters, tol=tol, progress=progress
+  )
+
+  # Explicit placement: params may arrive committed to one device (e.g. restored from a checkpoint).
+  replicated, dealt = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+  params = jax.device_put(params, replicated)
+  batches, weights = jax.device_put((batches, weights), dealt)
+  return float(power_iteration(params, batches, weights, jax.device_put(rng, replicated)))
+
+
+def power_iteration_program(
+  loss_fn: Callable[[Any, Any], jax.Array],
+  mesh: Mesh,
+  num_batches: int,
+  dtype,
+  *,
+  num_iters: int,
+  tol: float,
+  progress: Callable[[int, float], None] | None = None,
+):
+  """The jitted power iteration of `hessian_top_eigenvalue`: (params replicated over `mesh`,
+  batches and weights dealt over its `AXIS`, key) -> eigenvalue. Also what
+  `main.py --compile_for` compiles for a TPU slice."""
 
   def local_hvp(params, v, xs, ws):
     params, v = sharding.per_device((params, v), AXIS)  # each device's own HVP, summed below
@@ -104,8 +128,4 @@ def hessian_top_eigenvalue(
     _, eig, _, _ = lax.while_loop(not_done, step, (jnp.zeros((), jnp.int32), zero, zero, v))
     return eig
 
-  # Explicit placement: params may arrive committed to one device (e.g. restored from a checkpoint).
-  replicated, dealt = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-  params = jax.device_put(params, replicated)
-  batches, weights = jax.device_put((batches, weights), dealt)
-  return float(power_iteration(params, batches, weights, jax.device_put(rng, replicated)))
+  return power_iteration

@@ -60,6 +60,20 @@ def training_batches(c, num_examples: int, batch_size: int, counted: dict | None
   return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
+def loss_function(config, exp: experiment.Experiment, batch_stats):
+  """(params, batch) -> the run's training loss of one batch, as the Hessian sees it (module doc:
+  float32, inference mode with the running `batch_stats`, no label smoothing)."""
+  model = exp.model_in(jnp.float32)
+  loss = losses.get_loss(config.loss, 0.0)  # the authors' Hessian: no label smoothing
+  variables = {"batch_stats": batch_stats} if batch_stats else {}
+
+  def loss_fn(p, batch):
+    logits = model.apply(dict(variables, params=p), batch["image"], train=False)
+    return loss(logits, batch["label"])
+
+  return loss_fn
+
+
 def checkpoint_sharpness(
   workdir,
   *,
@@ -88,14 +102,7 @@ def checkpoint_sharpness(
     num_train_examples=spec.train_examples,
     num_devices=jax.device_count(),
   )
-  model = exp.model_in(jnp.float32)
-  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing
-  variables = {"batch_stats": batch_stats} if batch_stats else {}
-
-  def loss_fn(p, batch):
-    logits = model.apply(dict(variables, params=p), batch["image"], train=False)
-    return loss(logits, batch["label"])
-
+  loss_fn = loss_function(c, exp, batch_stats)
   counted = {}
   batches = training_batches(c, num_examples, batch_size, counted)
   used = int(jax.tree.leaves(batches)[0].shape[0] * batch_size)
