@@ -98,14 +98,15 @@ class Runner:
     import jax  # pylint: disable=g-import-not-at-top
     from absl import logging  # pylint: disable=g-import-not-at-top
 
-    from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+    from pf_jax import process  # pylint: disable=g-import-not-at-top
 
     # One line per run from here (below); compiled programs that recur (evaluation, the
     # sharpness' Hessian-vector product) are read from a persistent cache.
     logging.set_verbosity(logging.WARNING)
+    process.skip_absent_tpu()  # no libtpu probing on a machine without a TPU (main.py's)
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    with reporting.quiet_native_stderr():
+    with process.quiet_native_stderr():
       from pf_jax import checkpointing  # pylint: disable=g-import-not-at-top
       from pf_jax import cli  # pylint: disable=g-import-not-at-top
       from pf_jax import config_validation  # pylint: disable=g-import-not-at-top

@@ -2,7 +2,8 @@
 
 - Preemption: SIGTERM/SIGINT (single-process runs) or the JAX/orbax preemption notice
   (multi-process runs, all processes agree on the step) save the current step, then training
-  raises `Preempted`; main.py exits with `PREEMPTED_EXIT_CODE` so schedulers requeue the run.
+  raises `Preempted` (signals: `process.SignalCatcher`); main.py exits with
+  `PREEMPTED_EXIT_CODE` (pf_jax/process.py) so schedulers requeue the run.
 - Finiteness: a state with a non-finite value is never saved (`save` checks every time).
 - Fallback: a latest checkpoint that cannot be restored is moved aside (never deleted) into
   `<workdir>/checkpoints.broken/` and the newest one that restores is used.
@@ -15,8 +16,6 @@ Paths are `etils.epath` paths: `gs://` works like a local directory.
 import gc
 import logging as py_logging
 import os
-import signal
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +27,8 @@ from etils import epath
 
 from pf_jax import config_fields
 from pf_jax import workdir as workdir_lib
+from pf_jax.process import PREEMPTED_EXIT_CODE
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, try again"
 BROKEN_DIR = "checkpoints.broken"
 
 
@@ -67,47 +66,6 @@ def _sync(name: str) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     multihost_utils.sync_global_devices(name)
-
-
-class SignalCatcher:
-  """Turns SIGTERM/SIGINT into a flag read once per step (no work inside the handler).
-
-  Only in single-process runs: with several processes JAX's preemption notifier owns SIGTERM and
-  orbax's `reached_preemption` makes all processes stop at the same step. A second signal acts as
-  it would without this catcher (the previous handler is restored on the first one).
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received: int | None = None
-    self._previous = {}
-    self._wakeup_fd = -1
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
-    signal.signal(signum, self._previous.pop(signum, signal.SIG_DFL))
-    logging.warning(
-      "Received %s: checkpointing after the current step, then stopping "
-      "(send it again to stop at once)",
-      signal.Signals(signum).name,
-    )
-
-  def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      # main.py's start-up watcher (exit 75 at once) wakes on this fd: off while we checkpoint.
-      self._wakeup_fd = signal.set_wakeup_fd(-1)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    if self._previous:
-      signal.set_wakeup_fd(self._wakeup_fd, warn_on_full_buffer=False)
-    self._previous = {}
 
 
 @jax.jit

@@ -1,4 +1,5 @@
-"""The command line of main.py: config files, `--config.<field>=<value>` overrides, help, errors.
+"""The command line of main.py: its flags, config files, `--config.<field>=<value>` overrides, help,
+errors.
 
 Config loading is done here rather than by `ml_collections.config_flags`, which reports a typo'd
 field or a bad `:arg` as a multi-line traceback (sometimes when main.py is imported). Every
@@ -9,10 +10,13 @@ No TensorFlow here: errors and --help come before it is imported.
 """
 
 import ast
+import difflib
 import importlib.util
 import os
+import sys
 
 import ml_collections
+from absl import flags
 
 from pf_jax import config_fields
 from pf_jax import config_validation
@@ -35,6 +39,108 @@ OTHER_CONFIGS = ("digits_msweep", "reproduce")  # laptop-scale experiments (alre
 
 class UsageError(ValueError):
   """A bad command line or config; its message is one line."""
+
+
+def define_flags() -> None:
+  """main.py's flags (absl; called by main.py, so that importing this module defines none)."""
+  flags.DEFINE_string(
+    "config",
+    None,
+    "Config file, optionally with its argument: configs/<name>.py[:arg] "
+    "(default: configs/default.py). Override fields with --config.<field>=<value>.",
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, TensorBoard events, config.json and "
+    "results.json (created; a run there is resumed).",
+  )
+  flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Full tracebacks for errors and every library's log messages "
+    "(also: PF_JAX_VERBOSE=1; --verbosity=0 keeps the library logs only).",
+  )
+  flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue the run in --workdir although its config "
+    "differs from the stored config.json (the old one is kept as config.<N>.json).",
+  )
+  flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'auto' does it when a multi-host environment is "
+    "detected (TPU pod, SLURM) or --coordinator_address is given.",
+  )
+  flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process without auto-detection)."
+  )
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.DEFINE_bool(
+    "check_only",
+    False,
+    "Validate the command line and config (against --num_devices) "
+    "and exit: what the launchers' --dry_run does.",
+  )
+  flags.DEFINE_string(
+    "compile_for",
+    None,
+    "With --check_only: compile the run's programs for this TPU slice (v4-8, v5litepod-16, v3-32, "
+    "...) on this machine, without a TPU (needs libtpu: pip install -e '.[tpu]'), and print each "
+    "one's memory per chip, FLOPs and time bound; exit 2 if one does not fit.",
+  )
+  flags.DEFINE_integer(
+    "num_devices",
+    None,
+    "With --check_only: the device count to check batch sizes "
+    "and sam.m against (default: this machine's).",
+  )
+
+
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def _flags_help() -> str:
+  """main.py's own flags (absl's help lists every library's too)."""
+  lines = flags.FLAGS.module_help(sys.modules[__name__]).splitlines()
+  return "\n".join(
+    "  " + l if l else l for l in lines if l.strip() and not l.rstrip().endswith(":")
+  )
+
+
+def parse_flags(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict, str | None]:
+  """main.py's command line: (absl's remaining arguments, the config, its `local_note`). --help
+  writes the help and exits 0; every problem is a one-line UsageError or ConfigError."""
+  rest, overrides = split_overrides(argv)
+  if any(a in _HELP for a in rest[1:]):
+    spec = next((a.split("=", 1)[1] for a in rest if a.startswith("--config=")), None)
+    sys.stdout.write(help_text(spec, _flags_help()))
+    sys.exit(0)
+  FLAGS = flags.FLAGS
+  try:
+    rest = FLAGS(rest)
+  except flags.UnrecognizedFlagError as e:
+    close = difflib.get_close_matches(e.flagname, list(FLAGS), n=1)
+    hint = f"; did you mean --{close[0]}?" if close else ""
+    raise UsageError(
+      f"--{e.flagname}: unknown flag{hint} (python main.py --help lists them)"
+    ) from None
+  except flags.Error as e:
+    raise UsageError(str(e).splitlines()[0]) from None
+  if len(rest) > 1:
+    raise UsageError(f"{rest[1]!r}: unexpected argument (flags are written --name=value)")
+  if FLAGS.workdir is None and not FLAGS.check_only:
+    raise UsageError(
+      f"--workdir: missing {DASH} a directory for checkpoints and events (--workdir=DIR)"
+    )
+  config = build_config(FLAGS.config, overrides)
+  note = local_note(FLAGS.config, config, overrides)
+  if FLAGS.compile_for and not FLAGS.check_only:
+    raise UsageError("--compile_for: only with --check_only (it compiles, it does not train)")
+  return rest, config, note
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

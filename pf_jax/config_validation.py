@@ -23,9 +23,9 @@ from pf_jax import experiment
 from pf_jax import models
 from pf_jax import reporting
 from pf_jax import sam_family
+from pf_jax.errors import DASH
 from pf_jax.errors import ArgumentError
 
-DASH = "\u2014"
 _get = config_fields.get
 
 
@@ -211,35 +211,3 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
   _check_sam(c, num_devices)
   _check_init_from(c)
   _check_analysis(c)
-
-
-def check_workdir(workdir: str, create: bool = True) -> None:
-  """The workdir is (or can become) a writable directory, created unless `create` is False
-  (--check_only); remote (gs://) paths are not checked."""
-  if "://" in workdir:
-    return
-  path = os.path.abspath(workdir)
-  existing = path
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    what = "is a file" if existing == path else f"is under {existing!r}, which is a file"
-    raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory; it {what}")
-  if not create:
-    if not os.access(existing, os.W_OK | os.X_OK):
-      raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be written")
-    return
-  try:  # creating it is what the run does first anyway
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test.{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(
-      f"--workdir: {workdir!r} {DASH} a directory that can be created and written ({e.strerror})"
-    ) from None
-
-
-class WorkdirError(ValueError):
-  """One-line error about --workdir."""

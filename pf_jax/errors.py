@@ -4,6 +4,8 @@ Callers that build library objects from their own settings (the trainer's config
 `(function, arg)` back to the setting that fed it, so no message wording is part of the API.
 """
 
+DASH = "\u2014"  # in every one-line error: `<what>: <value> — <what is allowed>`
+
 
 class ArgumentError(ValueError):
   """`function`'s argument `arg` is not allowed; the message says what is.

@@ -1,10 +1,8 @@
-"""What `main.py --check_only` checks beyond the config's fields, and a failed start's cleanup.
+"""What `main.py --check_only` checks beyond the config's fields.
 
 `check` reads config.init_from and compares it with the model (`pretrained.check`: shapes from
 `jax.eval_shape`, nothing compiles) and looks for each dataset the run reads on disk (TFDS's
 layout, without importing TensorFlow), so a launcher's dry run says what the run would stop on.
-`remove_unused_workdir` removes a workdir that a run created and left holding nothing but its
-lock (e.g. it stopped on missing data).
 """
 
 import glob
@@ -12,8 +10,7 @@ import os
 
 from pf_jax import dataset_catalog
 from pf_jax import experiment
-
-DASH = "\u2014"
+from pf_jax.errors import DASH
 
 
 def default_data_dir() -> str:
@@ -95,34 +92,3 @@ def check(config) -> list[str]:
   if data:
     lines.append(f"data: {data}")
   return lines
-
-
-def first_missing(workdir: str) -> str | None:
-  """The outermost directory of `workdir` that does not exist yet (what a run creates), or None
-  (it exists, or it is remote)."""
-  if "://" in workdir:
-    return None
-  path, top = os.path.abspath(workdir), None
-  while not os.path.exists(path):
-    path, top = os.path.dirname(path), path
-  return top
-
-
-def remove_unused_workdir(top: str | None, workdir: str, lock_file: str) -> None:
-  """Removes the directories from `top` (`first_missing`, taken before the run created them) down
-  to `workdir` if the run left nothing there but its released `lock_file`."""
-  if top is None:
-    return
-  path = os.path.abspath(workdir)
-  try:
-    if set(os.listdir(path)) - {lock_file}:
-      return
-    if os.path.exists(os.path.join(path, lock_file)):
-      os.remove(os.path.join(path, lock_file))
-    while True:
-      os.rmdir(path)  # fails (and stops) on a directory something else wrote into meanwhile
-      if path == top:
-        return
-      path = os.path.dirname(path)
-  except OSError:
-    return

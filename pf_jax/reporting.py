@@ -1,104 +1,12 @@
 """What a run says on stderr: a start line, train lines with ETA, eval lines, checkpoints, a summary.
 
-By default (`quiet_library_logs`) only pf_jax's own INFO lines and everyone's warnings reach
-stderr: orbax, clu and TensorFlow report internals at INFO (about 40 lines per checkpoint). The
-absl `--verbosity` flag (or main.py's `--verbose`) keeps everything.
+Which library logs reach stderr beside these lines is the process's concern (pf_jax/process.py).
 """
 
-import contextlib
-import logging as std_logging
 import os
-import re
-import tempfile
 import time
 
 from absl import logging
-
-_OWN_DIRS = (
-  os.path.dirname(os.path.abspath(__file__)),
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "main.py",
-)
-
-
-# Library warnings that are normal events here (TFDS when it builds `digits` the first time;
-# orbax at a multi-process preemption, which our "Preempted at step N" line reports).
-_EXPECTED_WARNINGS = ("has no dataset_info.json", "Reached preemption sync point")
-
-
-class _OwnInfoOnly(std_logging.Filter):
-  """Passes warnings and errors from anywhere, INFO only from pf_jax and main.py."""
-
-  def filter(self, record):
-    if record.pathname.startswith(_OWN_DIRS):
-      return True
-    if record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
-      return False  # a failed save: checkpointing.StorageError says it in one line
-    return record.levelno >= std_logging.WARNING and not any(
-      w in record.getMessage() for w in _EXPECTED_WARNINGS
-    )
-
-
-def skip_absent_tpu() -> None:
-  """Where libtpu is installed (the `tpu` extra, for `--compile_for`) but the machine has neither
-  TPU chips nor an NVIDIA GPU, JAX uses the CPU without asking libtpu, which would otherwise look
-  for a TPU VM at the first device query and write errors to stderr. JAX_PLATFORMS, when set,
-  decides instead. Call before the first device query."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-
-  try:
-    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
-
-    accelerators = hardware_utils.num_available_tpu_chips_and_device_id()[0] or (
-      hardware_utils.has_visible_nvidia_gpu()
-    )
-  except Exception:  # pylint: disable=broad-except  (a private module: leave JAX to decide)
-    return
-  if not accelerators:
-    jax.config.update("jax_platforms", "cpu")
-
-
-class _ShortFormatter(std_logging.Formatter):
-  def format(self, record):
-    level = "" if record.levelno < std_logging.WARNING else record.levelname + ": "
-    return f"{self.formatTime(record, '%H:%M:%S')} {level}{record.getMessage()}"
-
-
-def quiet_library_logs() -> None:
-  """Library INFO chatter off, short `HH:MM:SS message` lines (TF's C++ logs: see main.py)."""
-  handler = logging.get_absl_handler()
-  handler.addFilter(_OwnInfoOnly())
-  handler.setFormatter(_ShortFormatter())
-  logging.set_verbosity(logging.INFO)
-
-
-# C++ INFO lines (glog/absl format) and absl's notice about them, written straight to fd 2.
-_NATIVE_NOISE = re.compile(r"^(I\d{4} |WARNING: All log messages before absl::InitializeLog)")
-
-
-@contextlib.contextmanager
-def quiet_native_stderr():
-  """Drops C++ INFO lines written to fd 2 inside the block (TensorFlow's import announces oneDNN;
-  TF_CPP_MIN_LOG_LEVEL no longer silences it); other lines are written out afterwards."""
-  with tempfile.TemporaryFile() as tmp:
-    saved = os.dup(2)
-    os.dup2(tmp.fileno(), 2)
-    try:
-      yield
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      tmp.seek(0)
-      kept = [
-        l
-        for l in tmp.read().decode(errors="replace").splitlines(True)
-        if not _NATIVE_NOISE.match(l)
-      ]
-      if kept:
-        os.write(2, "".join(kept).encode())
 
 
 def _seconds(seconds: float) -> str:
@@ -120,11 +28,13 @@ def plural(n: int, noun: str) -> str:
   return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def describe_method(c, num_devices: int) -> str:
+def describe_method(c, num_devices: int, platform: str | None = None) -> str:
   """What is optimized, in words: perturbation, rho, m and its chunks, accumulation, loss.
 
   E.g. 'ASAM (after, eta 0.01) steepest ascent, rho 0.3 constant, m 32 (1 chunk per device,
   one chunk), no accumulation; loss softmax_xent; optimizer adamw (weight decay 0.1)'.
+  `platform`: the devices the step runs on ("cpu", "tpu", ...), which `chunk_mode="auto"`
+  resolves by; None: JAX's default backend.
   """
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top  (jax only)
   from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
@@ -163,13 +73,20 @@ def describe_method(c, num_devices: int) -> str:
   if group > 1:
     chunks = f"one chunk spans {group} devices"
   else:
-    strategy = sam_family.chunk_strategy(s.chunk_mode, n_chunks)
+    if platform is None and s.chunk_mode == "auto":
+      import jax  # pylint: disable=g-import-not-at-top
+
+      platform = jax.default_backend()
+    strategy = sam_family.chunk_strategy(s.chunk_mode, n_chunks, platform or "cpu")
     chunks = plural(n_chunks, "chunk") + " per device" + (f", {strategy}" if n_chunks > 1 else "")
   return f"{name} with {ascent}, {rho}, m {s.m} ({chunks}), {tail}"
 
 
-def describe_run(c, num_devices: int, workdir: str | None, note: str | None = None) -> str:
-  """--check_only's lines: the resolved run (data, model, steps, batch), its method, the workdir."""
+def describe_run(
+  c, num_devices: int, workdir: str | None, note: str | None = None, platform: str | None = None
+) -> str:
+  """--check_only's lines: the resolved run (data, model, steps, batch), its method (chunks as
+  they run on `platform`: `describe_method`), the workdir."""
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top
 
@@ -179,7 +96,7 @@ def describe_run(c, num_devices: int, workdir: str | None, note: str | None = No
     f"run: {c.model} on {c.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
     f"eval on {', '.join(c.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "
     f"global batch {c.global_batch_size} on {plural(num_devices, 'device')}, seed {c.seed}",
-    f"method: {describe_method(c, num_devices)}",
+    f"method: {describe_method(c, num_devices, platform)}",
   ]
   if note:
     lines.append(f"note: {note}")

@@ -607,6 +607,7 @@ def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None)
   import jax  # pylint: disable=g-import-not-at-top
 
   from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from pf_jax import process  # pylint: disable=g-import-not-at-top
   from pf_jax import reporting  # pylint: disable=g-import-not-at-top
 
   s = parse_slice(slice_name)
@@ -618,7 +619,7 @@ def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None)
   config_validation.validate(c, s.devices, s.hosts)
   print("config OK")
   print(reporting.describe_run(c, s.devices, None, note))
-  with reporting.quiet_native_stderr():  # TensorFlow's import
+  with process.quiet_native_stderr():  # TensorFlow's import
     from pf_jax import train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   with quiet_libtpu():
     return check(c, s)

@@ -34,6 +34,7 @@ from pf_jax import checkpointing
 from pf_jax import experiment as experiment_lib
 from pf_jax import input_pipeline
 from pf_jax import pretrained
+from pf_jax import process
 from pf_jax import reporting
 from pf_jax import sam_family as sam_lib
 from pf_jax import workdir as workdir_lib
@@ -357,7 +358,7 @@ def train_and_evaluate(
   if start_step:
     report.resumed(start_step, checkpoints.directory)
   metrics_log, results = _MetricsLog(c, checkpoints, writer), {}
-  with checkpointing.SignalCatcher() as signals:
+  with process.SignalCatcher() as signals:
     for step in range(start_step + 1, total_steps + 1):
       if step == start_step + 1:
         report.compiling()

@@ -5,7 +5,8 @@
 - `lock.json`: who is running in the workdir (`WorkdirLock`), while a run is.
 
 One run per workdir: `check_config` refuses to continue a run with a config that differs in
-anything but `SAFE_TO_CHANGE`.
+anything but `SAFE_TO_CHANGE`. The directory itself: `check_writable` before a run creates it
+(one-line WorkdirError), `remove_if_unused` after a start that stopped before writing anything.
 
 Paths go through `etils.epath`, so `gs://` workdirs work like local ones.
 """
@@ -25,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from pf_jax import config_fields
+from pf_jax.errors import DASH
 
 CONFIG_FILE = "config.json"
 # Fields a run may continue with new values (docs/runs-safe.md): they change neither the
@@ -202,6 +204,72 @@ def check_config(
     path.rename(epath.Path(workdir) / f"config.{i}.json")
   for line in diffs:
     logging.warning("Continuing with a changed config (%s): %s", OVERRIDE_FLAG, line)
+
+
+# -- The directory: writable before a run creates it, removed if a failed start left it empty. --
+
+
+def check_writable(workdir: str, create: bool = True) -> None:
+  """The workdir is (or can become) a writable directory, created unless `create` is False
+  (--check_only); remote (gs://) paths are not checked."""
+  if "://" in workdir:
+    return
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    what = "is a file" if existing == path else f"is under {existing!r}, which is a file"
+    raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory; it {what}")
+  if not create:
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise WorkdirError(f"--workdir: {workdir!r} {DASH} a directory that can be written")
+    return
+  try:  # creating it is what the run does first anyway
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test.{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+      f"--workdir: {workdir!r} {DASH} a directory that can be created and written ({e.strerror})"
+    ) from None
+
+
+class WorkdirError(ValueError):
+  """One-line error about --workdir."""
+
+
+def first_missing(workdir: str) -> str | None:
+  """The outermost directory of `workdir` that does not exist yet (what a run creates), or None
+  (it exists, or it is remote)."""
+  if "://" in workdir:
+    return None
+  path, top = os.path.abspath(workdir), None
+  while not os.path.exists(path):
+    path, top = os.path.dirname(path), path
+  return top
+
+
+def remove_if_unused(top: str | None, workdir: str) -> None:
+  """Removes the directories from `top` (`first_missing`, taken before the run created them) down
+  to `workdir` if the run left nothing there but its released lock file."""
+  if top is None:
+    return
+  path = os.path.abspath(workdir)
+  try:
+    if set(os.listdir(path)) - {LOCK_FILE}:
+      return
+    if os.path.exists(os.path.join(path, LOCK_FILE)):
+      os.remove(os.path.join(path, LOCK_FILE))
+    while True:
+      os.rmdir(path)  # fails (and stops) on a directory something else wrote into meanwhile
+      if path == top:
+        return
+      path = os.path.dirname(path)
+  except OSError:
+    return
 
 
 class WorkdirLockedError(RuntimeError):

@@ -106,17 +106,17 @@ def test_missing_data_names_the_field_the_directory_and_how(tmp_path):
 
 def test_a_failed_start_removes_only_the_workdir_it_created(tmp_path):
   workdir = tmp_path / "new" / "run"
-  top = preflight.first_missing(str(workdir))
+  top = workdir_lib.first_missing(str(workdir))
   assert top == str(tmp_path / "new")
   workdir.mkdir(parents=True)
   (workdir / workdir_lib.LOCK_FILE).write_text("{}")
-  preflight.remove_unused_workdir(top, str(workdir), workdir_lib.LOCK_FILE)
+  workdir_lib.remove_if_unused(top, str(workdir))
   assert os.listdir(tmp_path) == []  # both levels it created are gone
   workdir.mkdir(parents=True)
   (workdir / "config.json").write_text("{}")  # the run wrote something: kept
-  preflight.remove_unused_workdir(top, str(workdir), workdir_lib.LOCK_FILE)
+  workdir_lib.remove_if_unused(top, str(workdir))
   assert os.listdir(workdir) == ["config.json"]
-  assert preflight.first_missing(str(workdir)) is None  # existed before: never removed
+  assert workdir_lib.first_missing(str(workdir)) is None  # existed before: never removed
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import sys
 
 
 def _quiet():
-  """Only warnings and errors from libraries, as in main.py (pf_jax/reporting.py)."""
+  """Only warnings and errors from libraries, as in main.py (pf_jax/process.py)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
 
-  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+  from pf_jax import process  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)
-  reporting.skip_absent_tpu()
-  with reporting.quiet_native_stderr():  # TensorFlow's import announces oneDNN on fd 2
+  process.skip_absent_tpu()
+  with process.quiet_native_stderr():  # TensorFlow's import announces oneDNN on fd 2
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   tensorflow.config.set_visible_devices([], "GPU")  # the analysis' TF reads data only
 
