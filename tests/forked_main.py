@@ -1,7 +1,8 @@
 """`python main.py ARGS` many times over without paying each time for Python's start and JAX's import.
 
 A server process imports what main.py imports before it parses its flags (JAX, absl, pf_jax.cli,
-config_validation, reporting; no TensorFlow, no JAX backend), then forks one child per command.
+config_validation, process, reporting, workdir; no TensorFlow, no JAX backend), then forks one
+child per command.
 The child runs main.py as `__main__` with the command's argv, stdin from /dev/null and its fds 1
 and 2 in files, so from its first line main.py behaves as in a fresh interpreter, only the
 imports are already done. Used by the tests that start main.py dozens of times with one
@@ -94,7 +95,9 @@ def _serve():
 
   from pf_jax import cli  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from pf_jax import config_validation  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from pf_jax import process  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from pf_jax import reporting  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from pf_jax import workdir  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
   channel = sys.stdout
   sys.stdout = sys.stderr  # nothing but replies on the channel
