@@ -91,13 +91,13 @@ def rows():
   last = "chunks|8|unroll"  # 64 unrolled chunks: hours to compile here
   out += [f"chunks|{m}|{mode}" for m, mode in CHUNK_CASES if f"chunks|{m}|{mode}" not in first]
   out.remove(last)
-  for dtype in DTYPES:
-    for slice_name in SLICES:
-      for cls in ("OBF-SAM", "none", "SAM", "GSAM", "ASAM", "OBF-SAM m=1"):
-        for config, methods in CONFIGS.items():
-          key = f"run|{config}:{methods.get(cls)}|{cls}|{slice_name}|{dtype}"
-          if cls in methods and key not in out:
-            out.append(key)
+  # The v4-8 in float32 first, then the v5e in bfloat16 (its usual precision), then the others.
+  for slice_name, dtype in zip(SLICES * 2, DTYPES + DTYPES[::-1]):
+    for cls in ("OBF-SAM", "none", "SAM", "GSAM", "ASAM", "OBF-SAM m=1"):
+      for config, methods in CONFIGS.items():
+        key = f"run|{config}:{methods.get(cls)}|{cls}|{slice_name}|{dtype}"
+        if cls in methods and key not in out:
+          out.append(key)
   return out + [last]
 
 
@@ -193,10 +193,16 @@ def compile_one(key: str) -> dict:
   )
 
 
+def compiling(key: str) -> bool:
+  """Whether another process is compiling `key` now (a worker restarted beside its last row)."""
+  out = subprocess.run(["pgrep", "-f", "--", f"--one={key}"], capture_output=True, text=True)
+  return bool(out.stdout.strip())
+
+
 def run_all(shard: int = 0, shards: int = 1) -> None:
   fix_method_names()
   for key in rows()[shard::shards]:
-    if key in load():
+    if key in load() or compiling(key):
       continue
     print(time.strftime("%H:%M:%S"), "compiling", key, flush=True)
     out = subprocess.run(
