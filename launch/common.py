@@ -1,4 +1,5 @@
-"""Pieces shared by the launchers (stdlib only; imported from the scripts' directory)."""
+"""Pieces shared by the launchers: flags, their parsing and the config check (stdlib only, so that
+tpu_pod.py and local_gpu.py run from any Python)."""
 
 import argparse
 import os
@@ -21,6 +22,43 @@ def override_to_flag(text):
       f"--override expects field=value (e.g. sam.rho_max=0.1), got {text!r}"
     )
   return f"--config.{field}={value}"
+
+
+def csv_list(kind):
+  """An argparse type: 'a,b' -> [kind('a'), kind('b')] (empty items dropped)."""
+  return lambda text: [kind(v) for v in text.split(",") if v]
+
+
+def seed_range(text: str) -> list[int]:
+  """'0-9' -> [0, ..., 9]; '3' -> [3]; '0-4,10-14' -> both ranges."""
+  out = []
+  for part in filter(None, text.split(",")):
+    lo, _, hi = part.partition("-")
+    out += range(int(lo), int(hi or lo) + 1)
+  return out
+
+
+def reject_unknown(parser, *checks) -> None:
+  """Stops with argparse's usage error for any (name, values, allowed) with a value not allowed."""
+  for name, values, allowed in checks:
+    if unknown := sorted(set(values) - set(allowed)):
+      parser.error(f"unknown {name} {unknown}; choose from {list(allowed)}")
+
+
+def override_pairs(flags) -> list[tuple[str, str]]:
+  """`--config.FIELD=VALUE` flags (add_override_flag's values) -> [(FIELD, VALUE)]."""
+  return [tuple(f[len("--config.") :].split("=", 1)) for f in flags]
+
+
+def add_run_flags(parser, example: str, workdir_help: str) -> None:
+  """main.py's --config and --workdir, as every launcher of one run takes them."""
+  parser.add_argument(
+    "--config",
+    required=True,
+    help="Config file relative to the repo, with its arg, e.g. "
+    f"{example} (main.py --help lists them).",
+  )
+  parser.add_argument("--workdir", required=True, help=workdir_help)
 
 
 def add_check_flag(parser):

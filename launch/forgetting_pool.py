@@ -13,30 +13,25 @@ run the printed main.py commands with launch/tpu_pod.py.
 """
 
 import argparse
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
 import time
 
-from common import add_override_flag  # launch/common.py (script dir is on sys.path)
+if not __package__:  # `python launch/forgetting_pool.py`: the repository on sys.path, as for -m
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import REPO_ROOT  # noqa: E402
+from launch.common import add_override_flag  # noqa: E402
+from launch.common import csv_list  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLS = ("configs/digits_msweep.py", "configs/cifar10_msweep.py")
 
 
 def pool_axes(config: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """The config's perturbations and m values (its PERTURBATIONS and M_VALUES)."""
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # the config files import `configs.common`
-  spec = importlib.util.spec_from_file_location("_pool_config", os.path.join(REPO_ROOT, config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = importlib.import_module(config.removesuffix(".py").replace("/", "."))
   return tuple(module.PERTURBATIONS), tuple(module.M_VALUES)
-
-
-def _csv(kind):
-  return lambda text: [kind(v) for v in text.split(",") if v]
 
 
 def main(argv=None) -> int:
@@ -46,9 +41,11 @@ def main(argv=None) -> int:
   parser.add_argument("--root", required=True, help="one workdir per run is made under it")
   parser.add_argument("--config", choices=POOLS, default=POOLS[0], help="the pool's config file")
   parser.add_argument(
-    "--perturbations", type=_csv(str), help="comma separated (default: all of the config's)"
+    "--perturbations", type=csv_list(str), help="comma separated (default: all of the config's)"
   )
-  parser.add_argument("--m", type=_csv(int), help="comma separated (default: all of the config's)")
+  parser.add_argument(
+    "--m", type=csv_list(int), help="comma separated (default: all of the config's)"
+  )
   add_override_flag(parser, "config field=value for every run (e.g. num_epochs=2), repeatable")
   parser.add_argument("--num_permutations", type=int, default=10_000)
   parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")

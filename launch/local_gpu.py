@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 
-from common import add_check_flag  # launch/common.py (script dir is on sys.path)
-from common import add_override_flag  # launch/common.py (script dir is on sys.path)
-from common import check_config  # launch/common.py (script dir is on sys.path)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # `python launch/local_gpu.py`: the repository on sys.path, as for -m
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import REPO_ROOT  # noqa: E402
+from launch.common import add_check_flag  # noqa: E402
+from launch.common import add_override_flag  # noqa: E402
+from launch.common import add_run_flags  # noqa: E402
+from launch.common import check_config  # noqa: E402
 
 EXAMPLE = """\
 example:
@@ -63,13 +65,7 @@ def build_parser():
     epilog=EXAMPLE,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument(
-    "--config",
-    required=True,
-    help="Config file relative to the repo, with its arg, e.g. "
-    "configs/resnet50_imagenet.py:sam_obf (main.py --help lists them).",
-  )
-  p.add_argument("--workdir", required=True, help="Checkpoint/log directory.")
+  add_run_flags(p, "configs/resnet50_imagenet.py:sam_obf", "Checkpoint/log directory.")
   p.add_argument(
     "--gpus",
     type=gpu_list,

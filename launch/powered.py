@@ -42,12 +42,15 @@ import os
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-import reproduce as base  # noqa: E402  (launch/reproduce.py: Runner, winners_for, USES)
-from common import add_override_flag  # noqa: E402  (launch/common.py)
-
+if not __package__:  # `python launch/powered.py`: the repository on sys.path, as for -m
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import reproduce  # noqa: E402
+from launch import search  # noqa: E402
+from launch.common import add_override_flag  # noqa: E402
+from launch.common import csv_list  # noqa: E402
+from launch.common import override_pairs  # noqa: E402
+from launch.common import reject_unknown  # noqa: E402
+from launch.common import seed_range  # noqa: E402
 from pf_jax.analysis import paired  # noqa: E402
 
 BENCHMARKS = ("digits", "spurious")
@@ -62,7 +65,7 @@ REFERENCE_METHODS = tuple(dict.fromkeys(m for _, a, b in reproduce.REFERENCES fo
 SEARCH_SEEDS = (0, 1, 2)
 MAX_EXTEND = 2
 # (stage, method trained, grid {field or tuple of fields: values}); stage names as in
-# launch/reproduce.py's USES (which stages' winners each method takes). STEEP and OBF: 4 points.
+# launch/search.py's USES (which stages' winners each method takes). STEEP and OBF: 4 points.
 SEARCH = (
   ("lr", "adamw", {"lr_max": (1e-3, 3e-3, 1e-2)}),
   ("steep", "sam_steep", {"sam.rho_max": (0.01, 0.03, 0.1, 0.3)}),
@@ -92,117 +95,34 @@ def seeds_needed(benchmark: str) -> int:
   return max(MIN_SEEDS, paired.required_pairs(PAIRED_SD[benchmark], EFFECT[benchmark]))
 
 
-def seed_range(text: str) -> list[int]:
-  """'0-9' -> [0, ..., 9]; '3' -> [3]; '0-4,10-14' -> both ranges."""
-  out = []
-  for part in filter(None, text.split(",")):
-    lo, _, hi = part.partition("-")
-    out += range(int(lo), int(hi or lo) + 1)
-  return out
-
-
-def _next(values, value):
-  """The value one step beyond `value` at an edge of sorted numeric `values` (same ratio as the
-  last step), or None when `value` is inside or the axis has fewer than two values."""
-  v = sorted(values)
-  if len(v) < 2 or v[0] <= 0:
-    return None
-  if value == v[-1]:
-    return float(f"{v[-1] * v[-1] / v[-2]:.3g}")
-  if value == v[0]:
-    return float(f"{v[0] * v[0] / v[1]:.3g}")
-  return None
-
-
-def search_stage(grid: dict, score, max_values: int = 100, max_extend: int = MAX_EXTEND):
-  """The grid's points, their scores, extension past edge winners, and the winner.
-
-  Args:
-    grid: {field or tuple of fields: values}; tuple axes are categorical (never extended).
-    score: point (a field dict) -> validation score (higher is better).
-    max_values: each axis cut to its first N values.
-    max_extend: most points added beyond an edge.
-  Returns:
-    ([(point, score)] in scoring order, winner point). Ties go to the earlier point.
-  """
-  points = base.grid_points(grid, max_values)
-  scored = [(p, score(p)) for p in points]
-  axes = {k: list(v[:max_values]) for k, v in grid.items() if not isinstance(k, tuple)}
-
-  def best():  # highest score; ties go to the earlier point
-    return scored[max(range(len(scored)), key=lambda i: (scored[i][1], -i))][0]
-
-  for _ in range(max_extend):
-    winner = best()
-    for field, values in axes.items():
-      beyond = _next(values, winner[field])
-      if beyond is not None:
-        values.append(beyond)
-        point = {**winner, field: beyond}
-        scored.append((point, score(point)))
-        break
-    else:
-      break
-  return scored, best()
-
-
 def point_name(point: dict) -> str:
   return ",".join(f"{k.split('.')[-1]}={v:g}" for k, v in point.items())
 
 
-def search(runner, benchmark: str, needed: set, seeds, max_values: int) -> dict:
-  """Runs the stages `needed` on BENCH_val; returns {stage: {method, fixed, scores, winner}}."""
-  winners, record = {}, {}
-  val_key = f"eval/{base._val_dataset(benchmark)}/top1"  # pylint: disable=protected-access
-  for stage, method, grid in SEARCH:
-    if stage not in needed:
-      continue
-    fixed = base.winners_for(method, winners)
-    per_seed = {}
+def search_benchmark(runner, benchmark: str, needed: set, seeds, max_values: int) -> dict:
+  """The stages `needed` on BENCHMARK_val, every point scored by its mean over `seeds`
+  (ROOT/search/BENCH/STAGE-POINT-sSEED), edge winners extended up to MAX_EXTEND times."""
 
-    def score(point, stage=stage, method=method, fixed=fixed, per_seed=per_seed):
-      accs = []
-      for s in seeds:
-        workdir = os.path.join(
-          runner.root, "search", benchmark, f"{stage}-{point_name(point)}-s{s}"
-        )
-        fields = {**fixed, **point, "seed": s, **dict(RUN_OVERRIDES)}
-        accs.append(runner.train_run(workdir, f"{benchmark}_val,{method}", fields)[val_key])
-      per_seed[point_name(point)] = accs
-      return sum(accs) / len(accs)
+  def score(stage, method, fixed, k, point):
+    accs = [
+      runner.val_top1(
+        benchmark,
+        f"{stage}-{point_name(point)}-s{s}",
+        method,
+        {**fixed, **point, "seed": s, **dict(RUN_OVERRIDES)},
+      )
+      for s in seeds
+    ]
+    return sum(accs) / len(accs), {"per_seed": accs}
 
-    scored, winner = search_stage(grid, score, max_values)
-    winners[stage] = winner
-    record[stage] = {
-      "method": method,
-      "fixed": fixed,
-      "scores": [
-        {"point": p, "val_top1": a, "per_seed": per_seed[point_name(p)]} for p, a in scored
-      ],
-      "winner": winner,
-    }
-  return record
+  return search.search(SEARCH, needed, score, max_values, MAX_EXTEND)
 
 
-def search_markdown(searches: dict, seeds) -> str:
-  lines = [
-    f"# Hyperparameter search (mean over seeds {list(seeds)}; validation carve-out: the last"
-    " 288 training images)",
-    "",
-  ]
-  for benchmark, record in searches.items():
-    lines += [f"## {benchmark}", "", "| stage | method | point | val top-1 (%) | per seed | |"]
-    lines.append("|---|---|---|---|---|---|")
-    for stage, r in record.items():
-      for s in r["scores"]:
-        point = ", ".join(f"{k}={v:g}" for k, v in s["point"].items())
-        mark = "**winner**" if s["point"] == r["winner"] else ""
-        each = " / ".join(f"{100 * a:.2f}" for a in s["per_seed"])
-        lines.append(
-          f"| {stage} | {r['method']} | {point} | {100 * s['val_top1']:.2f} | {each} | {mark} |"
-        )
-    lines.append("")
-  return "\n".join(lines)
+def search_title(seeds) -> str:
+  return (
+    f"Hyperparameter search (mean over seeds {list(seeds)}; validation carve-out: the last"
+    " 288 training images)"
+  )
 
 
 def plan(benchmarks, methods, seeds) -> dict:
@@ -226,13 +146,13 @@ def estimate_seconds(root: str, todo: dict, needed: set, max_values: int, n_sear
     for m, s in items
     if not os.path.exists(os.path.join(root, "runs", b, f"{m}-s{s}", "results.json"))
   ]
-  extendable = [  # stages with a numeric axis of at least two values (search_stage)
+  extendable = [  # stages with a numeric axis of at least two values (search.search_stage)
     st
     for st, _, g in SEARCH
     if st in needed
     and any(not isinstance(k, tuple) and len(v[:max_values]) > 1 for k, v in g.items())
   ]
-  points = sum(len(base.grid_points(g, max_values)) for st, _, g in SEARCH if st in needed)
+  points = sum(len(search.grid_points(g, max_values)) for st, _, g in SEARCH if st in needed)
   done = len(_glob_results(os.path.join(root, "search")))
   searches = max(0, points * n_search * len(todo) - done)
   configs = (searches + n_search - 1) // n_search + len(set(left))  # first seeds compile
@@ -322,39 +242,31 @@ def main(argv=None) -> int:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--root", required=True, help="everything is written under it")
-  parser.add_argument("--benchmarks", type=base._csv(str), default=list(BENCHMARKS))  # pylint: disable=protected-access
+  parser.add_argument("--benchmarks", type=csv_list(str), default=list(BENCHMARKS))
   parser.add_argument(
-    "--methods",
-    type=base._csv(str),  # pylint: disable=protected-access
-    default=list(COMPARED_METHODS + REFERENCE_METHODS),
+    "--methods", type=csv_list(str), default=list(COMPARED_METHODS + REFERENCE_METHODS)
   )
   parser.add_argument(
     "--seeds", type=seed_range, default=None, help="train only these seeds, e.g. 0-9 (all)"
   )
-  parser.add_argument(
-    "--search_seeds",
-    type=base._csv(int),
-    default=list(SEARCH_SEEDS),  # pylint: disable=protected-access
-  )
+  parser.add_argument("--search_seeds", type=csv_list(int), default=list(SEARCH_SEEDS))
   parser.add_argument("--max_grid", type=int, default=100, help="cut every axis to N values")
   add_override_flag(
     parser, "config field=value for every run, search included (e.g. num_train_steps=5)"
   )
   args = parser.parse_args(argv)
-  for name, values, allowed in (
+  reject_unknown(
+    parser,
     ("benchmarks", args.benchmarks, BENCHMARKS),
     ("methods", args.methods, COMPARED_METHODS + REFERENCE_METHODS),
-  ):
-    if unknown := sorted(set(values) - set(allowed)):
-      parser.error(f"unknown {name} {unknown}; choose from {list(allowed)}")
+  )
   if not args.search_seeds:
     parser.error("--search_seeds: at least one seed")
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
   start = time.time()
 
-  needed = {s for m in args.methods for s in base.USES[m]}
-  needed |= {"obf"} if "obf_shape" in needed else set()
+  needed = search.stages_needed(args.methods)
   todo = plan(args.benchmarks, args.methods, args.seeds)
   for b in args.benchmarks:
     print(
@@ -375,27 +287,23 @@ def main(argv=None) -> int:
     flush=True,
   )
 
-  overrides = [tuple(f[len("--config.") :].split("=", 1)) for f in args.override]
-  runner = base.Runner(root, overrides)
-  searches = {b: search(runner, b, needed, args.search_seeds, args.max_grid) for b in todo}
-  with open(os.path.join(root, "search.json"), "w") as f:
-    json.dump(searches, f, indent=1)
-  with open(os.path.join(root, "search.md"), "w") as f:
-    f.write(search_markdown(searches, args.search_seeds))
-  print(f"search done ({time.time() - start:.0f} s so far); see {root}/search.md", flush=True)
+  runner = search.Runner(root, override_pairs(args.override))
+  searches = {
+    b: search_benchmark(runner, b, needed, args.search_seeds, args.max_grid) for b in todo
+  }
+  search.save_search(root, searches, search_title(args.search_seeds), start, each=True)
   runner.cache.clear()  # the search's programs and batches are not used again
 
   for b, items in todo.items():
     winners = {stage: r["winner"] for stage, r in searches[b].items()}
     for method, seed in items:
       workdir = os.path.join(root, "runs", b, f"{method}-s{seed}")
-      fields = {**base.winners_for(method, winners), "seed": seed, **dict(RUN_OVERRIDES)}
+      fields = {**search.winners_for(method, winners), "seed": seed, **dict(RUN_OVERRIDES)}
       runner.train_run(workdir, f"{b},{method}", fields)
 
   text = tables(root, args.benchmarks)
   print(text)
-  total = time.time() - start
-  runner.record(root, f"invocation {time.strftime('%Y-%m-%d %H:%M:%S')}", total)
+  total = runner.record_invocation(start)
   print(f"done in {total:.0f} s; see {root}/analysis/paired.md and paired.png", flush=True)
   return 0
 

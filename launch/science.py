@@ -23,14 +23,14 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-import reproduce as base  # noqa: E402  (launch/reproduce.py: Runner)
-from powered import seed_range  # noqa: E402  (launch/powered.py: '0-9,12' -> seeds)
-
+if not __package__:  # `python launch/science.py`: the repository on sys.path, as for -m
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import REPO_ROOT  # noqa: E402
+from launch.common import seed_range  # noqa: E402
+from launch.search import CONFIG  # noqa: E402
+from launch.search import Runner  # noqa: E402
 from pf_jax.analysis import science  # noqa: E402
 
-CONFIG = os.path.join(REPO_ROOT, "configs", "reproduce.py")
 RESULTS = os.path.join(REPO_ROOT, "results", "science")
 SEARCH = "search"  # the --blocks name of the validation search (science.SEARCH_BLOCK)
 ORDER = ("noise50", "noise50_obf", SEARCH, "noise25", "clean", "spurious")
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     for search, (b, m, r, s) in todo:
       print(f"{'search ' if search else ''}{b} {m} rho={r:g} seed={s}")
     return 0
-  runner = base.Runner(os.path.abspath(args.root), [])
+  runner = Runner(os.path.abspath(args.root), [])
   head = commit()
   for search, (block, method, rho, seed) in todo:
     fields = fields_of(block, method, rho, seed, search)

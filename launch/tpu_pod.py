@@ -29,11 +29,14 @@ import subprocess
 import sys
 import tempfile
 
-from common import add_check_flag  # launch/common.py (script dir is on sys.path)
-from common import add_override_flag  # launch/common.py (script dir is on sys.path)
-from common import check_config  # launch/common.py (script dir is on sys.path)
+if not __package__:  # `python launch/tpu_pod.py`: the repository on sys.path, as for -m
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch.common import REPO_ROOT  # noqa: E402
+from launch.common import add_check_flag  # noqa: E402
+from launch.common import add_override_flag  # noqa: E402
+from launch.common import add_run_flags  # noqa: E402
+from launch.common import check_config  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_URL = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 REMOTE_TARBALL = "pf_jax_src.tar.gz"  # relative to the remote home directory
 
@@ -143,13 +146,9 @@ def build_parser():
   cap.add_argument("--preemptible", action="store_true", help="Create a preemptible TPU VM.")
 
   run = p.add_argument_group("run")
-  run.add_argument(
-    "--config",
-    required=True,
-    help="Config file relative to the repo, with its arg, e.g. "
-    "configs/vit_s32_imagenet.py:sam_obf (main.py --help lists them).",
+  add_run_flags(
+    run, "configs/vit_s32_imagenet.py:sam_obf", "Checkpoints/logs dir; use gs://... on a pod."
   )
-  run.add_argument("--workdir", required=True, help="Checkpoints/logs dir; use gs://... on a pod.")
   run.add_argument(
     "--data_dir", default=None, help="TFDS data dir (gs://...), exported as TFDS_DATA_DIR."
   )

@@ -602,3 +602,16 @@ def test_forgetting_pool_dry_run_lists_the_papers_pool(tmp_path):
   assert out.count("pf_jax.analysis sharpness") == 30
   assert out.count(f"{root}/obf_gamma0-512") == 4  # trained, sharpness, Figure 2, table
   assert not os.path.exists(root)  # nothing ran
+
+
+def test_a_launcher_runs_as_a_module_and_from_any_directory(fakebin):
+  """launch/ is a package: `python -m launch.local_gpu` prints what `python launch/local_gpu.py`
+  does, and so does the script run from another directory (it puts the repository on sys.path)."""
+  tmp, env = fakebin
+  args = GPU_BASE + ["--gpus=0", "--dry_run"]
+  here = run(GPU, args, env=env)
+  elsewhere = run(GPU, args, env=env, cwd=str(tmp))
+  module = run("-m", ["launch.local_gpu", *args], env=env)
+  assert here.returncode == elsewhere.returncode == module.returncode == 0, module.stderr
+  assert lines(here.stdout)[0] == f"cd {REPO}" and "main.py" in lines(here.stdout)[-1]
+  assert module.stdout == here.stdout == elsewhere.stdout

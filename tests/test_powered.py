@@ -1,6 +1,5 @@
 """launch/powered.py: seeds from power, the fair search's edge extension, the plan, end to end."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,21 +10,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from launch import common
+from launch import powered
+from launch import search
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def powered(monkeypatch):
-  monkeypatch.syspath_prepend(os.path.join(REPO, "launch"))
-  spec = importlib.util.spec_from_file_location(
-    "_powered", os.path.join(REPO, "launch", "powered.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_seeds_follow_from_power(powered):
+def test_seeds_follow_from_power():
   # Normal approximation by hand: ((1.96 + 0.8416) * 1.47 / 1)^2 = 16.96 -> 17; the t-test needs
   # a few more (19), below the floor of 20. OOD: ((2.8016 * 4.26 / 2)^2 = 35.6 -> 36; t: 38.
   assert powered.seeds_needed("digits") == 20
@@ -33,14 +25,14 @@ def test_seeds_follow_from_power(powered):
   assert powered.MIN_SEEDS == 20
 
 
-def test_search_grids_are_fair(powered):
-  sizes = {st: len(powered.base.grid_points(g, 100)) for st, _, g in powered.SEARCH}
+def test_search_grids_are_fair():
+  sizes = {st: len(search.grid_points(g, 100)) for st, _, g in powered.SEARCH}
   assert sizes["steep"] == sizes["obf"]
   assert len(powered.SEARCH_SEEDS) >= 3
 
 
 @pytest.mark.parametrize("benchmark", ["digits", "spurious"])
-def test_search_reads_only_the_validation_carve_out(powered, benchmark):
+def test_search_reads_only_the_validation_carve_out(benchmark):
   from configs import reproduce
   from pf_jax import dataset_catalog
 
@@ -60,36 +52,37 @@ def test_search_reads_only_the_validation_carve_out(powered, benchmark):
     (0.25, [1, 2, 4, 0.5, 0.25], 0.25),  # lower edge: steps of the same ratio downwards
   ],
 )
-def test_edge_winner_extends_the_grid(powered, peak, want_points, want_winner):
+def test_edge_winner_extends_the_grid(peak, want_points, want_winner):
   calls = []
 
   def score(point):
     calls.append(point["a"])
     return -abs(np.log(point["a"] / peak))
 
-  scored, winner = powered.search_stage({"a": (1.0, 2.0, 4.0)}, score, max_extend=2)
+  scored, winner = search.search_stage({"a": (1.0, 2.0, 4.0)}, score, max_extend=2)
   assert [p["a"] for p, _ in scored] == want_points == calls
   assert winner == {"a": want_winner}
 
 
-def test_categorical_axis_is_not_extended_and_ties_go_first(powered):
+def test_categorical_axis_is_not_extended_and_ties_go_first():
   grid = {"a": (1.0, 3.0), ("b", "c"): ((0.1, 1.0), (0.3, 0.5))}
-  scored, winner = powered.search_stage(grid, lambda p: p["a"] + p["b"], max_extend=1)
+  scored, winner = search.search_stage(grid, lambda p: p["a"] + p["b"], max_extend=1)
   assert len(scored) == 5
   assert scored[-1][0] == {"a": 9.0, "b": 0.3, "c": 0.5}  # only `a` moved, the pair kept
   assert winner == scored[-1][0]
-  scored, winner = powered.search_stage({"a": (1.0, 2.0, 3.0)}, lambda p: 0.0)
+  assert len(search.search_stage({"a": (1.0, 2.0, 3.0)}, lambda p: 0.0)[0]) == 3  # not extended
+  scored, winner = search.search_stage({"a": (1.0, 2.0, 3.0)}, lambda p: 0.0, max_extend=2)
   assert winner == {"a": 1.0}  # a tie everywhere: the first point, on the lower edge: adds 1/2
   assert [p["a"] for p, _ in scored] == [1.0, 2.0, 3.0, 0.5]
 
 
-def test_plan_and_seed_ranges(powered):
-  assert powered.seed_range("0-2,7") == [0, 1, 2, 7]
+def test_plan_and_seed_ranges():
+  assert common.seed_range("0-2,7") == [0, 1, 2, 7]
   methods = ["sam_steep", "adamw"]
   full = powered.plan(["spurious"], methods, None)["spurious"]
   assert sum(m == "sam_steep" for m, _ in full) == 38
   assert sum(m == "adamw" for m, _ in full) == 20  # references: MIN_SEEDS
-  late = powered.plan(["digits", "spurious"], methods, powered.seed_range("20-45"))
+  late = powered.plan(["digits", "spurious"], methods, common.seed_range("20-45"))
   assert late["digits"] == [] and len(late["spurious"]) == 18
 
 

@@ -1,7 +1,6 @@
 """launch/reproduce.py: its search grid and, reduced, the whole reproduction end to end."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -10,40 +9,32 @@ import sys
 
 import pytest
 
+from launch import reproduce
+from launch import search
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def reproduce(monkeypatch):
-  monkeypatch.syspath_prepend(os.path.join(REPO, "launch"))
-  spec = importlib.util.spec_from_file_location(
-    "_reproduce", os.path.join(REPO, "launch", "reproduce.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_grid_points_and_winners(reproduce):
+def test_grid_points_and_winners():
   grid = {"a": (1, 2, 3), ("b", "c"): ((0.1, 1.0), (0.3, 0.5))}
-  points = reproduce.grid_points(grid, 100)
+  points = search.grid_points(grid, 100)
   assert len(points) == 6
   assert points[0] == {"a": 1, "b": 0.1, "c": 1.0} and points[-1] == {"a": 3, "b": 0.3, "c": 0.5}
-  assert reproduce.grid_points(grid, 1) == [{"a": 1, "b": 0.1, "c": 1.0}]
+  assert search.grid_points(grid, 1) == [{"a": 1, "b": 0.1, "c": 1.0}]
   winners = {
     "lr": {"lr_max": 0.01},
     "obf": {"sam.rho_max": 0.3, "sam.obf_lambda": 0.3, "sam.obf_gamma": 0.5},
     "asam": {"sam.rho_max": 3.0},
   }
   # ASAM-OBF: ASAM's radius, OBF's lambda and gamma; every method: the learning rate.
-  assert reproduce.winners_for("asam_obf", winners) == {
+  assert search.winners_for("asam_obf", winners) == {
     "lr_max": 0.01,
     "sam.rho_max": 3.0,
     "sam.obf_lambda": 0.3,
     "sam.obf_gamma": 0.5,
   }
-  assert reproduce.winners_for("label_smoothing", winners) == {"lr_max": 0.01}
-  assert set(reproduce.METHODS) == set(reproduce.USES)
+  assert search.winners_for("label_smoothing", winners) == {"lr_max": 0.01}
+  assert set(reproduce.METHODS) == set(search.USES)
 
 
 @pytest.mark.slow
