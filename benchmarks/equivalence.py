@@ -278,14 +278,9 @@ def authors_spec(c, rho: float) -> torch_sam.Spec:
   objective = s.perturbation
   if objective == "obf":
     objective = torch_sam.Obf(lam=s.obf_lambda, gamma=s.obf_gamma, predictions="sigmoid")
+  same = {k: s[k] for k in ("m", "gsam_alpha", "gsam_normalized_backup")}  # the config's names
   return torch_sam.Spec(
-    rho=rho,
-    objective=objective,
-    m=s.m,
-    gsam_alpha=s.gsam_alpha,
-    gsam_normalized_backup=s.gsam_normalized_backup,
-    asam=None if s.asam == "none" else s.asam,
-    asam_eta=0.0,
+    rho=rho, objective=objective, asam=None if s.asam == "none" else s.asam, asam_eta=0.0, **same
   )
 
 

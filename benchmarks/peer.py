@@ -64,6 +64,19 @@ class Variant:
   gsam_alpha: float = 0.0
   asam: str | None = None
 
+  def spec(self, spec_class, obf, **fields):
+    """This step as `spec_class`: pf_jax.SamSpec or the torch peer's torch_sam.Spec (the same
+    field names); `obf()` is that library's OBF objective (lambda = 1/C, gamma = 1)."""
+    return spec_class(
+      rho=RHO,
+      objective=obf() if self.objective == "obf" else self.objective,
+      m=self.m,
+      gsam_alpha=self.gsam_alpha,
+      asam=self.asam,
+      asam_eta=ASAM_ETA if self.asam else 0.0,
+      **fields,
+    )
+
 
 def variants(batch: int, ms, chunk_modes) -> list[Variant]:
   out = [
@@ -86,19 +99,9 @@ def variants(batch: int, ms, chunk_modes) -> list[Variant]:
 
 
 def pf_jax_spec(variant: Variant, num_classes: int) -> pf_jax.SamSpec:
-  objective = variant.objective
-  if objective == "obf":
-    objective = pf_jax.obf(1.0 / num_classes, 1.0, "softmax")
-  kw = dict(chunk_mode=variant.chunk_mode) if variant.chunk_mode else {}
-  return pf_jax.SamSpec(
-    rho=RHO,
-    objective=objective,
-    m=variant.m,
-    gsam_alpha=variant.gsam_alpha,
-    asam=variant.asam,
-    asam_eta=ASAM_ETA if variant.asam else 0.0,
-    **kw,
-  )
+  obf = lambda: pf_jax.obf(1.0 / num_classes, 1.0, "softmax")
+  chunks = dict(chunk_mode=variant.chunk_mode) if variant.chunk_mode else {}
+  return variant.spec(pf_jax.SamSpec, obf, **chunks)
 
 
 def pf_jax_gradient(forward, loss_fn, variant: Variant, num_classes: int, has_aux: bool):
@@ -311,15 +314,7 @@ class TorchBench:
 
   def sam_step(self, variant: Variant):
     ts = self.torch_sam
-    objective = ts.Obf(1.0 / self.num_classes) if variant.objective == "obf" else variant.objective
-    spec = ts.Spec(
-      rho=RHO,
-      objective=objective,
-      m=variant.m,
-      gsam_alpha=variant.gsam_alpha,
-      asam=variant.asam,
-      asam_eta=ASAM_ETA if variant.asam else 0.0,
-    )
+    spec = variant.spec(ts.Spec, lambda: ts.Obf(1.0 / self.num_classes))
 
     def f():
       with self._ctx():
