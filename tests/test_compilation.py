@@ -7,9 +7,9 @@ import pytest
 from jax._src import compilation_cache
 from jax._src import dispatch
 
-from configs import default as default_config
 from pf_jax import checkpointing
 from pf_jax import train
+from tests import tiny_run
 
 
 @pytest.mark.heavy  # scheduled first (tests/conftest.py)
@@ -43,16 +43,15 @@ def test_no_compilation_after_the_first_step_log_save_and_evaluation(tmp_path, m
   monkeypatch.setattr(train, "evaluate", counted("eval", evaluate))
   monkeypatch.setattr(checkpointing, "save", counted("save", save))
 
-  c = default_config.get_config()
-  c.data_dir = str(tmp_path / "data")
-  c.num_train_steps = 6
-  c.warmup_steps = 2
-  c.log_every_steps = 2  # logs after steps 2, 4, 6
-  c.eval_every_steps = 2  # evaluates after steps 2, 4, 6
-  c.checkpoint_every_steps = 3  # saves after steps 3, 6
-  c.global_batch_size = 16
-  c.eval_batch_size = 128
-  c.sam.m = 2
+  # 6 steps; logs after steps 2, 4, 6, evaluates after steps 2, 4, 6, saves after steps 3, 6.
+  c = tiny_run.config(
+    tmp_path / "data",
+    eval_every_steps=2,
+    checkpoint_every_steps=3,
+    global_batch_size=16,
+    eval_batch_size=128,
+    **{"sam.m": 2},
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     train.train_and_evaluate(c, str(tmp_path / "run"))

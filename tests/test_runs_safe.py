@@ -326,14 +326,10 @@ def test_a_full_disk_and_a_read_only_checkpoint_directory_are_one_line_and_lose_
 ):
   """A real full filesystem (a 4 MiB tmpfs): the save of step 6 fails; then `checkpoints/` is
   mounted read-only; then the storage is fixed and the same command finishes the run."""
-  flags = dict(
-    num_train_steps=6, warmup_steps=2, checkpoint_every_steps=2, eval_every_steps=6,
-    log_every_steps=2, keep_checkpoints=10, global_batch_size=64, eval_batch_size=64,
-  )  # fmt: skip
   mnt, out = tmp_path / "mnt", tmp_path / "out"
   out.mkdir()
   cmd = [sys.executable, "main.py", f"--workdir={mnt / 'run'}", f"--config.data_dir={finished[1]}"]
-  cmd += [f"--config.{k}={v}" for k, v in flags.items()] + ["--config.sam.m=16"]
+  cmd += tiny_run.flags()
   script = ["unshare", "-rm", "bash", "-c", _STORAGE_SCRIPT, "-", str(mnt), finished[0], str(out)]
   subprocess.run(script + cmd, cwd=ROOT, env=_env(), timeout=900, check=True)
   read = lambda name: (out / name).read_text()

@@ -108,6 +108,14 @@ def test_lists():
   assert {name for name, _ in DEFAULT} == {name for name, _ in ALL}
 
 
+def _two_steps(c):
+  """A local variant cut to 2 steps (1 of warmup), evaluated and checkpointed at the end."""
+  c.num_train_steps = 2
+  c.warmup_steps = 1
+  c.eval_every_steps = 2
+  c.checkpoint_every_steps = 2
+
+
 class Runs:
   """Runs (config, method) once per module; finetuning runs start from PRETRAINED."""
 
@@ -120,10 +128,7 @@ class Runs:
     c = load(name).get_config(arg + ",local")
     full = load(name).get_config(arg)
     c.dataset, c.eval_datasets = full.dataset, full.eval_datasets
-    c.num_train_steps = 2
-    c.warmup_steps = 1
-    c.eval_every_steps = 2
-    c.checkpoint_every_steps = 2
+    _two_steps(c)
     c.log_every_steps = 1
     c.eval_batch_size = 16
     c.data_dir = str(self.root / "tfds")
@@ -270,10 +275,7 @@ def test_local_variant_runs_offline(name, arg, tmp_path_factory):
   c = load(name).get_config(arg + ",local")
   assert c.dataset == "digits" and c.eval_datasets == ("digits",)
   with c.unlocked() if c.is_locked else contextlib.nullcontext():
-    c.num_train_steps = 2
-    c.warmup_steps = 1
-    c.eval_every_steps = 2
-    c.checkpoint_every_steps = 2
+    _two_steps(c)
     c.data_dir = str(tmp_path_factory.getbasetemp() / "digits_data")  # built once, shared
   workdir = str(tmp_path_factory.mktemp("local"))
   config_validation.validate(c, jax.device_count())

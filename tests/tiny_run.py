@@ -23,22 +23,31 @@ def main_env() -> dict:
   return env
 
 
+# The run: the default config for 6 steps of batch 64 (m = 16) with checkpoints every 2 steps.
+FIELDS = {
+  "num_train_steps": 6,
+  "warmup_steps": 2,
+  "checkpoint_every_steps": 2,
+  "eval_every_steps": 6,
+  "log_every_steps": 2,
+  "keep_checkpoints": 10,
+  "global_batch_size": 64,
+  "eval_batch_size": 64,
+  "sam.m": 16,
+}
+
+
 def config(data_dir, **overrides):
-  """The default config for 6 steps of batch 64 (m = 16) with checkpoints every 2 steps;
-  `overrides` are field names, `sam.<name>` for the SAM fields."""
+  """The run's config; `overrides` are field names, `sam.<name>` for the SAM fields."""
   c = default_config.get_config()
   if data_dir is not None:  # None: the config's own data_dir
     c.data_dir = str(data_dir)
-  c.num_train_steps = 6
-  c.warmup_steps = 2
-  c.checkpoint_every_steps = 2
-  c.eval_every_steps = 6
-  c.log_every_steps = 2
-  c.keep_checkpoints = 10
-  c.global_batch_size = 64
-  c.eval_batch_size = 64
-  c.sam.m = 16
-  for k, v in overrides.items():
+  for k, v in {**FIELDS, **overrides}.items():
     target, name = (c.sam, k[4:]) if k.startswith("sam.") else (c, k)
     target[name] = v
   return c
+
+
+def flags(**overrides) -> list[str]:
+  """The run's fields as main.py flags (`--config.FIELD=VALUE`)."""
+  return [f"--config.{k}={v}" for k, v in {**FIELDS, **overrides}.items()]
