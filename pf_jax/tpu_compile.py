@@ -512,8 +512,8 @@ def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
   if s.hosts > 1:
     line += (
       f"; {s.hosts} hosts (one process each, compiled here from one): each host reads "
-      f"{gb // s.hosts} examples of every batch, its own contiguous part, for its "
-      f"{s.devices // s.hosts} devices"
+      f"{gb // s.hosts} examples of every batch from its own 1/{s.hosts} of the training split, "
+      f"the batch's rows of its {s.devices // s.hosts} devices"
     )
   else:
     line += "; 1 host"
@@ -538,28 +538,53 @@ def _candidates(c: ml_collections.ConfigDict, exp) -> list[tuple[str, dict]]:
 
 
 def _with(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `c` with `overrides` ({"sam.chunk_mode": "scan", ...}) set."""
   c = ml_collections.ConfigDict(c.to_dict())
   for key, value in overrides.items():
-    target, name = (c.sam, key[4:]) if key.startswith("sam.") else (c, key)
+    *parents, name = key.split(".")
+    target = c
+    for parent in parents:
+      target = target[parent]
     target[name] = value
   return c
 
 
+def _halvings(c: ml_collections.ConfigDict, field: str) -> list[tuple[str, dict]]:
+  """`field` (e.g. "analysis.sharpness_batch_size") at 1/2, 1/4, 1/8, 1/16 of its value."""
+  value = _with(c, {})
+  for part in field.split("."):
+    value = value[part]
+  return [(f"{field}={value // k}", {field: value // k}) for k in (2, 4, 8, 16) if value // k]
+
+
+# What each program's fix search tries (its memory's levers), for the line when none fits.
+_TRIED = {
+  "train": "scan chunks, bfloat16, accumulation",
+  "collect": "scan chunks, bfloat16, accumulation (its batch is the training micro-batch)",
+  "eval": "smaller eval_batch_size",
+  "sharpness": "smaller analysis.sharpness_batch_size",
+}
+
+
+def _kind(program: str) -> str:
+  return program.split("/")[0]  # "eval/imagenet2012" -> "eval"
+
+
 def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: str, log=None):
-  """The first change (`_candidates`, or halving eval_batch_size) with which `program` compiles
-  to fit; (description, Report) or None."""
+  """The first change with which `program` compiles, on the same devices, to fit the HBM:
+  (description, its compiled Report) or None. Tried in order: for the train step and the
+  output collection (whose batch is the training micro-batch) `_candidates`; for an eval step
+  half, a quarter, ... the eval_batch_size; for the sharpness program the same of
+  analysis.sharpness_batch_size (fewer examples at once, the same examples)."""
   from pf_jax import config_validation  # pylint: disable=g-import-not-at-top
 
-  exp = build_experiment(c, s)
-  if program == "train":
-    candidates = _candidates(c, exp)
-    kind = ("train",)
+  kind = _kind(program)
+  if kind in ("train", "collect"):
+    candidates = _candidates(c, build_experiment(c, s))
+  elif kind == "eval":
+    candidates = _halvings(c, "eval_batch_size")
   else:
-    candidates = [
-      (f"eval_batch_size={c.eval_batch_size // k}", {"eval_batch_size": c.eval_batch_size // k})
-      for k in (2, 4, 8, 16)
-    ]
-    kind = ("eval",) if program.startswith("eval") else ("collect",)
+    candidates = _halvings(c, "analysis.sharpness_batch_size")
   for text, overrides in candidates:
     changed = _with(c, overrides)
     try:
@@ -568,7 +593,7 @@ def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: 
       continue
     if log:
       log(f"trying {text}")
-    reports = [r for r in compile_programs(changed, s, devices, kind) if r.program == program]
+    reports = [r for r in compile_programs(changed, s, devices, (kind,)) if r.program == program]
     if reports and reports[0].fits(s):
       return text, reports[0]
   return None
@@ -576,7 +601,8 @@ def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: 
 
 def check(c: ml_collections.ConfigDict, s: Slice, out=None, err=None, devices=None) -> int:
   """Compiles every program of `c` for `s`, prints one line each; 0 if all fit, else 2 (with one
-  stderr line per program that does not fit, naming a change verified to fit)."""
+  stderr line per program that does not fit, naming a change that `suggest_fit` compiled to
+  fit)."""
   out = out or sys.stdout
   err = err or sys.stderr
   devices = devices or topology_devices(s)
@@ -595,7 +621,7 @@ def check(c: ml_collections.ConfigDict, s: Slice, out=None, err=None, devices=No
         f"fits with --config.{text.split(' ')[0]} (compiled: {fixed.total_bytes / GIB:.2f} GiB)"
       )
     else:
-      hint = "no change tried fits (scan chunks, bfloat16, accumulation): use a larger slice"
+      hint = f"no change tried fits ({_TRIED[_kind(r.program)]}): use a larger slice"
     err.write(f"error: {r.program} does not fit on {s.name}: needs {need}; {hint}\n")
     err.flush()
   return status
@@ -618,7 +644,7 @@ def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None)
   jax.config.update("jax_enable_compilation_cache", False)
   config_validation.validate(c, s.devices, s.hosts)
   print("config OK")
-  print(reporting.describe_run(c, s.devices, None, note))
+  print(reporting.describe_run(c, s.devices, None, note, platform="tpu"))
   with process.quiet_native_stderr():  # TensorFlow's import
     from pf_jax import train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   with quiet_libtpu():

@@ -81,6 +81,45 @@ def run_main(*args):
   )
 
 
+def test_multi_host_slice_says_how_each_host_reads_the_batch():
+  """A v4-32 is 16 chips on 4 hosts of 4: a global batch of 256 is 16 per chip and 64 per host,
+  each host reading its own quarter of the training split."""
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  c = cli.build_config(None, [("global_batch_size", "256")])
+  line = tpu_compile.describe_slice(c, tpu_compile.parse_slice("v4-32"))
+  assert "16 chips, 16 devices, 1 device per chip (megacore); global batch 256 = 16 per device" in (
+    line
+  )
+  assert line.endswith(
+    "; 4 hosts (one process each, compiled here from one): each host reads 64 examples of every "
+    "batch from its own 1/4 of the training split, the batch's rows of its 4 devices"
+  )
+
+
+def test_method_line_shows_the_chunks_as_the_tpu_runs_them(monkeypatch, capsys):
+  """The default config's m = 32 at 64 images per chip (a global batch of 256 on a v4-8's 4
+  chips) is 2 chunks per chip: `chunk_mode="auto"` scans them on TPU (from 2 chunks), while the
+  CPU unrolls up to 16. The `method:` line of `--compile_for` says the TPU's."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  checked = []
+  monkeypatch.setattr(tpu_compile, "check", lambda c, s: checked.append(s.name) or 0)
+  c = cli.build_config(None, [("global_batch_size", "256")])
+  cache = jax.config.jax_enable_compilation_cache
+  try:
+    assert tpu_compile.main(c, "v4-8") == 0
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  assert checked == ["v4-8"]
+  method = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("method:"))
+  assert "m 32 (2 chunks per device, scan)" in method
+  assert "m 32 (2 chunks per device, unroll)" in reporting.describe_method(c, 4, "cpu")
+
+
 def vit_digits_step_flops(batch: int) -> int:
   """Matmul FLOPs of one plain training step of vit_digits (8x8 images, 2x2 patches: 16 tokens,
   width 64, depth 2, MLP 128, 10 classes), counted by hand: a matmul of [a, b] x [b, c] is
@@ -241,6 +280,98 @@ def test_refused_with_the_first_fix_that_compiles_to_fit(monkeypatch):
     ("unroll", False, 4),
   ]
   assert err.getvalue().endswith("fits with --config.grad_accum_steps=4 (compiled: 10.00 GiB)\n")
+
+
+def test_sharpness_refused_with_a_smaller_batch_that_compiles_to_fit(monkeypatch):
+  """The sharpness program's fix is a smaller `analysis.sharpness_batch_size` (the same examples,
+  fewer at once): with a memory model of 40 GiB at 256 examples per batch, proportional to it, a
+  16 GiB v5e chip fits it at 64 (10 GiB), after 128 (20 GiB) was compiled and did not fit; with
+  at most 2 GiB no halving fits, and the line says what was tried."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  compiled = []
+
+  def compile_programs(c, s, devices, programs=("train", "eval", "collect", "sharpness"), log=None):
+    size = c.analysis.sharpness_batch_size
+    compiled.append((size, programs))
+    reports = [tpu_compile.Report("train", 0, 2**30, 0, 0, 1e12, 1.0, 10)]
+    sharpness = tpu_compile.Report("sharpness", 0, int(40 * 2**30 * size / 256), 0, 0, 1e9, 1.0)
+    return [r for r in reports + [sharpness] if r.program in programs]
+
+  monkeypatch.setattr(tpu_compile, "compile_programs", compile_programs)
+  c = cli.build_config(None, [("analysis.sharpness_batch_size", "256")])
+  s = tpu_compile.parse_slice("v5litepod-1")
+  err = io.StringIO()
+  assert tpu_compile.check(c, s, io.StringIO(), err, devices=["fake"]) == 2
+  assert compiled[1:] == [(128, ("sharpness",)), (64, ("sharpness",))]
+  assert err.getvalue() == (
+    "error: sharpness does not fit on v5litepod-1: needs 40.00 GiB per chip, v5litepod-1 has 16; "
+    "fits with --config.analysis.sharpness_batch_size=64 (compiled: 10.00 GiB)\n"
+  )
+  chip = dict(tpu_compile.CHIPS["v5e"], hbm_gib=2)
+  monkeypatch.setitem(tpu_compile.CHIPS, "v5e", chip)
+  err = io.StringIO()
+  assert tpu_compile.check(c, s, io.StringIO(), err, devices=["fake"]) == 2
+  assert err.getvalue() == (
+    "error: sharpness does not fit on v5litepod-1: needs 40.00 GiB per chip, v5litepod-1 has 2; "
+    "no change tried fits (smaller analysis.sharpness_batch_size): use a larger slice\n"
+  )
+
+
+@needs_libtpu
+@pytest.mark.long  # two compilations for a TPU: tens of seconds; CI runs it (-m long)
+def test_refused_and_the_named_fix_compiled_for_the_tpu_to_fit(monkeypatch):
+  """The same with the TPU compiler itself: a plain float32 step of vit_digits at 2048 images,
+  compiled for a v5e chip whose HBM is set, once the run's step has compiled, to 80% of what
+  that step needs. The first change tried, bfloat16, is named only because its own compiled
+  program (here: about 65% of float32's, activations in half the bytes) fits in that 80%,
+  compiled on the same compile-only devices. The eval and sharpness programs are left out (small,
+  and each a compilation more)."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  real = tpu_compile.compile_programs
+  compiled = []
+  chip = dict(tpu_compile.CHIPS["v5e"])
+  monkeypatch.setitem(tpu_compile.CHIPS, "v5e", chip)
+
+  def train_only(c, s, devices, programs=("train", "eval", "collect", "sharpness"), log=None):
+    (r,) = real(c, s, devices, ("train",))
+    compiled.append((c.mixed_precision, c.grad_accum_steps, devices, r))
+    if len(compiled) == 1:
+      chip["hbm_gib"] = 0.8 * r.total_bytes / tpu_compile.GIB
+    return [r]
+
+  monkeypatch.setattr(tpu_compile, "compile_programs", train_only)
+  c = cli.build_config(
+    None,
+    [("sam.perturbation", "none"), ("sam.asam", "none"), ("global_batch_size", "2048")],
+  )
+  s = tpu_compile.parse_slice("v5litepod-1")
+  devices = tpu_compile.topology_devices(s)
+  out, err = io.StringIO(), io.StringIO()
+  cache = jax.config.jax_enable_compilation_cache  # a compile-only program cannot be cached
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    assert tpu_compile.check(c, s, out, err, devices=devices) == 2
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  assert [x[:3] for x in compiled] == [(False, 1, devices), (True, 1, devices)]
+  need, fixed = compiled[0][3].total_bytes, compiled[1][3].total_bytes
+  hbm = chip["hbm_gib"] * tpu_compile.GIB
+  assert fixed <= hbm < need
+  assert fixed < 0.75 * need  # bfloat16 activations: not just under the line by chance
+  assert err.getvalue() == (
+    f"error: train does not fit on v5litepod-1: needs {need / tpu_compile.GIB:.2f} GiB per chip, "
+    f"v5litepod-1 has {chip['hbm_gib']:g}; fits with --config.mixed_precision=True (compiled: "
+    f"{fixed / tpu_compile.GIB:.2f} GiB)\n"
+  )
+  assert out.getvalue().splitlines()[1].startswith("train: DOES NOT FIT ")
 
 
 @needs_libtpu
