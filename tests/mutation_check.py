@@ -265,7 +265,7 @@ MUTATIONS = (
   Mutation(
     "sharpness of the softmax loss for a sigmoid run",
     "pf_jax/analysis/sharpness.py",
-    "  loss = losses.get_loss(c.loss, 0.0)  # the authors' Hessian: no label smoothing",
+    "  loss = losses.get_loss(config.loss, 0.0)  # the authors' Hessian: no label smoothing",
     '  loss = losses.get_loss("softmax_xent", 0.0)',
     ("tests/test_analysis.py::test_checkpoint_sharpness_is_the_top_eigenvalue_of_a_known_hessian",),
   ),
