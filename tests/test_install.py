@@ -26,11 +26,30 @@ def test_import_pf_jax_loads_nothing_of_the_train_extra():
   extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
   modules = sorted({TRAIN_ONLY[name] for name in extra["train"] if name in TRAIN_ONLY})
   assert "tensorflow" in modules
-  code = "import sys, pf_jax; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+  code = (
+    "import sys, pf_jax; public = [getattr(pf_jax, name) for name in pf_jax.__all__]; "
+    "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+  )  # every public name: pf_jax imports each on first use
   out = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
   ).stdout.split()
+  assert "jax" in out and "optax" in out  # the names were imported
   assert not set(modules) & set(out), sorted(set(modules) & set(out))
+
+
+def test_the_process_module_imports_no_jax_and_the_public_names_resolve_on_first_use():
+  """main.py catches SIGTERM/SIGINT before JAX's import (seconds) through pf_jax.process: importing
+  it, and so pf_jax, must not import JAX. The public names then resolve to their modules' objects."""
+  code = (
+    "import sys, pf_jax.process; print('jax' in sys.modules); "
+    "from pf_jax import *; from pf_jax import sam_family, train_state; "
+    "print(sam is sam_family.sam and pf_jax.TrainState is train_state.TrainState, "
+    "set(pf_jax.__all__) <= set(dir(pf_jax)), len(pf_jax.__all__))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert out == ["False", "True", "True", "20"], out
 
 
 @pytest.mark.long  # tens of seconds (TensorFlow, torch and timm imported in a fresh process)
