@@ -191,13 +191,13 @@ def reduced_config(config_name: str, method: str):
   return c
 
 
-def _models(c, dtype=jnp.float32):
+def _models(config, dtype=jnp.float32):
   """(pf_jax model, timm model) of the reduced size computing in `dtype` (the ResNet in float64
   throughout, its head included), timm's randomized (seed 0) from float32 values."""
-  if c.model == "vit_digits":
-    net = timm_model("vit_digits", NUM_CLASSES, c.image_size)
+  if config.model == "vit_digits":
+    net = timm_model("vit_digits", NUM_CLASSES, config.image_size)
     model = models.build_model(
-      c.model, num_classes=NUM_CLASSES, head_bias_init=c.head_bias_init, dtype=jnp.float32
+      config.model, num_classes=NUM_CLASSES, head_bias_init=config.head_bias_init, dtype=jnp.float32
     )
     rule = torch_weights._vit_rule  # pylint: disable=protected-access
   else:
@@ -210,23 +210,23 @@ def _models(c, dtype=jnp.float32):
     rule = torch_weights.resnet_rule(_MINI_RESNET["stage_sizes"])
   randomize(net)
   net = net.to(torch.float64 if dtype == jnp.float64 else torch.float32)
-  shape = (1, c.image_size, c.image_size, 3)
-  to_jax = lambda sd: torch_weights.convert(c.model, model, shape, rule, sd)
+  shape = (1, config.image_size, config.image_size, 3)
+  to_jax = lambda sd: torch_weights.convert(config.model, model, shape, rule, sd)
   return model, net, to_jax
 
 
-def _batches(c, seed=0):
+def _batches(config, seed=0):
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=(STEPS, BATCH, c.image_size, c.image_size, 3)).astype(np.float32)
+  x = rng.normal(size=(STEPS, BATCH, config.image_size, config.image_size, 3)).astype(np.float32)
   y = rng.integers(0, NUM_CLASSES, size=(STEPS, BATCH)).astype(np.int32)
   return x, y
 
 
-def jax_run(c, model, variables, batches):
+def jax_run(config, model, variables, batches):
   """STEPS steps of pf_jax's compiled training step; returns the final variables."""
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
-  c.num_train_steps, c.warmup_steps = TOTAL, WARMUP
-  exp = experiment.build(c, num_classes=NUM_CLASSES, num_train_examples=BATCH, num_devices=1)
+  config.num_train_steps, config.warmup_steps = TOTAL, WARMUP
+  exp = experiment.build(config, num_classes=NUM_CLASSES, num_train_examples=BATCH, num_devices=1)
   exp = dataclasses.replace(exp, model=model, has_batch_norm=bool(variables["batch_stats"]))
   step = train.make_train_step(exp, mesh)
   params = jax.tree.map(jnp.asarray, variables["params"])
@@ -241,26 +241,28 @@ def jax_run(c, model, variables, batches):
 # The authors' train.py, re-expressed: their scheduler, rho generator, losses and optimizers.
 
 
-def authors_lr(c, t: int) -> float:
+def authors_lr(config, t: int) -> float:
   """LinearLRScheduler at update t (warmup from --warmup-lr 0, then linear to --min-lr)."""
   if t < WARMUP:
-    return c.lr_max * t / WARMUP
-  return c.lr_min + (c.lr_max - c.lr_min) * (1 - (t - WARMUP) / max(1, TOTAL - WARMUP))
+    return config.lr_max * t / WARMUP
+  return config.lr_min + (config.lr_max - config.lr_min) * (
+    1 - (t - WARMUP) / max(1, TOTAL - WARMUP)
+  )
 
 
-def authors_rho(c, lr: float) -> float:
+def authors_rho(config, lr: float) -> float:
   """RhoGenerator: 'constant' rho, or 'lr_prop' between --min-rho and --rho."""
-  s = c.sam
+  s = config.sam
   if s.rho_min is None:
     return s.rho_max
-  frac = (lr - c.lr_min) / (c.lr_max - c.lr_min)
+  frac = (lr - config.lr_min) / (config.lr_max - config.lr_min)
   return max(0.0, frac * (s.rho_max - s.rho_min) + s.rho_min)
 
 
-def authors_loss(c):
+def authors_loss(config):
   """--bce-loss (BinaryCrossEntropy, reduction 'sum_mean', smoothing to 1/C) or CrossEntropyLoss."""
-  s = c.label_smoothing
-  if c.loss == "sigmoid_xent":
+  s = config.label_smoothing
+  if config.loss == "sigmoid_xent":
 
     def bce(logits, y):
       t = F.one_hot(y.long(), logits.shape[-1]).to(logits.dtype)
@@ -271,10 +273,10 @@ def authors_loss(c):
   return lambda logits, y: F.cross_entropy(logits, y.long(), label_smoothing=s)
 
 
-def authors_spec(c, rho: float) -> torch_sam.Spec:
+def authors_spec(config, rho: float) -> torch_sam.Spec:
   """Their SAM optimizer's settings: OutputBiasForget always with sigmoid predictions (its
   default, which train.py keeps), ASAM's |theta| without an eta, --backup-normalized."""
-  s = c.sam
+  s = config.sam
   objective = s.perturbation
   if objective == "obf":
     objective = torch_sam.Obf(lam=s.obf_lambda, gamma=s.obf_gamma, predictions="sigmoid")
@@ -288,18 +290,18 @@ class _Optimizer:
   """torch.optim.AdamW, or their SGDW (theta *= 1 - lr wd; buf = m buf + g; theta -= lr buf), on
   their parameter groups: no decay on 1-D parameters, biases and `no_weight_decay()` names."""
 
-  def __init__(self, c, net):
+  def __init__(self, config, net):
     skip = net.no_weight_decay() if hasattr(net, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in net.named_parameters():
       (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     groups = [
       {"params": no_decay, "weight_decay": 0.0},
-      {"params": decay, "weight_decay": c.weight_decay},
+      {"params": decay, "weight_decay": config.weight_decay},
     ]
-    self.c, self.groups = c, groups
-    if c.optimizer == "adamw":
-      self.adamw = torch.optim.AdamW(groups, lr=0.0, betas=(c.b1, c.b2), eps=1e-8)
+    self.c, self.groups = config, groups
+    if config.optimizer == "adamw":
+      self.adamw = torch.optim.AdamW(groups, lr=0.0, betas=(config.b1, config.b2), eps=1e-8)
     self.buf = {}
 
   @torch.no_grad()
@@ -317,18 +319,18 @@ class _Optimizer:
         p.add_(b, alpha=-lr)
 
 
-def torch_run(c, net, batches):
+def torch_run(config, net, batches):
   """STEPS updates of the authors' train_one_epoch: per update, shrink-and-perturb of the whole
   state dict toward the initial one, then per micro-batch their SAM backward (or a plain
   backward), gradients averaged over micro-batches, clip_grad_norm_, optimizer step."""
   net.train()
-  loss_fn, opt = authors_loss(c), _Optimizer(c, net)
+  loss_fn, opt = authors_loss(config), _Optimizer(config, net)
   params = [p for p in net.parameters() if p.requires_grad]
-  init = copy.deepcopy(net.state_dict()) if c.shrink_perturb else None
+  init = copy.deepcopy(net.state_dict()) if config.shrink_perturb else None
   for t, (x, y) in enumerate(zip(*batches)):
-    lr = authors_lr(c, t)
-    if c.shrink_perturb:
-      f = c.shrink_perturb * lr / c.lr_max
+    lr = authors_lr(config, t)
+    if config.shrink_perturb:
+      f = config.shrink_perturb * lr / config.lr_max
       with torch.no_grad():
         for k, v in net.state_dict().items():
           if v.is_floating_point():
@@ -336,19 +338,21 @@ def torch_run(c, net, batches):
     x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(params[0].dtype)
     y = torch.from_numpy(y.astype(np.int64))
     total = [torch.zeros_like(p) for p in params]
-    for xm, ym in zip(x.chunk(c.grad_accum_steps), y.chunk(c.grad_accum_steps)):
-      if c.sam.perturbation == "none":
+    for xm, ym in zip(x.chunk(config.grad_accum_steps), y.chunk(config.grad_accum_steps)):
+      if config.sam.perturbation == "none":
         for p in params:
           p.grad = None
         loss_fn(net(xm), ym).backward()
         grads = [p.grad.detach().clone() for p in params]
       else:
-        grads, _ = torch_sam.sam_gradient(net, loss_fn, xm, ym, authors_spec(c, authors_rho(c, lr)))
-      total = [a + g / c.grad_accum_steps for a, g in zip(total, grads)]
+        grads, _ = torch_sam.sam_gradient(
+          net, loss_fn, xm, ym, authors_spec(config, authors_rho(config, lr))
+        )
+      total = [a + g / config.grad_accum_steps for a, g in zip(total, grads)]
     for p, g in zip(params, total):
       p.grad = g
-    if c.clip_grad_norm:
-      torch.nn.utils.clip_grad_norm_(params, c.clip_grad_norm)
+    if config.clip_grad_norm:
+      torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
     opt.step(lr)
   return net
 

@@ -59,60 +59,61 @@ def suggest(name: str, names: Sequence[str]) -> str:
 # -- Rules across fields. ------------------------------------------------------------------------
 
 
-def _check_schedule(c):
+def _check_schedule(config):
   # Counted with the catalog's training-set size: no data is read before the checks.
   total, warmup, per_epoch = experiment.schedule(
-    c, dataset_catalog.DATASETS[c.dataset].train_examples
+    config, dataset_catalog.DATASETS[config.dataset].train_examples
   )
   if total < 1:
     raise ConfigError(
       "num_epochs",
-      c.num_epochs,
-      f"at least one step: 1 epoch of {c.dataset} is {per_epoch} steps of {c.global_batch_size}",
+      config.num_epochs,
+      f"at least one step: 1 epoch of {config.dataset} is {per_epoch} steps of {config.global_batch_size}",
     )
   if warmup > total:
-    field = "warmup_steps" if c.warmup_steps is not None else "warmup_epochs"
+    field = "warmup_steps" if config.warmup_steps is not None else "warmup_epochs"
     raise ConfigError(
       field,
-      _get(c, field),
+      _get(config, field),
       f"at most the run's length: {warmup} warmup steps > "
-      f"{total} steps" + ("" if c.warmup_steps is not None else " (or set warmup_steps)"),
+      f"{total} steps" + ("" if config.warmup_steps is not None else " (or set warmup_steps)"),
     )
-  if c.lr_min > c.lr_max:
-    raise ConfigError("lr_min", c.lr_min, f"at most lr_max={c.lr_max}")
+  if config.lr_min > config.lr_max:
+    raise ConfigError("lr_min", config.lr_min, f"at most lr_max={config.lr_max}")
 
 
-def _check_batches(c, num_devices: int, num_processes: int):
+def _check_batches(config, num_devices: int, num_processes: int):
   if (
-    c.global_batch_size % (num_devices * c.grad_accum_steps) or c.global_batch_size % num_processes
+    config.global_batch_size % (num_devices * config.grad_accum_steps)
+    or config.global_batch_size % num_processes
   ):
     raise ConfigError(
       "global_batch_size",
-      c.global_batch_size,
-      f"a multiple of devices ({num_devices}) x grad_accum_steps ({c.grad_accum_steps})"
+      config.global_batch_size,
+      f"a multiple of devices ({num_devices}) x grad_accum_steps ({config.grad_accum_steps})"
       + (f" and of the {num_processes} processes" if num_processes > 1 else ""),
     )
-  if c.eval_batch_size % num_devices or c.eval_batch_size % num_processes:
+  if config.eval_batch_size % num_devices or config.eval_batch_size % num_processes:
     raise ConfigError(
       "eval_batch_size",
-      c.eval_batch_size,
+      config.eval_batch_size,
       f"a multiple of the {reporting.plural(num_devices, 'device')}",
     )
-  multiple = models.input_multiple(c.model)
-  if c.image_size % multiple:
+  multiple = models.input_multiple(config.model)
+  if config.image_size % multiple:
     raise ConfigError(
-      "image_size", c.image_size, f"a multiple of {c.model}'s patch size {multiple}"
+      "image_size", config.image_size, f"a multiple of {config.model}'s patch size {multiple}"
     )
-  if multiple > 1 and c.eval_image_size not in (None, c.image_size):
+  if multiple > 1 and config.eval_image_size not in (None, config.image_size):
     raise ConfigError(
       "eval_image_size",
-      c.eval_image_size,
-      f"None or image_size ({c.image_size}): {c.model}'s position embeddings fix its input size",
+      config.eval_image_size,
+      f"None or image_size ({config.image_size}): {config.model}'s position embeddings fix its input size",
     )
 
 
-def _check_sam(c, num_devices: int):
-  s = c.sam
+def _check_sam(config, num_devices: int):
+  s = config.sam
   if s.perturbation == "none":
     for field, off in (("gsam_alpha", 0.0), ("asam", "none")):
       if s[field] != off:
@@ -122,7 +123,7 @@ def _check_sam(c, num_devices: int):
           f"{off!r} when sam.perturbation is 'none' (GSAM and ASAM modify a perturbation)",
         )
     return
-  per_device = experiment.per_device_batch(c, num_devices)
+  per_device = experiment.per_device_batch(config, num_devices)
   try:
     sam_family.chunking(s.m, per_device, num_devices)
   except ValueError:
@@ -130,7 +131,7 @@ def _check_sam(c, num_devices: int):
       "sam.m",
       s.m,
       f"a divisor of the per-device micro-batch {per_device} (global batch "
-      f"/ ({reporting.plural(num_devices, 'device')} x {c.grad_accum_steps} accumulation steps)) "
+      f"/ ({reporting.plural(num_devices, 'device')} x {config.grad_accum_steps} accumulation steps)) "
       f"or a multiple of it spanning a divisor of the {reporting.plural(num_devices, 'device')}",
     ) from None
   if s.rho_min is not None:
@@ -138,7 +139,7 @@ def _check_sam(c, num_devices: int):
       raise ConfigError(
         "sam.rho_min", s.rho_min, f"at most sam.rho_max={s.rho_max} (or None: constant rho)"
       )
-    if c.lr_max == c.lr_min:
+    if config.lr_max == config.lr_min:
       raise ConfigError(
         "sam.rho_min",
         s.rho_min,
@@ -146,16 +147,16 @@ def _check_sam(c, num_devices: int):
       )
   # The library's own checks of what the run builds, under the field that feeds each argument.
   try:
-    experiment.sam_spec(c, s.rho_max)
+    experiment.sam_spec(config, s.rho_max)
   except ArgumentError as e:
     field = config_fields.field_for(e.function, e.arg)
     if field is None:
       raise
-    raise ConfigError(field, _get(c, field), str(e)) from e
+    raise ConfigError(field, _get(config, field), str(e)) from e
 
 
-def _check_init_from(c):
-  path = c.init_from
+def _check_init_from(config):
+  path = config.init_from
   if path is None or "://" in path:
     return
   allowed = "a workdir or checkpoint directory that holds a checkpoint, or a .pth/.pth.tar/.pt file"
@@ -170,24 +171,26 @@ def _check_init_from(c):
     raise ConfigError("init_from", path, allowed + f" (no step folder in {directory!r})")
 
 
-def _check_analysis(c):
+def _check_analysis(config):
   """The forgetting split must share the training labels: OBF and its accuracy read them."""
-  if not c.analysis.collect_every_steps:
+  if not config.analysis.collect_every_steps:
     return
-  name = experiment.forgetting_dataset(c)
-  want = dataset_catalog.DATASETS[c.dataset].num_classes
+  name = experiment.forgetting_dataset(config)
+  want = dataset_catalog.DATASETS[config.dataset].num_classes
   if dataset_catalog.DATASETS[name].num_classes != want:
-    field = "analysis.dataset" if c.analysis.dataset else "eval_datasets"
+    field = "analysis.dataset" if config.analysis.dataset else "eval_datasets"
     raise ConfigError(
       field,
-      _get(c, field),
+      _get(config, field),
       f"a forgetting split with the {want} classes of "
-      f"{c.dataset} ({name} has {dataset_catalog.DATASETS[name].num_classes}); "
+      f"{config.dataset} ({name} has {dataset_catalog.DATASETS[name].num_classes}); "
       "set analysis.dataset",
     )
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
+def validate(
+  config: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1
+) -> None:
   """Raises ConfigError for the first field that is not allowed (unknown fields included).
 
   Args:
@@ -195,19 +198,21 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1, num_processes: 
     num_devices: devices of the run (batch sizes and `sam.m` are checked against them).
     num_processes: processes of the run.
   """
-  names = config_fields.field_names(c)
+  names = config_fields.field_names(config)
   for name in names:
     if name not in config_fields.BY_NAME:
-      raise ConfigError(name, _get(c, name), "unknown field" + suggest(name, config_fields.NAMES))
+      raise ConfigError(
+        name, _get(config, name), "unknown field" + suggest(name, config_fields.NAMES)
+      )
   for field in config_fields.FIELDS:
     if field.name not in names:
       raise ConfigError(
         field.name, None, "missing from the config (start from configs/common.base_config)"
       )
-    if not field.ok(_get(c, field.name)):
-      raise ConfigError(field.name, _get(c, field.name), field.describe())
-  _check_schedule(c)
-  _check_batches(c, num_devices, num_processes)
-  _check_sam(c, num_devices)
-  _check_init_from(c)
-  _check_analysis(c)
+    if not field.ok(_get(config, field.name)):
+      raise ConfigError(field.name, _get(config, field.name), field.describe())
+  _check_schedule(config)
+  _check_batches(config, num_devices, num_processes)
+  _check_sam(config, num_devices)
+  _check_init_from(config)
+  _check_analysis(config)

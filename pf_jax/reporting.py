@@ -28,7 +28,7 @@ def plural(n: int, noun: str) -> str:
   return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def describe_method(c, num_devices: int, platform: str | None = None) -> str:
+def describe_method(config, num_devices: int, platform: str | None = None) -> str:
   """What is optimized, in words: perturbation, rho, m and its chunks, accumulation, loss.
 
   E.g. 'ASAM (after, eta 0.01) steepest ascent, rho 0.3 constant, m 32 (1 chunk per device,
@@ -39,19 +39,17 @@ def describe_method(c, num_devices: int, platform: str | None = None) -> str:
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top  (jax only)
   from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
 
-  s = c.sam
-  smoothing = f" (label smoothing {c.label_smoothing:g})" if c.label_smoothing else ""
-  opt = (
-    f"optimizer {c.optimizer} (lr {c.lr_max:g} -> {c.lr_min:g}, weight decay {c.weight_decay:g})"
-  )
+  s = config.sam
+  smoothing = f" (label smoothing {config.label_smoothing:g})" if config.label_smoothing else ""
+  opt = f"optimizer {config.optimizer} (lr {config.lr_max:g} -> {config.lr_min:g}, weight decay {config.weight_decay:g})"
   accum = (
-    f"accumulation over {c.grad_accum_steps} micro-batches"
-    if c.grad_accum_steps > 1
+    f"accumulation over {config.grad_accum_steps} micro-batches"
+    if config.grad_accum_steps > 1
     else "no accumulation"
   )
-  tail = f"{accum}; loss {c.loss}{smoothing}; {opt}"
+  tail = f"{accum}; loss {config.loss}{smoothing}; {opt}"
   if s.perturbation == "none":
-    return f"no perturbation (plain {c.optimizer}), {tail}"
+    return f"no perturbation (plain {config.optimizer}), {tail}"
   if s.perturbation == "obf":
     if s.obf_alpha is not None:
       ascent = f"OBF (fixed alpha {s.obf_alpha:g})"
@@ -68,7 +66,7 @@ def describe_method(c, num_devices: int, platform: str | None = None) -> str:
     rho = f"rho {s.rho_max:g} -> {s.rho_min:g} (proportional to the lr)"
   else:
     rho = f"rho {s.rho_max:g} constant"
-  per_device = experiment.per_device_batch(c, num_devices)
+  per_device = experiment.per_device_batch(config, num_devices)
   n_chunks, group = sam_family.chunking(s.m, per_device, num_devices)
   if group > 1:
     chunks = f"one chunk spans {group} devices"
@@ -83,20 +81,24 @@ def describe_method(c, num_devices: int, platform: str | None = None) -> str:
 
 
 def describe_run(
-  c, num_devices: int, workdir: str | None, note: str | None = None, platform: str | None = None
+  config,
+  num_devices: int,
+  workdir: str | None,
+  note: str | None = None,
+  platform: str | None = None,
 ) -> str:
   """--check_only's lines: the resolved run (data, model, steps, batch), its method (chunks as
   they run on `platform`: `describe_method`), the workdir."""
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top
 
-  num_train = dataset_catalog.DATASETS[c.dataset].train_examples
-  total, warmup, per_epoch = experiment.schedule(c, num_train)
+  num_train = dataset_catalog.DATASETS[config.dataset].train_examples
+  total, warmup, per_epoch = experiment.schedule(config, num_train)
   lines = [
-    f"run: {c.model} on {c.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
-    f"eval on {', '.join(c.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "
-    f"global batch {c.global_batch_size} on {plural(num_devices, 'device')}, seed {c.seed}",
-    f"method: {describe_method(c, num_devices, platform)}",
+    f"run: {config.model} on {config.dataset} ({num_train} train examples, {per_epoch} steps per epoch), "
+    f"eval on {', '.join(config.eval_datasets)}; {total} steps (warmup {min(warmup, total)}), "
+    f"global batch {config.global_batch_size} on {plural(num_devices, 'device')}, seed {config.seed}",
+    f"method: {describe_method(config, num_devices, platform)}",
   ]
   if note:
     lines.append(f"note: {note}")

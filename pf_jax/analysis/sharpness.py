@@ -29,19 +29,19 @@ from pf_jax.analysis import hessian
 RESULT_FILE = "sharpness.json"
 
 
-def training_batches(c, num_examples: int, batch_size: int, counted: dict | None = None):
+def training_batches(config, num_examples: int, batch_size: int, counted: dict | None = None):
   """The first num_examples // batch_size full batches of the training split, stacked.
 
   `counted`, if given, gets "split_examples": how many the split holds when it ends first."""
   from pf_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow: only here)
 
-  split = input_pipeline.DATASETS[c.dataset].train_split
+  split = input_pipeline.DATASETS[config.dataset].train_split
   it = input_pipeline.eval_iterator(
-    c.dataset,
+    config.dataset,
     split=split,
     process_index=0,
     process_count=1,
-    **experiment.pipeline_args(c, "sharpness", batch_size),
+    **experiment.pipeline_args(config, "sharpness", batch_size),
   )
   batches = []
   for batch in it:
@@ -55,7 +55,7 @@ def training_batches(c, num_examples: int, batch_size: int, counted: dict | None
   if not batches:
     raise ValueError(
       f"config.analysis.sharpness_batch_size: {batch_size} is larger than the "
-      f"{c.dataset} training split"
+      f"{config.dataset} training split"
     )
   return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
