@@ -410,6 +410,7 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
 
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top
+  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import hessian  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
 
@@ -449,7 +450,7 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
   weights = sds((dealt,), dtype, split)
   key = sds((2,), jnp.uint32, rep)
   r = _measure("sharpness", program, (params, batches, weights, key), while_trips=a.sharpness_iters)
-  where = f"host 0's {len(host)} {s.per_device}s" if s.hosts > 1 else f"{len(host)} {s.per_device}s"
+  where = ("host 0's " if s.hosts > 1 else "") + reporting.plural(len(host), s.per_device)
   r.note = (
     f"one call: up to {a.sharpness_iters} power iterations over {num_batches} batches of "
     f"{batch_size} on {where}"
@@ -489,6 +490,8 @@ def format_line(r: Report, s: Slice) -> str:
 
 def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
   """The slice, its devices and how each step's global batch is split over hosts and devices."""
+  from pf_jax import reporting  # pylint: disable=g-import-not-at-top
+
   per_chip = {"core": f"{s.devices // s.chips} devices per chip (one per TensorCore)"}.get(
     s.per_device, "1 device per chip" + (" (megacore)" if s.generation in ("v4", "v5p") else "")
   )
@@ -496,8 +499,9 @@ def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
   spec = CHIPS[s.generation]
   line = (
     f"compiled for {s.name} (topology {s.topology}; per chip {spec['hbm_gib']} GiB HBM, "
-    f"{spec['peak_tflops']} TFLOP/s bf16): {s.chips} chips, "
-    f"{s.devices} devices, {per_chip}; global batch {gb} = {gb // s.devices} per device"
+    f"{spec['peak_tflops']} TFLOP/s bf16): {reporting.plural(s.chips, 'chip')}, "
+    f"{reporting.plural(s.devices, 'device')}, {per_chip}; "
+    f"global batch {gb} = {gb // s.devices} per device"
   )
   if c.grad_accum_steps > 1:
     line += f" ({c.grad_accum_steps} micro-batches of {gb // s.devices // c.grad_accum_steps})"
