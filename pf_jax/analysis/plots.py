@@ -1,4 +1,4 @@
-"""PNG plots beside a results table: accuracy per experiment with error bars, training curves.
+"""PNG plots beside a results table: accuracy per setting with error bars, training curves.
 
 `python -m pf_jax.analysis report --plots` writes, next to results.md:
   accuracy.png  one panel per eval set (e.g. ID and OOD): mean top-1 (%) of every row of the

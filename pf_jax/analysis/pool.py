@@ -17,8 +17,8 @@ from pf_jax.analysis import collect
 from pf_jax.analysis import forgetting
 from pf_jax.analysis import sharpness as sharpness_lib
 
-# Fields ignored when deciding whether two runs are the same experiment.
-NOT_EXPERIMENT = ("seed",) + config_fields.SAFE_TO_CHANGE
+# Fields ignored when deciding whether two runs are the same setting (they differ only in these).
+NOT_SETTING = ("seed",) + config_fields.SAFE_TO_CHANGE
 
 
 @dataclasses.dataclass
@@ -70,9 +70,9 @@ class Run:
     return self.config["dataset"]
 
   @property
-  def experiment(self) -> str:
+  def setting(self) -> str:
     return json.dumps(
-      {k: v for k, v in workdir_lib.flatten(self.config).items() if k not in NOT_EXPERIMENT},
+      {k: v for k, v in workdir_lib.flatten(self.config).items() if k not in NOT_SETTING},
       sort_keys=True,
     )
 

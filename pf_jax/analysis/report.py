@@ -1,6 +1,6 @@
 """Results tables in the layout of Tables 1 and B.1: `python -m pf_jax.analysis report`.
 
-One row per experiment (runs that differ only in seed, `pool.NOT_EXPERIMENT`): model, training
+One row per setting (runs that differ only in seed, `pool.NOT_SETTING`): model, training
 dataset, ALGO, PERTURB, m, top-1 (%) on every eval set of its config and sharpness, as mean ±
 standard deviation (ddof = 1, like "standard deviations ... with three trials") over its runs.
 A workdir listed twice counts once; a sharpness measured before its run's last step is not used;
@@ -38,10 +38,10 @@ def _sharpness_decimals(value: float) -> int:
 
 
 def table(runs: list[pool.Run]):
-  """(rows, eval metric names): one row per experiment, values as (mean, std)."""
+  """(rows, eval metric names): one row per setting, values as (mean, std)."""
   groups: dict[str, list[pool.Run]] = {}
   for run in runs:
-    groups.setdefault(run.experiment, []).append(run)
+    groups.setdefault(run.setting, []).append(run)
   # Top-1 columns (in %); the eval losses stay in results.json and the events.
   metrics = sorted(
     {k for r in runs for k in r.results if k.startswith("eval/") and k.endswith("top1")}
