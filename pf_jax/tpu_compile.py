@@ -143,7 +143,7 @@ def parse_slice(name: str) -> Slice:
   return Slice(name, gen, chips, devices, hosts, topology, options)
 
 
-def topology_devices(s: Slice) -> list:
+def topology_devices(tpu_slice: Slice) -> list:
   """The slice's compile-only devices; CompileForError without libtpu."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
@@ -157,12 +157,16 @@ def topology_devices(s: Slice) -> list:
   # VM, a second check) does not matter, and there is no metadata server to ask.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  topo = topologies.get_topology_desc(topology_name=s.topology, platform="tpu", **s.options)
+  topo = topologies.get_topology_desc(
+    topology_name=tpu_slice.topology, platform="tpu", **tpu_slice.options
+  )
   devices = list(topo.devices)
-  if len(devices) != s.devices or len({d.process_index for d in devices}) != s.hosts:
+  if (
+    len(devices) != tpu_slice.devices or len({d.process_index for d in devices}) != tpu_slice.hosts
+  ):
     raise CompileForError(
-      f"--compile_for: {s.name}: libtpu's topology {s.topology} has {len(devices)} devices on "
-      f"{len({d.process_index for d in devices})} hosts, expected {s.devices} on {s.hosts}"
+      f"--compile_for: {tpu_slice.name}: libtpu's topology {tpu_slice.topology} has {len(devices)} devices on "
+      f"{len({d.process_index for d in devices})} hosts, expected {tpu_slice.devices} on {tpu_slice.hosts}"
     )
   return devices
 
@@ -198,11 +202,11 @@ class Report:
       return self.needed_bytes
     return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
 
-  def fits(self, s: Slice) -> bool:
-    return not self.refused and self.total_bytes <= s.hbm_gib * GIB
+  def fits(self, tpu_slice: Slice) -> bool:
+    return not self.refused and self.total_bytes <= tpu_slice.hbm_gib * GIB
 
-  def bound_ms(self, s: Slice) -> float:
-    return 1e3 * self.step_flops / s.peak_flops
+  def bound_ms(self, tpu_slice: Slice) -> float:
+    return 1e3 * self.step_flops / tpu_slice.peak_flops
 
 
 def matmul_flops(jaxpr, while_trips: int = 1) -> float:
@@ -289,24 +293,24 @@ def _measure(name: str, jitted, args, calls=None, while_trips: int = 1) -> Repor
   )
 
 
-def build_experiment(c: ml_collections.ConfigDict, s: Slice):
-  """The run of `c` on the slice, with the dataset facts of the catalog (no data read)."""
+def build_experiment(config: ml_collections.ConfigDict, tpu_slice: Slice):
+  """The run of `config` on the slice, with the dataset facts of the catalog (no data read)."""
   from pf_jax import dataset_catalog  # pylint: disable=g-import-not-at-top
   from pf_jax import experiment  # pylint: disable=g-import-not-at-top
 
-  spec = dataset_catalog.DATASETS[c.dataset]
+  spec = dataset_catalog.DATASETS[config.dataset]
   return experiment.build(
-    c,
+    config,
     num_classes=spec.num_classes,
     num_train_examples=spec.train_examples,
-    num_devices=s.devices,
-    num_processes=s.hosts,
+    num_devices=tpu_slice.devices,
+    num_processes=tpu_slice.hosts,
   )
 
 
 def compile_programs(
-  c: ml_collections.ConfigDict,
-  s: Slice,
+  config: ml_collections.ConfigDict,
+  tpu_slice: Slice,
   devices: list,
   programs: tuple[str, ...] = ("train", "eval", "collect", "sharpness"),
   log: Callable[[str], None] | None = None,
@@ -337,7 +341,7 @@ def compile_programs(
   from pf_jax import train  # pylint: disable=g-import-not-at-top
 
   log = log or (lambda line: None)
-  exp = build_experiment(c, s)
+  exp = build_experiment(config, tpu_slice)
   mesh = Mesh(np.asarray(devices), (train.AXIS,))
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(train.AXIS))
   sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -350,15 +354,15 @@ def compile_programs(
   if "train" in programs:
     log("train")
     batch = {
-      "image": images(c.global_batch_size, c.image_size),
-      "label": sds((c.global_batch_size,), jnp.int32, data),
+      "image": images(config.global_batch_size, config.image_size),
+      "label": sds((config.global_batch_size,), jnp.int32, data),
     }
     key = sds((2,), jnp.uint32, rep)
     program = train._train_program(exp, mesh)  # pylint: disable=protected-access
     reports.append(_measure("train", program, (state, batch, key), exp.total_steps))
   if "eval" in programs:
     same = {}  # datasets with the same batch and logits compile to the same program
-    for name in c.eval_datasets:
+    for name in config.eval_datasets:
       spec = dataset_catalog.DATASETS[name]
       subset = input_pipeline.class_subset(name)
       key = (spec.real_label_key is not None, None if subset is None else tuple(subset))
@@ -368,7 +372,7 @@ def compile_programs(
         )
         continue
       log(f"eval/{name}")
-      n = c.eval_batch_size
+      n = config.eval_batch_size
       batch = {
         "image": images(n, exp.eval_image_size),
         "label": sds((n,), jnp.int32, data),
@@ -382,19 +386,21 @@ def compile_programs(
       totals = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), totals)
       same[key] = _measure(f"eval/{name}", step, (state.params, state.batch_stats, totals, batch))
       reports.append(same[key])
-  if "collect" in programs and c.analysis.collect_every_steps:
+  if "collect" in programs and config.analysis.collect_every_steps:
     log("collect")
-    n = exp.local_micro_batch_size * s.hosts
-    batch = {"image": images(n, c.image_size), "label": sds((n,), jnp.int32, data)}
+    n = exp.local_micro_batch_size * tpu_slice.hosts
+    batch = {"image": images(n, config.image_size), "label": sds((n,), jnp.int32, data)}
     step = train.make_collect_step(exp, mesh)
     reports.append(_measure("collect", step, (state.params, state.batch_stats, state.step, batch)))
   if "sharpness" in programs:
     log("sharpness")
-    reports.append(sharpness_program(c, s, devices, state))
+    reports.append(sharpness_program(config, tpu_slice, devices, state))
   return reports
 
 
-def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, state) -> Report:
+def sharpness_program(
+  config: ml_collections.ConfigDict, tpu_slice: Slice, devices: list, state
+) -> Report:
   """The power iteration of `python -m pf_jax.analysis sharpness` (`analysis/sharpness.py`),
   compiled as that tool builds it: one process on one host's devices (`jax.local_devices()`),
   the first `analysis.sharpness_examples` training examples in batches of
@@ -414,20 +420,20 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
   from pf_jax.analysis import hessian  # pylint: disable=g-import-not-at-top
   from pf_jax.analysis import sharpness  # pylint: disable=g-import-not-at-top
 
-  a = c.analysis
-  spec = dataset_catalog.DATASETS[c.dataset]
+  a = config.analysis
+  spec = dataset_catalog.DATASETS[config.dataset]
   host = [d for d in devices if d.process_index == devices[0].process_index]
   batch_size = min(a.sharpness_batch_size, a.sharpness_examples)
   num_batches = max(min(a.sharpness_examples, spec.train_examples) // batch_size, 1)
   dealt = num_batches + (-num_batches % len(host))
   exp = experiment.build(
-    c,
+    config,
     num_classes=spec.num_classes,
     num_train_examples=spec.train_examples,
     num_devices=len(host),
   )
   batch_stats = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state.batch_stats)
-  loss_fn = sharpness.loss_function(c, exp, batch_stats)
+  loss_fn = sharpness.loss_function(config, exp, batch_stats)
   dtype = jax.tree.leaves(state.params)[0].dtype
   mesh = Mesh(np.asarray(host), (hessian.AXIS,))
   program = hessian.power_iteration_program(
@@ -442,7 +448,7 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
   rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(hessian.AXIS))
   sds = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   params = jax.tree.map(lambda x: sds(x.shape, x.dtype, rep), state.params)
-  size = c.image_size
+  size = config.image_size
   batches = {
     "image": sds((dealt, batch_size, size, size, 3), jnp.float32, split),
     "label": sds((dealt, batch_size), jnp.int32, split),
@@ -450,7 +456,9 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
   weights = sds((dealt,), dtype, split)
   key = sds((2,), jnp.uint32, rep)
   r = _measure("sharpness", program, (params, batches, weights, key), while_trips=a.sharpness_iters)
-  where = ("host 0's " if s.hosts > 1 else "") + reporting.plural(len(host), s.per_device)
+  where = ("host 0's " if tpu_slice.hosts > 1 else "") + reporting.plural(
+    len(host), tpu_slice.per_device
+  )
   r.note = (
     f"one call: up to {a.sharpness_iters} power iterations over {num_batches} batches of "
     f"{batch_size} on {where}"
@@ -458,28 +466,28 @@ def sharpness_program(c: ml_collections.ConfigDict, s: Slice, devices: list, sta
   return r
 
 
-def format_line(r: Report, s: Slice) -> str:
+def format_line(r: Report, tpu_slice: Slice) -> str:
   """One program's line: memory against HBM, FLOPs, the time bound and (train) the run's days."""
   g = lambda b: f"{b / GIB:.3g}"
-  unit = s.per_device
+  unit = tpu_slice.per_device
   if r.refused:
     return (
-      f"{r.program}: DOES NOT FIT {g(r.total_bytes)} GiB/{unit} of {s.hbm_gib:g} (XLA: "
+      f"{r.program}: DOES NOT FIT {g(r.total_bytes)} GiB/{unit} of {tpu_slice.hbm_gib:g} (XLA: "
       f"{r.refused}) [compiled in {r.compile_seconds:.0f} s]"
     )
   line = (
-    f"{r.program}: {'fits' if r.fits(s) else 'DOES NOT FIT'} {g(r.total_bytes)} GiB/{unit} "
-    f"of {s.hbm_gib:g} (arguments {g(r.argument_bytes)} + temporaries {g(r.temp_bytes)} + "
+    f"{r.program}: {'fits' if r.fits(tpu_slice) else 'DOES NOT FIT'} {g(r.total_bytes)} GiB/{unit} "
+    f"of {tpu_slice.hbm_gib:g} (arguments {g(r.argument_bytes)} + temporaries {g(r.temp_bytes)} + "
     f"outputs {g(r.output_bytes)}"
     + (f" - donated {g(r.alias_bytes)}" if r.alias_bytes else "")
     + f"), {r.step_flops / 1e12:.3g} TFLOP/{unit}/call"
     + (
       f" (XLA counts {r.flops / 1e12:.3g}: a loop's body once)" if r.matmul_flops > r.flops else ""
     )
-    + f", >= {r.bound_ms(s):.3g} ms/call at {s.peak_flops / 1e12:g} TFLOP/s"
+    + f", >= {r.bound_ms(tpu_slice):.3g} ms/call at {tpu_slice.peak_flops / 1e12:g} TFLOP/s"
   )
   if r.calls:
-    days = r.calls * r.bound_ms(s) / 1e3 / 86400
+    days = r.calls * r.bound_ms(tpu_slice) / 1e3 / 86400
     line += f"; {r.calls} steps >= {days:.3g} days"
   if r.note:
     line += f"; {r.note}"
@@ -488,24 +496,27 @@ def format_line(r: Report, s: Slice) -> str:
   return line + f" [compiled in {r.compile_seconds:.0f} s]"
 
 
-def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
+def describe_slice(config: ml_collections.ConfigDict, tpu_slice: Slice) -> str:
   """The slice, its devices and how each step's global batch is split over hosts and devices."""
   from pf_jax import reporting  # pylint: disable=g-import-not-at-top
 
-  per_chip = {"core": f"{s.devices // s.chips} devices per chip (one per TensorCore)"}.get(
-    s.per_device, "1 device per chip" + (" (megacore)" if s.generation in ("v4", "v5p") else "")
+  per_chip = {
+    "core": f"{tpu_slice.devices // tpu_slice.chips} devices per chip (one per TensorCore)"
+  }.get(
+    tpu_slice.per_device,
+    "1 device per chip" + (" (megacore)" if tpu_slice.generation in ("v4", "v5p") else ""),
   )
-  gb = c.global_batch_size
-  spec = CHIPS[s.generation]
+  gb = config.global_batch_size
+  spec = CHIPS[tpu_slice.generation]
   line = (
-    f"compiled for {s.name} (topology {s.topology}; per chip {spec['hbm_gib']} GiB HBM, "
-    f"{spec['peak_tflops']} TFLOP/s bf16): {reporting.plural(s.chips, 'chip')}, "
-    f"{reporting.plural(s.devices, 'device')}, {per_chip}; "
-    f"global batch {gb} = {gb // s.devices} per device"
+    f"compiled for {tpu_slice.name} (topology {tpu_slice.topology}; per chip {spec['hbm_gib']} GiB HBM, "
+    f"{spec['peak_tflops']} TFLOP/s bf16): {reporting.plural(tpu_slice.chips, 'chip')}, "
+    f"{reporting.plural(tpu_slice.devices, 'device')}, {per_chip}; "
+    f"global batch {gb} = {gb // tpu_slice.devices} per device"
   )
-  if c.grad_accum_steps > 1:
-    line += f" ({c.grad_accum_steps} micro-batches of {gb // s.devices // c.grad_accum_steps})"
-  exp = build_experiment(c, s)
+  if config.grad_accum_steps > 1:
+    line += f" ({config.grad_accum_steps} micro-batches of {gb // tpu_slice.devices // config.grad_accum_steps})"
+  exp = build_experiment(config, tpu_slice)
   if exp.spec is not None:
     from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
 
@@ -513,49 +524,49 @@ def describe_slice(c: ml_collections.ConfigDict, s: Slice) -> str:
     if group == 1 and n_chunks > 1:
       strategy = sam_family.chunk_strategy(exp.spec.chunk_mode, n_chunks, "tpu")
       line += f"; m {exp.spec.m}: {n_chunks} chunks per device, {strategy} on TPU"
-  if s.hosts > 1:
+  if tpu_slice.hosts > 1:
     line += (
-      f"; {s.hosts} hosts (one process each, compiled here from one): each host reads "
-      f"{gb // s.hosts} examples of every batch from its own 1/{s.hosts} of the training split, "
-      f"the batch's rows of its {s.devices // s.hosts} devices"
+      f"; {tpu_slice.hosts} hosts (one process each, compiled here from one): each host reads "
+      f"{gb // tpu_slice.hosts} examples of every batch from its own 1/{tpu_slice.hosts} of the training split, "
+      f"the batch's rows of its {tpu_slice.devices // tpu_slice.hosts} devices"
     )
   else:
     line += "; 1 host"
   return line
 
 
-def _candidates(c: ml_collections.ConfigDict, exp) -> list[tuple[str, dict]]:
+def _candidates(config: ml_collections.ConfigDict, exp) -> list[tuple[str, dict]]:
   """Changes that lower the train step's memory, cheapest first: (description, overrides)."""
   from pf_jax import sam_family  # pylint: disable=g-import-not-at-top
 
   out = []
   if exp.spec is not None:
     n_chunks, _ = sam_family.chunking(exp.spec.m, exp.per_device_batch, exp.num_devices)
-    if n_chunks > 1 and sam_family.chunk_strategy(c.sam.chunk_mode, n_chunks, "tpu") != "scan":
+    if n_chunks > 1 and sam_family.chunk_strategy(config.sam.chunk_mode, n_chunks, "tpu") != "scan":
       out.append(("sam.chunk_mode=scan", {"sam.chunk_mode": "scan"}))
-  if not c.mixed_precision:
+  if not config.mixed_precision:
     out.append(("mixed_precision=True (bfloat16)", {"mixed_precision": True}))
   for k in (2, 4, 8, 16, 32):
-    steps = c.grad_accum_steps * k
+    steps = config.grad_accum_steps * k
     out.append((f"grad_accum_steps={steps}", {"grad_accum_steps": steps}))
   return out
 
 
-def _with(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  """A copy of `c` with `overrides` ({"sam.chunk_mode": "scan", ...}) set."""
-  c = ml_collections.ConfigDict(c.to_dict())
+def _with(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with `overrides` ({"sam.chunk_mode": "scan", ...}) set."""
+  config = ml_collections.ConfigDict(config.to_dict())
   for key, value in overrides.items():
     *parents, name = key.split(".")
-    target = c
+    target = config
     for parent in parents:
       target = target[parent]
     target[name] = value
-  return c
+  return config
 
 
-def _halvings(c: ml_collections.ConfigDict, field: str) -> list[tuple[str, dict]]:
+def _halvings(config: ml_collections.ConfigDict, field: str) -> list[tuple[str, dict]]:
   """`field` (e.g. "analysis.sharpness_batch_size") at 1/2, 1/4, 1/8, 1/16 of its value."""
-  value = _with(c, {})
+  value = _with(config, {})
   for part in field.split("."):
     value = value[part]
   return [(f"{field}={value // k}", {field: value // k}) for k in (2, 4, 8, 16) if value // k]
@@ -574,7 +585,9 @@ def _kind(program: str) -> str:
   return program.split("/")[0]  # "eval/imagenet2012" -> "eval"
 
 
-def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: str, log=None):
+def suggest_fit(
+  config: ml_collections.ConfigDict, tpu_slice: Slice, devices: list, program: str, log=None
+):
   """The first change with which `program` compiles, on the same devices, to fit the HBM:
   (description, its compiled Report) or None. Tried in order: for the train step and the
   output collection (whose batch is the training micro-batch) `_candidates`; for an eval step
@@ -584,41 +597,45 @@ def suggest_fit(c: ml_collections.ConfigDict, s: Slice, devices: list, program: 
 
   kind = _kind(program)
   if kind in ("train", "collect"):
-    candidates = _candidates(c, build_experiment(c, s))
+    candidates = _candidates(config, build_experiment(config, tpu_slice))
   elif kind == "eval":
-    candidates = _halvings(c, "eval_batch_size")
+    candidates = _halvings(config, "eval_batch_size")
   else:
-    candidates = _halvings(c, "analysis.sharpness_batch_size")
+    candidates = _halvings(config, "analysis.sharpness_batch_size")
   for text, overrides in candidates:
-    changed = _with(c, overrides)
+    changed = _with(config, overrides)
     try:
-      config_validation.validate(changed, s.devices, s.hosts)
+      config_validation.validate(changed, tpu_slice.devices, tpu_slice.hosts)
     except ValueError:
       continue
     if log:
       log(f"trying {text}")
-    reports = [r for r in compile_programs(changed, s, devices, (kind,)) if r.program == program]
-    if reports and reports[0].fits(s):
+    reports = [
+      r for r in compile_programs(changed, tpu_slice, devices, (kind,)) if r.program == program
+    ]
+    if reports and reports[0].fits(tpu_slice):
       return text, reports[0]
   return None
 
 
-def check(c: ml_collections.ConfigDict, s: Slice, out=None, err=None, devices=None) -> int:
-  """Compiles every program of `c` for `s`, prints one line each; 0 if all fit, else 2 (with one
+def check(
+  config: ml_collections.ConfigDict, tpu_slice: Slice, out=None, err=None, devices=None
+) -> int:
+  """Compiles every program of `config` for `tpu_slice`, prints one line each; 0 if all fit, else 2 (with one
   stderr line per program that does not fit, naming a change that `suggest_fit` compiled to
   fit)."""
   out = out or sys.stdout
   err = err or sys.stderr
-  devices = devices or topology_devices(s)
-  print(describe_slice(c, s), file=out, flush=True)
+  devices = devices or topology_devices(tpu_slice)
+  print(describe_slice(config, tpu_slice), file=out, flush=True)
   status = 0
-  for r in compile_programs(c, s, devices):
-    print(format_line(r, s), file=out, flush=True)
-    if r.fits(s):
+  for r in compile_programs(config, tpu_slice, devices):
+    print(format_line(r, tpu_slice), file=out, flush=True)
+    if r.fits(tpu_slice):
       continue
     status = 2
-    found = suggest_fit(c, s, devices, r.program)
-    need = f"{r.total_bytes / GIB:.2f} GiB per {s.per_device}, {s.name} has {s.hbm_gib:g}"
+    found = suggest_fit(config, tpu_slice, devices, r.program)
+    need = f"{r.total_bytes / GIB:.2f} GiB per {tpu_slice.per_device}, {tpu_slice.name} has {tpu_slice.hbm_gib:g}"
     if found:
       text, fixed = found
       hint = (
@@ -626,12 +643,12 @@ def check(c: ml_collections.ConfigDict, s: Slice, out=None, err=None, devices=No
       )
     else:
       hint = f"no change tried fits ({_TRIED[_kind(r.program)]}): use a larger slice"
-    err.write(f"error: {r.program} does not fit on {s.name}: needs {need}; {hint}\n")
+    err.write(f"error: {r.program} does not fit on {tpu_slice.name}: needs {need}; {hint}\n")
     err.flush()
   return status
 
 
-def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None) -> int:
+def main(config: ml_collections.ConfigDict, slice_name: str, note: str | None = None) -> int:
   """`main.py --check_only --compile_for=<slice>`: validates `c` for the slice's devices and
   hosts, then `check`. Bad input raises ValueError (one line: CompileForError, ConfigError)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -646,13 +663,13 @@ def main(c: ml_collections.ConfigDict, slice_name: str, note: str | None = None)
   # A compile-only executable cannot be loaded back from JAX's persistent cache (there is no TPU
   # client): neither written nor read.
   jax.config.update("jax_enable_compilation_cache", False)
-  config_validation.validate(c, s.devices, s.hosts)
+  config_validation.validate(config, s.devices, s.hosts)
   print("config OK")
-  print(reporting.describe_run(c, s.devices, None, note, platform="tpu"))
+  print(reporting.describe_run(config, s.devices, None, note, platform="tpu"))
   with process.quiet_native_stderr():  # TensorFlow's import
     from pf_jax import train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   with quiet_libtpu():
-    return check(c, s)
+    return check(config, s)
 
 
 # What libtpu writes to stderr on a machine without a TPU (it finds no TPU VM metadata).
