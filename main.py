@@ -1,6 +1,6 @@
 """Entry point: python main.py --config=configs/<name>.py[:arg] --workdir=<dir> [--config.x=v].
 
-Without --config it trains the default (OBF-SAM ViT on scikit-learn's digits, no download).
+Without --config it trains the default (configs/default.py: ASAM ViT on scikit-learn's digits, no download).
 `python main.py --help` lists every config field and the paper configs.
 
 Order: command line and config -> validation (one-line errors, exit 2) -> TensorFlow, data and
