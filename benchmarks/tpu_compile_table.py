@@ -17,6 +17,7 @@ Two kinds of rows:
 
 import argparse
 import functools
+import glob
 import json
 import os
 import subprocess
@@ -195,8 +196,15 @@ def compile_one(key: str) -> dict:
 
 def compiling(key: str) -> bool:
   """Whether another process is compiling `key` now (a worker restarted beside its last row)."""
-  out = subprocess.run(["pgrep", "-f", "--", f"--one={key}"], capture_output=True, text=True)
-  return bool(out.stdout.strip())
+  arg = f"--one={key}".encode()
+  for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+      with open(cmdline, "rb") as f:
+        if arg in f.read().split(b"\0"):
+          return True
+    except OSError:  # the process ended meanwhile
+      continue
+  return False
 
 
 def run_all(shard: int = 0, shards: int = 1) -> None:
