@@ -245,10 +245,15 @@ def markdown() -> tuple[str, str]:
     if "error" in r:
       lines.append(f"| {name} | {cls} | {slice_name} | {dtype} | error: {r['error']} ||||||")
       continue
+    parts = (
+      "XLA refused it: out of HBM, no breakdown"
+      if not r["argument_gib"] and not r["temp_gib"]
+      else f"{r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
+      f"{r['output_gib']:.2f} - {r['alias_gib']:.2f}"
+    )
     lines.append(
       f"| {name} | {cls} | {slice_name} | {dtype} | {'yes' if r['fits'] else '**no**'} | "
-      f"{r['total_gib']:.2f} ({r['argument_gib']:.2f} + {r['temp_gib']:.2f} + "
-      f"{r['output_gib']:.2f} - {r['alias_gib']:.2f}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | "
+      f"{r['total_gib']:.2f} ({parts}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | "
       f"{r['bound_ms']:.1f} | "
       f"{r['steps']} | {r['days']:.3f} | "
       + (r.get("compile_note") or f"{r['compile_s'] / 60:.1f} min")
