@@ -54,7 +54,7 @@ CONFIGS = {  # config -> {class: its argument}
   # Section 6.1's pool: SAM and OBF-SAM at the smallest, the paper's and the largest m.
   "configs/cifar10_msweep.py": {"SAM": "steep,64", "OBF-SAM": "obf,64", "OBF-SAM m=1": "obf,1"},
 }
-# Also compiled with its eval steps: the lines of README's command.
+# Also compiled with its other programs: the lines of README's command.
 HEADLINE = "run|configs/vit_s32_imagenet.py:sam_obf|OBF-SAM|v4-8|float32"
 # Chunk strategies: ViT-S/32 of this depth, 512 images per chip on a v4-8 (global batch 2048).
 CHUNK_DEPTH = 2
@@ -155,7 +155,7 @@ def compile_one(key: str) -> dict:
     config_validation.validate(c, s.devices, s.hosts)
   except ValueError as e:
     return dict(record, error=str(e))
-  programs = ("train", "eval", "collect") if key == HEADLINE else ("train",)
+  programs = ("train", "eval", "collect", "sharpness") if key == HEADLINE else ("train",)
   with tpu_compile.quiet_libtpu():
     devices = tpu_compile.topology_devices(s)
     start = time.time()

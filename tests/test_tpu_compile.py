@@ -232,6 +232,69 @@ def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
   assert r.note == "one call: up to 7 power iterations over 7 batches of 128 on 4 chips"
 
 
+def collect_config():
+  """vit_digits collecting outputs with a plain SAM perturbation (m = 32), global batch 256: 64
+  images per chip on a v4-8, 2 chunks."""
+  from pf_jax import cli  # pylint: disable=g-import-not-at-top
+
+  return cli.build_config(
+    None,
+    [
+      ("sam.perturbation", "steepest"),
+      ("sam.asam", "none"),
+      ("global_batch_size", "256"),
+      ("analysis.collect_every_steps", "10"),
+    ],
+  )
+
+
+def collect_flops_per_chip() -> int:
+  """Section 6.1's collection step by hand, per chip: each chunk's forward and the backward that
+  gives its ascent direction (a training step's matmuls), then the forward at theta^p."""
+  tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
+  layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
+  forward = depth * layer + 2 * tokens * patch * patch * 3 * width + 2 * width * classes
+  return vit_digits_step_flops(64) + 64 * forward
+
+
+@needs_libtpu
+def test_collect_program_matmuls_against_the_hand_count(monkeypatch):
+  """The output-collection program traced for a v4-8 (no compilation): its matmuls, the chunk
+  loop multiplied out, equal the hand count exactly."""
+
+  def trace_only(name, jitted, args, calls=None, while_trips=1):
+    flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr, while_trips)
+    return tpu_compile.Report(name, 0, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
+
+  monkeypatch.setattr(tpu_compile, "_measure", trace_only)
+  s = tpu_compile.parse_slice("v4-8")
+  devices = tpu_compile.topology_devices(s)
+  (r,) = tpu_compile.compile_programs(collect_config(), s, devices, ("collect",))
+  assert r.program == "collect"
+  assert r.matmul_flops == collect_flops_per_chip()
+
+
+@needs_libtpu
+@pytest.mark.long  # a compilation for a TPU: tens of seconds here
+def test_collect_program_compiled_for_v4_8():
+  """The same program compiled by the TPU compiler: it fits a v4 chip, and XLA's count (which
+  also counts the softmaxes, norms and the perturbation) is at least the hand count's matmuls and
+  at most a quarter above them."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  s = tpu_compile.parse_slice("v4-8")
+  devices = tpu_compile.topology_devices(s)
+  cache = jax.config.jax_enable_compilation_cache  # a compile-only program cannot be cached
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    (r,) = tpu_compile.compile_programs(collect_config(), s, devices, ("collect",))
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  assert r.fits(s) and 0 < r.total_bytes < 2**30
+  hand = collect_flops_per_chip()
+  assert hand <= r.step_flops <= 1.25 * hand, (r.step_flops, hand)
+
+
 def test_refused_with_the_first_fix_that_compiles_to_fit(monkeypatch):
   """Exit status 2 and one stderr line per program that does not fit, naming the first change
   (scan the chunks, bfloat16, then 2, 4, ... times the accumulation) whose compiled program fits.
