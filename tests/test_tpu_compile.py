@@ -194,6 +194,16 @@ def test_matmul_count_of_the_traced_step(monkeypatch, sam, factor):
   assert r.matmul_flops == factor * vit_digits_step_flops(256) / 4
 
 
+def trace_only(name, jitted, args, calls=None, while_trips=1):
+  """`tpu_compile._measure` without compiling: the traced program's matmul FLOPs (loops
+  multiplied out), and its first argument's element count (the parameters) as its bytes."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr, while_trips)
+  params = sum(x.size for x in jax.tree.leaves(args[0]))
+  return tpu_compile.Report(name, params, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
+
+
 @needs_libtpu
 def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
   """The sharpness tool's program (its power iteration, traced for a v4-8's 4 chips, no
@@ -203,14 +213,7 @@ def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
   forward and backward, 3, each with the tangents of both operands), the patch embedding of the
   image, which has no tangent, 4 times (forward and weight gradient, each with the weight's
   tangent); and one v . Hv, 2 FLOPs per parameter. 7 iterations, the configured most."""
-  import jax  # pylint: disable=g-import-not-at-top
-
   from pf_jax import cli  # pylint: disable=g-import-not-at-top
-
-  def trace_only(name, jitted, args, calls=None, while_trips=1):
-    flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr, while_trips)
-    params = sum(x.size for x in jax.tree.leaves(args[0]))
-    return tpu_compile.Report(name, params, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
 
   monkeypatch.setattr(tpu_compile, "_measure", trace_only)
   c = cli.build_config(
@@ -227,7 +230,7 @@ def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
   layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
   embed = 2 * tokens * patch * patch * 3 * width
   hvp = 9 * depth * layer + 4 * embed + 9 * 2 * width * classes
-  params = r.argument_bytes  # the parameter count (trace_only above)
+  params = r.argument_bytes  # the parameter count (trace_only)
   assert r.matmul_flops == 7 * (2 * 128 * hvp + 2 * params)
   assert r.note == "one call: up to 7 power iterations over 7 batches of 128 on 4 chips"
 
@@ -261,11 +264,6 @@ def collect_flops_per_chip() -> int:
 def test_collect_program_matmuls_against_the_hand_count(monkeypatch):
   """The output-collection program traced for a v4-8 (no compilation): its matmuls, the chunk
   loop multiplied out, equal the hand count exactly."""
-
-  def trace_only(name, jitted, args, calls=None, while_trips=1):
-    flops = tpu_compile.matmul_flops(jitted.trace(*args).jaxpr, while_trips)
-    return tpu_compile.Report(name, 0, 0, 0, 0, 0.0, 0.0, calls, matmul_flops=flops)
-
   monkeypatch.setattr(tpu_compile, "_measure", trace_only)
   s = tpu_compile.parse_slice("v4-8")
   devices = tpu_compile.topology_devices(s)
