@@ -120,16 +120,21 @@ def test_method_line_shows_the_chunks_as_the_tpu_runs_them(monkeypatch, capsys):
   assert "m 32 (2 chunks per device, unroll)" in reporting.describe_method(c, 4, "cpu")
 
 
-def vit_digits_step_flops(batch: int) -> int:
-  """Matmul FLOPs of one plain training step of vit_digits (8x8 images, 2x2 patches: 16 tokens,
-  width 64, depth 2, MLP 128, 10 classes), counted by hand: a matmul of [a, b] x [b, c] is
-  2abc; the backward pass costs twice the forward (gradients of both operands), except the patch
-  embedding, whose input (the image) needs no gradient."""
+def vit_digits_forward_matmuls() -> tuple[int, int, int, int]:
+  """(depth, one block's, the patch embedding's, the head's) forward matmul FLOPs per image of
+  vit_digits (8x8 images, 2x2 patches: 16 tokens, width 64, depth 2, MLP 128, 10 classes),
+  counted by hand: a matmul of [a, b] x [b, c] is 2abc."""
   tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
   layer = 2 * tokens * (4 * width * width + 2 * width * mlp)  # q, k, v, out; MLP in, out
   layer += 2 * 2 * tokens * tokens * width  # q k^T and attention x v
-  embed = 2 * tokens * patch * patch * 3 * width
-  head = 2 * width * classes
+  return depth, layer, 2 * tokens * patch * patch * 3 * width, 2 * width * classes
+
+
+def vit_digits_step_flops(batch: int) -> int:
+  """Matmul FLOPs of one plain training step of vit_digits: the backward pass costs twice the
+  forward (gradients of both operands), except the patch embedding, whose input (the image)
+  needs no gradient."""
+  depth, layer, embed, head = vit_digits_forward_matmuls()
   return batch * (3 * depth * layer + 2 * embed + 3 * head)
 
 
@@ -226,10 +231,8 @@ def test_sharpness_program_matmuls_against_the_hand_count(monkeypatch):
   )
   s = tpu_compile.parse_slice("v4-8")
   (r,) = tpu_compile.compile_programs(c, s, tpu_compile.topology_devices(s), ("sharpness",))
-  tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
-  layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
-  embed = 2 * tokens * patch * patch * 3 * width
-  hvp = 9 * depth * layer + 4 * embed + 9 * 2 * width * classes
+  depth, layer, embed, head = vit_digits_forward_matmuls()
+  hvp = 9 * depth * layer + 4 * embed + 9 * head
   params = r.argument_bytes  # the parameter count (trace_only)
   assert r.matmul_flops == 7 * (2 * 128 * hvp + 2 * params)
   assert r.note == "one call: up to 7 power iterations over 7 batches of 128 on 4 chips"
@@ -254,10 +257,8 @@ def collect_config():
 def collect_flops_per_chip() -> int:
   """Section 6.1's collection step by hand, per chip: each chunk's forward and the backward that
   gives its ascent direction (a training step's matmuls), then the forward at theta^p."""
-  tokens, width, mlp, depth, patch, classes = 16, 64, 128, 2, 2, 10
-  layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * tokens * width
-  forward = depth * layer + 2 * tokens * patch * patch * 3 * width + 2 * width * classes
-  return vit_digits_step_flops(64) + 64 * forward
+  depth, layer, embed, head = vit_digits_forward_matmuls()
+  return vit_digits_step_flops(64) + 64 * (depth * layer + embed + head)
 
 
 @needs_libtpu
