@@ -62,8 +62,34 @@ def test_family_row_by_hand(folder):
   assert r["sharp_mean"] == pytest.approx(-3.0)
   row = next(x for x in lines if x.startswith("| noise50: SAM(ρ=0.1) − AdamW"))
   assert "| 3 | +2.00 | [-0.48, +4.48] |" in row and "interim (3/20 seeds)" in row
+  assert row.endswith("| undecided | interim (3/20 seeds) |")  # Holm p 1, TOST Holm p 1
   pending = next(x for x in lines if x.startswith("| clean: SAM(ρ=1) − AdamW"))
   assert pending.endswith("| pending |")
+
+
+def _decide(base, other, block="noise50", rho=1.0):
+  rows = [_row(block, "adamw", 0.0, s, a, None) for s, a in enumerate(base)]
+  rows += [_row(block, "sam_steep", rho, s, b, None) for s, b in enumerate(other)]
+  _, records = science.confirmatory(rows, [])
+  r = next(x for x in records if x["label"] == f"{block}: SAM(ρ={rho:g}) − AdamW")
+  return r, science.decision(r)
+
+
+def test_decisions():
+  n = science.SEEDS
+  wobble = [0.002 * (-1) ** s for s in range(n)]  # paired differences of +-0.2 points, mean 0
+  # Both arms at one class (~10%): TOST alone would call them equivalent, amendment 2 does not.
+  r, d = _decide([0.10 + w for w in wobble], [0.10] * n)
+  assert r["tost_holm"] < 0.05 and d == "both arms < 20%: not an equivalence"
+  # The same differences between trained arms: equivalent within the 1-point margin.
+  assert _decide([0.90 + w for w in wobble], [0.90] * n)[1] == "equivalent (within ±1)"
+  # A difference of 0.3 points that is significant and inside the margin: both said.
+  assert _decide([0.90 + w for w in wobble], [0.903] * n)[1] == "other > base, within ±1"
+  # One arm at chance, the other trained: the difference stands.
+  assert _decide([0.85 + 0.001 * s for s in range(n)], [0.10] * n)[1] == "other < base"
+  assert _decide([0.85] * n, [0.87 + 0.001 * s for s in range(n)])[1] == "other > base"
+  # Neither: a noisy difference.
+  assert _decide([0.85] * n, [0.85 + 0.05 * (-1) ** s for s in range(n)])[1] == "undecided"
 
 
 def test_arm_table_and_report(folder):

@@ -28,6 +28,10 @@ from pf_jax.analysis import paired
 
 DOSES = (0.03, 0.1, 0.3, 0.6, 1.0)  # SAM's radius, fixed per arm (no search)
 SEEDS = 20  # paired seeds per contrast (the confirmatory n)
+ALPHA = 0.05  # Holm-adjusted level of every decision (t-test and TOST)
+# An arm whose mean primary top-1 is below this (points; twice chance for 10 classes) did not
+# train: two such arms agreeing is never read as an equivalence (PROTOCOL.md, amendment 2).
+TRAINED_TOP1 = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +141,7 @@ def search_winners(search_rows) -> dict[str, float | None]:
 
 
 def pairs(rows, search_rows, label_kind, block_name, rho, metric):
-  """(seeds, other − base in points, sharpness pairs) of one contrast."""
+  """(seeds, other − base in points, sharpness pairs, (base, other) mean top-1) of one contrast."""
   if label_kind == "sam":
     base, other = (
       _by_seed(rows, block_name, "adamw", 0.0),
@@ -149,13 +153,26 @@ def pairs(rows, search_rows, label_kind, block_name, rho, metric):
   else:
     w = search_winners(search_rows)
     if w["sam_steep"] is None or w["sam_obf"] is None:
-      return [], np.zeros(0), []
+      return [], np.zeros(0), [], (math.nan, math.nan)
     base = _by_seed(rows, "noise50", "sam_steep", w["sam_steep"])
     other = _by_seed(rows, "noise50_obf", "sam_obf", w["sam_obf"])
   seeds = sorted(set(base) & set(other))
-  d = np.array([top1(other[s], metric) - top1(base[s], metric) for s in seeds])
+  a = np.array([top1(base[s], metric) for s in seeds])
+  b = np.array([top1(other[s], metric) for s in seeds])
   sharp = [(base[s].get("sharpness"), other[s].get("sharpness")) for s in seeds]
-  return seeds, d, sharp
+  means = (float(a.mean()), float(b.mean())) if seeds else (math.nan, math.nan)
+  return seeds, b - a, sharp, means
+
+
+def decision(rec: dict) -> str:
+  """What a contrast's record decides (PROTOCOL.md's rules; amendment 2 for arms at chance)."""
+  if max(rec["arm_means"]) < TRAINED_TOP1:
+    return f"both arms < {TRAINED_TOP1:g}%: not an equivalence"
+  within = f"within ±{rec['margin']:g}"
+  if rec["p_holm"] < ALPHA:  # a difference, and possibly one smaller than the margin
+    sign = "other > base" if rec["mean"] > 0 else "other < base"
+    return f"{sign}, {within}" if rec["tost_holm"] < ALPHA else sign
+  return f"equivalent ({within})" if rec["tost_holm"] < ALPHA else "undecided"
 
 
 def _fmt_p(p: float) -> str:
@@ -171,8 +188,9 @@ def confirmatory(rows, search_rows) -> tuple[list[str], list[dict]]:
   records = []
   for label, block_name, kind, rho in family():
     metric = BLOCK[block_name].primary
-    seeds, d, sharp = pairs(rows, search_rows, kind, block_name, rho, metric)
+    seeds, d, sharp, means = pairs(rows, search_rows, kind, block_name, rho, metric)
     rec = {"label": label, "metric": metric, "n": len(d), "margin": BLOCK[block_name].margin}
+    rec["arm_means"] = means
     if len(d) >= 2:
       s, e = paired.summarize(d), paired.tost(d, BLOCK[block_name].margin)
       rec.update(mean=s.mean, lo=s.lo, hi=s.hi, p=s.p_t, tost=e.p, lo90=e.lo90, hi90=e.hi90)
@@ -187,14 +205,14 @@ def confirmatory(rows, search_rows) -> tuple[list[str], list[dict]]:
     r["p_holm"], r["tost_holm"] = hp, ht
   lines = [
     "| contrast | eval set | seeds | mean diff (points) | 95% CI | p (t) | p Holm | TOST margin "
-    "| 90% CI | TOST p Holm | sharpness diff [95% CI] | status |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| 90% CI | TOST p Holm | sharpness diff [95% CI] | decision | status |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in records:
     if r["n"] < 2:
       lines.append(
         f"| {r['label']} | {r['metric']} | {r['n']} | – | – | – | – | ±{r['margin']:g} | – | – "
-        "| – | pending |"
+        "| – | – | pending |"
       )
       continue
     status = "complete" if r["n"] >= SEEDS else f"interim ({r['n']}/{SEEDS} seeds)"
@@ -206,7 +224,8 @@ def confirmatory(rows, search_rows) -> tuple[list[str], list[dict]]:
     lines.append(
       f"| {r['label']} | {r['metric']} | {r['n']} | {r['mean']:+.2f} | {_ci(r['lo'], r['hi'])} "
       f"| {_fmt_p(r['p'])} | {_fmt_p(r['p_holm'])} | ±{r['margin']:g} "
-      f"| {_ci(r['lo90'], r['hi90'])} | {_fmt_p(r['tost_holm'])} | {sharp} | {status} |"
+      f"| {_ci(r['lo90'], r['hi90'])} | {_fmt_p(r['tost_holm'])} | {sharp} | {decision(r)} "
+      f"| {status} |"
     )
   return lines, records
 
@@ -244,7 +263,7 @@ def secondary(rows) -> list[str]:
     for ds in b.eval_datasets:
       if ds == b.primary:
         continue
-      _, d, _ = pairs(rows, [], "sam", b.name, r, ds)
+      _, d, _, _ = pairs(rows, [], "sam", b.name, r, ds)
       if len(d) >= 2:
         s = paired.summarize(d)
         lines.append(
@@ -286,9 +305,11 @@ def report(folder: str) -> str:
     "",
     "**Confirmatory family** (pre-registered; Holm over all "
     f"{len(family())} contrasts, a contrast without data counted as p = 1; other − base in "
-    "points of top-1; TOST p Holm < 0.05 shows |difference| < margin; sharpness diff: other − "
-    "base, of the largest-magnitude Hessian eigenvalue of the training loss, which is negative"
-    " where the dominant curvature is negative):",
+    f"points of top-1; TOST p Holm < {ALPHA:g} shows |difference| < margin; sharpness diff: "
+    "other − base, of the largest-magnitude Hessian eigenvalue of the training loss, which is "
+    f"negative where the dominant curvature is negative; decision: p Holm < {ALPHA:g} (other > "
+    f"or < base), else TOST p Holm < {ALPHA:g} (equivalent), else undecided, and never "
+    f"equivalent where both arms' mean top-1 is below {TRAINED_TOP1:g}% (amendment 2)):",
     "",
     *fam_lines,
     "",
