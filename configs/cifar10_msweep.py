@@ -46,6 +46,7 @@ PERTURBATIONS = {
   },
 }
 M_VALUES = tuple(2**k for k in range(10))  # 1 .. 512
+SEEDS = (0,)  # one run per (perturbation, m): Section 6.1 names one model per m, no seeds
 LOCAL_BATCH = 16  # common.make_local's global batch
 COLLECT_EVERY_STEPS = 25 * 50_000 // 512  # every 25th epoch (Section 6.1), rounded down
 

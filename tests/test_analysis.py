@@ -4,6 +4,7 @@ scipy's Kendall tau, the sequential NumPy reference of the perturbation, and the
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -273,6 +274,24 @@ def test_permutation_pvalue_is_uniform_under_independence_and_small_for_monotone
   assert abs(analysis.permutation_pvalue(x, y, num_permutations=20_000) - want) < 0.01
 
 
+def test_bootstrap_interval_is_scipys_tau_over_the_same_resamples():
+  from pf_jax.analysis import correlation  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=12)
+  y = np.round(x + rng.normal(size=12), 1)  # some ties
+  lo, hi = correlation.bootstrap_interval(x, y, num_resamples=300, level=0.9, seed=7)
+  idx = np.random.default_rng(7).integers(0, 12, (300, 12))  # the documented draw
+  taus = [scipy.stats.kendalltau(x[i], y[i]).statistic for i in idx]  # one resample at a time
+  taus = [t for t in taus if np.isfinite(t)]
+  want = np.quantile(taus, [0.05, 0.95])
+  assert (lo, hi) == (pytest.approx(want[0], abs=1e-12), pytest.approx(want[1], abs=1e-12))
+  assert lo < analysis.kendall_tau(x, y) < hi
+  # A perfect ranking stays perfect in every resample; an undefined tau has no interval.
+  assert correlation.bootstrap_interval(x, 2 * x + 1) == (1.0, 1.0)
+  assert np.isnan(correlation.bootstrap_interval([1, 1, 1], [1, 2, 3])).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # theta^p of the collection is the training perturbation (sequential NumPy reference).
 
@@ -379,7 +398,6 @@ def test_collection_records_theta_and_theta_p_and_matches_the_evaluation(tmp_pat
 
   # A run stopped right after its step-3 checkpoint, before collecting (e.g. preempted there),
   # collects step 3 when it resumes; every point is what the uninterrupted run recorded.
-  import shutil  # pylint: disable=g-import-not-at-top
 
   run = tmp_path / "run"
   shutil.rmtree(run / "checkpoints" / "6")
@@ -448,7 +466,7 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
         forget=0.1 * (i + 1),
       )
   results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=999)
-  assert sorted(results) == ["SAM OBF lambda=0.1 gamma=1", "SAM STEEP"]
+  assert sorted(results) == ["SAM OBF lambda=0.333 gamma=1", "SAM STEEP"]
   for r in results.values():
     inner = slice(0, -1)  # at a = 1 the curves are 0 for every run: tau undefined
     np.testing.assert_allclose(r["tau_forgetting"][inner], 1.0)
@@ -457,17 +475,34 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
     # 6 runs: the exact two-sided p of a perfect ranking is 2/720; +1-corrected estimate.
     assert np.all(r["p_forgetting"][inner] < 0.02)
     assert np.isnan(r["tau_forgetting"][-1])
-  rows = open(str(tmp_path / "out" / "forgetting.csv")).read().splitlines()
+    # A perfect ranking is perfect in every bootstrap resample: a zero-width interval.
+    np.testing.assert_array_equal(r["lo_forgetting"][inner], 1.0)
+    np.testing.assert_array_equal(r["hi_task_information"][inner], -1.0)
+    assert (r["lo_sharpness"][0], r["hi_sharpness"][0]) == (-1.0, -1.0)
+  out = tmp_path / "out"
+  rows = open(out / "forgetting.csv").read().splitlines()
   assert len(rows) == 1 + 2 * 101
   # Runs on another training dataset: their own panels, named by dataset (none are mixed).
   runs = pf_jax.analysis.pool.load_runs(workdirs[:4])
   runs[0].config["dataset"] = runs[1].config["dataset"] = "spurious_digits"
   assert {k: [r.workdir for r in v] for k, v in figure2.panels(runs).items()} == {
     "SAM STEEP on spurious_digits": [workdirs[0]],
-    "SAM OBF lambda=0.1 gamma=1 on spurious_digits": [workdirs[1]],
+    "SAM OBF lambda=0.333 gamma=1 on spurious_digits": [workdirs[1]],
     "SAM STEEP on digits": [workdirs[2]],
-    "SAM OBF lambda=0.1 gamma=1 on digits": [workdirs[3]],
+    "SAM OBF lambda=0.333 gamma=1 on digits": [workdirs[3]],
   }
+  # The committed-data path: the same taus from forgetting_runs.csv alone, run folders gone.
+  for w in workdirs:
+    shutil.rmtree(w)
+  run = subprocess.run(
+    [sys.executable, "-m", "pf_jax.analysis", "forgetting", "--runs_csv",
+     str(out / "forgetting_runs.csv"), "--out", str(tmp_path / "again"), "--num_permutations=999"],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert run.returncode == 0, run.stderr
+  assert open(tmp_path / "again" / "forgetting.csv").read().splitlines() == rows
+  by_panel = figure2.read_runs_csv(str(out / "forgetting_runs.csv"))
+  assert sorted(by_panel["SAM STEEP"]["m"].tolist()) == [1, 2, 4, 8, 16, 32]
   assert os.path.getsize(str(tmp_path / "out" / "figure2.png")) > 10_000
 
 
@@ -492,7 +527,7 @@ def test_report_groups_runs_that_differ_only_in_seed(tmp_path):
   # mean and sample std by hand: (90, 94, 95) -> 93.00 +- 2.65; sharpness (12, 14) -> 13.0 +- 1.4.
   assert "| vit_digits | digits | SAM | STEEP | 8 | 93.00 ± 2.65 | 13.0 ± 1.4 | 3 |" in table
   assert "| vit_digits | digits | SAM | STEEP | 64 | 91.00 | 30.0 | 1 |" in table
-  assert "| vit_digits | digits | SAM | OBF lambda=0.1 gamma=1 | 8 | 97.00 | 20.0 | 1 |" in table
+  assert "| vit_digits | digits | SAM | OBF lambda=0.333 gamma=1 | 8 | 97.00 | 20.0 | 1 |" in table
   assert len(table) == 2 + 3
   csv_rows = open(str(tmp_path / "out" / "results.csv")).read().splitlines()
   assert len(csv_rows) == 1 + 3 and "0 1 2" in csv_rows[2]
@@ -542,6 +577,7 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
     f"--root={pool_root}",
     "--m=4,64",
     "--perturbations=steep,obf",
+    "--seeds=0",
     "--num_permutations=99",
   ] + [
     f"--override={o}"
@@ -565,7 +601,7 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   assert "LOSS" not in table  # top-1 columns only (results.json also holds the eval loss)
   again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
   assert "main.py" not in again and "pf_jax.analysis sharpness" not in again  # restartable
-  workdir = os.path.join(pool_root, "steep-4")
+  workdir = os.path.join(pool_root, "steep-4-s0")
   value = json.load(open(os.path.join(workdir, "sharpness.json")))["sharpness"]
   assert value > 0
   run = lambda *a: subprocess.run(
@@ -611,8 +647,8 @@ def test_figure2_marks_small_panels_and_draws_sharpness_only_where_measured(tmp_
   _fake_run(workdirs[-1], perturbation="obf_gamma0", m=8, seed=0, accuracy=0.7, forget=0.2)
   results = figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=99)
   err = capsys.readouterr().err.splitlines()
-  obf = "SAM OBF lambda=0.1 gamma=1"
-  gamma0 = "SAM OBF lambda=0.1 gamma=0"
+  obf = "SAM OBF lambda=0.333 gamma=1"
+  gamma0 = "SAM OBF lambda=0.333 gamma=0"
   assert sorted(results) == [gamma0, obf, "SAM STEEP"]
   assert sorted(err) == [
     f"note: panel '{gamma0}' has no Kendall tau: 1 run: a rank correlation needs at least 2 "
@@ -648,7 +684,7 @@ def test_forgetting_of_one_run_writes_its_table_and_a_greyed_figure(tmp_path):
   )  # fmt: skip
   assert run.returncode == 0, run.stderr
   assert run.stderr.splitlines() == [
-    "note: panel 'SAM OBF lambda=0.1 gamma=1' has no Kendall tau: 1 run: a rank correlation "
+    "note: panel 'SAM OBF lambda=0.333 gamma=1' has no Kendall tau: 1 run: a rank correlation "
     "needs at least 2 runs (and 4 to count as a result); drawn greyed, the runs' measures are in "
     f"{out / 'forgetting_runs.csv'}"
   ]
@@ -709,7 +745,7 @@ def test_report_plots_label_runs_uniquely_from_a_stated_baseline(tmp_path):
     _fake_events(workdirs[-1], [0.5, 0.3])
   rows, _ = report.table(pf_jax.analysis.pool.load_runs(workdirs))
   assert sorted(plots.row_labels(rows)) == [
-    "SAM OBF lambda=0.1 gamma=1 m=8",
+    "SAM OBF lambda=0.333 gamma=1 m=8",
     "SAM STEEP m=64",
     "SAM STEEP m=8",
   ]

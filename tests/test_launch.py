@@ -600,8 +600,38 @@ def test_forgetting_pool_dry_run_lists_the_papers_pool(tmp_path):
     line.split("--config=configs/cifar10_msweep.py:")[1].split()[0] for line in trains
   ] == want
   assert out.count("pf_jax.analysis sharpness") == 30
-  assert out.count(f"{root}/obf_gamma0-512") == 4  # trained, sharpness, Figure 2, table
+  assert out.count(f"{root}/obf_gamma0-512-s0") == 4  # trained, sharpness, Figure 2, table
+  assert all("--config.seed=0 " in line for line in trains)  # the config's SEEDS: one
   assert not os.path.exists(root)  # nothing ran
+
+
+def test_forgetting_pool_seeds_are_a_seed_major_axis(tmp_path):
+  """The digits pool: 5 seeds x 3 perturbations x m = 1..64 = 105 runs, every run of seed 0 first
+  (a stopped pool holds whole m sweeps), the seed passed to main.py and in the workdir's name."""
+  pool = os.path.join(REPO, "launch", "forgetting_pool.py")
+  root = str(tmp_path / "pool")
+  out = subprocess.run(
+    [sys.executable, pool, f"--root={root}", "--dry_run"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  trains = [line for line in out.splitlines() if " main.py " in line]
+  assert len(trains) == 5 * 3 * 7
+  seeds = [int(line.split("--config.seed=")[1].split()[0]) for line in trains]
+  assert seeds == sorted(seeds) and seeds[::21] == [0, 1, 2, 3, 4]
+  assert trains[21].endswith(f"--workdir={root}/steep-1-s1")
+  picked = subprocess.run(
+    [sys.executable, pool, f"--root={root}", "--dry_run", "--seeds=3-4", "--m=2"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  assert [line.split("--workdir=")[1] for line in picked.splitlines() if " main.py " in line] == [
+    f"{root}/{p}-2-s{s}" for s in (3, 4) for p in ("steep", "obf", "obf_gamma0")
+  ]
 
 
 def test_a_launcher_runs_as_a_module_and_from_any_directory(fakebin):

@@ -54,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     help="Figure 2: DIR/forgetting_runs.csv (each run's measures), DIR/forgetting.csv (the "
     "taus) and DIR/figure2.png (panels of fewer than 4 runs are marked 'too few runs')",
   )
-  p.add_argument(
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument(
     "--workdirs",
     nargs="+",
-    required=True,
     help="finished runs with collected outputs (config.analysis.collect_every_steps > 0)",
+  )
+  source.add_argument(
+    "--runs_csv",
+    help="a forgetting_runs.csv written before: the taus and figure again, without the runs",
   )
   p.add_argument("--out", required=True, help="output directory DIR (created)")
   p.add_argument(
@@ -100,10 +104,13 @@ def main(argv=None) -> int:
     elif args.command == "forgetting":
       from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
 
-      figure2.figure2(
-        args.workdirs, args.out, num_permutations=args.num_permutations, seed=args.seed
-      )
-      names = ("forgetting_runs.csv", "forgetting.csv", "figure2.png")
+      kw = dict(num_permutations=args.num_permutations, seed=args.seed)
+      if args.runs_csv:
+        figure2.figure2_of_panels(figure2.read_runs_csv(args.runs_csv), args.out, **kw)
+        names = ("forgetting.csv", "figure2.png")
+      else:
+        figure2.figure2(args.workdirs, args.out, **kw)
+        names = ("forgetting_runs.csv", "forgetting.csv", "figure2.png")
       print("wrote " + ", ".join(os.path.join(args.out, n) for n in names))
     else:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top

@@ -43,6 +43,27 @@ def permutation_pvalue(x, y, *, num_permutations: int = 10_000, seed: int = 0) -
   return (1 + extreme) / (1 + num_permutations)
 
 
+def bootstrap_interval(
+  x, y, *, num_resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+  """Percentile bootstrap interval of Kendall's tau-b: the points (x_i, y_i) resampled with
+  replacement, `rng.integers(0, n, (num_resamples, n))` with `np.random.default_rng(seed)`.
+
+  Resamples where tau is undefined (a constant variable) are dropped. (NaN, NaN) when tau of the
+  data is undefined.
+  """
+  x, y = _check(x, y)
+  if np.isnan(kendall_tau(x, y)):
+    return float("nan"), float("nan")
+  idx = np.random.default_rng(seed).integers(0, x.shape[0], (num_resamples, x.shape[0]))
+  s, t = _pair_signs(x[idx]), _pair_signs(y[idx])  # [resamples, pairs]
+  denom = np.sqrt(np.sum(s * s, axis=1) * np.sum(t * t, axis=1))
+  defined = denom > 0
+  taus = np.sum(s * t, axis=1)[defined] / denom[defined]
+  lo, hi = np.quantile(taus, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
 def _check(x, y):
   x = np.asarray(x, np.float64).reshape(-1)
   y = np.asarray(y, np.float64).reshape(-1)

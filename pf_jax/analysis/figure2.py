@@ -1,9 +1,10 @@
 """Figure 2: Kendall's tau of final accuracy with forgetting, task-information change and sharpness.
 
 `python -m pf_jax.analysis forgetting --workdirs W1 W2 ... --out DIR` writes
-- `DIR/forgetting.csv`: one row per (panel, adjusted threshold): tau and permutation p-value of
-  accuracy with the run-averaged forgetting I(X;Y^|Y) - I(X;Y^p|Y), with the task-information
-  change I(Y^;Y) - I(Y^p;Y), and (constant over thresholds) with sharpness;
+- `DIR/forgetting.csv`: one row per (panel, adjusted threshold): tau, permutation p-value and 95%
+  percentile-bootstrap interval (runs resampled) of accuracy with the run-averaged forgetting
+  I(X;Y^|Y) - I(X;Y^p|Y), with the task-information change I(Y^;Y) - I(Y^p;Y), and (constant
+  over thresholds) with sharpness;
 - `DIR/figure2.png`: tau against adjusted threshold, one panel per perturbation type (runs are
   grouped by SAM framework and perturbation, so each panel is an m sweep, and by training
   dataset where the runs span several), solid lines where
@@ -11,9 +12,12 @@
   correlation is significant and larger than the magnitude of sharpness's (our reading of "where
   forgetting correlates with generalization more strongly than flatness").
 
-- `DIR/forgetting_runs.csv`: one row per (run, adjusted threshold): the run's test accuracy,
-  sharpness, forgetting and task-information change, the numbers each tau ranks (written
-  whatever the number of runs, so one run's analysis is there too).
+- `DIR/forgetting_runs.csv`: one row per (run, adjusted threshold): the run's m, seed, test
+  accuracy, sharpness, forgetting and task-information change, the numbers each tau ranks
+  (written whatever the number of runs, so one run's analysis is there too).
+
+`python -m pf_jax.analysis forgetting --runs_csv DIR/forgetting_runs.csv --out DIR` rewrites
+the other two from that file alone (no run folders: the committed pool's data is enough).
 
 A rank correlation of fewer than `MIN_RUNS` runs is not a result: such a panel is drawn greyed
 and marked "too few runs", its CSV rows say so (`too_few_runs`), and a line on stderr names it. A
@@ -35,17 +39,10 @@ from pf_jax.analysis import pool
 
 SIGNIFICANT = 0.05
 MIN_RUNS = 4  # fewer runs per panel: drawn marked "too few runs", not presented as a result
-COLUMNS = (
-  "panel",
-  "adjusted_threshold",
-  "runs",
-  "too_few_runs",
-  "tau_forgetting",
-  "p_forgetting",
-  "tau_task_information",
-  "p_task_information",
-  "tau_sharpness",
-  "p_sharpness",
+MEASURES = ("forgetting", "task_information", "sharpness")
+# Per measure: tau, its permutation p and its bootstrap interval (lo, hi; correlation.py).
+COLUMNS = ("panel", "adjusted_threshold", "runs", "too_few_runs") + tuple(
+  f"{k}_{m}" for m in MEASURES for k in ("tau", "p", "lo", "hi")
 )
 
 
@@ -60,34 +57,46 @@ def panels(runs: list[pool.Run]) -> dict[str, list[pool.Run]]:
   return out
 
 
-def correlations(
-  runs: list[pool.Run], *, num_permutations: int, seed: int
-) -> dict[str, np.ndarray]:
-  """tau and p of accuracy with each measure at each adjusted threshold, for one panel."""
-  accuracy = np.array([r.test_accuracy for r in runs])
+def panel_arrays(runs: list[pool.Run]) -> dict[str, np.ndarray]:
+  """A panel's runs as the arrays `correlations` ranks: accuracy and sharpness [runs] (NaN where
+  not measured), forgetting and task-information change [runs, adjusted thresholds], and each
+  run's workdir, m and seed."""
   measures = [pool.run_forgetting(r) for r in runs]
-  out = {}
-  for name, index in (("forgetting", 0), ("task_information", 1)):
-    values = np.stack([m[index] for m in measures])  # [runs, adjusted thresholds]
-    out["tau_" + name] = np.array([correlation.kendall_tau(accuracy, v) for v in values.T])
-    out["p_" + name] = np.array(
-      [
-        correlation.permutation_pvalue(accuracy, v, num_permutations=num_permutations, seed=seed)
-        for v in values.T
-      ]
+  return {
+    "workdir": np.array([r.workdir for r in runs]),
+    "m": np.array([r.m for r in runs]),
+    "seed": np.array([r.config["seed"] for r in runs]),
+    "accuracy": np.array([r.test_accuracy for r in runs]),
+    "sharpness": np.array([np.nan if r.sharpness is None else r.sharpness for r in runs]),
+    "forgetting": np.stack([m[0] for m in measures]),
+    "task_information": np.stack([m[1] for m in measures]),
+  }
+
+
+def correlations(
+  panel: dict[str, np.ndarray], *, num_permutations: int, seed: int, num_resamples: int = 2000
+) -> dict[str, np.ndarray]:
+  """tau, permutation p and bootstrap interval of accuracy with each measure at each adjusted
+  threshold (sharpness: one value, repeated), for one panel's arrays (`panel_arrays`)."""
+  accuracy, out = panel["accuracy"], {}
+
+  def stats(x, y):
+    if len(x) < 2:
+      return (np.nan,) * 4
+    return (
+      correlation.kendall_tau(x, y),
+      correlation.permutation_pvalue(x, y, num_permutations=num_permutations, seed=seed),
+      *correlation.bootstrap_interval(x, y, num_resamples=num_resamples, seed=seed),
     )
-  sharp = np.array([np.nan if r.sharpness is None else r.sharpness for r in runs])
-  known = ~np.isnan(sharp)
-  tau_s = correlation.kendall_tau(accuracy[known], sharp[known]) if known.sum() > 1 else np.nan
-  p_s = (
-    correlation.permutation_pvalue(
-      accuracy[known], sharp[known], num_permutations=num_permutations, seed=seed
-    )
-    if known.sum() > 1
-    else np.nan
-  )
-  out["tau_sharpness"] = np.full(forgetting.NUM_ADJUSTED, tau_s)
-  out["p_sharpness"] = np.full(forgetting.NUM_ADJUSTED, p_s)
+
+  for name in MEASURES[:2]:
+    values = np.array([stats(accuracy, v) for v in panel[name].T])  # [thresholds, 4]
+    for i, k in enumerate(("tau", "p", "lo", "hi")):
+      out[f"{k}_{name}"] = values[:, i]
+  known = ~np.isnan(panel["sharpness"])
+  sharp = stats(accuracy[known], panel["sharpness"][known])
+  for i, k in enumerate(("tau", "p", "lo", "hi")):
+    out[f"{k}_sharpness"] = np.full(forgetting.NUM_ADJUSTED, sharp[i])
   out["sharpness_runs"] = int(known.sum())
   return out
 
@@ -95,6 +104,8 @@ def correlations(
 RUN_COLUMNS = (
   "panel",
   "workdir",
+  "m",
+  "seed",
   "test_accuracy",
   "sharpness",
   "adjusted_threshold",
@@ -103,27 +114,56 @@ RUN_COLUMNS = (
 )
 
 
-def write_runs_csv(path: str, groups: dict[str, list[pool.Run]]) -> None:
-  """The per-run table: each run's measures at each adjusted threshold."""
+def write_runs_csv(path: str, groups: dict[str, dict[str, np.ndarray]]) -> None:
+  """The per-run table: each run's measures at each adjusted threshold (all Figure 2 ranks)."""
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(RUN_COLUMNS)
-    for panel, runs in groups.items():
-      for run in runs:
-        forget, task = pool.run_forgetting(run)
-        sharp = "" if run.sharpness is None else f"{run.sharpness:.6g}"
-        for i, a in enumerate(forgetting.ADJUSTED_THRESHOLDS):
-          row = [panel, run.workdir, f"{run.test_accuracy:.6g}", sharp, f"{a:.2f}"]
-          writer.writerow(row + [f"{forget[i]:.6g}", f"{task[i]:.6g}"])
+    for panel, a in groups.items():
+      for r in range(len(a["accuracy"])):
+        sharp = "" if np.isnan(a["sharpness"][r]) else f"{a['sharpness'][r]:.6g}"
+        head = [panel, a["workdir"][r], a["m"][r], a["seed"][r], f"{a['accuracy'][r]:.6g}", sharp]
+        for i, t in enumerate(forgetting.ADJUSTED_THRESHOLDS):
+          tail = [f"{a['forgetting'][r, i]:.6g}", f"{a['task_information'][r, i]:.6g}"]
+          writer.writerow(head + [f"{t:.2f}"] + tail)
 
 
-def why_no_tau(runs: list[pool.Run]) -> str:
+def read_runs_csv(path: str) -> dict[str, dict[str, np.ndarray]]:
+  """`write_runs_csv`'s file back as {panel: arrays}: Figure 2 again without the run folders."""
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  groups: dict[str, dict[str, list]] = {}
+  for row in rows:  # one row per (run, threshold), in write_runs_csv's order
+    g = groups.setdefault(row["panel"], {"runs": {}})
+    g["runs"].setdefault(row["workdir"], []).append(row)
+  out = {}
+  for panel, g in groups.items():
+    runs = list(g["runs"].values())
+    if any(len(r) != forgetting.NUM_ADJUSTED for r in runs):
+      raise ValueError(f"{path}: a run of panel {panel!r} lacks some of the 101 thresholds")
+    first = [r[0] for r in runs]
+    out[panel] = {
+      "workdir": np.array([r["workdir"] for r in first]),
+      "m": np.array([int(r["m"]) for r in first]),
+      "seed": np.array([int(r["seed"]) for r in first]),
+      "accuracy": np.array([float(r["test_accuracy"]) for r in first]),
+      "sharpness": np.array([float(r["sharpness"] or "nan") for r in first]),
+      "forgetting": np.array([[float(x["forgetting"]) for x in r] for r in runs]),
+      "task_information": np.array(
+        [[float(x["task_information_change"]) for x in r] for r in runs]
+      ),
+    }
+  return out
+
+
+def why_no_tau(panel: dict[str, np.ndarray]) -> str:
   """Why Kendall's tau is undefined for a panel's runs, in words."""
-  if len(runs) < 2:
+  n = len(panel["accuracy"])
+  if n < 2:
     return "1 run: a rank correlation needs at least 2 runs (and 4 to count as a result)"
-  if len({r.test_accuracy for r in runs}) == 1:
-    return f"its {len(runs)} runs have the same test accuracy: nothing to rank"
-  return f"its measures are the same on its {len(runs)} runs at every threshold: nothing to rank"
+  if len(set(panel["accuracy"].tolist())) == 1:
+    return f"its {n} runs have the same test accuracy: nothing to rank"
+  return f"its measures are the same on its {n} runs at every threshold: nothing to rank"
 
 
 def write_csv(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, int]) -> None:
@@ -219,13 +259,26 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
   return drawn
 
 
-def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, seed: int = 0):
+def figure2(
+  workdirs: list[str], out: str, *, num_permutations: int = 10_000, seed: int = 0
+) -> dict[str, dict]:
+  """Figure 2 of finished runs: OUT/forgetting_runs.csv, then `figure2_of_panels`' files."""
   runs = pool.load_runs(workdirs)
   runs = [r for r in runs if r.config["sam"]["perturbation"] != "none"]
   if not runs:
     raise ValueError("figure 2 needs runs with a SAM-family perturbation")
-  groups = panels(runs)
-  sizes = {k: len(v) for k, v in groups.items()}
+  groups = {k: panel_arrays(v) for k, v in panels(runs).items()}
+  os.makedirs(out, exist_ok=True)
+  write_runs_csv(os.path.join(out, "forgetting_runs.csv"), groups)
+  return figure2_of_panels(groups, out, num_permutations=num_permutations, seed=seed)
+
+
+def figure2_of_panels(
+  groups: dict[str, dict[str, np.ndarray]], out: str, *, num_permutations: int, seed: int
+) -> dict[str, dict]:
+  """OUT/forgetting.csv and OUT/figure2.png from the panels' arrays (run folders or
+  `read_runs_csv`); returns each panel's correlations and what was drawn."""
+  sizes = {k: len(v["accuracy"]) for k, v in groups.items()}
   results = {
     k: correlations(v, num_permutations=num_permutations, seed=seed) for k, v in groups.items()
   }
@@ -246,7 +299,6 @@ def figure2(workdirs: list[str], out: str, *, num_permutations: int = 10_000, se
         file=sys.stderr,
       )
   os.makedirs(out, exist_ok=True)
-  write_runs_csv(runs_csv, groups)
   write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
   drawn = plot(os.path.join(out, "figure2.png"), results, sizes)
   for panel, r in results.items():
