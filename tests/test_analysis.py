@@ -274,6 +274,29 @@ def test_permutation_pvalue_is_uniform_under_independence_and_small_for_monotone
   assert abs(analysis.permutation_pvalue(x, y, num_permutations=20_000) - want) < 0.01
 
 
+def test_max_permutation_pvalue_is_the_sequential_max_over_columns():
+  from pf_jax.analysis import correlation  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=10)
+  ys = np.stack([x + rng.normal(size=10) * w for w in (0.5, 2.0, 4.0)], axis=1)
+  ys = np.concatenate([ys, np.ones((10, 1))], axis=1)  # a constant column: no tau, left out
+  got = correlation.max_permutation_pvalue(x, ys, num_permutations=500, seed=5)
+  # One permutation at a time, the documented draw (rows of ys permuted together).
+  perms = np.argsort(np.random.default_rng(5).random((500, 10)), axis=1)
+  observed = max(abs(scipy.stats.kendalltau(x, ys[:, j]).statistic) for j in range(3))
+  maxima = [
+    max(abs(scipy.stats.kendalltau(x, ys[p, j]).statistic) for j in range(3)) for p in perms
+  ]
+  assert got == (1 + sum(m >= observed - 1e-12 for m in maxima)) / 501
+  # One column: the per-threshold permutation p-value itself; with more, never below the
+  # smallest per-column p-value (the same draws), the price of choosing the column afterwards.
+  each = [analysis.permutation_pvalue(x, ys[:, j], num_permutations=500, seed=5) for j in range(3)]
+  assert correlation.max_permutation_pvalue(x, ys[:, :1], num_permutations=500, seed=5) == each[0]
+  assert got >= min(each)
+  assert np.isnan(correlation.max_permutation_pvalue(x, np.ones((10, 2))))
+
+
 def test_bootstrap_interval_is_scipys_tau_over_the_same_resamples():
   from pf_jax.analysis import correlation  # pylint: disable=g-import-not-at-top
 
@@ -482,6 +505,21 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
   out = tmp_path / "out"
   rows = open(out / "forgetting.csv").read().splitlines()
   assert len(rows) == 1 + 2 * 101
+  # figure2.md: accuracy 0.5 + 0.05 i at m = 2^i, one run each (no sd); the taus' rows, Holm
+  # over the 6 p-values (2 panels x sharpness, forgetting, task information).
+  md = open(out / "figure2.md").read().splitlines()
+  assert "| SAM STEEP | 4 | 1 | 60.00 | – | 8.00 | – |" in md
+  steep = results["SAM STEEP"]
+  p6 = [r[k][0] for r in results.values() for k in ("p_sharpness", "p_any_forgetting")]
+  p6 += [r["p_any_task_information"][0] for r in results.values()]
+  assert steep["p_any_forgetting"][0] <= 0.02  # a perfect ranking at some threshold
+  holm_f = pf_jax.analysis.paired.holm(p6)[1]  # STEEP's forgetting entry
+  want = f"| SAM STEEP | 6 | -1.00 [-1.00, -1.00] | {steep['p_sharpness'][0]:.2g} | "
+  line = next(x for x in md if x.startswith(want) and "| forgetting |" in x)
+  assert line.endswith(
+    f"| forgetting | 0.00 | +1.00 [+1.00, +1.00] | {steep['p_forgetting'][0]:.2g} "
+    f"| {steep['p_any_forgetting'][0]:.2g} | {holm_f:.2g} |"
+  )
   # Runs on another training dataset: their own panels, named by dataset (none are mixed).
   runs = pf_jax.analysis.pool.load_runs(workdirs[:4])
   runs[0].config["dataset"] = runs[1].config["dataset"] = "spurious_digits"

@@ -43,6 +43,34 @@ def permutation_pvalue(x, y, *, num_permutations: int = 10_000, seed: int = 0) -
   return (1 + extreme) / (1 + num_permutations)
 
 
+def max_permutation_pvalue(x, ys, *, num_permutations: int = 10_000, seed: int = 0) -> float:
+  """Family-wise two-sided permutation p-value of the largest |tau| of x with any column of ys.
+
+  "Some threshold correlates" (Section 6.1) is a claim about the maximum over ys's columns: the
+  rows of ys [n, k] are permuted jointly (the draws of `permutation_pvalue`, so with one column
+  the two p-values are equal), max_j |tau(x, ys[perm, j])| compared with the observed maximum;
+  columns whose tau is undefined are left out. NaN when every tau is undefined.
+  """
+  ys = np.asarray(ys, np.float64)
+  x, _ = _check(x, ys[:, 0])
+  s = _pair_signs(x)
+  t = _pair_signs(ys.T)  # [k, pairs]
+  norm = np.sqrt(np.sum(s * s) * np.sum(t * t, axis=1))  # [k], permutation-invariant
+  keep = norm > 0
+  if not keep.any():
+    return float("nan")
+  ys, t, norm = ys[:, keep], t[keep], norm[keep]
+  observed = np.max(np.abs(t @ s) / norm)
+  rng = np.random.default_rng(seed)
+  extreme = 0
+  for start in range(0, num_permutations, 1000):
+    perms = np.argsort(rng.random((min(1000, num_permutations - start), x.shape[0])), axis=1)
+    for chunk in np.array_split(perms, max(1, len(perms) // 100)):  # [b, k, pairs] in memory
+      taus = (_pair_signs(np.swapaxes(ys[chunk], 1, 2)) @ s) / norm  # [b, k]
+      extreme += int(np.sum(np.max(np.abs(taus), axis=1) >= observed - 1e-12))
+  return (1 + extreme) / (1 + num_permutations)
+
+
 def bootstrap_interval(
   x, y, *, num_resamples: int = 2000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:

@@ -16,8 +16,12 @@
   accuracy, sharpness, forgetting and task-information change, the numbers each tau ranks
   (written whatever the number of runs, so one run's analysis is there too).
 
+- `DIR/figure2.md`: the tables of the pool (`summary`): accuracy and sharpness per (panel, m)
+  over the seeds; per panel, sharpness's tau, and each curve's largest |tau| over the thresholds
+  with the family-wise permutation p of "some threshold correlates", Holm-adjusted.
+
 `python -m pf_jax.analysis forgetting --runs_csv DIR/forgetting_runs.csv --out DIR` rewrites
-the other two from that file alone (no run folders: the committed pool's data is enough).
+the other three from that file alone (no run folders: the committed pool's data is enough).
 
 A rank correlation of fewer than `MIN_RUNS` runs is not a result: such a panel is drawn greyed
 and marked "too few runs", its CSV rows say so (`too_few_runs`), and a line on stderr names it. A
@@ -35,14 +39,19 @@ import numpy as np
 from pf_jax import reporting
 from pf_jax.analysis import correlation
 from pf_jax.analysis import forgetting
+from pf_jax.analysis import paired
 from pf_jax.analysis import pool
 
 SIGNIFICANT = 0.05
 MIN_RUNS = 4  # fewer runs per panel: drawn marked "too few runs", not presented as a result
 MEASURES = ("forgetting", "task_information", "sharpness")
-# Per measure: tau, its permutation p and its bootstrap interval (lo, hi; correlation.py).
-COLUMNS = ("panel", "adjusted_threshold", "runs", "too_few_runs") + tuple(
-  f"{k}_{m}" for m in MEASURES for k in ("tau", "p", "lo", "hi")
+CURVES = MEASURES[:2]  # measured at every adjusted threshold
+# Per measure: tau, its permutation p and its bootstrap interval (lo, hi; correlation.py); per
+# curve, the family-wise p of its largest |tau| over the thresholds ("p_any", constant).
+COLUMNS = (
+  ("panel", "adjusted_threshold", "runs", "too_few_runs")
+  + tuple(f"{k}_{m}" for m in MEASURES for k in ("tau", "p", "lo", "hi"))
+  + tuple(f"p_any_{m}" for m in CURVES)
 )
 
 
@@ -89,10 +98,18 @@ def correlations(
       *correlation.bootstrap_interval(x, y, num_resamples=num_resamples, seed=seed),
     )
 
-  for name in MEASURES[:2]:
+  for name in CURVES:
     values = np.array([stats(accuracy, v) for v in panel[name].T])  # [thresholds, 4]
     for i, k in enumerate(("tau", "p", "lo", "hi")):
       out[f"{k}_{name}"] = values[:, i]
+    p_any = (
+      correlation.max_permutation_pvalue(
+        accuracy, panel[name], num_permutations=num_permutations, seed=seed
+      )
+      if len(accuracy) > 1
+      else np.nan
+    )
+    out[f"p_any_{name}"] = np.full(forgetting.NUM_ADJUSTED, p_any)
   known = ~np.isnan(panel["sharpness"])
   sharp = stats(accuracy[known], panel["sharpness"][known])
   for i, k in enumerate(("tau", "p", "lo", "hi")):
@@ -259,6 +276,59 @@ def plot(path: str, results: dict[str, dict[str, np.ndarray]], sizes: dict[str, 
   return drawn
 
 
+def _fmt(v: float, spec: str = "+.2f") -> str:
+  return "–" if not np.isfinite(v) else format(v, spec)
+
+
+def summary(groups: dict[str, dict[str, np.ndarray]], results: dict[str, dict]) -> str:
+  """The markdown of figure2.md: each (panel, m)'s accuracy and sharpness over its seeds, and
+  each panel's taus, Holm-adjusted over every panel's sharpness p and curves' "any threshold" p
+  (the pool's analysis plan, results/science/PROTOCOL.md's amendment 3)."""
+  lines = [
+    "| panel | m | runs | test top-1 (%) mean | sd | sharpness mean | sd |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for panel, a in groups.items():
+    for m in sorted(set(a["m"].tolist())):
+      acc, sharp = 100 * a["accuracy"][a["m"] == m], a["sharpness"][a["m"] == m]
+      sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else np.nan  # noqa: E731
+      lines.append(
+        f"| {panel} | {m} | {len(acc)} | {acc.mean():.2f} | {_fmt(sd(acc), '.2f')} "
+        f"| {_fmt(np.nanmean(sharp) if np.isfinite(sharp).any() else np.nan, '.2f')} "
+        f"| {_fmt(sd(sharp[np.isfinite(sharp)]), '.2f')} |"
+      )
+  family = [(k, "p_sharpness") for k in results] + [
+    (k, f"p_any_{c}") for k in results for c in CURVES
+  ]
+  holm = dict(zip(family, paired.holm([results[k][name][0] for k, name in family])))
+  lines += [
+    "",
+    "| panel | runs | τ sharpness [95% CI] | p | p Holm | measure | largest abs(τ) at adjusted "
+    "threshold | τ there [95% CI] | p there | p any threshold | p Holm |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for panel, r in results.items():
+    n = len(groups[panel]["accuracy"])
+    sharp = (
+      f"{_fmt(r['tau_sharpness'][0])} [{_fmt(r['lo_sharpness'][0])}, "
+      f"{_fmt(r['hi_sharpness'][0])}] | {_fmt(r['p_sharpness'][0], '.2g')} "
+      f"| {_fmt(holm[(panel, 'p_sharpness')], '.2g')}"
+    )
+    for c in CURVES:
+      tau = np.abs(r[f"tau_{c}"])
+      if not np.isfinite(tau).any():
+        lines.append(f"| {panel} | {n} | {sharp} | {c} | – | – | – | – | – |")
+        continue
+      i = int(np.nanargmax(tau))
+      lines.append(
+        f"| {panel} | {n} | {sharp} | {c} | {forgetting.ADJUSTED_THRESHOLDS[i]:.2f} "
+        f"| {_fmt(r[f'tau_{c}'][i])} [{_fmt(r[f'lo_{c}'][i])}, {_fmt(r[f'hi_{c}'][i])}] "
+        f"| {_fmt(r[f'p_{c}'][i], '.2g')} | {_fmt(r[f'p_any_{c}'][0], '.2g')} "
+        f"| {_fmt(holm[(panel, f'p_any_{c}')], '.2g')} |"
+      )
+  return "\n".join(lines) + "\n"
+
+
 def figure2(
   workdirs: list[str], out: str, *, num_permutations: int = 10_000, seed: int = 0
 ) -> dict[str, dict]:
@@ -300,6 +370,8 @@ def figure2_of_panels(
       )
   os.makedirs(out, exist_ok=True)
   write_csv(os.path.join(out, "forgetting.csv"), results, sizes)
+  with open(os.path.join(out, "figure2.md"), "w") as f:
+    f.write(summary(groups, results))
   drawn = plot(os.path.join(out, "figure2.png"), results, sizes)
   for panel, r in results.items():
     r["drawn"] = drawn[panel]
