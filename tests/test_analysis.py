@@ -658,6 +658,32 @@ def test_pool_runner_end_to_end_reduced(tmp_path):
   ]
 
 
+def test_figure2_md_pools_the_seeds_of_each_m(tmp_path):
+  """Two seeds per m: figure2.md's row is their mean and sample sd (by hand), and the runs CSV
+  carries each run's m and seed."""
+  from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+
+  workdirs = []
+  for m, seed, acc, sharp in (
+    (4, 0, 0.6, 3.0),
+    (4, 1, 0.7, 5.0),
+    (8, 0, 0.8, 6.0),
+    (8, 1, 0.9, None),
+  ):
+    workdirs.append(str(tmp_path / f"steep-{m}-s{seed}"))
+    _fake_run(
+      workdirs[-1], perturbation="steep", m=m, seed=seed, accuracy=acc, sharpness=sharp, forget=acc
+    )
+  figure2.figure2(workdirs, str(tmp_path / "out"), num_permutations=9)
+  md = open(tmp_path / "out" / "figure2.md").read().splitlines()
+  # m 4: top-1 60, 70 -> 65.00, sd 7.07; sharpness 3, 5 -> 4.00, sd 1.41. m 8: one sharpness.
+  assert "| SAM STEEP | 4 | 2 | 65.00 | 7.07 | 4.00 | 1.41 |" in md
+  assert "| SAM STEEP | 8 | 2 | 85.00 | 7.07 | 6.00 | – |" in md
+  back = figure2.read_runs_csv(str(tmp_path / "out" / "forgetting_runs.csv"))["SAM STEEP"]
+  assert back["m"].tolist() == [4, 4, 8, 8] and back["seed"].tolist() == [0, 1, 0, 1]
+  assert np.isnan(back["sharpness"][3]) and back["sharpness"][1] == 5.0
+
+
 def test_figure2_marks_small_panels_and_draws_sharpness_only_where_measured(tmp_path, capsys):
   """6 steepest runs with sharpness: a result; 2 OBF runs without sharpness: drawn marked 'too few
   runs' (CSV and stderr say so), no sharpness line; 1 OBF gamma-0 run: no tau at all, drawn

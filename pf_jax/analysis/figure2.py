@@ -280,6 +280,12 @@ def _fmt(v: float, spec: str = "+.2f") -> str:
   return "–" if not np.isfinite(v) else format(v, spec)
 
 
+def _mean_sd(v: np.ndarray) -> tuple[float, float]:
+  """Mean and sample sd (NaN where undefined: no values, or one for the sd)."""
+  mean = float(np.mean(v)) if len(v) else np.nan
+  return mean, float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
+
+
 def summary(groups: dict[str, dict[str, np.ndarray]], results: dict[str, dict]) -> str:
   """The markdown of figure2.md: each (panel, m)'s accuracy and sharpness over its seeds, and
   each panel's taus, Holm-adjusted over every panel's sharpness p and curves' "any threshold" p
@@ -291,12 +297,8 @@ def summary(groups: dict[str, dict[str, np.ndarray]], results: dict[str, dict]) 
   for panel, a in groups.items():
     for m in sorted(set(a["m"].tolist())):
       acc, sharp = 100 * a["accuracy"][a["m"] == m], a["sharpness"][a["m"] == m]
-      sd = lambda v: np.std(v, ddof=1) if len(v) > 1 else np.nan  # noqa: E731
-      lines.append(
-        f"| {panel} | {m} | {len(acc)} | {acc.mean():.2f} | {_fmt(sd(acc), '.2f')} "
-        f"| {_fmt(np.nanmean(sharp) if np.isfinite(sharp).any() else np.nan, '.2f')} "
-        f"| {_fmt(sd(sharp[np.isfinite(sharp)]), '.2f')} |"
-      )
+      cells = [_fmt(v, ".2f") for v in (*_mean_sd(acc), *_mean_sd(sharp[np.isfinite(sharp)]))]
+      lines.append(f"| {panel} | {m} | {len(acc)} | " + " | ".join(cells) + " |")
   family = [(k, "p_sharpness") for k in results] + [
     (k, f"p_any_{c}") for k in results for c in CURVES
   ]
