@@ -274,45 +274,42 @@ def test_permutation_pvalue_is_uniform_under_independence_and_small_for_monotone
   assert abs(analysis.permutation_pvalue(x, y, num_permutations=20_000) - want) < 0.01
 
 
-def test_max_permutation_pvalue_is_the_sequential_max_over_columns():
+def test_permutation_pvalues_are_the_sequential_ones_per_column_and_of_the_max():
   from pf_jax.analysis import correlation  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(3)
   x = rng.normal(size=10)
   ys = np.stack([x + rng.normal(size=10) * w for w in (0.5, 2.0, 4.0)], axis=1)
   ys = np.concatenate([ys, np.ones((10, 1))], axis=1)  # a constant column: no tau, left out
-  got = correlation.max_permutation_pvalue(x, ys, num_permutations=500, seed=5)
-  # One permutation at a time, the documented draw (rows of ys permuted together).
+  each, any_p = correlation.permutation_pvalues(x, ys, num_permutations=500, seed=5)
+  # One permutation at a time, the documented draw, the rows of ys permuted together.
   perms = np.argsort(np.random.default_rng(5).random((500, 10)), axis=1)
-  observed = max(abs(scipy.stats.kendalltau(x, ys[:, j]).statistic) for j in range(3))
-  maxima = [
-    max(abs(scipy.stats.kendalltau(x, ys[p, j]).statistic) for j in range(3)) for p in perms
-  ]
-  assert got == (1 + sum(m >= observed - 1e-12 for m in maxima)) / 501
-  # One column: the per-threshold permutation p-value itself; with more, never below the
-  # smallest per-column p-value (the same draws), the price of choosing the column afterwards.
-  each = [analysis.permutation_pvalue(x, ys[:, j], num_permutations=500, seed=5) for j in range(3)]
-  assert correlation.max_permutation_pvalue(x, ys[:, :1], num_permutations=500, seed=5) == each[0]
-  assert got >= min(each)
-  assert np.isnan(correlation.max_permutation_pvalue(x, np.ones((10, 2))))
+  tau = lambda a, b: abs(scipy.stats.kendalltau(a, b).statistic)  # noqa: E731
+  observed = [tau(x, ys[:, j]) for j in range(3)]
+  null = np.array([[tau(x, ys[p, j]) for j in range(3)] for p in perms])  # [500, 3]
+  for j in range(3):
+    assert each[j] == (1 + np.sum(null[:, j] >= observed[j] - 1e-12)) / 501
+    assert each[j] == analysis.permutation_pvalue(x, ys[:, j], num_permutations=500, seed=5)
+  assert np.isnan(each[3])
+  assert any_p == (1 + np.sum(null.max(axis=1) >= max(observed) - 1e-12)) / 501
+  assert any_p >= each[:3].min()  # choosing the column afterwards costs
+  assert np.isnan(correlation.permutation_pvalues(x, np.ones((10, 2)))[1])
 
 
-def test_bootstrap_interval_is_scipys_tau_over_the_same_resamples():
+def test_bootstrap_intervals_are_scipys_tau_over_the_same_resamples():
   from pf_jax.analysis import correlation  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(1)
   x = rng.normal(size=12)
-  y = np.round(x + rng.normal(size=12), 1)  # some ties
-  lo, hi = correlation.bootstrap_interval(x, y, num_resamples=300, level=0.9, seed=7)
+  ys = np.stack([np.round(x + rng.normal(size=12), 1), 2 * x + 1, np.ones(12)], axis=1)
+  got = correlation.bootstrap_intervals(x, ys, num_resamples=300, level=0.9, seed=7)
   idx = np.random.default_rng(7).integers(0, 12, (300, 12))  # the documented draw
-  taus = [scipy.stats.kendalltau(x[i], y[i]).statistic for i in idx]  # one resample at a time
-  taus = [t for t in taus if np.isfinite(t)]
-  want = np.quantile(taus, [0.05, 0.95])
-  assert (lo, hi) == (pytest.approx(want[0], abs=1e-12), pytest.approx(want[1], abs=1e-12))
-  assert lo < analysis.kendall_tau(x, y) < hi
+  taus = [scipy.stats.kendalltau(x[i], ys[i, 0]).statistic for i in idx]  # one at a time
+  want = np.quantile([t for t in taus if np.isfinite(t)], [0.05, 0.95])
+  np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-12)
+  assert got[0, 0] < analysis.kendall_tau(x, ys[:, 0]) < got[0, 1]
   # A perfect ranking stays perfect in every resample; an undefined tau has no interval.
-  assert correlation.bootstrap_interval(x, 2 * x + 1) == (1.0, 1.0)
-  assert np.isnan(correlation.bootstrap_interval([1, 1, 1], [1, 2, 3])).all()
+  assert got[1].tolist() == [1.0, 1.0] and np.isnan(got[2]).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,31 +89,24 @@ def correlations(
   threshold (sharpness: one value, repeated), for one panel's arrays (`panel_arrays`)."""
   accuracy, out = panel["accuracy"], {}
 
-  def stats(x, y):
+  def stats(x, ys):  # [columns, (tau, p, lo, hi)] and the family-wise p over the columns
     if len(x) < 2:
-      return (np.nan,) * 4
-    return (
-      correlation.kendall_tau(x, y),
-      correlation.permutation_pvalue(x, y, num_permutations=num_permutations, seed=seed),
-      *correlation.bootstrap_interval(x, y, num_resamples=num_resamples, seed=seed),
-    )
+      return np.full((ys.shape[1], 4), np.nan), np.nan
+    taus = [correlation.kendall_tau(x, y) for y in ys.T]
+    p, p_any = correlation.permutation_pvalues(x, ys, num_permutations=num_permutations, seed=seed)
+    ci = correlation.bootstrap_intervals(x, ys, num_resamples=num_resamples, seed=seed)
+    return np.column_stack([taus, p, ci]), p_any
 
-  for name in CURVES:
-    values = np.array([stats(accuracy, v) for v in panel[name].T])  # [thresholds, 4]
+  known = ~np.isnan(panel["sharpness"])
+  for name in MEASURES:
+    if name == "sharpness":  # one value, repeated at every threshold
+      values, _ = stats(accuracy[known], panel["sharpness"][known][:, None])
+      values = np.repeat(values, forgetting.NUM_ADJUSTED, axis=0)
+    else:
+      values, p_any = stats(accuracy, panel[name])  # [thresholds, 4]
+      out[f"p_any_{name}"] = np.full(forgetting.NUM_ADJUSTED, p_any)
     for i, k in enumerate(("tau", "p", "lo", "hi")):
       out[f"{k}_{name}"] = values[:, i]
-    p_any = (
-      correlation.max_permutation_pvalue(
-        accuracy, panel[name], num_permutations=num_permutations, seed=seed
-      )
-      if len(accuracy) > 1
-      else np.nan
-    )
-    out[f"p_any_{name}"] = np.full(forgetting.NUM_ADJUSTED, p_any)
-  known = ~np.isnan(panel["sharpness"])
-  sharp = stats(accuracy[known], panel["sharpness"][known])
-  for i, k in enumerate(("tau", "p", "lo", "hi")):
-    out[f"{k}_sharpness"] = np.full(forgetting.NUM_ADJUSTED, sharp[i])
   out["sharpness_runs"] = int(known.sum())
   return out
 
