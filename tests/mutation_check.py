@@ -30,6 +30,7 @@ SHRINK = f"{REF}::test_shrink_and_perturb_acts_on_the_state_before_the_gradient"
 FIXTURES = "tests/test_model_fixtures.py::test_model_computes_timms_function"
 EVAL = "tests/test_eval_semantics.py"
 CONSTANTS = "tests/test_paper_constants.py"
+ANALYSIS = "tests/test_analysis.py"
 
 
 class Mutation(NamedTuple):
@@ -348,6 +349,27 @@ MUTATIONS = (
     'nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32, name="fc_norm")',
     'nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name="fc_norm")',
     (f"{CONSTANTS}::test_vit_layer_norms_have_timms_epsilon_1e_6[vit_s32]",),
+  ),
+  Mutation(
+    "permutation p: x permuted by perm, not perm^-1",
+    "pf_jax/analysis/correlation.py",
+    "_pair_signs(x[np.argsort(perms, axis=1)])",
+    "_pair_signs(x[perms])",
+    (f"{ANALYSIS}::test_permutation_pvalues_are_the_sequential_ones_per_column_and_of_the_max",),
+  ),
+  Mutation(
+    "family-wise p against the smallest observed tau",
+    "pf_jax/analysis/correlation.py",
+    "taus.max(axis=1) >= observed.max() - 1e-12",
+    "taus.max(axis=1) >= observed.min() - 1e-12",
+    (f"{ANALYSIS}::test_permutation_pvalues_are_the_sequential_ones_per_column_and_of_the_max",),
+  ),
+  Mutation(
+    "science: 'both arms at chance' when either is",
+    "pf_jax/analysis/science.py",
+    'if max(rec["arm_means"]) < TRAINED_TOP1:',
+    'if min(rec["arm_means"]) < TRAINED_TOP1:',
+    ("tests/test_science.py::test_decisions",),
   ),
 )
 
