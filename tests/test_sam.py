@@ -440,6 +440,7 @@ def test_a_batch_dict_without_label_is_one_line_naming_its_keys(problem):
   Through the optimizer (loss and OBF objective both read the labels) it is one line naming the
   keys given, the key looked for and the two ways to pass labels; a tuple batch then works."""
   p, x, y = problem
+  p = jax.tree.map(jnp.asarray, p)  # float32 (the reference's float64 needs x64)
   spec = pf_jax.SamSpec(rho=0.1, objective=pf_jax.obf(0.1, 1.0, "softmax"), m=8)
   tx = pf_jax.sam(optax.sgd(0.1), spec, pf_jax.softmax_cross_entropy)
   grads = jax.tree.map(jnp.zeros_like, p)
