@@ -161,3 +161,26 @@ def test_demo_number_is_the_committed_run():
   for name in ("README.md", "REPORT.md"):
     with open(os.path.join(REPO, name)) as f:
       assert f"**{want}**" in f.read(), name
+
+
+POOL_BEGIN, POOL_END = "<!-- pool tables: begin -->", "<!-- pool tables: end -->"
+
+
+def test_report_pool_tables_are_what_the_committed_pool_gives():
+  """REPORT.md's section 3 tables == results/pool/figure2.md == what `python -m pf_jax.analysis
+  forgetting --runs_csv results/pool/forgetting_runs.csv` computes (10,000 permutations, seed 0),
+  and the committed pool holds whole seeds: every (panel, m) the same seeds."""
+  from pf_jax.analysis import figure2  # pylint: disable=g-import-not-at-top
+
+  folder = os.path.join(REPO, "results", "pool")
+  groups = figure2.read_runs_csv(os.path.join(folder, "forgetting_runs.csv"))
+  assert len(groups) == 3
+  seeds = {tuple(sorted(g["seed"][g["m"] == m])) for g in groups.values() for m in set(g["m"])}
+  assert len(seeds) == 1 and len(seeds.pop()) >= 3
+  results = {k: figure2.correlations(v, num_permutations=10_000, seed=0) for k, v in groups.items()}
+  want = figure2.summary(groups, results).strip()
+  with open(os.path.join(folder, "figure2.md")) as f:
+    assert f.read().strip() == want
+  with open(os.path.join(REPO, "REPORT.md")) as f:
+    report = f.read()
+  assert report.split(POOL_BEGIN, 1)[1].split(POOL_END, 1)[0].strip() == want
