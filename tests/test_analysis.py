@@ -536,6 +536,18 @@ def test_figure2_taus_on_a_pool_with_known_ranks(tmp_path):
   )  # fmt: skip
   assert run.returncode == 0, run.stderr
   assert open(tmp_path / "again" / "forgetting.csv").read().splitlines() == rows
+  # A CSV from before m and seed were columns: one line naming them, no traceback.
+  old = tmp_path / "old.csv"
+  old.write_text("panel,workdir,test_accuracy,sharpness,adjusted_threshold,forgetting,x\n")
+  run = subprocess.run(
+    [sys.executable, "-m", "pf_jax.analysis", "forgetting", "--runs_csv", str(old), "--out",
+     str(tmp_path / "again")],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert run.returncode == 2 and run.stderr.splitlines() == [
+    f"error: {old}: no column m, seed, task_information_change (a forgetting_runs.csv of `python "
+    "-m pf_jax.analysis forgetting --workdirs ...` has " + ", ".join(figure2.RUN_COLUMNS) + ")"
+  ]
   by_panel = figure2.read_runs_csv(str(out / "forgetting_runs.csv"))
   assert sorted(by_panel["SAM STEEP"]["m"].tolist()) == [1, 2, 4, 8, 16, 32]
   assert os.path.getsize(str(tmp_path / "out" / "figure2.png")) > 10_000

@@ -141,7 +141,13 @@ def write_runs_csv(path: str, groups: dict[str, dict[str, np.ndarray]]) -> None:
 def read_runs_csv(path: str) -> dict[str, dict[str, np.ndarray]]:
   """`write_runs_csv`'s file back as {panel: arrays}: Figure 2 again without the run folders."""
   with open(path, newline="") as f:
-    rows = list(csv.DictReader(f))
+    reader = csv.DictReader(f)
+    if missing := [c for c in RUN_COLUMNS if c not in (reader.fieldnames or ())]:
+      raise ValueError(
+        f"{path}: no column {', '.join(missing)} (a forgetting_runs.csv of `python -m "
+        "pf_jax.analysis forgetting --workdirs ...` has " + ", ".join(RUN_COLUMNS) + ")"
+      )
+    rows = list(reader)
   groups: dict[str, dict[str, list]] = {}
   for row in rows:  # one row per (run, threshold), in write_runs_csv's order
     g = groups.setdefault(row["panel"], {"runs": {}})
