@@ -5,8 +5,8 @@
   python launch/forgetting_pool.py --config=configs/cifar10_msweep.py --root=DIR     # the paper's pool
 
 trains every run of the config (its PERTURBATIONS x M_VALUES x SEEDS) with main.py in
-ROOT/<p>-<m>-s<seed>, computes each run's sharpness, then writes ROOT/analysis/{figure2.png, forgetting.csv,
-results.md, results.csv}. Restartable: finished runs (results.json) and measured sharpness
+ROOT/<p>-<m>-s<seed>, computes each run's sharpness, then writes ROOT/analysis/{figure2.png,
+figure2.md, forgetting.csv, forgetting_runs.csv, results.md, results.csv}. Restartable: finished runs (results.json) and measured sharpness
 (sharpness.json) are skipped, and an interrupted run resumes from its checkpoint.
 `--dry_run` prints the commands. On a GPU host each main.py uses every local GPU; on a TPU pod
 run the printed main.py commands with launch/tpu_pod.py.

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser(
     "forgetting",
     help="Figure 2: DIR/forgetting_runs.csv (each run's measures), DIR/forgetting.csv (the "
-    "taus) and DIR/figure2.png (panels of fewer than 4 runs are marked 'too few runs')",
+    "taus), DIR/figure2.md (its tables) and DIR/figure2.png (panels of fewer than 4 runs are "
+    "marked 'too few runs')",
   )
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument(
@@ -107,10 +108,10 @@ def main(argv=None) -> int:
       kw = dict(num_permutations=args.num_permutations, seed=args.seed)
       if args.runs_csv:
         figure2.figure2_of_panels(figure2.read_runs_csv(args.runs_csv), args.out, **kw)
-        names = ("forgetting.csv", "figure2.png")
+        names = ("forgetting.csv", "figure2.md", "figure2.png")
       else:
         figure2.figure2(args.workdirs, args.out, **kw)
-        names = ("forgetting_runs.csv", "forgetting.csv", "figure2.png")
+        names = ("forgetting_runs.csv", "forgetting.csv", "figure2.md", "figure2.png")
       print("wrote " + ", ".join(os.path.join(args.out, n) for n in names))
     else:
       from pf_jax.analysis import report  # pylint: disable=g-import-not-at-top
