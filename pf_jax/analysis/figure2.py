@@ -353,10 +353,9 @@ def figure2_of_panels(
   results = {
     k: correlations(v, num_permutations=num_permutations, seed=seed) for k, v in groups.items()
   }
-  taus = ("tau_forgetting", "tau_task_information")
   runs_csv = os.path.join(out, "forgetting_runs.csv")
   for panel in results:
-    if not any(np.isfinite(results[panel][k]).any() for k in taus):  # an empty, greyed panel
+    if not any(np.isfinite(results[panel][f"tau_{c}"]).any() for c in CURVES):  # empty, greyed
       results[panel]["no_tau"] = True
       print(
         f"note: panel {panel!r} has no Kendall tau: {why_no_tau(groups[panel])}; drawn greyed, "
