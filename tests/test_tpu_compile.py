@@ -18,6 +18,22 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def no_persistent_cache(monkeypatch):
+  """A compile-only program cannot be written to or read from JAX's persistent cache. Setting
+  `jax_enable_compilation_cache` is not enough once an earlier test in this process has used
+  the cache (JAX decides once per process), so the decision itself is patched, as in
+  test_compilation.py."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(compilation_cache, "is_cache_used", lambda backend: False)
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", cache)
+
+
 # Cloud TPU's documented slices: v2/v3 names count TensorCores (2 per chip, one JAX device each,
 # 8 per host); v4/v5p names count TensorCores of megacore chips (one device per chip, 4 chips per
 # host); v5e/v6e names count chips (one core each; one host up to 8 chips, 4 per host beyond).
@@ -275,20 +291,14 @@ def test_collect_program_matmuls_against_the_hand_count(monkeypatch):
 
 @needs_libtpu
 @pytest.mark.long  # a compilation for a TPU: tens of seconds here
-def test_collect_program_compiled_for_v4_8():
+def test_collect_program_compiled_for_v4_8(no_persistent_cache):
   """The same program compiled by the TPU compiler: it fits a v4 chip, and XLA's own count, which
   sees the chunk loop's body once (one of the 2 chunks) and also counts the softmaxes, norms and
   the perturbation, is at least that chunk's hand-counted matmuls and at most a quarter above."""
-  import jax  # pylint: disable=g-import-not-at-top
 
   s = tpu_compile.parse_slice("v4-8")
   devices = tpu_compile.topology_devices(s)
-  cache = jax.config.jax_enable_compilation_cache  # a compile-only program cannot be cached
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    (r,) = tpu_compile.compile_programs(collect_config(), s, devices, ("collect",))
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+  (r,) = tpu_compile.compile_programs(collect_config(), s, devices, ("collect",))
   assert r.fits(s) and 0 < r.total_bytes < 2**30
   one_chunk = collect_flops_per_chip() / 2
   assert one_chunk <= r.flops <= 1.25 * one_chunk, (r.flops, one_chunk)
@@ -384,7 +394,7 @@ def test_sharpness_refused_with_a_smaller_batch_that_compiles_to_fit(monkeypatch
 
 @needs_libtpu
 @pytest.mark.long  # two compilations for a TPU: tens of seconds; CI runs it (-m long)
-def test_refused_and_the_named_fix_compiled_for_the_tpu_to_fit(monkeypatch):
+def test_refused_and_the_named_fix_compiled_for_the_tpu_to_fit(monkeypatch, no_persistent_cache):
   """The same with the TPU compiler itself: a plain float32 step of vit_digits at 2048 images,
   compiled for a v5e chip whose HBM is set, once the run's step has compiled, to 80% of what
   that step needs. The first change tried, bfloat16, is named only because its own compiled
@@ -392,8 +402,6 @@ def test_refused_and_the_named_fix_compiled_for_the_tpu_to_fit(monkeypatch):
   compiled on the same compile-only devices. The eval and sharpness programs are left out (small,
   and each a compilation more)."""
   import io  # pylint: disable=g-import-not-at-top
-
-  import jax  # pylint: disable=g-import-not-at-top
 
   from pf_jax import cli  # pylint: disable=g-import-not-at-top
 
@@ -417,12 +425,7 @@ def test_refused_and_the_named_fix_compiled_for_the_tpu_to_fit(monkeypatch):
   s = tpu_compile.parse_slice("v5litepod-1")
   devices = tpu_compile.topology_devices(s)
   out, err = io.StringIO(), io.StringIO()
-  cache = jax.config.jax_enable_compilation_cache  # a compile-only program cannot be cached
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    assert tpu_compile.check(c, s, out, err, devices=devices) == 2
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cache)
+  assert tpu_compile.check(c, s, out, err, devices=devices) == 2
   assert [x[:3] for x in compiled] == [(False, 1, devices), (True, 1, devices)]
   need, fixed = compiled[0][3].total_bytes, compiled[1][3].total_bytes
   hbm = chip["hbm_gib"] * tpu_compile.GIB
