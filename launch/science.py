@@ -39,8 +39,17 @@ ORDER = ("noise50", "noise50_obf", SEARCH, "noise25", "clean", "spurious")
 RUN_OVERRIDES = {"eval_every_steps": 100_000}
 # CPU seconds per run with its sharpness, measured on this 2-core machine shared at load 6-11
 # once a config is compiled (its first seed: ~80; results/science/PROTOCOL.md, amendment 1); a
-# search run (no sharpness, 1150 images) scaled from it. Only for the estimate printed first.
+# search run (no sharpness, 1150 images) scaled from it. Only for the estimate printed first, and
+# only for a block without rows yet: otherwise its rows' own mean (spurious: ~80, its OOD set).
 RUN_CPU_S, SEARCH_CPU_S = 50.0, 35.0
+
+
+def cpu_seconds(rows: list[dict], block: str, default: float) -> float:
+  """The mean CPU seconds (training + sharpness) of `block`'s finished rows, else `default`."""
+  costs = [
+    r.get("train_cpu_s", 0) + r.get("sharpness_cpu_s", 0) for r in rows if r["block"] == block
+  ]
+  return sum(costs) / len(costs) if costs else default
 
 
 def plan(blocks, seeds) -> list[tuple[str, str, float, int]]:
@@ -106,25 +115,23 @@ def main(argv=None) -> int:
   if unknown := [b for b in args.blocks if b not in ORDER]:
     parser.error(f"--blocks: unknown {unknown}; choose from {list(ORDER)}")
   os.makedirs(args.results, exist_ok=True)
-  done = {
-    "runs.jsonl": {
-      (r["block"], r["method"], r["rho"], r["seed"]) for r in science.read_rows(args.results)
-    },
-    "search.jsonl": {
-      (r["block"], r["method"], r["rho"], r["seed"])
-      for r in science.read_rows(args.results, "search.jsonl")
-    },
-  }
+  rows = {f: science.read_rows(args.results, f) for f in ("runs.jsonl", "search.jsonl")}
+  done = {f: {(r["block"], r["method"], r["rho"], r["seed"]) for r in rs} for f, rs in rows.items()}
   todo = []
   for name in args.blocks:
     file = "search.jsonl" if name == SEARCH else "runs.jsonl"
     todo += [(name == SEARCH, k) for k in plan([name], args.seeds) if k not in done[file]]
   n_search = sum(s for s, _ in todo)
-  cpu = n_search * SEARCH_CPU_S + (len(todo) - n_search) * RUN_CPU_S
+  cpu = sum(
+    cpu_seconds(rows["search.jsonl"], b, SEARCH_CPU_S)
+    if search
+    else cpu_seconds(rows["runs.jsonl"], b, RUN_CPU_S)
+    for search, (b, _, _, _) in todo
+  )
   print(
     f"to do: {len(todo) - n_search} runs with sharpness and {n_search} search runs, about "
-    f"{cpu / 3600:.1f} CPU-hours ({RUN_CPU_S:g} / {SEARCH_CPU_S:g} CPU-s each); results in "
-    f"{args.results}",
+    f"{cpu / 3600:.1f} CPU-hours (each block's mean so far, else {RUN_CPU_S:g} / "
+    f"{SEARCH_CPU_S:g} CPU-s a run); results in {args.results}",
     flush=True,
   )
   if args.dry_run:

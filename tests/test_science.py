@@ -184,3 +184,26 @@ def test_report_pool_tables_are_what_the_committed_pool_gives():
   with open(os.path.join(REPO, "REPORT.md")) as f:
     report = f.read()
   assert report.split(POOL_BEGIN, 1)[1].split(POOL_END, 1)[0].strip() == want
+
+
+def test_launcher_estimate_uses_each_blocks_own_cost(folder, capsys):
+  """noise50 has rows (15 CPU-s each, the fixture's), clean none (the default 50 CPU-s): seeds
+  0-1 leave 2 x 6 - 4 = 8 noise50 runs and 12 clean runs, 8 x 15 + 12 x 50 = 720 s = 0.2 h (at
+  50 s for every run it would be 1,000 s, printed 0.3)."""
+  from launch import science as launcher
+
+  assert (
+    launcher.main(
+      [
+        f"--root={folder}/runs",
+        f"--results={folder}",
+        "--blocks=noise50,clean",
+        "--seeds=0-1",
+        "--dry_run",
+      ]
+    )
+    == 0
+  )
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("to do: 20 runs with sharpness and 0 search runs, about 0.2 CPU-hours")
+  assert len(out) == 21 and "noise50 adamw rho=0 seed=0" not in out
