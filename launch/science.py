@@ -40,7 +40,7 @@ RUN_OVERRIDES = {"eval_every_steps": 100_000}
 # CPU seconds per run with its sharpness, measured on this 2-core machine shared at load 6-11
 # once a config is compiled (its first seed: ~80; results/science/PROTOCOL.md, amendment 1); a
 # search run (no sharpness, 1150 images) scaled from it. Only for the estimate printed first, and
-# only for a block without rows yet: otherwise its rows' own mean (spurious: ~80, its OOD set).
+# only for a block without rows yet: otherwise its rows' own mean (spurious: ~58, its OOD set).
 RUN_CPU_S, SEARCH_CPU_S = 50.0, 35.0
 
 
@@ -122,12 +122,13 @@ def main(argv=None) -> int:
     file = "search.jsonl" if name == SEARCH else "runs.jsonl"
     todo += [(name == SEARCH, k) for k in plan([name], args.seeds) if k not in done[file]]
   n_search = sum(s for s, _ in todo)
-  cpu = sum(
-    cpu_seconds(rows["search.jsonl"], b, SEARCH_CPU_S)
-    if search
-    else cpu_seconds(rows["runs.jsonl"], b, RUN_CPU_S)
-    for search, (b, _, _, _) in todo
-  )
+  per_run = {  # each block's CPU seconds a run, computed once
+    (search, b): cpu_seconds(
+      rows["search.jsonl" if search else "runs.jsonl"], b, SEARCH_CPU_S if search else RUN_CPU_S
+    )
+    for search, b in {(search, k[0]) for search, k in todo}
+  }
+  cpu = sum(per_run[search, b] for search, (b, _, _, _) in todo)
   print(
     f"to do: {len(todo) - n_search} runs with sharpness and {n_search} search runs, about "
     f"{cpu / 3600:.1f} CPU-hours (each block's mean so far, else {RUN_CPU_S:g} / "
