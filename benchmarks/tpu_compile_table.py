@@ -227,6 +227,15 @@ def run_all(shard: int = 0, shards: int = 1) -> None:
       print(out.stdout.strip().splitlines()[-1], flush=True)
 
 
+def compile_time(r: dict, per: float, unit: str) -> str:
+  """A row's compile time: its note, else its process's CPU time, else (older rows) wall time."""
+  if r.get("compile_note"):
+    return r["compile_note"]
+  if "cpu_s" in r:
+    return f"{r['cpu_s'] / per:.{int(per > 1)}f} CPU-{unit}"
+  return f"{r['compile_s'] / per:.{int(per > 1)}f} {unit}"
+
+
 def markdown() -> tuple[str, str]:
   """(the run table, the chunk table) in markdown, from the JSON."""
   fix_method_names()
@@ -259,9 +268,7 @@ def markdown() -> tuple[str, str]:
       f"| {name} | {cls} | {slice_name} | {dtype} | {'yes' if r['fits'] else '**no**'} | "
       f"{r['total_gib']:.2f} ({parts}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | "
       f"{r['bound_ms']:.1f} | "
-      f"{r['steps']} | {r['days']:.3f} | "
-      + (r.get("compile_note") or f"{r['compile_s'] / 60:.1f} min")
-      + " |"
+      f"{r['steps']} | {r['days']:.3f} | " + compile_time(r, 60, "min") + " |"
     )
   lines.append("")
   total = len([k for k in rows() if k.startswith("run|")])
@@ -289,7 +296,7 @@ def markdown() -> tuple[str, str]:
     elif "error" in r:
       chunk.append(f"| {m} | {n} | {mode} | error: {r['error']} | | |")
     else:
-      when = r.get("compile_note") or f"{r['compile_s']:.0f} s"
+      when = compile_time(r, 1, "s")
       chunk.append(
         f"| {m} | {n} | {mode} | {r['total_gib']:.2f} ({r['argument_gib']:.2f} + "
         f"{r['temp_gib']:.2f} + {r['output_gib']:.2f} - {r['alias_gib']:.2f}) | "
