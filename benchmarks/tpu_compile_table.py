@@ -227,13 +227,15 @@ def run_all(shard: int = 0, shards: int = 1) -> None:
       print(out.stdout.strip().splitlines()[-1], flush=True)
 
 
-def compile_time(r: dict, per: float, unit: str) -> str:
-  """A row's compile time: its note, else its process's CPU time, else (older rows) wall time."""
+def compile_time(r: dict, unit: str) -> str:
+  """A row's compile time in `unit` ("min" or "s"): its note, else its process's CPU time, else
+  (rows from before cpu_s was recorded) wall time."""
   if r.get("compile_note"):
     return r["compile_note"]
+  seconds_per_unit, digits = {"min": (60, 1), "s": (1, 0)}[unit]
   if "cpu_s" in r:
-    return f"{r['cpu_s'] / per:.{int(per > 1)}f} CPU-{unit}"
-  return f"{r['compile_s'] / per:.{int(per > 1)}f} {unit}"
+    return f"{r['cpu_s'] / seconds_per_unit:.{digits}f} CPU-{unit}"
+  return f"{r['compile_s'] / seconds_per_unit:.{digits}f} {unit}"
 
 
 def markdown() -> tuple[str, str]:
@@ -268,7 +270,7 @@ def markdown() -> tuple[str, str]:
       f"| {name} | {cls} | {slice_name} | {dtype} | {'yes' if r['fits'] else '**no**'} | "
       f"{r['total_gib']:.2f} ({parts}) of {r['hbm_gib']:g} | {r['tflop']:.2f} | "
       f"{r['bound_ms']:.1f} | "
-      f"{r['steps']} | {r['days']:.3f} | " + compile_time(r, 60, "min") + " |"
+      f"{r['steps']} | {r['days']:.3f} | " + compile_time(r, "min") + " |"
     )
   lines.append("")
   total = len([k for k in rows() if k.startswith("run|")])
@@ -296,7 +298,7 @@ def markdown() -> tuple[str, str]:
     elif "error" in r:
       chunk.append(f"| {m} | {n} | {mode} | error: {r['error']} | | |")
     else:
-      when = compile_time(r, 1, "s")
+      when = compile_time(r, "s")
       chunk.append(
         f"| {m} | {n} | {mode} | {r['total_gib']:.2f} ({r['argument_gib']:.2f} + "
         f"{r['temp_gib']:.2f} + {r['output_gib']:.2f} - {r['alias_gib']:.2f}) | "
