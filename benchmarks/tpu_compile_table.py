@@ -338,6 +338,9 @@ def main() -> None:
     help="I/N: compile every N-th missing row from the I-th (parallel workers)",
   )
   a = p.parse_args()
+  i, _, n = a.shard.partition("/")
+  if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+    p.error(f"--shard={a.shard}: expected I/N with 0 <= I < N, e.g. --shard=1/2")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if a.one:
     row = compile_one(a.one)
@@ -346,8 +349,7 @@ def main() -> None:
   elif a.markdown:
     write_markdown()
   else:
-    shard, shards = (int(v) for v in a.shard.split("/"))
-    run_all(shard, shards)
+    run_all(int(i), int(n))
 
 
 if __name__ == "__main__":
