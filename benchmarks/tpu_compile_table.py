@@ -4,6 +4,7 @@ tables of docs/benchmarks.md ("Compiled for TPU").
   python benchmarks/tpu_compile_table.py            # compile every missing row, one at a time
   python benchmarks/tpu_compile_table.py --markdown # rewrite the tables in docs/benchmarks.md
   python benchmarks/tpu_compile_table.py --shard=1/2 # every second row from the second (two workers)
+  python benchmarks/tpu_compile_table.py --cpu_budget_min=60  # record longer compiles as unfinished
 
 Restartable: each row is compiled in its own process (`--one=KEY`) and appended to the JSON as it
 finishes; rows already there are skipped. Needs libtpu (pip install -e ".[tpu]"). A full ViT or
@@ -211,16 +212,30 @@ def compiling(key: str) -> bool:
   return False
 
 
-def run_all(shard: int = 0, shards: int = 1) -> None:
+def run_all(shard: int = 0, shards: int = 1, cpu_budget_min: float = 0) -> None:
+  """Compiles the missing rows of this shard, each in its own process. With a budget, a compile
+  that uses more CPU time is stopped (RLIMIT_CPU) and recorded as unfinished: a lower bound."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+
+  budget_s = int(cpu_budget_min * 60)
+  limit = lambda: resource.setrlimit(resource.RLIMIT_CPU, (budget_s, budget_s + 10))  # noqa: E731
   fix_method_names()
   for key in rows()[shard::shards]:
     if key in load() or compiling(key):
       continue
     print(time.strftime("%H:%M:%S"), "compiling", key, flush=True)
     out = subprocess.run(
-      [sys.executable, __file__, f"--one={key}"], capture_output=True, text=True, cwd=REPO_ROOT
+      [sys.executable, __file__, f"--one={key}"],
+      capture_output=True,
+      text=True,
+      cwd=REPO_ROOT,
+      preexec_fn=limit if budget_s else None,
     )
-    if out.returncode:
+    if budget_s and out.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+      print(f"stopped after its CPU budget of {cpu_budget_min:g} min", flush=True)
+      save(key, {"unfinished_cpu_s": budget_s})
+    elif out.returncode:
       print(out.stderr[-2000:], flush=True)
       save(key, {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]})
     else:
@@ -233,6 +248,8 @@ def compile_time(r: dict, unit: str) -> str:
   if r.get("compile_note"):
     return r["compile_note"]
   seconds_per_unit, digits = {"min": (60, 1), "s": (1, 0)}[unit]
+  if "unfinished_cpu_s" in r:
+    return f"not finished in {r['unfinished_cpu_s'] / seconds_per_unit:.{digits}f} CPU-{unit}"
   if "cpu_s" in r:
     return f"{r['cpu_s'] / seconds_per_unit:.{digits}f} CPU-{unit}"
   return f"{r['compile_s'] / seconds_per_unit:.{digits}f} {unit}"
@@ -259,6 +276,10 @@ def markdown() -> tuple[str, str]:
     name = spec.replace("configs/", "")
     if "error" in r:
       lines.append(f"| {name} | {cls} | {slice_name} | {dtype} | error: {r['error']} ||||||")
+      continue
+    if "unfinished_cpu_s" in r:
+      cells = [name, cls, slice_name, dtype, "not known"] + [""] * 5 + [compile_time(r, "min")]
+      lines.append("| " + " | ".join(cells) + " |")
       continue
     parts = (
       "XLA refused it: out of HBM, no breakdown"
@@ -297,6 +318,8 @@ def markdown() -> tuple[str, str]:
       chunk.append(f"| {m} | {n} | {mode} | not compiled | | |")
     elif "error" in r:
       chunk.append(f"| {m} | {n} | {mode} | error: {r['error']} | | |")
+    elif "unfinished_cpu_s" in r:
+      chunk.append(f"| {m} | {n} | {mode} | stopped unfinished | | {compile_time(r, 's')} |")
     else:
       when = compile_time(r, "s")
       chunk.append(
@@ -337,10 +360,18 @@ def main() -> None:
     default="0/1",
     help="I/N: compile every N-th missing row from the I-th (parallel workers)",
   )
+  p.add_argument(
+    "--cpu_budget_min",
+    type=float,
+    default=0,
+    help="stop a row's compile after this much CPU time and record it as unfinished (0: none)",
+  )
   a = p.parse_args()
   i, _, n = a.shard.partition("/")
   if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
     p.error(f"--shard={a.shard}: expected I/N with 0 <= I < N, e.g. --shard=1/2")
+  if a.cpu_budget_min < 0:
+    p.error(f"--cpu_budget_min={a.cpu_budget_min:g}: expected minutes >= 0 (0: no budget)")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   if a.one:
     row = compile_one(a.one)
@@ -349,7 +380,7 @@ def main() -> None:
   elif a.markdown:
     write_markdown()
   else:
-    run_all(int(i), int(n))
+    run_all(int(i), int(n), a.cpu_budget_min)
 
 
 if __name__ == "__main__":
