@@ -303,8 +303,10 @@ def markdown() -> tuple[str, str]:
     )
   lines.append(
     f"{total - len(missing)} of {total} rows compiled so far. Not compiled yet: "
-    + ("; ".join(f"{c}: {', '.join(v)}" for c, v in by_config.items()) or "none")
+    + "; ".join(f"{c}: {', '.join(v)}" for c, v in by_config.items())
     + "."
+    if missing
+    else f"All {total} rows compiled."
   )
   chunk = [
     "| m | chunks/chip | strategy | GiB/chip (args + temp + out - donated) | XLA TFLOP/chip "
