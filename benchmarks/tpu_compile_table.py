@@ -243,10 +243,8 @@ def run_all(shard: int = 0, shards: int = 1, cpu_budget_min: float = 0) -> None:
 
 
 def compile_time(r: dict, unit: str) -> str:
-  """A row's compile time in `unit` ("min" or "s"): its note, else its process's CPU time, else
-  (rows from before cpu_s was recorded) wall time."""
-  if r.get("compile_note"):
-    return r["compile_note"]
+  """A row's compile time in `unit` ("min" or "s"): the CPU budget it ran out of, else its CPU
+  time, else (rows from before cpu_s was recorded) wall time."""
   seconds_per_unit, digits = {"min": (60, 1), "s": (1, 0)}[unit]
   if "unfinished_cpu_s" in r:
     return f"not finished in {r['unfinished_cpu_s'] / seconds_per_unit:.{digits}f} CPU-{unit}"
